@@ -1,0 +1,24 @@
+# Two entry points a fresh machine needs: `make demo` and `make test`. Each creates the virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[cpu,test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/audit demo
+
+test: install
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/runtime.py
+
+.PHONY: install demo test bench

@@ -1,0 +1,39 @@
+"""BLIP captioners through transformers (``BlipForConditionalGeneration`` folders), greedy decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..manifest import weights_hash
+
+
+class TransformersBlipCaptioner:
+    def __init__(self, path: str | Path, name: str | None = None, device: str = "cpu", batch_size: int = 128,
+                 allow_pickle: bool = False):
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        self._path = Path(path)
+        self.model = BlipForConditionalGeneration.from_pretrained(path, use_safetensors=not allow_pickle,
+                                                                  local_files_only=True)
+        self.model.to(device).eval()
+        self.processor = BlipProcessor.from_pretrained(path, local_files_only=True)
+        self.name = name or self._path.name
+        self.device = device
+        self.batch_size = batch_size
+        self._hash = weights_hash(self._path)
+
+    def identity(self) -> dict:
+        return {"name": self.name, "hash": self._hash}
+
+    @torch.no_grad()
+    def caption(self, images: np.ndarray, max_new_tokens: int = 30) -> list[str]:
+        out: list[str] = []
+        for i in range(0, len(images), self.batch_size):
+            px = self.processor(images=list(images[i : i + self.batch_size]), return_tensors="pt").pixel_values
+            ids = self.model.generate(pixel_values=px.to(self.device), max_new_tokens=max_new_tokens, do_sample=False,
+                                      num_beams=1)
+            out.extend(t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True))
+        return out

@@ -1,0 +1,53 @@
+"""The small backend interface every attack runs over: generate, embed, caption.
+
+Torch implementations live beside each family (``targets/diffusion.py``, ``models/``); the compiled ones in
+``runtime/``. Attacks never see which one they got.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A text-to-image target, queried only as caption -> images."""
+
+    name: str
+    resolution: int
+
+    def identity(self) -> dict:
+        """``{"name": ..., "hash": ...}``: artifacts made for this target record it and refuse others."""
+
+    def generate(self, captions: Sequence[str], n_gen: int, seed: int, steps: int, guidance: float = 1.0) -> np.ndarray:
+        """uint8 [len(captions), n_gen, H, W, 3]; image j of caption c uses ``seeding.image_seeds(seed, c, n_gen)[j]``."""
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """CLIP-style joint embedding; outputs are L2-normalised float32."""
+
+    name: str
+    dim: int
+
+    def identity(self) -> dict: ...
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] (any size) -> float32 [N, dim]."""
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """-> float32 [N, dim]."""
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """BLIP-style captioner, greedy decoding (deterministic)."""
+
+    name: str
+
+    def identity(self) -> dict: ...
+
+    def caption(self, images: np.ndarray, max_new_tokens: int = 30) -> list[str]:
+        """uint8 [N, H, W, 3] -> one caption per image."""

@@ -1,0 +1,90 @@
+"""Built-in registrations and the loaders that turn a spec into a backend object."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ..registry import CAPTIONERS, EMBEDDERS, TARGETS, parse_model_ref
+from ..toy import BUNDLE, bundle_path
+
+DEVICES = ("cpu", "cuda")
+
+
+def _check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise UsageError(f"unknown device {device!r}; valid devices are {', '.join(DEVICES)}")
+
+
+def _toy_target(device: str = "cpu", allow_pickle: bool = False, **kw):
+    from .diffusion import DiffusersGenerator
+
+    return DiffusersGenerator.from_folder(bundle_path("target"), name="toy", device=device, allow_pickle=allow_pickle,
+                                          **kw)
+
+
+def _toy_clip(device: str = "cpu", allow_pickle: bool = False, **kw):
+    from ..models.embedders import TransformersCLIPEmbedder
+
+    return TransformersCLIPEmbedder(bundle_path("clip"), name="toy-clip", device=device, allow_pickle=allow_pickle, **kw)
+
+
+def _toy_blip(device: str = "cpu", allow_pickle: bool = False, **kw):
+    from ..models.captioners import TransformersBlipCaptioner
+
+    return TransformersBlipCaptioner(bundle_path("blip"), name="toy-blip", device=device, allow_pickle=allow_pickle,
+                                     **kw)
+
+
+TARGETS.register("toy", _toy_target, f"bundled: {BUNDLE / 'target'}", "tiny latent diffusion model fine-tuned on the "
+                 "toy world's members", family="diffusion", embedder="toy-clip", captioner="toy-blip")
+EMBEDDERS.register("toy-clip", _toy_clip, f"bundled: {BUNDLE / 'clip'}", "tiny CLIP trained on the toy world's public split")
+CAPTIONERS.register("toy-blip", _toy_blip, f"bundled: {BUNDLE / 'blip'}", "tiny BLIP trained on the toy world's public split")
+
+# Defaults for targets that name none: the real models the paper used.
+DEFAULT_EMBEDDER = "openai/clip-vit-large-patch14"
+DEFAULT_CAPTIONER = "blip-base"
+
+
+def load_target(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw):
+    """Spec (name, folder, export folder, URL) -> a ``Generator``."""
+    _check_device(device)
+    ref = parse_model_ref(spec, TARGETS)
+    if ref.kind == "registered":
+        return TARGETS.get(ref.value).loader(device=device, allow_pickle=allow_pickle, **kw)
+    if ref.kind == "folder":
+        from .diffusion import DiffusersGenerator
+
+        return DiffusersGenerator.from_folder(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+    raise UsageError(f"{spec}: {ref.kind} targets are not supported yet")
+
+
+def load_embedder(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw):
+    _check_device(device)
+    ref = parse_model_ref(spec, EMBEDDERS)
+    if ref.kind == "registered":
+        return EMBEDDERS.get(ref.value).loader(device=device, allow_pickle=allow_pickle, **kw)
+    if ref.kind == "folder":
+        from ..models.embedders import TransformersCLIPEmbedder
+
+        return TransformersCLIPEmbedder(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+    raise UsageError(f"{spec}: {ref.kind} embedders are not supported yet")
+
+
+def load_captioner(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw):
+    _check_device(device)
+    ref = parse_model_ref(spec, CAPTIONERS)
+    if ref.kind == "registered":
+        return CAPTIONERS.get(ref.value).loader(device=device, allow_pickle=allow_pickle, **kw)
+    if ref.kind == "folder":
+        from ..models.captioners import TransformersBlipCaptioner
+
+        return TransformersBlipCaptioner(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+    raise UsageError(f"{spec}: {ref.kind} captioners are not supported yet")
+
+
+def default_models(target_spec: str) -> tuple[str, str]:
+    """(embedder, captioner) that go with a target: the toy ones for toy targets, the real CLIP/BLIP otherwise."""
+    ref = parse_model_ref(target_spec, TARGETS) if not str(target_spec).startswith(("http://", "https://")) else None
+    if ref is not None and ref.kind == "registered":
+        d = TARGETS.get(ref.value).defaults
+        return d.get("embedder", DEFAULT_EMBEDDER), d.get("captioner", DEFAULT_CAPTIONER)
+    return DEFAULT_EMBEDDER, DEFAULT_CAPTIONER
