@@ -1,0 +1,159 @@
+"""A folder mixing ~25 kinds of bad input with good images: every good row loads, every bad row is explained."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import ImageFile
+
+from audit.imagefolder import ImageError, load_image, load_row_image, read_imagefolder
+from badcorpus import png_with_header_only, write_bad_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("badcorpus")
+    expect, warned = write_bad_corpus(root / "data", root / "outside")
+    rows = read_imagefolder(root / "data")
+    images = {r.id: load_row_image(r) for r in rows}
+    return root / "data", expect, warned, rows, images
+
+
+def test_every_row_gets_its_expected_status(corpus):
+    _, expect, _, rows, _ = corpus
+    got = {r.id: r.status for r in rows}
+    assert got == expect
+    assert len(rows) == len(got), "row ids must be unique"
+    assert len(expect) >= 40 and len(set(expect.values()) - {"ok"}) >= 7
+
+
+def test_good_rows_decode_to_rgb_and_bad_rows_to_nothing(corpus):
+    _, _, _, rows, images = corpus
+    for row in rows:
+        img = images[row.id]
+        if row.ok:
+            assert img is not None and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3, row.id
+            assert row.error is None
+        else:
+            assert img is None, row.id
+
+
+def test_every_bad_row_has_one_line_error_naming_its_file(corpus):
+    folder, _, _, rows, _ = corpus
+    for row in (r for r in rows if not r.ok):
+        assert row.error and "\n" not in row.error, row.id
+        # The image, its .txt caption, or the metadata line at fault.
+        named = Path(row.id).stem if not row.id.startswith("metadata.jsonl:") else row.id
+        assert named in row.error or f"{folder}/metadata.jsonl:" in row.error, (row.id, row.error)
+
+
+def test_warnings_for_truncated_and_empty_captions(corpus):
+    _, _, warned, rows, _ = corpus
+    by_id = {r.id: r for r in rows}
+    for rid in warned:
+        assert by_id[rid].warnings, rid
+    assert len(by_id["long_caption.png"].caption) <= 2000
+    assert by_id["empty_caption.png"].caption is None
+    assert by_id["control_chars.png"].caption == "tab here null [31m and a lone"
+    assert by_id["good.jpg"].caption_source == "txt" and by_id["good.png"].caption_source == "metadata"
+
+
+def test_hidden_files_and_symlinked_folders_are_not_rows(corpus):
+    _, _, _, rows, _ = corpus
+    ids = {r.id for r in rows}
+    assert ".hidden.png" not in ids and not any(i.startswith(".cache") for i in ids)
+    assert not any(i.startswith("escape_dir/") for i in ids)
+
+
+def test_unusual_but_valid_images_keep_their_content(corpus):
+    _, _, _, _, images = corpus
+    assert images["rotated_exif.jpg"].shape == (16, 24, 3)  # EXIF orientation applied
+    cmyk = images["cmyk.jpg"].reshape(-1, 3).mean(0)
+    assert cmyk[1] < cmyk[0] and cmyk[1] < cmyk[2]  # high magenta ink -> little green
+    assert images["gray16.png"].max() > 200  # 16-bit scaled down, not clipped to black/white
+    assert np.array_equal(images["link_inside.png"], images["good.png"])
+
+
+def test_pixel_limit_refuses_before_decoding(tmp_path, monkeypatch):
+    big = tmp_path / "bomb.png"
+    big.write_bytes(png_with_header_only(30_000, 30_000))
+
+    def no_decoding(self):
+        raise AssertionError("decoded an image that is above the pixel limit")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageError) as err:
+        load_image(big)
+    assert err.value.status == "too_large" and "bomb.png" in str(err.value)
+    small = tmp_path / "small.png"
+    small.write_bytes(png_with_header_only(20, 20))
+    with pytest.raises(ImageError, match="above the limit of 100 pixels") as err:
+        load_image(small, max_pixels=100)
+    assert err.value.status == "too_large"
+
+
+def test_pixel_limit_allocates_nothing_large(tmp_path):
+    """In a fresh process, refusing a 10-gigapixel header must not grow memory (decoding would need 30 GB)."""
+    for name, (w, h) in {"a.png": (100_000, 100_000), "b.png": (9000, 9000)}.items():
+        (tmp_path / name).write_bytes(png_with_header_only(w, h))
+    code = textwrap.dedent(f"""
+        import resource, sys
+        from audit.imagefolder import ImageError, load_image
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for name in ("a.png", "b.png"):
+            try:
+                load_image({str(tmp_path)!r} + "/" + name)
+                sys.exit("loaded " + name)
+            except ImageError as exc:
+                assert exc.status == "too_large", exc
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    grown_kib = int(out.stdout.strip())
+    assert grown_kib < 50 * 1024, f"refusing grew the process by {grown_kib} KiB"
+
+
+def test_unreadable_permissions(tmp_path):
+    """A file the user may not read gets status unreadable. Root reads anything, so as root the check runs in a
+    child process that drops to the unprivileged `nobody` user."""
+    folder = Path(tempfile.mkdtemp(prefix="audit-perm-"))
+    try:
+        os.chmod(folder, 0o755)
+        from PIL import Image
+
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "locked.png")
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "open.png")
+        os.chmod(folder / "locked.png", 0)
+        os.chmod(folder / "open.png", 0o644)
+        code = textwrap.dedent(f"""
+            import os
+            from PIL import Image
+            from audit.imagefolder import read_imagefolder, load_row_image
+            Image.init()  # import the format plugins while the interpreter's own files are still readable
+            if os.geteuid() == 0:
+                os.setegid(65534); os.seteuid(65534)
+            for row in read_imagefolder({str(folder)!r}):
+                load_row_image(row)
+                print(row.id, row.status, row.error, sep="|")
+        """)
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
+                             cwd="/")
+        assert out.returncode == 0, out.stderr
+        rows = {line.split("|")[0]: line.split("|")[1:] for line in out.stdout.splitlines()}
+        assert rows["open.png"][0] == "ok"
+        assert rows["locked.png"][0] == "unreadable"
+        assert "locked.png: permission denied" in rows["locked.png"][1]
+    finally:
+        os.chmod(folder / "locked.png", 0o644)
+        for p in folder.iterdir():
+            p.unlink()
+        folder.rmdir()
