@@ -1,0 +1,78 @@
+"""Evaluation of trained heads on the test split recorded in heads.json: metrics with bootstrap CIs, ROC plot."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import ArtifactError, InputError
+from ..manifest import check_manifest
+from . import metrics
+from .heads import Heads
+from .train import _jsonable, _str_ids, ids_digest
+
+log = logging.getLogger(__name__)
+
+
+def test_rows(batch: Mapping[str, np.ndarray], heads: Heads, store: str) -> np.ndarray:
+    """Row indices of the heads' test split in this batch; every test id must be present and labelled."""
+    index = {i: k for k, i in enumerate(_str_ids(batch["ids"]))}
+    test_ids = heads.info["split"]["test"]
+    missing = [i for i in test_ids if i not in index]
+    if missing:
+        raise ArtifactError(
+            f"{store}: {len(missing)} of the {len(test_ids)} test ids of {heads.path} are not ok rows of this store "
+            f"(first: {missing[0]!r}); evaluate on the store the heads were trained on"
+        )
+    rows = np.array([index[i] for i in test_ids], dtype=np.int64)
+    labels = np.asarray(batch["member"])[rows]
+    if not np.isin(labels, (0, 1)).all():
+        raise InputError(f"{store}: test rows without a member label")
+    return rows
+
+
+def evaluate_heads(batch: Mapping[str, np.ndarray], heads: Heads, store_manifest: dict | None, store: str,
+                   store_sha256: str | None = None, n_boot: int = 1000, seed: int = 0,
+                   plot: str | Path | None = None) -> dict:
+    """Metrics of every attack of ``heads`` on its test split of ``batch`` (``{"attacks": {...}, "n_test": ...}``)."""
+    if store_manifest is not None:
+        check_manifest(store_manifest, "features", store, heads.target)
+        heads.check_compatible(embedder=store_manifest.get("embedder"), captioner=store_manifest.get("captioner"))
+    warnings: list[str] = list(heads.warnings)
+    trained_on = (heads.info["manifest"].get("feature_store") or {}).get("sha256")
+    if store_sha256 and trained_on and store_sha256 != trained_on:
+        warnings.append(
+            f"{store} is not the feature store the heads were trained on (sha256 {store_sha256[:16]} vs "
+            f"{trained_on[:16]}); the test split is selected by id"
+        )
+    rows = test_rows(batch, heads, store)
+    sub = {k: np.asarray(v)[rows] for k, v in batch.items() if np.ndim(v) >= 1 and len(v) == len(batch["ids"])}
+    if ids_digest(_str_ids(sub["ids"])) != heads.info["split"]["ids_sha256"]["test"]:
+        raise ArtifactError(f"{heads.path}: the recorded test split does not match its digest; heads.json was edited")
+    y = np.asarray(sub["member"]).astype(np.int64)
+    preds = heads.predict(sub)
+    out_attacks = {}
+    curves = {}
+    for k, (attack, p) in enumerate(preds.items()):
+        out_attacks[attack] = metrics.attack_metrics(y, p["probability"], p["threshold"], n_boot, seed + 10 * k)
+        curves[attack] = (y, np.asarray(p["probability"], np.float64))
+    result = {
+        "attacks": out_attacks,
+        "default_attack": heads.default_attack,
+        "n_test": int(len(y)),
+        "n_test_members": int((y == 1).sum()),
+        "n_test_nonmembers": int((y == 0).sum()),
+        "store": str(store),
+        "heads": str(heads.path),
+        "target": heads.target,
+        "blind_baseline": heads.info.get("blind_baseline"),
+        "bootstrap": {"resamples": int(n_boot), "seed": int(seed), "ci": "percentile 95%, stratified by class"},
+        "warnings": warnings,
+    }
+    if plot is not None:
+        title = f"ROC on {len(y)} test rows ({result['n_test_members']} members)"
+        result["plot"] = str(metrics.plot_roc(curves, plot, title))
+    return _jsonable(result)

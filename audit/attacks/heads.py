@@ -1,0 +1,210 @@
+"""Trained heads as users meet them: load a heads folder, score feature batches through onnxruntime, and the
+per-user registry that lets ``check``/``scan`` find the heads of a target without ``--heads``.
+
+Registry layout: ``$AUDIT_HOME`` (default ``~/.cache/audit``) ``/heads/<target name>-<target hash>/`` holds a copy
+of the heads folder. The bundled toy target's heads live in ``audit/toy/bundle/heads`` and are found by hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import ArtifactError, InputError
+from ..manifest import check_manifest
+from .export import ort_session, run_session
+from .inputs import build_inputs, input_signature
+from .train import HEADS_FILE, read_heads_json
+
+log = logging.getLogger(__name__)
+
+
+class Heads:
+    """A loaded heads folder. ``predict`` runs every (or the chosen) attack's ONNX head on a feature batch."""
+
+    def __init__(self, path: Path, info: dict, threads: int | None = None):
+        self.path = path
+        self.info = info
+        self.threads = threads
+        self._sessions: dict = {}
+
+    @property
+    def attacks(self) -> list[str]:
+        return list(self.info["attacks"])
+
+    @property
+    def default_attack(self) -> str:
+        return self.info["default_attack"]
+
+    @property
+    def target(self) -> dict | None:
+        return self.info["manifest"].get("target")
+
+    @property
+    def warnings(self) -> list[str]:
+        blind = self.info.get("blind_baseline") or {}
+        return [blind["message"]] if blind.get("distribution_shift_warning") and blind.get("message") else []
+
+    def threshold(self, attack: str) -> float:
+        return float(self.info["attacks"][attack]["threshold"])
+
+    def check_compatible(self, target: dict | None = None, embedder: dict | None = None,
+                         captioner: dict | None = None) -> None:
+        """Refuse backends other than those the heads were trained with, naming both."""
+        check_manifest(self.info["manifest"], "heads", str(self.path), target)
+        for role, given in (("embedder", embedder), ("captioner", captioner)):
+            made = self.info["manifest"].get(role)
+            if given is not None and made and made.get("hash") != given.get("hash"):
+                raise ArtifactError(
+                    f"{self.path}: heads were trained on features of {role} {made.get('name')!r} (weights "
+                    f"{made.get('hash')}), not {given.get('name')!r} (weights {given.get('hash')})"
+                )
+
+    def _session(self, attack: str):
+        if attack not in self._sessions:
+            self._sessions[attack] = ort_session(self.path / self.info["attacks"][attack]["file"], self.threads)
+        return self._sessions[attack]
+
+    def _check_signature(self, batch: Mapping[str, np.ndarray]) -> None:
+        want = self.info.get("input_signature", {})
+        got = input_signature(batch)
+        bad = [f"{k} {got[k]} (heads expect {want[k]})" for k in want if k in got and got[k] != want[k]]
+        if bad:
+            raise InputError(f"features do not fit the heads in {self.path}: {', '.join(bad)}")
+
+    def predict(self, batch: Mapping[str, np.ndarray], attacks: list[str] | None = None) -> dict[str, dict]:
+        """``{attack: {"score": [N], "probability": [N], "threshold": t}}`` for each attack (default: all)."""
+        self._check_signature(batch)
+        out = {}
+        for attack in attacks or self.attacks:
+            if attack not in self.info["attacks"]:
+                raise InputError(f"attack {attack!r} is not in {self.path}; it has: {', '.join(self.attacks)}")
+            x = build_inputs(batch, attack)
+            want = self.info["attacks"][attack]["input"]["shape"][1:]
+            if list(x.shape[1:]) != want:
+                raise InputError(f"attack {attack}: input shape {list(x.shape[1:])} != {want} the head was "
+                                 f"trained on ({self.path})")
+            score, prob = run_session(self._session(attack), x)
+            out[attack] = {"score": score, "probability": prob, "threshold": self.threshold(attack)}
+        return out
+
+    def __repr__(self) -> str:
+        return f"Heads({str(self.path)!r}, attacks={self.attacks}, default={self.default_attack!r})"
+
+
+def load_heads(path: str | os.PathLike, target: dict | None = None, threads: int | None = None) -> Heads:
+    """Open a heads folder (or its heads.json), checking manifest, target and the ONNX files' integrity."""
+    path = Path(path)
+    folder = path.parent if path.name == HEADS_FILE else path
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such heads folder; train heads with `audit train STORE.h5 --out {folder}`")
+    info = read_heads_json(folder / HEADS_FILE)
+    if "manifest" not in info or "attacks" not in info:
+        raise ArtifactError(f"{folder / HEADS_FILE}: not a heads file (no manifest/attacks)")
+    check_manifest(info["manifest"], "heads", str(folder), target)
+    for attack, entry in info["attacks"].items():
+        f = folder / entry["file"]
+        if not f.is_file():
+            raise ArtifactError(f"{f}: head of attack {attack} is missing")
+        if entry.get("sha256") and hashlib.sha256(f.read_bytes()).hexdigest() != entry["sha256"]:
+            raise ArtifactError(f"{f}: head of attack {attack} was modified after training (sha256 mismatch)")
+    return Heads(folder, info, threads)
+
+
+# ---------------------------------------------------------------- registry
+
+def audit_home() -> Path:
+    return Path(os.environ.get("AUDIT_HOME") or Path.home() / ".cache" / "audit").expanduser()
+
+
+def _key(target: dict) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(target.get("name") or "target")).strip("._") or "target"
+    return f"{name}-{target.get('hash')}"
+
+
+def bundled_heads_path() -> Path:
+    from ..toy import BUNDLE
+
+    return BUNDLE / "heads"
+
+
+def register_heads(heads_dir: str | os.PathLike) -> Path:
+    """Copy a heads folder into the user's registry under its target's key; returns the registered folder."""
+    heads = load_heads(heads_dir)
+    target = heads.target
+    if not target or not target.get("hash"):
+        raise ArtifactError(f"{heads.path}: heads record no target identity; they cannot be registered")
+    dest = audit_home() / "heads" / _key(target)
+    if dest.resolve() == heads.path.resolve():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Copy beside, then swap: a reader never sees a half-copied folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for f in [HEADS_FILE, *{e["file"] for e in heads.info["attacks"].values()}, "train_config.json"]:
+            if (heads.path / f).is_file():
+                shutil.copy2(heads.path / f, tmp / f)
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+        tmp.rename(dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("registered heads for target %s at %s", target.get("name"), dest)
+    return dest
+
+
+def _hash_of(folder: Path) -> str | None:
+    try:
+        return (read_heads_json(folder / HEADS_FILE)["manifest"].get("target") or {}).get("hash")
+    except (ArtifactError, KeyError, TypeError):
+        return None
+
+
+def find_heads(target: dict) -> Path | None:
+    """The registered heads for a target identity: exact key, then any registered name with the same weights
+    hash, then the bundled toy heads if they were made for these weights."""
+    h = target.get("hash")
+    root = audit_home() / "heads"
+    exact = root / _key(target)
+    if (exact / HEADS_FILE).is_file() and _hash_of(exact) == h:
+        return exact
+    if root.is_dir():
+        for folder in sorted(root.glob(f"*-{h}")):
+            if (folder / HEADS_FILE).is_file() and _hash_of(folder) == h:
+                return folder
+    bundled = bundled_heads_path()
+    if (bundled / HEADS_FILE).is_file() and _hash_of(bundled) == h:
+        return bundled
+    return None
+
+
+def no_heads_message(target: dict) -> str:
+    return (
+        f"no heads registered for target {target.get('name')!r} (weights {target.get('hash')}) in "
+        f"{audit_home() / 'heads'}; train them: `audit features --target ... --data AUX_DIR --out store.h5` then "
+        "`audit train store.h5 --out HEADS` (registers them), or pass --heads HEADS"
+    )
+
+
+def resolve_heads(heads: str | os.PathLike | None, target: dict, threads: int | None = None) -> Heads:
+    """``--heads`` if given (checked against the target), else the registered heads of ``target``."""
+    if heads is not None:
+        return load_heads(heads, target=target, threads=threads)
+    found = find_heads(target)
+    if found is None:
+        raise ArtifactError(no_heads_message(target))
+    return load_heads(found, target=target, threads=threads)

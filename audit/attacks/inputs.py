@@ -1,0 +1,175 @@
+"""What each attack sees: one function per attack, from a feature-store batch to the head's input array.
+
+Training, evaluation, ``check`` and ``scan`` all build inputs here, so a head never sees features built another way.
+Every input is invariant to the order of the ``n_gen`` generated images (means, and sorted cosines), and nothing
+here looks at labels or at other rows: a single query is featurised exactly as it would be in a batch.
+
+A batch is the dict ``FeatureStore.read()`` returns: ``query_pixels`` uint8 [N,P,P,3], ``gen_pixels`` uint8
+[N,G,P,P,3], ``query_img_emb`` [N,D], ``gen_img_emb`` [N,G,D], ``caption_emb`` [N,D], ``gen_caption_emb`` [N,G,D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import InputError, UnknownNameError
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    kind: str  # "pixel" (CNN over [N, G, C, P, P]) or "semantic" (MLP over [N, F])
+    build: Callable[[Mapping[str, np.ndarray]], np.ndarray]
+    needs: tuple[str, ...]  # batch keys it reads
+    description: str
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    # Store embeddings are L2-normalised already; renormalising keeps cosines exact if a backend drifts.
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+
+
+def _cos_to_each(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of a [N, D] to each b[:, j] of [N, G, D] -> [N, G]."""
+    return np.einsum("nd,ngd->ng", _unit(a), _unit(b))
+
+
+def _order_free(cos: np.ndarray) -> np.ndarray:
+    """[N, K] similarities -> sorted (descending) values and their mean: the same whatever the image order."""
+    return np.concatenate([-np.sort(-cos, axis=1), cos.mean(axis=1, keepdims=True)], axis=1)
+
+
+def _pairwise_gen(g: np.ndarray) -> np.ndarray:
+    """Cosines between the generated images of one query, order-free; [1.0] when there is only one."""
+    n, k, _ = g.shape
+    if k < 2:
+        return np.ones((n, 1), np.float32)
+    u = _unit(g)
+    sims = np.einsum("ngd,nhd->ngh", u, u)
+    iu = np.triu_indices(k, 1)
+    return _order_free(sims[:, iu[0], iu[1]])
+
+
+def _pixels(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32) / 255.0
+
+
+def attack_i_p(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    g = _pixels(b["gen_pixels"])  # [N, G, P, P, 3]
+    return np.ascontiguousarray(g.transpose(0, 1, 4, 2, 3))  # [N, G, 3, P, P]
+
+
+def attack_ii_p(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    g = _pixels(b["gen_pixels"])
+    q = np.broadcast_to(_pixels(b["query_pixels"])[:, None], g.shape)
+    x = np.concatenate([q, g, q - g], axis=-1)  # [N, G, P, P, 9]
+    return np.ascontiguousarray(x.transpose(0, 1, 4, 2, 3))
+
+
+def attack_i_s(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    g = _unit(b["gen_img_emb"])
+    return np.concatenate([g.mean(1), g.std(1), _pairwise_gen(g)], axis=1)
+
+
+def attack_ii_s(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    q, g = _unit(b["query_img_emb"]), _unit(b["gen_img_emb"])
+    gm = g.mean(1)
+    dist = np.abs(q[:, None] - g).mean(1)
+    return np.concatenate([q, gm, q - gm, dist, _order_free(_cos_to_each(q, g))], axis=1)
+
+
+def attack_iii_x(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    c, g = _unit(b["caption_emb"]), _unit(b["gen_img_emb"])
+    gm = g.mean(1)
+    return np.concatenate([c, gm, c * gm, _order_free(_cos_to_each(c, g))], axis=1)
+
+
+def attack_iii_t(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    c, t = _unit(b["caption_emb"]), _unit(b["gen_caption_emb"])
+    tm = t.mean(1)
+    return np.concatenate([c, tm, c - tm, _order_free(_cos_to_each(c, t))], axis=1)
+
+
+def attack_iv(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([attack_i_s(b), attack_ii_s(b), attack_iii_x(b), attack_iii_t(b)], axis=1)
+
+
+def attack_blind(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    q, c = _unit(b["query_img_emb"]), _unit(b["caption_emb"])
+    return np.concatenate([q, c, np.sum(q * c, axis=1, keepdims=True)], axis=1)
+
+
+_SEMANTIC_ALL = ("query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb")
+
+ATTACKS: dict[str, AttackSpec] = {
+    s.name: s
+    for s in (
+        AttackSpec("I-P", "pixel", attack_i_p, ("gen_pixels",), "generated pixels -> CNN (quality)"),
+        AttackSpec("I-S", "semantic", attack_i_s, ("gen_img_emb",),
+                   "generated image embeddings: mean, spread, pairwise cosines -> MLP (quality)"),
+        AttackSpec("II-P", "pixel", attack_ii_p, ("query_pixels", "gen_pixels"),
+                   "query, generated and their difference, pixels -> CNN (reconstruction)"),
+        AttackSpec("II-S", "semantic", attack_ii_s, ("query_img_emb", "gen_img_emb"),
+                   "query and generated image embeddings, differences, sorted cosines -> MLP (reconstruction)"),
+        AttackSpec("III-X", "semantic", attack_iii_x, ("caption_emb", "gen_img_emb"),
+                   "caption text embedding vs generated image embeddings, sorted cosines -> MLP (faithfulness)"),
+        AttackSpec("III-T", "semantic", attack_iii_t, ("caption_emb", "gen_caption_emb"),
+                   "caption vs captions of the generated images, text embeddings -> MLP (faithfulness)"),
+        AttackSpec("IV", "semantic", attack_iv, _SEMANTIC_ALL, "I-S, II-S, III-X and III-T inputs together -> MLP"),
+        AttackSpec("blind", "semantic", attack_blind, ("query_img_emb", "caption_emb"),
+                   "query-side only (query image and caption embeddings, their cosine): the distribution-shift "
+                   "baseline"),
+    )
+}
+
+# The paper's attacks, in its order; `blind` is trained alongside whenever any attack is.
+PAPER_ATTACKS = ("I-P", "I-S", "II-P", "II-S", "III-X", "III-T", "IV")
+
+
+def get_attack(name: str) -> AttackSpec:
+    try:
+        return ATTACKS[name]
+    except KeyError:
+        raise UnknownNameError(f"unknown attack {name!r}; valid attacks are: {', '.join(ATTACKS)}") from None
+
+
+def parse_attacks(spec: str | None) -> tuple[str, ...]:
+    """``"I-S,IV"`` -> ("I-S", "IV", "blind"); None or "all" -> every attack. The blind baseline is always added."""
+    if spec is None or spec.strip().lower() == "all":
+        names = list(PAPER_ATTACKS)
+    else:
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+        if not names:
+            raise UnknownNameError(f"no attack named in {spec!r}; valid attacks are: {', '.join(ATTACKS)}")
+    for n in names:
+        get_attack(n)
+    if "blind" not in names:
+        names.append("blind")
+    return tuple(dict.fromkeys(names))
+
+
+def build_inputs(batch: Mapping[str, np.ndarray], attack: str) -> np.ndarray:
+    """The float32 input of ``attack``'s head for every row of ``batch``."""
+    spec = get_attack(attack)
+    missing = [k for k in spec.needs if k not in batch]
+    if missing:
+        raise InputError(f"attack {attack}: the feature batch lacks {missing} (has {sorted(batch)})")
+    return np.ascontiguousarray(spec.build(batch), dtype=np.float32)
+
+
+def input_signature(batch: Mapping[str, np.ndarray]) -> dict:
+    """What the heads' inputs depend on beyond the attack: n_gen, embedding dim, pixel size."""
+    sig = {}
+    if "gen_img_emb" in batch:
+        sig["n_gen"] = int(np.shape(batch["gen_img_emb"])[1])
+        sig["embedding_dim"] = int(np.shape(batch["gen_img_emb"])[2])
+    elif "query_img_emb" in batch:
+        sig["embedding_dim"] = int(np.shape(batch["query_img_emb"])[1])
+    if "gen_pixels" in batch:
+        sig["n_gen"] = int(np.shape(batch["gen_pixels"])[1])
+        sig["pixel_size"] = int(np.shape(batch["gen_pixels"])[2])
+    return sig

@@ -1,0 +1,319 @@
+"""Training the attack heads: seeded stratified split, early stopping, calibration, ONNX export, heads.json.
+
+Fitting uses the training split (weights, standardisation statistics) and the validation split (early stopping,
+Platt calibration, thresholds). The test split is only ever scored, for the blind-baseline report here and for
+``evaluate``; tests/test_attacks_train.py proves that changing test rows changes nothing that was fitted.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, atomic_write_text
+from ..errors import ArtifactError, InputError, UsageError
+from ..manifest import make_manifest
+from ..seeding import derive_seed
+from . import calibration, metrics
+from .export import export_head, ort_session, run_session
+from .inputs import ATTACKS, PAPER_ATTACKS, build_inputs, get_attack, input_signature
+from .nets import ScoringHead, build_net, standardisation
+
+log = logging.getLogger(__name__)
+
+HEADS_FILE = "heads.json"
+CONFIG_FILE = "train_config.json"
+SPLITS = ("train", "validation", "test")
+# The blind baseline "separates" the auxiliary data when its test AUC CI lies above 0.5 or the AUC exceeds this.
+BLIND_AUC_LIMIT = 0.6
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    attacks: tuple = PAPER_ATTACKS + ("blind",)
+    seed: int = 0
+    train_fraction: float = 0.5
+    val_fraction: float = 0.25  # the rest is the test split
+    epochs: int = 200
+    patience: int = 20  # epochs without a better validation loss before stopping
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 64
+    mlp_hidden: tuple = (128, 64)
+    cnn_channels: tuple = (16, 32, 32)
+    cnn_hidden: int = 32
+    dropout: float = 0.2
+    n_boot: int = 1000  # bootstrap resamples for the blind baseline's AUC CI
+    threads: int = 0  # torch/onnxruntime threads; 0 keeps the library default
+
+    def validate(self) -> "TrainConfig":
+        for n in self.attacks:
+            get_attack(n)
+        if not self.attacks:
+            raise UsageError(f"no attacks to train; valid attacks are: {', '.join(ATTACKS)}")
+        if not (0 < self.train_fraction < 1 and 0 < self.val_fraction < 1
+                and self.train_fraction + self.val_fraction < 1):
+            raise UsageError(
+                f"split fractions train={self.train_fraction}, validation={self.val_fraction} must be in (0, 1) "
+                "and leave a test split (sum < 1)"
+            )
+        for name in ("epochs", "patience", "batch_size", "cnn_hidden"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UsageError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+
+def _str_ids(ids: np.ndarray) -> list[str]:
+    return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in np.asarray(ids).tolist()]
+
+
+def ids_digest(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:16]
+
+
+def stratified_split(ids: list[str], labels: np.ndarray, seed: int, train_fraction: float,
+                     val_fraction: float) -> dict[str, np.ndarray]:
+    """Row indices per split. Depends on the ids, labels and seed only, never on the row order of the store."""
+    labels = np.asarray(labels)
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for cls in (1, 0):
+        rows = np.flatnonzero(labels == cls)
+        name = "members" if cls == 1 else "non-members"
+        if len(rows) < 3:
+            raise InputError(
+                f"training needs at least 3 labelled {name} (one per train/validation/test split); "
+                f"the store has {len(rows)}"
+            )
+        rows = rows[np.argsort([ids[i] for i in rows], kind="stable")]
+        rows = rows[np.random.default_rng(derive_seed("split", seed, cls)).permutation(len(rows))]
+        n = len(rows)
+        n_train = min(max(1, int(round(train_fraction * n))), n - 2)
+        n_val = min(max(1, int(round(val_fraction * n))), n - n_train - 1)
+        out["train"] += rows[:n_train].tolist()
+        out["validation"] += rows[n_train : n_train + n_val].tolist()
+        out["test"] += rows[n_train + n_val :].tolist()
+    return {s: np.array(sorted(v), dtype=np.int64) for s, v in out.items()}
+
+
+def _fit_network(kind: str, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,
+                 cfg: TrainConfig, seed: int) -> tuple[ScoringHead, dict]:
+    """AdamW on cross-entropy, early stopping on validation loss; returns the best-validation-loss head."""
+    torch.manual_seed(seed)
+    mean, std = standardisation(kind, x_tr)
+    net = build_net(kind, x_tr.shape[1:], cfg.mlp_hidden, cfg.cnn_channels, cfg.cnn_hidden, cfg.dropout)
+    head = ScoringHead(net, mean, std)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr.astype(np.float32))
+    xv, yv = torch.from_numpy(x_va), torch.from_numpy(y_va.astype(np.float32))
+    # Weight classes equally so an unbalanced auxiliary set does not push every score towards the majority.
+    pos_weight = torch.tensor(float((y_tr == 0).sum()) / max(1.0, float((y_tr == 1).sum())))
+    rng = np.random.default_rng(seed)
+    best_loss, best_state, best_epoch, since = float("inf"), copy.deepcopy(head.state_dict()), 0, 0
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        head.train()
+        order = rng.permutation(len(xt))
+        # BatchNorm needs 2+ rows per batch: fold a trailing single row into the previous batch.
+        starts = list(range(0, len(order), cfg.batch_size))
+        if len(starts) > 1 and len(order) - starts[-1] < 2:
+            starts.pop()
+        tr_loss = 0.0
+        for k, s in enumerate(starts):
+            e = starts[k + 1] if k + 1 < len(starts) else len(order)
+            idx = torch.from_numpy(order[s:e])
+            loss = F.binary_cross_entropy_with_logits(head.score(xt[idx]), yt[idx], pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tr_loss += loss.item() * len(idx)
+        head.eval()
+        with torch.no_grad():
+            va_loss = float(F.binary_cross_entropy_with_logits(head.score(xv), yv, pos_weight=pos_weight))
+        history.append((tr_loss / len(xt), va_loss))
+        if va_loss < best_loss - 1e-6:
+            best_loss, best_state, best_epoch, since = va_loss, copy.deepcopy(head.state_dict()), epoch, 0
+        else:
+            since += 1
+            if since >= cfg.patience:
+                break
+    head.load_state_dict(best_state)
+    head.eval()
+    return head, {"epochs_run": len(history), "best_epoch": best_epoch, "best_validation_loss": best_loss,
+                  "train_loss_at_best": history[best_epoch - 1][0] if best_epoch else None}
+
+
+def fit_attack(attack: str, x: np.ndarray, y: np.ndarray, split: Mapping[str, np.ndarray], cfg: TrainConfig,
+               out_dir: Path) -> dict:
+    """Train, calibrate, export and validate one head; returns its heads.json entry."""
+    spec = get_attack(attack)
+    tr, va = split["train"], split["validation"]
+    t0 = time.perf_counter()
+    head, training = _fit_network(spec.kind, x[tr], y[tr], x[va], y[va], cfg, derive_seed("head", cfg.seed, attack))
+    with torch.no_grad():
+        val_scores = head.score(torch.from_numpy(x[va])).numpy()
+    a, b = calibration.fit_platt(val_scores, y[va])
+    head.platt.copy_(torch.tensor([a, b], dtype=torch.float32))
+    file = f"{attack}.onnx"
+    parity = export_head(head, x[tr], out_dir / file, check=x[va], threads=cfg.threads or None)
+    # Thresholds from the exported graph's own probabilities: exactly what Heads.predict will compare.
+    _, val_probs = run_session(ort_session(out_dir / file, cfg.threads or None), x[va])
+    threshold, val_ba = calibration.balanced_accuracy_threshold(val_probs, y[va])
+    fpr1 = calibration.fpr_threshold(val_probs, y[va], 0.01)
+    fpr01 = calibration.fpr_threshold(val_probs, y[va], 0.001)
+    entry = {
+        "file": file,
+        "sha256": hashlib.sha256((out_dir / file).read_bytes()).hexdigest(),
+        "kind": spec.kind,
+        "description": spec.description,
+        "input": {"name": "x", "dtype": "float32", "shape": [None, *map(int, x.shape[1:])]},
+        "outputs": ["score", "probability"],
+        "threshold": threshold,
+        "thresholds": {"balanced_accuracy": threshold, "fpr_1pct": fpr1, "fpr_0_1pct": fpr01},
+        "calibration": {"method": "platt", "a": a, "b": b, "fitted_on": "validation"},
+        "standardisation": {"fitted_on": "train"},
+        "validation": {
+            "n": int(len(va)),
+            "auc": metrics.auc(y[va], val_probs),
+            "accuracy": metrics.accuracy(y[va], val_probs, threshold),
+            "balanced_accuracy": val_ba,
+            "loss": training["best_validation_loss"],
+        },
+        "training": {**training, "n": int(len(tr)), "seconds": round(time.perf_counter() - t0, 2)},
+        "onnx_parity": parity,
+    }
+    log.info("%s: validation AUC %.3f, threshold %.3f, %d epochs (%.1f s)", attack, entry["validation"]["auc"],
+             threshold, training["epochs_run"], entry["training"]["seconds"])
+    return entry
+
+
+def blind_baseline(probs_test: np.ndarray, y_test: np.ndarray, val_auc: float, n_boot: int, seed: int) -> dict:
+    """Does the query side alone separate members from non-members? Then the aux sets differ in distribution."""
+    value = metrics.auc(y_test, probs_test)
+    ci = metrics.bootstrap_ci(y_test, probs_test, metrics.fast_auc, n_boot, seed)
+    # Only separation in the head's own direction counts: a head that was fitted to tell members apart and
+    # ranks them the other way on held-out rows has learned noise, not a difference between the two sets.
+    warn = bool((np.isfinite(ci[0]) and ci[0] > 0.5) or (np.isfinite(value) and value > BLIND_AUC_LIMIT))
+    out = {
+        "validation_auc": val_auc,
+        "test_auc": {"value": value, "ci95": ci},
+        "n_test": int(len(y_test)),
+        "distribution_shift_warning": warn,
+    }
+    if warn:
+        out["message"] = (
+            f"the blind baseline (query-side features only, no generated image) separates the auxiliary members "
+            f"from the non-members (test AUC {value:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f}): the two sets differ in "
+            "distribution, so verdicts from these heads are not evidence of training"
+        )
+    return out
+
+
+def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: TrainConfig,
+                store_manifest: dict | None = None, store_sha256: str | None = None,
+                store_path: str | None = None) -> dict:
+    """Train every attack in ``cfg.attacks`` on a feature-store batch; write ONNX heads and heads.json."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / HEADS_FILE).is_file():
+        raise UsageError(f"{out_dir}: folder is not empty and holds no heads; choose an empty or new folder")
+    if "member" not in batch or "ids" not in batch:
+        raise InputError(f"feature batch lacks 'member'/'ids' (has {sorted(batch)})")
+    labels_all = np.asarray(batch["member"]).astype(np.int64)
+    keep = np.flatnonzero((labels_all == 0) | (labels_all == 1))
+    if len(keep) < len(labels_all):
+        log.warning("%d rows without a member label are left out of training", len(labels_all) - len(keep))
+    rows = {k: np.asarray(v)[keep] for k, v in batch.items() if np.ndim(v) >= 1 and len(v) == len(labels_all)}
+    ids = _str_ids(rows["ids"])
+    if len(set(ids)) != len(ids):
+        raise InputError("feature batch has duplicate ids; each query must appear once")
+    y = labels_all[keep]
+    split = stratified_split(ids, y, cfg.seed, cfg.train_fraction, cfg.val_fraction)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A half-retrained folder must not look valid: heads.json goes first and comes back last.
+    (out_dir / HEADS_FILE).unlink(missing_ok=True)
+    for stale in out_dir.glob("*.onnx"):
+        stale.unlink()
+
+    attacks: dict[str, Any] = {}
+    blind = None
+    for attack in cfg.attacks:
+        x = build_inputs(rows, attack)
+        attacks[attack] = fit_attack(attack, x, y, split, cfg, out_dir)
+        if attack == "blind":
+            te = split["test"]
+            _, p_te = run_session(ort_session(out_dir / attacks[attack]["file"], cfg.threads or None), x[te])
+            blind = blind_baseline(p_te, y[te], attacks[attack]["validation"]["auc"], cfg.n_boot,
+                                   derive_seed("blind", cfg.seed))
+
+    scored = [a for a in attacks if a != "blind"]
+    if "IV" in attacks:
+        default = "IV"
+    else:
+        default = max(scored or list(attacks), key=lambda a: np.nan_to_num(attacks[a]["validation"]["auc"]))
+    store_manifest = store_manifest or {}
+    manifest = make_manifest(
+        "heads", cfg.to_dict(), store_manifest.get("target"),
+        embedder=store_manifest.get("embedder"), captioner=store_manifest.get("captioner"),
+        feature_store={"path": store_path, "sha256": store_sha256, "created": store_manifest.get("created"),
+                       "config": store_manifest.get("config")},
+    )
+    info = {
+        "manifest": manifest,
+        "input_signature": input_signature(rows),
+        "split": {
+            "seed": cfg.seed,
+            "fractions": {"train": cfg.train_fraction, "validation": cfg.val_fraction,
+                          "test": round(1 - cfg.train_fraction - cfg.val_fraction, 10)},
+            **{s: [ids[i] for i in split[s]] for s in SPLITS},
+            "ids_sha256": {s: ids_digest([ids[i] for i in split[s]]) for s in SPLITS},
+            "counts": {s: {"members": int((y[split[s]] == 1).sum()), "nonmembers": int((y[split[s]] == 0).sum())}
+                       for s in SPLITS},
+        },
+        "default_attack": default,
+        "attacks": attacks,
+        "blind_baseline": blind,
+    }
+    cfg.save(out_dir / CONFIG_FILE)
+    atomic_write_text(out_dir / HEADS_FILE, json.dumps(_jsonable(info), indent=2) + "\n")
+    return info
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN is not JSON: metrics that cannot be computed (one class only) are written as null."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def read_heads_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: not a heads folder (no {HEADS_FILE}); train heads with `audit train`") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: heads.json is not valid JSON ({exc.msg})") from None
