@@ -38,3 +38,62 @@ def toy_aux_data(out: str | Path, n_members: int = 200, n_nonmembers: int = 200,
     if n_members < 0 or n_nonmembers < 0:
         raise UsageError("--n-members and --n-nonmembers must be >= 0")
     return write_aux_folder(Path(out), n_members, n_nonmembers, seed, world_dir=bundle_path("target").parent)
+
+
+def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = None, seed: int | None = None,
+          register: bool = True, config=None, **options) -> dict:
+    """Train the attack heads (and the blind baseline) on a feature store; write ONNX heads + heads.json to
+    ``out`` and, with ``register``, register them for the store's target so check/scan find them.
+
+    ``options`` override fields of ``audit.attacks.TrainConfig`` (epochs, lr, patience, ...).
+    Returns ``{"heads": out, "registered": path or None, "info": heads.json dict}``.
+    """
+    import dataclasses
+
+    from .attacks import TrainConfig, parse_attacks, register_heads, train_heads
+    from .attacks.train import file_sha256
+    from .errors import ArtifactError
+    from .features.store import FeatureStore
+
+    cfg = config or TrainConfig()
+    if attacks is not None:
+        cfg = dataclasses.replace(cfg, attacks=parse_attacks(attacks if isinstance(attacks, str) else ",".join(attacks)))
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise UsageError(f"unknown training option(s) {unknown}")
+    cfg = dataclasses.replace(cfg, **options).validate()
+    fs = FeatureStore.open(store)
+    if not fs.complete:
+        raise ArtifactError(f"{store}: feature store is incomplete ({fs.n_committed} of {fs.n_rows} rows); finish it "
+                            "with `audit features ... --resume` before training")
+    info = train_heads(fs.read(ok_only=True), out, cfg, fs.manifest, file_sha256(store), str(Path(store).resolve()))
+    registered = register_heads(out) if register else None
+    return {"heads": str(out), "registered": str(registered) if registered else None, "info": info}
+
+
+def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str | Path | None = None,
+             plot: str | Path | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Metrics of each attack on the heads' test split of ``store``, with bootstrap 95% CIs.
+
+    ``heads`` defaults to the heads registered for the store's target. With ``json_out`` the result is written
+    there and a ROC plot beside it (``plot`` overrides where).
+    """
+    from .attacks import evaluate_heads, resolve_heads
+    from .attacks.train import file_sha256
+    from .config import atomic_write_text
+    from .features.store import FeatureStore
+    import json
+
+    if n_boot < 0:
+        raise UsageError(f"--bootstrap must be >= 0, got {n_boot}")
+    fs = FeatureStore.open(store)
+    h = resolve_heads(heads, fs.manifest.get("target"))
+    if plot is None and json_out is not None:
+        plot = Path(json_out).with_suffix(".png")
+    result = evaluate_heads(fs.read(ok_only=True), h, fs.manifest, str(store), file_sha256(store), n_boot, seed,
+                            plot)
+    if json_out is not None:
+        atomic_write_text(Path(json_out), json.dumps(result, indent=2) + "\n")
+    return result

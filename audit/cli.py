@@ -95,6 +95,64 @@ def toy_data(
     typer.echo(f"wrote {n_members} members and {n_nonmembers} non-members to {path}")
 
 
+@app.command("train")
+def train_cmd(
+    store: Path = typer.Argument(..., help="Feature store (.h5) written by `audit features` on auxiliary data."),
+    out: Path = typer.Option(..., "--out", help="Heads folder to write: one ONNX head per attack + heads.json."),
+    attacks: str = typer.Option("all", "--attacks", help="Comma-separated subset of I-P,I-S,II-P,II-S,III-X,III-T,"
+                                "IV; the blind baseline is always trained too."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/validation/test split and of training."),
+    epochs: int = typer.Option(200, "--epochs", help="Most epochs per head (early stopping on validation loss)."),
+    register: bool = typer.Option(True, "--register/--no-register",
+                                  help="Register the heads for the store's target (in $AUDIT_HOME or ~/.cache/audit)."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch/onnxruntime (0: library default)."),
+) -> None:
+    """Train the attack heads on a feature store, calibrate them on validation, export them to ONNX."""
+    from . import api
+
+    res = run(lambda: api.train(store, out, attacks=attacks, seed=seed, register=register, epochs=epochs,
+                                threads=threads))
+    info = res["info"]
+    typer.echo(f"{'attack':<7} {'val AUC':>8} {'val acc':>8} {'threshold':>10} {'epochs':>7}")
+    for name, e in info["attacks"].items():
+        v = e["validation"]
+        auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
+        typer.echo(f"{name:<7} {auc:>8} {v['accuracy']:>8.3f} {e['threshold']:>10.3f} {e['training']['epochs_run']:>7}")
+    counts = info["split"]["counts"]
+    typer.echo("split (members/non-members): " + ", ".join(f"{s} {c['members']}/{c['nonmembers']}"
+                                                           for s, c in counts.items()))
+    blind = info.get("blind_baseline") or {}
+    if blind.get("distribution_shift_warning"):
+        typer.echo(f"warning: {blind['message']}", err=True)
+    typer.echo(f"heads written to {res['heads']} (default attack {info['default_attack']})"
+               + (f"; registered at {res['registered']}" if res["registered"] else ""))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    store: Path = typer.Argument(..., help="The feature store the heads were trained on."),
+    heads: Optional[Path] = typer.Option(None, "--heads", help="Heads folder (default: the store target's "
+                                         "registered heads)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here, and the ROC "
+                                            "plot beside it (.png)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the ROC plot here instead."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+) -> None:
+    """Accuracy, AUC and TPR at 1% / 0.1% FPR per attack on the heads' test split, with bootstrap 95% CIs."""
+    from . import api
+    from .attacks.evaluate import format_table
+
+    result = run(lambda: api.evaluate(store, heads, json_out=json_out, plot=plot, n_boot=n_boot, seed=seed))
+    typer.echo(format_table(result))
+    for w in result["warnings"]:
+        typer.echo(f"warning: {w}", err=True)
+    if json_out is not None:
+        typer.echo(f"metrics written to {json_out}")
+    if result.get("plot"):
+        typer.echo(f"ROC plot written to {result['plot']}")
+
+
 def main() -> None:
     app()
 
