@@ -76,3 +76,34 @@ def evaluate_heads(batch: Mapping[str, np.ndarray], heads: Heads, store_manifest
         title = f"ROC on {len(y)} test rows ({result['n_test_members']} members)"
         result["plot"] = str(metrics.plot_roc(curves, plot, title))
     return _jsonable(result)
+
+
+def _fmt(m) -> str:
+    if m is None:
+        return "-"
+    if isinstance(m, dict):
+        v, ci = m.get("value"), m.get("ci95") or [None, None]
+        if v is None:
+            return "-"
+        if ci[0] is None:
+            return f"{v:.3f}"
+        return f"{v:.3f} [{ci[0]:.2f},{ci[1]:.2f}]"
+    return f"{m:.3f}"
+
+
+def format_table(result: dict) -> str:
+    """The evaluation as a text table: one row per attack, the blind baseline last, then the test-set size."""
+    cols = ("accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")
+    head = ("attack", "accuracy", "AUC", "TPR@1%FPR", "TPR@0.1%FPR")
+    lines = [f"{head[0]:<7} " + " ".join(f"{h:>20}" for h in head[1:])]
+    names = [a for a in result["attacks"] if a != "blind"] + [a for a in result["attacks"] if a == "blind"]
+    for a in names:
+        m = result["attacks"][a]
+        lines.append(f"{a:<7} " + " ".join(f"{_fmt(m.get(c)):>20}" for c in cols))
+    n_neg = result.get("n_test_nonmembers") or 0
+    lines.append(
+        f"test split: {result['n_test']} rows ({result.get('n_test_members')} members, {n_neg} non-members); "
+        f"95% bootstrap CIs in brackets"
+        + (f"; FPR resolution 1/{n_neg}, so TPR at FPR below {1 / n_neg:.3g} is the TPR at FPR 0" if n_neg else "")
+    )
+    return "\n".join(lines)
