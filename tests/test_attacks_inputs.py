@@ -1,0 +1,149 @@
+"""Feature construction of each attack (audit/attacks/inputs.py), on features of the tiny real-architecture models."""
+
+import numpy as np
+import pytest
+
+from audit.attacks.inputs import ATTACKS, PAPER_ATTACKS, build_inputs, get_attack, parse_attacks
+from audit.errors import InputError, UnknownNameError
+
+G = 3  # three generated images per query, so "sorted" and "pairwise" are not trivial
+
+
+@pytest.fixture(scope="module")
+def tiny_batch(tiny_world):
+    """What the feature store holds for 3 toy scenes, computed with the tiny target, CLIP and BLIP."""
+    from audit.models.captioners import TransformersBlipCaptioner
+    from audit.models.embedders import TransformersCLIPEmbedder
+    from audit.targets.diffusion import DiffusersGenerator
+    from audit.toy import scenes
+
+    gen = DiffusersGenerator.from_folder(tiny_world["target"])
+    emb = TransformersCLIPEmbedder(tiny_world["clip"])
+    cap = TransformersBlipCaptioner(tiny_world["blip"])
+    images, captions = scenes.scene_images(0, "public", 3)
+    gen_px = gen.generate(captions, G, seed=0, steps=2)  # [3, G, R, R, 3]
+    flat = gen_px.reshape(-1, *gen_px.shape[2:])
+    gen_caps = cap.caption(flat, max_new_tokens=8)
+    n = len(captions)
+    return {
+        "ids": np.array([f"q{i}" for i in range(n)]),
+        "member": np.array([1, 0, 1], np.int8),
+        "query_pixels": images,
+        "gen_pixels": gen_px,
+        "query_img_emb": emb.embed_images(images),
+        "gen_img_emb": emb.embed_images(flat).reshape(n, G, -1),
+        "caption_emb": emb.embed_texts(captions),
+        "gen_caption_emb": emb.embed_texts(gen_caps).reshape(n, G, -1),
+    }
+
+
+def _expected_shape(attack, n, d, p):
+    pairs = G * (G - 1) // 2 + 1
+    sizes = {"I-S": 2 * d + pairs, "II-S": 4 * d + G + 1, "III-X": 3 * d + G + 1, "III-T": 3 * d + G + 1,
+             "blind": 2 * d + 1}
+    sizes["IV"] = sizes["I-S"] + sizes["II-S"] + sizes["III-X"] + sizes["III-T"]
+    if attack == "I-P":
+        return (n, G, 3, p, p)
+    if attack == "II-P":
+        return (n, G, 9, p, p)
+    return (n, sizes[attack])
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_each_attack_builds_finite_float32_inputs_of_its_documented_shape(tiny_batch, attack):
+    x = build_inputs(tiny_batch, attack)
+    n, d, p = 3, tiny_batch["query_img_emb"].shape[1], tiny_batch["query_pixels"].shape[1]
+    assert x.dtype == np.float32
+    assert x.shape == _expected_shape(attack, n, d, p)
+    assert np.isfinite(x).all()
+
+
+def _permute_generated(batch, perm):
+    out = dict(batch)
+    for k in ("gen_pixels", "gen_img_emb", "gen_caption_emb"):
+        out[k] = batch[k][:, perm]
+    return out
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_inputs_do_not_depend_on_the_order_of_the_generated_images(tiny_batch, attack):
+    x = build_inputs(tiny_batch, attack)
+    y = build_inputs(_permute_generated(tiny_batch, [2, 0, 1]), attack)
+    if get_attack(attack).kind == "pixel":
+        # The CNN pools over the G axis, so the same images in another order is the same input set.
+        y = y[:, np.argsort([2, 0, 1])]
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_a_row_gets_the_same_input_alone_as_in_a_batch(tiny_batch, attack):
+    # check/scan score one image at a time; training featurised it in a batch: nothing may be pooled over rows.
+    whole = build_inputs(tiny_batch, attack)
+    alone = build_inputs({k: v[1:2] for k, v in tiny_batch.items()}, attack)
+    np.testing.assert_array_equal(whole[1:2], alone)
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_each_attack_reads_exactly_the_features_it_declares(tiny_batch, attack):
+    spec = get_attack(attack)
+    base = build_inputs(tiny_batch, attack)
+    rng = np.random.default_rng(1)
+    for key in ("query_pixels", "gen_pixels", "query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb"):
+        v = tiny_batch[key]
+        other = (rng.integers(0, 256, v.shape).astype(v.dtype) if v.dtype == np.uint8
+                 else rng.normal(size=v.shape).astype(v.dtype))
+        changed = build_inputs({**tiny_batch, key: other}, attack)
+        if key in spec.needs:
+            assert not np.allclose(changed, base), f"{attack} ignores {key}"
+        else:
+            np.testing.assert_array_equal(changed, base, err_msg=f"{attack} reads {key} it does not declare")
+
+
+def test_blind_baseline_never_sees_a_generated_image():
+    assert not any(k.startswith("gen_") for k in get_attack("blind").needs)
+
+
+def test_ii_p_stacks_query_generated_and_their_difference(tiny_batch):
+    x = build_inputs(tiny_batch, "II-P")
+    q = tiny_batch["query_pixels"].astype(np.float32).transpose(0, 3, 1, 2) / 255
+    g = tiny_batch["gen_pixels"].astype(np.float32).transpose(0, 1, 4, 2, 3) / 255
+    np.testing.assert_allclose(x[:, :, 0:3], np.broadcast_to(q[:, None], g.shape), atol=1e-7)
+    np.testing.assert_allclose(x[:, :, 3:6], g, atol=1e-7)
+    np.testing.assert_allclose(x[:, :, 6:9], q[:, None] - g, atol=1e-6)
+
+
+def test_reconstruction_and_faithfulness_cosines_are_those_of_the_embeddings(tiny_batch):
+    q, g = tiny_batch["query_img_emb"], tiny_batch["gen_img_emb"]
+    c, t = tiny_batch["caption_emb"], tiny_batch["gen_caption_emb"]
+
+    def tail(x):  # the sorted cosines and their mean close each semantic input
+        return x[:, -(G + 1):]
+
+    def want(a, b):
+        cos = np.einsum("nd,ngd->ng", a, b) / np.linalg.norm(a, axis=1)[:, None] / np.linalg.norm(b, axis=2)
+        return np.concatenate([-np.sort(-cos, 1), cos.mean(1, keepdims=True)], 1)
+
+    np.testing.assert_allclose(tail(build_inputs(tiny_batch, "II-S")), want(q, g), atol=1e-5)
+    np.testing.assert_allclose(tail(build_inputs(tiny_batch, "III-X")), want(c, g), atol=1e-5)
+    np.testing.assert_allclose(tail(build_inputs(tiny_batch, "III-T")), want(c, t), atol=1e-5)
+    blind = build_inputs(tiny_batch, "blind")
+    np.testing.assert_allclose(blind[:, -1], np.sum(q * c, 1) / np.linalg.norm(q, axis=1) / np.linalg.norm(c, axis=1),
+                               atol=1e-5)
+
+
+def test_iv_is_the_concatenation_of_the_semantic_attacks(tiny_batch):
+    parts = [build_inputs(tiny_batch, a) for a in ("I-S", "II-S", "III-X", "III-T")]
+    np.testing.assert_array_equal(build_inputs(tiny_batch, "IV"), np.concatenate(parts, 1))
+
+
+def test_attack_names_are_checked_and_blind_is_always_trained():
+    assert parse_attacks(None) == PAPER_ATTACKS + ("blind",)
+    assert parse_attacks("II-S, IV") == ("II-S", "IV", "blind")
+    with pytest.raises(UnknownNameError, match="valid attacks are: I-P, I-S, II-P"):
+        parse_attacks("II-S,V")
+
+
+def test_a_batch_missing_a_feature_is_refused_naming_it(tiny_batch):
+    partial = {k: v for k, v in tiny_batch.items() if k != "gen_caption_emb"}
+    with pytest.raises(InputError, match="gen_caption_emb"):
+        build_inputs(partial, "III-T")
