@@ -1,1 +1,6 @@
-"""features."""
+"""Per-query features and the HDF5 feature store (the contract between feature computation and the attacks)."""
+
+from .compute import Backends, FeaturesConfig, compute_store, featurize_rows
+from .store import KEYS, FeatureStore, FeatureWriter
+
+__all__ = ["Backends", "FeaturesConfig", "compute_store", "featurize_rows", "KEYS", "FeatureStore", "FeatureWriter"]

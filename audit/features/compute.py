@@ -1,0 +1,230 @@
+"""Per-query features over the backend protocols (generate, caption, embed): what every attack reads.
+
+For each row with image ``x`` and caption ``c``: ``n_gen`` images generated from ``c`` with content-derived seeds,
+a caption of each generated image by the captioner, embedder image embeddings of ``x`` and the generated images,
+embedder text embeddings of ``c`` and of the generated images' captions, and ``x`` and the generated images as
+small pixel arrays. Only ``targets.base`` protocols are used, so torch and ONNX backends plug in unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..config import Config
+from ..errors import UsageError
+from ..imagefolder import Row, load_row_image, read_imagefolder
+from ..manifest import make_manifest
+from ..progress import progress
+from .store import KIND, FeatureStore, FeatureWriter, empty_batch
+
+log = logging.getLogger(__name__)
+
+PIXEL_SIZE = 32
+MISSING_CAPTION_MODES = ("no_caption", "captioner")
+
+
+@dataclasses.dataclass
+class FeaturesConfig(Config):
+    """Everything that decides a row's features. Saved in the store's manifest; ``--resume`` must match it."""
+
+    target: str = "toy"
+    embedder: str = ""  # resolved to the target's default when empty
+    captioner: str = ""
+    n_gen: int = 2
+    steps: int = 25
+    guidance: float = 1.0  # 1.0 = no classifier-free guidance: what a black-box API user gets by default
+    seed: int = 0
+    batch_size: int = 8  # captions per generate call; rows are batched in this order, so it is part of the config
+    pixel_size: int = PIXEL_SIZE
+    missing_caption: str = "no_caption"  # "no_caption": the row fails; "captioner": caption the query image
+
+    def validate(self) -> "FeaturesConfig":
+        for name in ("n_gen", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.guidance < 0:
+            raise UsageError(f"--guidance must be >= 0, got {self.guidance}")
+        if self.pixel_size < 8:
+            raise UsageError(f"pixel_size must be >= 8, got {self.pixel_size}")
+        if self.missing_caption not in MISSING_CAPTION_MODES:
+            raise UsageError(f"missing_caption must be one of {', '.join(MISSING_CAPTION_MODES)}, "
+                             f"got {self.missing_caption!r}")
+        return self
+
+    def for_store(self) -> dict:
+        """The config as recorded in a store. Model specs are recorded as identities (name + weights hash) beside
+        it, so ``toy`` and the bundled folder it names count as the same target."""
+        d = self.to_dict()
+        for key in ("target", "embedder", "captioner"):
+            d.pop(key)
+        return d
+
+
+@dataclasses.dataclass
+class Backends:
+    """The three models a feature computation queries."""
+
+    generator: object
+    embedder: object
+    captioner: object
+
+    @classmethod
+    def load(cls, target: str, embedder: str | None = None, captioner: str | None = None, device: str = "cpu",
+             allow_pickle: bool = False) -> "Backends":
+        from ..targets.builtin import default_models, load_captioner, load_embedder, load_target
+
+        default_e, default_c = default_models(target)
+        return cls(
+            load_target(target, device=device, allow_pickle=allow_pickle),
+            load_embedder(embedder or default_e, device=device, allow_pickle=allow_pickle),
+            load_captioner(captioner or default_c, device=device, allow_pickle=allow_pickle),
+        )
+
+    def identities(self) -> dict:
+        return {"target": self.generator.identity(), "embedder": self.embedder.identity(),
+                "captioner": self.captioner.identity()}
+
+
+def resize_pixels(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop to a square, then PIL bicubic resize to ``size`` x ``size`` (no-op when already that size)."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(image[top:top + side, left:left + side])
+    return np.asarray(square.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def _by_shape(images: Sequence[np.ndarray], fn: Callable[[np.ndarray], object]) -> list:
+    """Apply a batched model call to images of mixed sizes: one call per distinct shape, results in input order."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, im in enumerate(images):
+        groups[im.shape].append(i)
+    out: list = [None] * len(images)
+    for idx in groups.values():
+        results = fn(np.stack([images[i] for i in idx]))
+        for i, r in zip(idx, results):
+            out[i] = r
+    return out
+
+
+def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
+                   images: dict[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Features of a batch of rows, one output row per input row; failed rows are zeros with status and error.
+
+    ``rows`` are updated in place: a row whose image cannot be read becomes ``unreadable`` (or ``too_large``); a row
+    without a caption becomes ``no_caption`` or, with ``cfg.missing_caption == "captioner"``, gets the captioner's caption of its
+    image (``caption_source = "captioner"``). ``images`` may hold already decoded images by row position.
+    """
+    g, p = cfg.n_gen, cfg.pixel_size
+    out = empty_batch(len(rows), g, p, backends.embedder.dim)
+    queries: dict[int, np.ndarray] = {}
+    for i, row in enumerate(rows):
+        if not row.ok:
+            continue
+        if row.caption is None and cfg.missing_caption == "no_caption":
+            row.fail("no_caption", f"{row.path}: no caption (no text in metadata.jsonl and no non-empty .txt file)")
+            continue
+        image = images[i] if images and i in images else load_row_image(row)
+        if image is not None:
+            queries[i] = image
+    uncaptioned = [i for i in queries if rows[i].caption is None]
+    if uncaptioned:
+        for i, text in zip(uncaptioned, _by_shape([queries[i] for i in uncaptioned], backends.captioner.caption)):
+            text = " ".join(str(text).split())
+            if text:
+                rows[i].caption, rows[i].caption_source = text, "captioner"
+            else:
+                rows[i].fail("no_caption", f"{rows[i].path}: the captioner wrote an empty caption")
+                queries.pop(i)
+
+    ok = sorted(queries)
+    if ok:
+        captions = [rows[i].caption for i in ok]
+        gen = np.asarray(backends.generator.generate(captions, g, cfg.seed, cfg.steps, cfg.guidance))
+        if gen.shape[:2] != (len(ok), g) or gen.dtype != np.uint8:
+            raise RuntimeError(f"generator returned {gen.dtype} {gen.shape}, expected uint8 [{len(ok)}, {g}, H, W, 3]")
+        flat = gen.reshape(-1, *gen.shape[2:])
+        gen_captions = [" ".join(str(t).split()) for t in backends.captioner.caption(flat)]
+        # One embed call per distinct image size: query and generated images together when they match.
+        img_emb = np.asarray(_by_shape([queries[i] for i in ok] + list(flat), backends.embedder.embed_images),
+                             dtype=np.float32)
+        txt_emb = np.asarray(backends.embedder.embed_texts(captions + gen_captions), dtype=np.float32)
+        n = len(ok)
+        out["query_img_emb"][ok] = img_emb[:n]
+        out["gen_img_emb"][ok] = img_emb[n:].reshape(n, g, -1)
+        out["caption_emb"][ok] = txt_emb[:n]
+        out["gen_caption_emb"][ok] = txt_emb[n:].reshape(n, g, -1)
+        out["gen_captions"][ok] = np.asarray(gen_captions, dtype=object).reshape(n, g)
+        out["query_pixels"][ok] = np.stack([resize_pixels(queries[i], p) for i in ok])
+        out["gen_pixels"][ok] = np.stack([resize_pixels(im, p) for im in flat]).reshape(n, g, p, p, 3)
+
+    for i, row in enumerate(rows):
+        out["ids"][i] = row.id
+        out["status"][i] = row.status
+        out["error"][i] = row.error or ""
+        out["caption"][i] = row.caption or ""
+        out["caption_source"][i] = row.caption_source or ""
+        out["member"][i] = -1 if row.member is None else int(bool(row.member))
+    return out
+
+
+def rows_hash(rows: Sequence[Row]) -> str:
+    """Identity of the input rows (ids, captions, labels, statuses): a resumed run must see the same data."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.id, r.caption, r.member, r.status], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: FeaturesConfig, resume: bool = False,
+                  quiet: bool = False, on_batch: Callable[[int], None] | None = None) -> dict:
+    """Featurise every row of an ImageFolder into the store at ``out``; returns a summary.
+
+    ``on_batch(n_committed)`` is called after each committed batch (progress hooks; tests use it to interrupt).
+    """
+    cfg.validate()
+    out = Path(out)
+    if out.exists() and not resume:
+        raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
+    rows = read_imagefolder(data, require_caption=cfg.missing_caption == "no_caption")
+    manifest = make_manifest(
+        KIND, cfg.for_store(), backends.generator.identity(),
+        embedder=backends.embedder.identity(), captioner=backends.captioner.identity(),
+        n_rows=len(rows), rows_hash=rows_hash(rows), data=str(Path(data).resolve()),
+    )
+    if resume and out.exists():
+        writer = FeatureWriter.resume(out, manifest)
+        if writer.n_committed:
+            log.info("%s: resuming after %d of %d rows", out, writer.n_committed, len(rows))
+    else:
+        writer = FeatureWriter.create(out, manifest, cfg.n_gen, cfg.pixel_size, backends.embedder.dim)
+    start_time = time.perf_counter()
+    bs = cfg.batch_size
+    # Batches are fixed slices of the row order, so a resumed run computes exactly the batches a clean run would.
+    with progress(total=len(rows), desc="features", unit="row", quiet=quiet, initial=writer.n_committed) as bar:
+        while writer.n_committed < len(rows):
+            start = writer.n_committed
+            batch_rows = rows[start:start + bs - (start % bs)]
+            writer.append(featurize_rows(batch_rows, backends, cfg))
+            bar.update(len(batch_rows))
+            if on_batch is not None:
+                on_batch(writer.n_committed)
+    counts = FeatureStore.open(out).status_counts()
+    summary = {"out": str(out), "rows": len(rows), "ok": counts.get("ok", 0), "status": counts,
+               "seconds": round(time.perf_counter() - start_time, 2), "target": manifest["target"],
+               "embedder": manifest["embedder"], "captioner": manifest["captioner"]}
+    log.info("features: %s", summary)
+    return summary
