@@ -227,7 +227,8 @@ class MetadataLine:
 
 def _normalise_name(name: str) -> str:
     """A metadata file_name as a folder-relative posix id ("./a.png" and "sub/../a.png" both become "a.png")."""
-    return Path(os.path.normpath(name.replace("\\", "/"))).as_posix()
+    name = os.path.normpath(name.replace("\\", "/"))
+    return "/" + name.lstrip("/") if name.startswith("//") else name  # POSIX normpath keeps a leading "//"
 
 
 def parse_metadata_line(line: bytes, lineno: int, where: str) -> MetadataLine | None:
