@@ -15,7 +15,9 @@ def list_models() -> list[dict]:
     rows = []
     for kind, reg in (("target", TARGETS), ("embedder", EMBEDDERS), ("captioner", CAPTIONERS)):
         for e in reg.entries():
-            rows.append({"kind": kind, "name": e.name, "source": e.source, "family": e.family,
+            # A source may be a callable: real models say where they would load from at the time of asking.
+            source = e.source() if callable(e.source) else e.source
+            rows.append({"kind": kind, "name": e.name, "source": source, "family": e.family,
                          "description": e.description})
     return rows
 

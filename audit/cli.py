@@ -153,6 +153,26 @@ def evaluate_cmd(
         typer.echo(f"ROC plot written to {result['plot']}")
 
 
+@app.command()
+def serve(
+    target: str = typer.Option(..., "--target", help="Target to serve: registered name or folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(7860, "--port", help="Port (0: any free one)."),
+    max_requests: Optional[int] = typer.Option(None, "--max-requests", help="Stop after this many requests."),
+    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", help="Stop after this many seconds "
+                                                 "without a request."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
+) -> None:
+    """Serve a target over the /sdapi/v1/txt2img HTTP protocol (audit it as a black box with --target URL)."""
+    from .targets.serve import serve as serve_target
+
+    n = run(lambda: serve_target(target, host, port, device=device, allow_pickle=allow_pickle,
+                                 max_requests=max_requests, idle_timeout=idle_timeout,
+                                 on_ready=lambda url: typer.echo(f"serving {target} at {url} (Ctrl-C stops)")))
+    typer.echo(f"stopped after {n} requests")
+
+
 def main() -> None:
     app()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..manifest import weights_hash
+from ..targets.hub import check_weights_safe, model_hash
 
 
 class TransformersBlipCaptioner:
@@ -16,14 +16,16 @@ class TransformersBlipCaptioner:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         self._path = Path(path)
-        self.model = BlipForConditionalGeneration.from_pretrained(path, use_safetensors=not allow_pickle,
-                                                                  local_files_only=True)
+        check_weights_safe(self._path, allow_pickle)
+        # safetensors only; with --allow-pickle prefer them and fall back to pickles.
+        self.model = BlipForConditionalGeneration.from_pretrained(
+            path, use_safetensors=True if not allow_pickle else None, local_files_only=True)
         self.model.to(device).eval()
         self.processor = BlipProcessor.from_pretrained(path, local_files_only=True)
         self.name = name or self._path.name
         self.device = device
         self.batch_size = batch_size
-        self._hash = weights_hash(self._path)
+        self._hash = model_hash(self._path)
 
     def identity(self) -> dict:
         return {"name": self.name, "hash": self._hash}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..manifest import weights_hash
+from ..targets.hub import check_weights_safe, model_hash
 
 
 def _features(out) -> torch.Tensor:
@@ -23,14 +23,17 @@ class TransformersCLIPEmbedder:
         from transformers import CLIPModel, CLIPProcessor
 
         self._path = Path(path)
-        self.model = CLIPModel.from_pretrained(path, use_safetensors=not allow_pickle, local_files_only=True)
+        check_weights_safe(self._path, allow_pickle)
+        # safetensors only; with --allow-pickle prefer them and fall back to pickles.
+        self.model = CLIPModel.from_pretrained(path, use_safetensors=True if not allow_pickle else None,
+                                               local_files_only=True)
         self.model.to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
         self.name = name or self._path.name
         self.device = device
         self.batch_size = batch_size
         self.dim = int(self.model.config.projection_dim)
-        self._hash = weights_hash(self._path)
+        self._hash = model_hash(self._path)
 
     def identity(self) -> dict:
         return {"name": self.name, "hash": self._hash}

@@ -39,6 +39,10 @@ TARGETS.register("toy", _toy_target, f"bundled: {BUNDLE / 'target'}", "tiny late
 EMBEDDERS.register("toy-clip", _toy_clip, f"bundled: {BUNDLE / 'clip'}", "tiny CLIP trained on the toy world's public split")
 CAPTIONERS.register("toy-blip", _toy_blip, f"bundled: {BUNDLE / 'blip'}", "tiny BLIP trained on the toy world's public split")
 
+# The real targets, embedders and captioners (registered on import; they resolve to the local HF cache).
+from . import real as _real  # noqa: E402,F401
+from ..models import real as _real_models  # noqa: E402,F401
+
 # Defaults for targets that name none: the real models the paper used.
 DEFAULT_EMBEDDER = "openai/clip-vit-large-patch14"
 DEFAULT_CAPTIONER = "blip-base"
@@ -51,9 +55,13 @@ def load_target(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw
     if ref.kind == "registered":
         return TARGETS.get(ref.value).loader(device=device, allow_pickle=allow_pickle, **kw)
     if ref.kind == "folder":
-        from .diffusion import DiffusersGenerator
+        return _real.target_from_folder(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+    if ref.kind == "hub":
+        return _real.target_from_hub(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+    if ref.kind == "http":
+        from .http import HTTPGenerator
 
-        return DiffusersGenerator.from_folder(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+        return HTTPGenerator(ref.value, **kw)
     raise UsageError(f"{spec}: {ref.kind} targets are not supported yet")
 
 
@@ -63,9 +71,9 @@ def load_embedder(spec: str, device: str = "cpu", allow_pickle: bool = False, **
     if ref.kind == "registered":
         return EMBEDDERS.get(ref.value).loader(device=device, allow_pickle=allow_pickle, **kw)
     if ref.kind == "folder":
-        from ..models.embedders import TransformersCLIPEmbedder
-
-        return TransformersCLIPEmbedder(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+        return _real_models.embedder_from_folder(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+    if ref.kind == "hub":
+        return _real_models.embedder_from_hub(ref.value, device=device, allow_pickle=allow_pickle, **kw)
     raise UsageError(f"{spec}: {ref.kind} embedders are not supported yet")
 
 
@@ -75,9 +83,9 @@ def load_captioner(spec: str, device: str = "cpu", allow_pickle: bool = False, *
     if ref.kind == "registered":
         return CAPTIONERS.get(ref.value).loader(device=device, allow_pickle=allow_pickle, **kw)
     if ref.kind == "folder":
-        from ..models.captioners import TransformersBlipCaptioner
-
-        return TransformersBlipCaptioner(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+        return _real_models.captioner_from_folder(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+    if ref.kind == "hub":
+        return _real_models.captioner_from_hub(ref.value, device=device, allow_pickle=allow_pickle, **kw)
     raise UsageError(f"{spec}: {ref.kind} captioners are not supported yet")
 
 

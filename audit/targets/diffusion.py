@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -10,20 +11,51 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotFoundError
-from ..manifest import weights_hash
 from ..seeding import image_seeds
+from .hub import check_weights_safe, model_hash
 
 log = logging.getLogger(__name__)
+
+# Pipelines whose __call__ takes (prompt, height, width, num_inference_steps, guidance_scale, generator,
+# output_type) and whose text encoder is queried with the prompt only: the text-to-image families audit runs.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "LDMTextToImagePipeline")
+
+
+def pipeline_class(path: str | Path) -> str:
+    """``_class_name`` of a diffusers folder's model_index.json (which family it is)."""
+    index = Path(path) / "model_index.json"
+    try:
+        return str(json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""))
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json)") from None
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ModelNotFoundError(f"{index}: not valid JSON ({exc})") from None
 
 
 def load_pipeline(path: str | Path, allow_pickle: bool = False):
     from diffusers import DiffusionPipeline
 
     path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise ModelNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
-    # safetensors only unless the user asked otherwise; never remote code.
-    return DiffusionPipeline.from_pretrained(path, use_safetensors=not allow_pickle, local_files_only=True)
+    cls = pipeline_class(path)
+    if cls not in SUPPORTED_PIPELINES:
+        raise ModelNotFoundError(
+            f"{path}: a {cls or 'unnamed'} pipeline; audit runs text-to-image pipelines of the classes "
+            f"{', '.join(SUPPORTED_PIPELINES)}"
+        )
+    check_weights_safe(path, allow_pickle)
+    kwargs = {}
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    if index.get("safety_checker") not in (None, [None, None]):
+        # The safety checker blacks out images it flags: the attacks must see what the generator made.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        # safetensors only unless the user asked otherwise (then prefer them, fall back to pickles); never
+        # remote code: a model_index.json naming a custom class fails instead of importing it.
+        return DiffusionPipeline.from_pretrained(path, use_safetensors=True if not allow_pickle else None,
+                                                 local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"{path}: could not load the diffusers pipeline ({first})") from None
 
 
 class DiffusersGenerator:
@@ -35,10 +67,12 @@ class DiffusersGenerator:
         self.name = name
         self.device = device
         self.batch_size = batch_size
+        self.family = "ldm" if type(pipe).__name__ == "LDMTextToImagePipeline" else "diffusion"
         self._path = Path(path) if path else None
-        self._hash = weights_hash(self._path) if self._path else "unhashed"
-        unet = pipe.unet
-        self.resolution = int(unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8))
+        self._hash = model_hash(self._path) if self._path else "unhashed"
+        # LDM latents are height // 8 whatever the autoencoder; SD uses vae_scale_factor. Both: sample_size x it.
+        scale = 8 if self.family == "ldm" else getattr(pipe, "vae_scale_factor", 8)
+        self.resolution = int(pipe.unet.config.sample_size * scale)
 
     @classmethod
     def from_folder(cls, path: str | Path, name: str | None = None, device: str = "cpu", allow_pickle: bool = False,
@@ -48,15 +82,23 @@ class DiffusersGenerator:
     def identity(self) -> dict:
         return {"name": self.name, "hash": self._hash}
 
-    @torch.no_grad()
     def generate(self, captions: Sequence[str], n_gen: int, seed: int, steps: int, guidance: float = 1.0) -> np.ndarray:
         prompts = [c for c in captions for _ in range(n_gen)]
         seeds = [s for c in captions for s in image_seeds(seed, c, n_gen)]
+        images = self.generate_with_seeds(prompts, seeds, steps, guidance)
+        return images.reshape(len(captions), n_gen, *images.shape[1:])
+
+    @torch.no_grad()
+    def generate_with_seeds(self, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                            guidance: float = 1.0) -> np.ndarray:
+        """uint8 [len(prompts), H, W, 3]: image i from prompts[i] with its own torch.Generator seeded seeds[i]."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         out = []
         for i in range(0, len(prompts), self.batch_size):
-            gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i : i + self.batch_size]]
+            gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i : i + self.batch_size]]
             images = self.pipe(
-                prompts[i : i + self.batch_size],
+                list(prompts[i : i + self.batch_size]),
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=gens,
@@ -65,5 +107,4 @@ class DiffusersGenerator:
                 width=self.resolution,
             ).images
             out.append(np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8))
-        images = np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
-        return images.reshape(len(captions), n_gen, *images.shape[1:])
+        return np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)

@@ -1,0 +1,290 @@
+"""Black-box targets behind an HTTP API: the ``/sdapi/v1/txt2img`` JSON protocol (AUTOMATIC1111 and compatibles).
+
+Every generated image is one request (``batch_size`` 1) with its own seed, so an image depends only on its
+caption and seed, never on how a scan batched its rows, and a failed request costs one image, not a batch.
+Requests run on a thread pool (``concurrency``), each with a total deadline (``timeout``) and retries with
+exponential backoff on connection errors, timeouts, HTTP 429 and 5xx. Only the standard library is used.
+
+Seeds: image ``j`` of caption ``c`` is sent with ``image_seeds(seed, c, n_gen)[j] % 2**32``; services commonly
+take 32-bit seeds. A service that ignores the seed makes every result irreproducible; the client warns when
+the seed it reports back differs from the one sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import http.client
+import io
+import json
+import logging
+import threading
+import time
+import urllib.parse
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..config import Config
+from ..errors import AuditError, UsageError
+from ..seeding import image_seeds
+
+log = logging.getLogger(__name__)
+
+TXT2IMG = "/sdapi/v1/txt2img"
+SD_MODELS = "/sdapi/v1/sd-models"
+OPTIONS = "/sdapi/v1/options"
+SEED_MODULUS = 2**32
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class ServiceError(AuditError):
+    """The HTTP target failed (unreachable, timed out, answered an error) after its retries."""
+
+
+class GenerationFailed(ServiceError):
+    """Some captions of a ``generate`` call got no images; the others did.
+
+    ``images`` holds every image that was generated (zeros where none was), ``errors`` maps the index of each
+    failed caption to a one-line reason: a scan marks those rows failed and keeps the rest.
+    """
+
+    def __init__(self, message: str, images: np.ndarray, errors: dict[int, str]):
+        super().__init__(message)
+        self.images = images
+        self.errors = errors
+
+
+@dataclasses.dataclass
+class HTTPTargetConfig(Config):
+    timeout: float = 300.0  # seconds for one request, connect to last byte (real services take a while)
+    retries: int = 4  # further attempts after the first
+    backoff: float = 1.0  # seconds before the first retry; doubles each time
+    max_backoff: float = 60.0
+    concurrency: int = 4  # requests in flight at once
+    resolution: int = 0  # 0: what the service reports (audit serve does), else 512
+    sampler: str = ""  # sampler_name to request; empty: the service's default
+    max_response_bytes: int = 256 * 2**20
+
+
+class HTTPGenerator:
+    """A ``Generator`` over a remote ``/sdapi/v1/txt2img`` service."""
+
+    family = "http"
+
+    def __init__(self, url: str, name: str | None = None, config: HTTPTargetConfig | None = None,
+                 headers: dict[str, str] | None = None, **options: Any):
+        options.pop("device", None)  # the service runs where it runs
+        options.pop("allow_pickle", None)
+        self.config = dataclasses.replace(config or HTTPTargetConfig(), **_known(options))
+        if self.config.concurrency < 1 or self.config.retries < 0 or self.config.timeout <= 0:
+            raise UsageError("http target: concurrency must be >= 1, retries >= 0 and timeout > 0")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"{url}: not an http(s)://host[:port] URL")
+        self.url = url.rstrip("/")
+        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+        self._base = parts.path.rstrip("/")
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
+        self.name = name or self.url
+        self.model_info = self._probe()
+        reported = int((self.model_info.get("audit") or {}).get("resolution") or 0)
+        self.resolution = self.config.resolution or reported or 512
+        blob = json.dumps({"url": self.url, "model": self.model_info}, sort_keys=True)
+        self._hash = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        self._cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._warned: set[str] = set()
+
+    def identity(self) -> dict:
+        return {"name": self.name, "hash": self._hash}
+
+    # -- protocol --------------------------------------------------------------------------------------------
+
+    def generate(self, captions: Sequence[str], n_gen: int, seed: int, steps: int, guidance: float = 1.0) -> np.ndarray:
+        prompts = [c for c in captions for _ in range(n_gen)]
+        seeds = [s for c in captions for s in image_seeds(seed, c, n_gen)]
+        try:
+            images = self.generate_with_seeds(prompts, seeds, steps, guidance)
+        except GenerationFailed as exc:
+            by_caption = {i // n_gen: msg for i, msg in sorted(exc.errors.items())}
+            first = next(iter(by_caption.values()))
+            raise GenerationFailed(
+                f"{self.url}: {len(by_caption)} of {len(captions)} captions got no images ({first})",
+                exc.images.reshape(len(captions), n_gen, *exc.images.shape[1:]), by_caption) from None
+        return images.reshape(len(captions), n_gen, *images.shape[1:])
+
+    def generate_with_seeds(self, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                            guidance: float = 1.0) -> np.ndarray:
+        """uint8 [len(prompts), R, R, 3], one request per image; raises GenerationFailed if any image is missing."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        r = self.resolution
+        out = np.zeros((len(prompts), r, r, 3), np.uint8)
+        errors: dict[int, str] = {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
+            futures = {pool.submit(self._image, p, int(s) % SEED_MODULUS, steps, guidance): i
+                       for i, (p, s) in enumerate(zip(prompts, seeds))}
+            for fut in concurrent.futures.as_completed(futures):
+                i = futures[fut]
+                try:
+                    out[i] = fut.result()
+                except ServiceError as exc:
+                    errors[i] = str(exc)
+        if errors:
+            first = errors[min(errors)]
+            raise GenerationFailed(f"{self.url}: {len(errors)} of {len(prompts)} images failed ({first})", out, errors)
+        return out
+
+    # -- one image -------------------------------------------------------------------------------------------
+
+    def _image(self, prompt: str, seed: int, steps: int, guidance: float) -> np.ndarray:
+        key = (prompt, seed, int(steps), float(guidance), self.resolution)
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        payload = {
+            "prompt": prompt, "negative_prompt": "", "seed": seed, "steps": int(steps), "cfg_scale": float(guidance),
+            "width": self.resolution, "height": self.resolution, "batch_size": 1, "n_iter": 1,
+            "send_images": True, "save_images": False,
+        }
+        if self.config.sampler:
+            payload["sampler_name"] = self.config.sampler
+        body = self._request("POST", TXT2IMG, payload)
+        image = self._decode(body, seed)
+        with self._cache_lock:
+            # Kept so that a caller retrying the rows of a partly failed batch does not pay twice.
+            self._cache[key] = image
+            while len(self._cache) > 256:
+                self._cache.popitem(last=False)
+        return image
+
+    def _decode(self, body: Any, seed: int) -> np.ndarray:
+        if not isinstance(body, dict) or not isinstance(body.get("images"), list) or not body["images"]:
+            raise ServiceError(f"{self.url}{TXT2IMG}: the response has no images")
+        data = body["images"][0]
+        if isinstance(data, str) and data.startswith("data:"):
+            data = data.split(",", 1)[-1]
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(data, validate=False))) as im:
+                im = im.convert("RGB")
+                if im.size != (self.resolution, self.resolution):
+                    self._warn_once("size", "%s returned %dx%d images for %dx%d requests; resizing them", self.url,
+                                    im.size[0], im.size[1], self.resolution, self.resolution)
+                    im = im.resize((self.resolution, self.resolution), Image.BICUBIC)
+                image = np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ServiceError(f"{self.url}{TXT2IMG}: an image in the response is not decodable ({exc})") from None
+        self._check_seed(body, seed)
+        return image
+
+    def _check_seed(self, body: dict, seed: int) -> None:
+        try:
+            info = json.loads(body.get("info") or "{}")
+            reported = info.get("seed") if isinstance(info, dict) else None
+        except (TypeError, ValueError):
+            return
+        if reported is not None and int(reported) != seed:
+            self._warn_once("seed", "%s used seed %s for a request with seed %s: its images are not reproducible",
+                            self.url, reported, seed)
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    # -- transport -------------------------------------------------------------------------------------------
+
+    def _probe(self) -> dict:
+        """What the service says it runs (GET sd-models / options); {} where it does not say."""
+        info: dict[str, Any] = {}
+        try:
+            options = self._request("GET", OPTIONS, None, missing_ok=True)
+            models = self._request("GET", SD_MODELS, None, missing_ok=True)
+        except ServiceError as exc:
+            raise ServiceError(f"cannot reach the http target: {exc}") from None
+        checkpoint = options.get("sd_model_checkpoint") if isinstance(options, dict) else None
+        if isinstance(models, list):
+            entries = [m for m in models if isinstance(m, dict)]
+            current = [m for m in entries if checkpoint and checkpoint in (m.get("title"), m.get("model_name"))]
+            chosen = current or entries
+            info["models"] = [{k: m.get(k) for k in ("title", "model_name", "hash", "sha256")} for m in chosen]
+            audit = [m["audit"] for m in chosen if isinstance(m.get("audit"), dict)]
+            if len(audit) == 1:
+                info["audit"] = audit[0]
+        if checkpoint:
+            info["checkpoint"] = checkpoint
+        return info
+
+    def _request(self, method: str, path: str, payload: Any, missing_ok: bool = False) -> Any:
+        cfg = self.config
+        attempt = 0
+        while True:
+            try:
+                status, data = self._once(method, path, payload)
+                if status == 404 and missing_ok:
+                    return None
+                if status == 200:
+                    try:
+                        return json.loads(data)
+                    except ValueError:
+                        raise _Retryable(f"{self.url}{path}: the response is not JSON") from None
+                snippet = data[:200].decode("utf-8", "replace").strip().replace("\n", " ")
+                message = f"{self.url}{path}: HTTP {status}{(': ' + snippet) if snippet else ''}"
+                if status not in RETRY_STATUSES:
+                    raise ServiceError(message)
+                raise _Retryable(message)
+            except (_Retryable, OSError, http.client.HTTPException) as exc:
+                reason = str(exc) if isinstance(exc, _Retryable) else f"{self.url}{path}: {type(exc).__name__}: {exc}"
+                if attempt >= cfg.retries:
+                    raise ServiceError(f"{reason} (gave up after {attempt + 1} attempts)") from None
+                wait = min(cfg.backoff * 2**attempt, cfg.max_backoff)
+                log.info("%s; retrying in %.1f s", reason, wait)
+                time.sleep(wait)
+                attempt += 1
+
+    def _once(self, method: str, path: str, payload: Any) -> tuple[int, bytes]:
+        cfg = self.config
+        deadline = time.monotonic() + cfg.timeout
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=cfg.timeout)
+        try:
+            body = None if payload is None else json.dumps(payload).encode("utf-8")
+            conn.request(method, self._base + path, body=body, headers=self._headers)
+            sock = conn.sock  # kept: the connection drops its reference once the response says "close"
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            resp = conn.getresponse()
+            chunks, size = [], 0
+            while True:
+                # A total deadline, not only a per-read one: a service trickling bytes must not hold a row forever.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no complete response within {cfg.timeout:g} s")
+                sock.settimeout(remaining)
+                chunk = resp.read1(1 << 16) if hasattr(resp, "read1") else resp.read(1 << 16)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > cfg.max_response_bytes:
+                    raise ServiceError(f"{self.url}{path}: response larger than {cfg.max_response_bytes} bytes")
+                chunks.append(chunk)
+            return resp.status, b"".join(chunks)
+        finally:
+            conn.close()
+
+
+class _Retryable(Exception):
+    pass
+
+
+def _known(options: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(HTTPTargetConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UsageError(f"http target: unknown option(s) {unknown}; valid options are {sorted(names)}")
+    return options

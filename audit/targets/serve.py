@@ -1,0 +1,257 @@
+"""``audit serve``: any target behind the ``/sdapi/v1/txt2img`` protocol, on a local port.
+
+Lets a local model be audited exactly as a deployed service would be (``--target http://127.0.0.1:PORT``), and
+is the server the HTTP tests run against. It implements the part of the AUTOMATIC1111 API that black-box
+auditing needs:
+
+- ``POST /sdapi/v1/txt2img`` ``{prompt, seed, steps, cfg_scale, width, height, batch_size, n_iter}`` ->
+  ``{"images": [base64 PNG, ...], "parameters": {...}, "info": "<json with seed, all_seeds>"}``; image ``k``
+  uses seed ``seed + k`` (A1111's convention), ``seed`` -1 draws one;
+- ``GET /sdapi/v1/sd-models`` (one entry: the target, with an extra ``audit`` field giving its identity and
+  native resolution) and ``GET /sdapi/v1/options`` (``sd_model_checkpoint``).
+
+Generation is serialised (one model, one lock). The server stops by itself after ``max_requests`` requests or
+``idle_timeout`` seconds without one, if given. ``fault`` is a hook for tests: called with the request number
+and path, it may return ``("status", code)`` to answer an error or ``("stall", seconds)`` to hang and then drop
+the connection without an answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import secrets
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from .http import OPTIONS, SD_MODELS, TXT2IMG
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20
+MAX_IMAGES = 16  # per request: batch_size x n_iter
+
+Fault = Callable[[int, str], "tuple[str, float] | None"]
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _png_b64(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class Txt2ImgServer:
+    """A ThreadingHTTPServer serving one generator; ``start()`` runs it on a daemon thread."""
+
+    def __init__(self, generator, host: str = "127.0.0.1", port: int = 0, max_requests: int | None = None,
+                 idle_timeout: float | None = None, fault: Fault | None = None, default_steps: int = 20):
+        if not hasattr(generator, "generate_with_seeds"):
+            raise TypeError(f"{type(generator).__name__} cannot be served: it has no generate_with_seeds()")
+        self.generator = generator
+        self.max_requests = max_requests
+        self.idle_timeout = idle_timeout
+        self.fault = fault
+        self.default_steps = default_steps
+        self.requests = 0
+        self._lock = threading.Lock()  # one generation at a time
+        self._count_lock = threading.Lock()
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+        self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> "Txt2ImgServer":
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, daemon=True)
+        self._watchdog.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stopped.wait(0.2):
+                pass
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if not self._stopped.is_set():
+            self._stopped.set()
+        if self._thread is not None and self._thread.is_alive():
+            self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> "Txt2ImgServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(0.05):
+            idle = time.monotonic() - self._last
+            if self.idle_timeout is not None and idle > self.idle_timeout:
+                log.info("no request for %.0f s: stopping", idle)
+                self._stopped.set()
+            if self.max_requests is not None and self.requests >= self.max_requests:
+                log.info("served %d requests: stopping", self.requests)
+                self._stopped.set()
+        threading.Thread(target=self.httpd.shutdown, daemon=True).start()
+
+    def _next_request(self) -> int:
+        with self._count_lock:
+            self.requests += 1
+            self._last = time.monotonic()
+            return self.requests
+
+    # -- API -------------------------------------------------------------------------------------------------
+
+    def model_entry(self) -> dict:
+        ident = self.generator.identity()
+        return {
+            "title": ident["name"], "model_name": ident["name"], "hash": ident["hash"][:10], "sha256": ident["hash"],
+            "filename": "", "config": None,
+            "audit": {"identity": ident, "resolution": int(self.generator.resolution)},
+        }
+
+    def txt2img(self, req: Any) -> dict:
+        if not isinstance(req, dict):
+            raise _BadRequest(422, "the body must be a JSON object")
+        prompt = req.get("prompt")
+        if not isinstance(prompt, str):
+            raise _BadRequest(422, "prompt must be a string")
+        ints = {}
+        for key, default in (("steps", self.default_steps), ("seed", -1), ("batch_size", 1), ("n_iter", 1),
+                             ("width", self.generator.resolution), ("height", self.generator.resolution)):
+            value = req.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _BadRequest(422, f"{key} must be an integer")
+            ints[key] = value
+        cfg_scale = req.get("cfg_scale", 7.0)
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
+            raise _BadRequest(422, "cfg_scale must be a number")
+        res = int(self.generator.resolution)
+        if (ints["width"], ints["height"]) != (res, res):
+            raise _BadRequest(422, f"this server generates {res}x{res} images, not {ints['width']}x{ints['height']}")
+        count = ints["batch_size"] * ints["n_iter"]
+        if not 1 <= count <= MAX_IMAGES or ints["steps"] < 1 or ints["steps"] > 1000:
+            raise _BadRequest(422, f"need 1 <= batch_size x n_iter <= {MAX_IMAGES} and 1 <= steps <= 1000")
+        seed = ints["seed"] if ints["seed"] >= 0 else secrets.randbelow(2**32)
+        seeds = [seed + k for k in range(count)]
+        with self._lock:
+            images = self.generator.generate_with_seeds([prompt] * count, seeds, ints["steps"], float(cfg_scale))
+        info = {"prompt": prompt, "seed": seed, "all_seeds": seeds, "steps": ints["steps"], "cfg_scale": cfg_scale,
+                "width": res, "height": res, "sd_model_name": self.generator.identity()["name"]}
+        return {"images": [_png_b64(im) for im in images], "parameters": req, "info": json.dumps(info)}
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("%s " + fmt, self.address_string(), *args)
+
+            def _send(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = True
+
+            def _faulted(self, n: int) -> bool:
+                action = server.fault(n, self.path) if server.fault else None
+                if not action:
+                    return False
+                kind, value = action
+                if kind == "status":
+                    self._send(int(value), {"error": "injected fault", "detail": f"request {n}"})
+                elif kind == "stall":
+                    server._stopped.wait(float(value))
+                    self.close_connection = True  # drop the connection without an answer
+                return True
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                n = server._next_request()
+                if self._faulted(n):
+                    return
+                if self.path == SD_MODELS:
+                    self._send(200, [server.model_entry()])
+                elif self.path == OPTIONS:
+                    self._send(200, {"sd_model_checkpoint": server.generator.identity()["name"]})
+                else:
+                    self._send(404, {"error": "Not Found", "detail": self.path})
+
+            def do_POST(self) -> None:  # noqa: N802
+                n = server._next_request()
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    if length > MAX_BODY:
+                        raise _BadRequest(413, f"request body over {MAX_BODY} bytes")
+                    body = self.rfile.read(length)
+                    if self._faulted(n):
+                        return
+                    if self.path != TXT2IMG:
+                        raise _BadRequest(404, f"no endpoint {self.path}")
+                    try:
+                        req = json.loads(body or b"null")
+                    except ValueError:
+                        raise _BadRequest(400, "the body is not JSON") from None
+                    self._send(200, server.txt2img(req))
+                except _BadRequest as exc:
+                    self._send(exc.status, {"error": str(exc)})
+                except Exception as exc:  # the model failed: answer 500, keep serving
+                    log.exception("txt2img failed")
+                    self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+        return Handler
+
+
+def serve(target: str, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu", allow_pickle: bool = False,
+          max_requests: int | None = None, idle_timeout: float | None = None,
+          on_ready: Callable[[str], None] | None = None) -> int:
+    """Load ``target`` and serve it until interrupted or a stop condition; returns the number of requests served."""
+    from .builtin import load_target
+
+    generator = load_target(target, device=device, allow_pickle=allow_pickle)
+    server = Txt2ImgServer(generator, host, port, max_requests=max_requests, idle_timeout=idle_timeout)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: anyone who can reach this address can use the model", host)
+    if on_ready:
+        on_ready(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+        raise
+    return server.requests
