@@ -42,6 +42,83 @@ def toy_aux_data(out: str | Path, n_members: int = 200, n_nonmembers: int = 200,
     return write_aux_folder(Path(out), n_members, n_nonmembers, seed, world_dir=bundle_path("target").parent)
 
 
+# ------------------------------------------------------------------------- features, check, scan, demo (A1)
+
+def __getattr__(name: str):
+    # Auditor and Verdict load lazily: `audit --help` should not pay for h5py/numpy imports.
+    if name == "Auditor":
+        from .auditor import Auditor
+
+        return Auditor
+    if name == "Verdict":
+        from .verdict import Verdict
+
+        return Verdict
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str | None = None,
+              captioner: str | None = None, n_gen: int = 2, steps: int = 25, guidance: float = 1.0, seed: int = 0,
+              batch_size: int = 8, caption_tokens: int = 30, resume: bool = False, quiet: bool = False,
+              device: str = "cpu", allow_pickle: bool = False, on_batch=None) -> dict:
+    """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses)."""
+    from .errors import InputError
+    from .features.compute import Backends, FeaturesConfig, compute_store
+
+    cfg = FeaturesConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", n_gen=n_gen,
+                         steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                         caption_tokens=caption_tokens).validate()
+    if Path(out).exists() and not resume:
+        raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
+    if not Path(data).is_dir():
+        raise InputError(f"{data}: not a folder" + (" (it is a file)" if Path(data).exists() else ""))
+    backends = Backends.load(str(target), embedder, captioner, device, allow_pickle)
+    return compute_store(data, out, backends, cfg, resume=resume, quiet=quiet, on_batch=on_batch)
+
+
+def check(image: str | Path, caption: str | None = None, *, target: str, heads: str | Path | None = None,
+          embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
+          device: str = "cpu", allow_pickle: bool = False):
+    """The Verdict for one image (with its caption; without one the captioner writes it)."""
+    from .auditor import Auditor, image_row
+    from .imagefolder import load_image
+
+    # Bad arguments and unreadable images fail before any model loads.
+    image_row(image, caption)
+    pixels = load_image(image)
+    auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle)
+    return auditor.check(image, caption, pixels=pixels)
+
+
+def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path | None = None,
+         embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
+         report: str | Path | None = None, resume: bool = False, batch_size: int = 8, quiet: bool = False,
+         device: str = "cpu", allow_pickle: bool = False) -> dict:
+    """Verdicts for every image of a folder, one JSONL line each (resumable); optionally an HTML report."""
+    from .auditor import Auditor
+    from .errors import InputError
+
+    if not Path(folder).is_dir():
+        raise InputError(f"{folder}: not a folder" + (" (it is a file)" if Path(folder).exists() else ""))
+    if Path(out).exists() and Path(out).stat().st_size > 0 and not resume:
+        raise UsageError(f"{out}: already exists; pass --resume to continue it, or delete it")
+    auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
+                      batch_size=batch_size)
+    summary = auditor.scan(folder, out, resume=resume, quiet=quiet)
+    if report is not None:
+        from .auditor import write_scan_html
+
+        summary["report"] = write_scan_html(out, report)
+    return summary
+
+
+def demo(workdir: str | Path | None = None, quiet: bool = False, **settings) -> dict:
+    """The whole audit on the bundled toy world: aux data, features, train, evaluate, check on held-out images."""
+    from .demo import run_demo
+
+    return run_demo(workdir, quiet=quiet, **settings)
+
+
 def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = None, seed: int | None = None,
           register: bool = True, config=None, **options) -> dict:
     """Train the attack heads (and the blind baseline) on a feature store; write ONNX heads + heads.json to

@@ -153,6 +153,160 @@ def evaluate_cmd(
         typer.echo(f"ROC plot written to {result['plot']}")
 
 
+# ------------------------------------------------------------------------- features, check, scan, demo (A1)
+
+_TARGET_HELP = "Registered name, diffusers folder, `audit export` folder, or http(s):// URL."
+_EMBEDDER_HELP = "Embedder: registered name or CLIP folder (default: the target's)."
+_CAPTIONER_HELP = "Captioner: registered name or BLIP folder (default: the target's)."
+_HEADS_HELP = "Heads folder from `audit train` (default: the heads registered for the target)."
+
+
+@app.command()
+def features(
+    target: str = typer.Option(..., "--target", help=_TARGET_HELP),
+    data: Path = typer.Option(..., "--data", help="ImageFolder: images + metadata.jsonl (text, member)."),
+    out: Path = typer.Option(..., "--out", help="Feature store to write (HDF5)."),
+    n_gen: int = typer.Option(2, "--n-gen", help="Images generated per caption."),
+    steps: int = typer.Option(25, "--steps", help="Denoising steps per image."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (1 = none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated images."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Captions per generation batch."),
+    caption_tokens: int = typer.Option(30, "--caption-tokens", help="Most tokens per caption of a generated image."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
+    captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted store."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Generate, caption and embed for every row of an ImageFolder: the features every attack reads."""
+    from . import api
+
+    s = run(lambda: api.featurize(target, data, out, embedder=embedder, captioner=captioner, n_gen=n_gen,
+                                  steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                                  caption_tokens=caption_tokens, resume=resume,
+                                  quiet=quiet, device=device, allow_pickle=allow_pickle))
+    failed = ", ".join(f"{n} {k}" for k, n in sorted(s["status"].items()) if k != "ok")
+    typer.echo(f"wrote {s['rows']} rows to {s['out']} ({s['ok']} ok{'; ' + failed if failed else ''}) in "
+               f"{s['seconds']:.1f} s; embedder {s['embedder']['name']}, captioner {s['captioner']['name']}")
+
+
+def _verdict_line(v) -> str:
+    if v.status != "ok":
+        return f"{v.image}: not scored ({v.status}): {v.error}"
+    return (f"{v.image}: {v.verdict} (P(member) {v.probability:.3f}, threshold {v.threshold:.3f}, attack "
+            f"{v.attack})")
+
+
+@app.command()
+def check(
+    image: Path = typer.Argument(..., help="The query image."),
+    caption: Optional[str] = typer.Option(None, "--caption", help="Its caption (default: IMAGE.txt, else the "
+                                          "captioner writes one)."),
+    target: str = typer.Option(..., "--target", help=_TARGET_HELP),
+    heads: Optional[Path] = typer.Option(None, "--heads", help=_HEADS_HELP),
+    attack: Optional[str] = typer.Option(None, "--attack", help="Attack that decides (default: the heads')."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
+    captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    fail_on_member: bool = typer.Option(False, "--fail-on-member", help="Exit with code 3 on a member verdict."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
+) -> None:
+    """Was this image (with this caption) in the target's training data?"""
+    from . import api
+    from .errors import InputError
+
+    v = run(lambda: api.check(image, caption, target=target, heads=heads, embedder=embedder, captioner=captioner,
+                              attack=attack, device=device, allow_pickle=allow_pickle))
+    if json_out:
+        typer.echo(v.to_json(indent=2))
+    if v.status != "ok":
+        run(lambda: (_ for _ in ()).throw(InputError(v.error or v.status)))
+    if not json_out:
+        typer.echo(_verdict_line(v))
+        source = " (written by the captioner)" if v.caption_source == "captioner" else ""
+        typer.echo(f"caption{source}: {v.caption}")
+        typer.echo("scores: " + ", ".join(f"{a} {s['probability']:.3f}" for a, s in v.scores.items()))
+        typer.echo(f"heads: {v.heads}")
+        for w in v.warnings:
+            typer.echo(f"warning: {w}", err=True)
+    if fail_on_member and v.is_member:
+        raise typer.Exit(3)
+
+
+@app.command()
+def scan(
+    folder: Path = typer.Argument(..., help="Folder of images (ImageFolder; captions optional)."),
+    target: str = typer.Option(..., "--target", help=_TARGET_HELP),
+    out: Path = typer.Option(..., "--out", help="Results file (JSONL, one line per image)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report."),
+    heads: Optional[Path] = typer.Option(None, "--heads", help=_HEADS_HELP),
+    attack: Optional[str] = typer.Option(None, "--attack", help="Attack that decides (default: the heads')."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
+    captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Skip images already in --out."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per batch."),
+    fail_on_member: bool = typer.Option(False, "--fail-on-member", help="Exit with code 3 if any verdict is member."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Score every image of a folder; results go to a JSONL file as they are computed."""
+    from . import api
+
+    s = run(lambda: api.scan(folder, out, target=target, heads=heads, embedder=embedder, captioner=captioner,
+                             attack=attack, report=report, resume=resume, batch_size=batch_size, quiet=quiet,
+                             device=device, allow_pickle=allow_pickle))
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(s["counts"].items()))
+    typer.echo(f"scanned {s['rows']} rows of {folder} ({counts}) with attack {s['attack']} in {s['seconds']:.1f} s; "
+               f"results in {s['out']}")
+    typer.echo(f"heads: {s['heads']}")
+    if report is not None:
+        typer.echo(f"report: {s['report']}" if s.get("report") else "report: skipped (no HTML report module)")
+    if fail_on_member and s["counts"].get("member", 0):
+        raise typer.Exit(3)
+
+
+@app.command()
+def demo(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where to write the demo's files (default: a "
+                                           "temporary folder, removed afterwards)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """The whole audit on the bundled toy world: aux data, features, train, evaluate, check; prints a table."""
+    from . import api
+    from .demo import format_results
+
+    result = run(lambda: api.demo(workdir, quiet=quiet))
+    typer.echo(format_results(result))
+
+
+@app.command("export")
+def export_cmd(
+    target: str = typer.Option(..., "--target", help="Target to compile: registered name or diffusers folder."),
+    out: Path = typer.Option(..., "--out", help="Export folder to create (must not exist, or be empty)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda (needs onnxruntime-gpu and a GPU)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 (GPU only)."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="Embedder to compile (default: the target's)."),
+    captioner: Optional[str] = typer.Option(None, "--captioner", help="Captioner to compile (default: the "
+                                            "target's)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
+) -> None:
+    """Compile a target and its embedder and captioner to validated ONNX graphs; use the folder as --target."""
+    from . import api
+
+    info = run(lambda: api.export(target, out, embedder=embedder, captioner=captioner, device=device,
+                                  precision=precision, allow_pickle=allow_pickle))
+    for name, part in info["components"].items():
+        typer.echo(f"{name}: {part['identity']['name']} (weights {part['identity']['hash']}) -> {out / part['path']}")
+    checks = info["end_to_end"]
+    typer.echo(f"validated every graph against PyTorch; end to end: images within {checks['target']['max_abs_uint8']}"
+               f" uint8 levels, embeddings within {max(checks['embedder'].values()):.1e}, captions "
+               f"{'equal' if checks['captioner']['captions_equal'] else 'DIFFERENT'} ({info['export_seconds']:.0f} s)")
+    typer.echo(f"use it with: audit check IMAGE --target {out}")
+
+
 @app.command()
 def serve(
     target: str = typer.Option(..., "--target", help="Target to serve: registered name or folder."),

@@ -17,7 +17,7 @@ from audit.imagefolder import Row
 from audit.toy import scenes
 
 N_OK = 5
-SETTINGS = dict(n_gen=2, steps=2, seed=3, batch_size=3)
+SETTINGS = dict(n_gen=2, steps=2, seed=3, batch_size=3, caption_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def data(tmp_path_factory):
 def _opts(tiny_world):
     return ["--target", str(tiny_world["target"]), "--embedder", str(tiny_world["clip"]),
             "--captioner", str(tiny_world["blip"]), "--n-gen", "2", "--steps", "2", "--seed", "3",
-            "--batch-size", "3", "--quiet"]
+            "--caption-tokens", "8", "--batch-size", "3", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_features_are_what_the_models_say(reference, data, backends):
     np.testing.assert_allclose(ok["query_img_emb"], backends.embedder.embed_images(images), atol=1e-5)
     # III-X: the caption's text embedding; III-T: text embeddings of the captioner's captions of the generated images.
     np.testing.assert_allclose(ok["caption_emb"], backends.embedder.embed_texts(captions), atol=1e-5)
-    gen_caps = backends.captioner.caption(flat)
+    gen_caps = backends.captioner.caption(flat, max_new_tokens=8)
     assert ok["gen_captions"].reshape(-1).tolist() == [" ".join(c.split()) for c in gen_caps]
     np.testing.assert_allclose(ok["gen_caption_emb"].reshape(-1, backends.embedder.dim),
                                backends.embedder.embed_texts(list(ok["gen_captions"].reshape(-1))), atol=1e-5)
@@ -163,10 +163,10 @@ def test_missing_caption_can_be_written_by_the_captioner(data, backends):
     """check/scan mode: a row without a caption gets the captioner's caption of the query image."""
     folder, images, _ = data
     rows = [Row(id="zz_nocap.png", path=str(folder / "zz_nocap.png"))]
-    cfg = FeaturesConfig(n_gen=1, steps=2, missing_caption="captioner")
+    cfg = FeaturesConfig(n_gen=1, steps=2, missing_caption="captioner", caption_tokens=8)
     batch = featurize_rows(rows, backends, cfg)
     assert rows[0].status == "ok" and rows[0].caption_source == "captioner"
-    assert rows[0].caption == " ".join(backends.captioner.caption(images[:1])[0].split())
+    assert rows[0].caption == " ".join(backends.captioner.caption(images[:1], max_new_tokens=8)[0].split())
     assert batch["caption_source"][0] == "captioner" and batch["caption"][0] == rows[0].caption
 
 

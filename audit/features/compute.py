@@ -46,10 +46,11 @@ class FeaturesConfig(Config):
     seed: int = 0
     batch_size: int = 8  # captions per generate call; rows are batched in this order, so it is part of the config
     pixel_size: int = PIXEL_SIZE
+    caption_tokens: int = 30  # most new tokens of each caption the captioner writes
     missing_caption: str = "no_caption"  # "no_caption": the row fails; "captioner": caption the query image
 
     def validate(self) -> "FeaturesConfig":
-        for name in ("n_gen", "steps", "batch_size"):
+        for name in ("n_gen", "steps", "batch_size", "caption_tokens"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.guidance < 0:
@@ -139,9 +140,12 @@ def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
         image = images[i] if images and i in images else load_row_image(row)
         if image is not None:
             queries[i] = image
+    def caption(images: np.ndarray) -> list[str]:
+        return backends.captioner.caption(images, max_new_tokens=cfg.caption_tokens)
+
     uncaptioned = [i for i in queries if rows[i].caption is None]
     if uncaptioned:
-        for i, text in zip(uncaptioned, _by_shape([queries[i] for i in uncaptioned], backends.captioner.caption)):
+        for i, text in zip(uncaptioned, _by_shape([queries[i] for i in uncaptioned], caption)):
             text = " ".join(str(text).split())
             if text:
                 rows[i].caption, rows[i].caption_source = text, "captioner"
@@ -156,7 +160,7 @@ def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
         if gen.shape[:2] != (len(ok), g) or gen.dtype != np.uint8:
             raise RuntimeError(f"generator returned {gen.dtype} {gen.shape}, expected uint8 [{len(ok)}, {g}, H, W, 3]")
         flat = gen.reshape(-1, *gen.shape[2:])
-        gen_captions = [" ".join(str(t).split()) for t in backends.captioner.caption(flat)]
+        gen_captions = [" ".join(str(t).split()) for t in caption(flat)]
         # One embed call per distinct image size: query and generated images together when they match.
         img_emb = np.asarray(_by_shape([queries[i] for i in ok] + list(flat), backends.embedder.embed_images),
                              dtype=np.float32)
@@ -210,7 +214,8 @@ def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: Fe
         if writer.n_committed:
             log.info("%s: resuming after %d of %d rows", out, writer.n_committed, len(rows))
     else:
-        writer = FeatureWriter.create(out, manifest, cfg.n_gen, cfg.pixel_size, backends.embedder.dim)
+        writer = FeatureWriter.create(out, manifest, cfg.n_gen, cfg.pixel_size, backends.embedder.dim,
+                                      chunk_rows=cfg.batch_size)
     start_time = time.perf_counter()
     bs = cfg.batch_size
     # Batches are fixed slices of the row order, so a resumed run computes exactly the batches a clean run would.

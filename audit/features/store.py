@@ -195,7 +195,11 @@ class FeatureWriter:
         self._shapes = shapes
 
     @classmethod
-    def create(cls, path: str | Path, manifest: dict, n_gen: int, pixel_size: int, dim: int) -> "FeatureWriter":
+    def create(cls, path: str | Path, manifest: dict, n_gen: int, pixel_size: int, dim: int,
+               chunk_rows: int = CHUNK_ROWS) -> "FeatureWriter":
+        """``chunk_rows`` should equal the rows per ``append``: then an append only ever writes fresh chunks, and a
+        kill mid-append cannot damage a chunk holding committed rows (a compressed chunk shared with the next batch
+        is read back and rewritten, and a kill during that rewrite left committed rows unreadable)."""
         path = Path(path)
         if path.exists():
             raise UsageError(f"{path}: feature store already exists; pass --resume to continue it, or delete it")
@@ -206,7 +210,7 @@ class FeatureWriter:
             for key, (shape, dtype) in shapes.items():
                 numeric = not (isinstance(dtype, np.dtype) and dtype.kind == "O")
                 f.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                                 chunks=(CHUNK_ROWS, *shape), compression="gzip", compression_opts=4,
+                                 chunks=(max(1, chunk_rows), *shape), compression="gzip", compression_opts=4,
                                  shuffle=numeric and np.dtype(dtype).itemsize > 1)
             f.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
             f.attrs["n_committed"] = 0

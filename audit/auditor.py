@@ -1,0 +1,172 @@
+"""Scoring query images in-process: the ``Auditor`` behind ``audit check`` and ``audit scan``.
+
+An ``Auditor`` loads the target, embedder, captioner and heads once, computes each query's features exactly as
+``audit features`` does (same n_gen, steps, guidance and seed as the feature store the heads were trained on), and
+turns the heads' calibrated probabilities into ``Verdict`` objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import InputError, UsageError
+from .features.compute import Backends, FeaturesConfig, featurize_rows
+from .imagefolder import CaptionError, Row, clean_caption, read_caption_file, read_imagefolder
+from .verdict import Verdict, decide
+
+log = logging.getLogger(__name__)
+
+CAPTIONER_WARNING = "no caption was given: the captioner wrote it from the image ({caption!r}); a verdict on a " \
+                    "caption the training data did not use is weaker evidence"
+
+
+class Auditor:
+    """Loaded models and heads that score images: ``check(image, caption)``, ``score_rows(rows)``, ``scan(dir)``.
+
+    ``heads`` is a heads folder, or None for the heads registered for the target (``audit train`` registers them;
+    the bundled toy target ships with its own). ``attack`` picks the attack whose probability decides the verdict
+    (default: the heads' default, attack IV when trained). Feature settings (n_gen, steps, guidance, seed) come from
+    the feature store the heads were trained on; pass them only to override (the heads may then not fit).
+    """
+
+    def __init__(self, target: str, heads: str | Path | None = None, embedder: str | None = None,
+                 captioner: str | None = None, attack: str | None = None, device: str = "cpu",
+                 allow_pickle: bool = False, batch_size: int = 8, backends: Backends | None = None,
+                 **overrides):
+        from .attacks import resolve_heads
+
+        self.backends = backends or Backends.load(target, embedder, captioner, device, allow_pickle)
+        ids = self.backends.identities()
+        self.heads = resolve_heads(heads, ids["target"])
+        self.heads.check_compatible(ids["target"], ids["embedder"], ids["captioner"])
+        self.attack = attack or self.heads.default_attack
+        if self.attack not in self.heads.attacks:
+            raise UsageError(f"attack {self.attack!r} is not in {self.heads.path}; it has: "
+                             f"{', '.join(self.heads.attacks)}")
+        trained = ((self.heads.info.get("manifest") or {}).get("feature_store") or {}).get("config") or {}
+        settings = {k: trained[k] for k in ("n_gen", "steps", "guidance", "seed", "pixel_size", "caption_tokens")
+                    if k in trained}
+        unknown = sorted(set(overrides) - {"n_gen", "steps", "guidance", "seed"})
+        if unknown:
+            raise TypeError(f"unexpected argument(s) {unknown}")
+        for k, v in overrides.items():
+            if v is not None:
+                if k in settings and settings[k] != v:
+                    log.warning("%s=%r differs from the %r the heads were trained with", k, v, settings[k])
+                settings[k] = v
+        self.config = FeaturesConfig(target=str(target), batch_size=batch_size, missing_caption="captioner",
+                                     **settings).validate()
+        self.target_name = ids["target"]["name"]
+        self.heads_path = str(Path(self.heads.path).resolve())
+
+    def describe(self) -> dict:
+        return {"target": self.backends.generator.identity(), "heads": self.heads_path, "attack": self.attack,
+                "features": self.config.for_store()}
+
+    # ------------------------------------------------------------------------------------------------ scoring
+
+    def score_rows(self, rows: Sequence[Row], images: dict[int, np.ndarray] | None = None) -> list[Verdict]:
+        """One Verdict per row, in order; rows that cannot be scored get their status and error, never an exception."""
+        if not rows:
+            return []
+        batch = featurize_rows(rows, self.backends, self.config, images)
+        ok = [i for i, r in enumerate(rows) if r.ok]
+        preds = self.heads.predict({k: v[ok] for k, v in batch.items()}) if ok else {}
+        verdicts = []
+        pos = {i: j for j, i in enumerate(ok)}
+        for i, row in enumerate(rows):
+            v = Verdict(image=row.path, id=row.id, target=self.target_name, status=row.status,
+                        caption=row.caption, caption_source=row.caption_source, error=row.error,
+                        heads=self.heads_path, warnings=list(row.warnings))
+            if row.ok:
+                j = pos[i]
+                for attack, p in preds.items():
+                    prob, thr = float(p["probability"][j]), float(p["threshold"])
+                    v.scores[attack] = {"score": float(p["score"][j]), "probability": prob, "threshold": thr,
+                                        "verdict": decide(prob, thr)}
+                chosen = v.scores[self.attack]
+                v.attack, v.probability, v.threshold = self.attack, chosen["probability"], chosen["threshold"]
+                v.verdict = chosen["verdict"]
+                if row.caption_source == "captioner":
+                    v.warnings.append(CAPTIONER_WARNING.format(caption=row.caption))
+                v.warnings.extend(self.heads.warnings)
+            verdicts.append(v)
+        return verdicts
+
+    def check(self, image: str | Path, caption: str | None = None, pixels: np.ndarray | None = None) -> Verdict:
+        """Score one image. Without ``caption``: a ``.txt`` file beside the image, else the captioner's caption.
+        ``pixels``: the image already decoded (uint8 [H, W, 3])."""
+        return self.score_rows([image_row(image, caption)], None if pixels is None else {0: pixels})[0]
+
+    def scan(self, folder: str | Path, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
+        """Score every image of a folder into a JSONL file (one line per row, flushed per row); see ``scan``."""
+        from .progress import progress
+        from .report.jsonl import JsonlWriter, read_jsonl
+
+        rows = read_imagefolder(folder)
+        out = Path(out)
+        if resume:
+            self._check_resumable(out, read_jsonl(out)[0])
+        started = time.perf_counter()
+        counts: Counter = Counter()
+        with JsonlWriter(out, resume=resume, key="id") as writer:
+            todo = [r for r in rows if r.id not in writer]
+            counts["skipped (already in the results)"] = len(rows) - len(todo)
+            with progress(total=len(rows), desc="scan", unit="image", quiet=quiet,
+                          initial=len(rows) - len(todo)) as bar:
+                for start in range(0, len(todo), self.config.batch_size):
+                    chunk = todo[start:start + self.config.batch_size]
+                    for v in self.score_rows(chunk):
+                        writer.write(v.to_dict())
+                        counts[v.verdict or v.status] += 1
+                    bar.update(len(chunk))
+        return {"out": str(out), "rows": len(rows), "counts": {k: v for k, v in counts.items() if v},
+                "seconds": round(time.perf_counter() - started, 2), **self.describe()}
+
+    def _check_resumable(self, out: Path, records: Iterable[dict]) -> None:
+        """Refuse to extend a results file written with another target, heads or attack (naming the difference)."""
+        first = next((r for r in records if r.get("status") == "ok"), None)
+        if first is None:
+            return
+        for key, mine in (("target", self.target_name), ("heads", self.heads_path), ("attack", self.attack)):
+            theirs = first.get(key)
+            if theirs is not None and theirs != mine:
+                raise UsageError(f"{out}: cannot resume, its rows were scored with {key} {theirs!r}, this run uses "
+                                 f"{mine!r}; pass the same options, or write to a new file")
+
+
+def image_row(image: str | Path, caption: str | None = None) -> Row:
+    """A Row for a single image: the caption argument, else ``IMAGE.txt``, else none (the captioner writes one)."""
+    path = Path(image)
+    row = Row(id=path.name, path=str(path))
+    if caption is not None:
+        row.caption, row.warnings = clean_caption(caption, "--caption")
+        if row.caption is None:
+            raise UsageError("--caption is empty; give a caption, or leave it out to have the captioner write one")
+        row.caption_source = "argument"
+        return row
+    txt = path.with_suffix(".txt")
+    if txt.is_file():
+        try:
+            row.caption, row.warnings = clean_caption(read_caption_file(txt), str(txt))
+        except CaptionError as exc:
+            raise InputError(str(exc)) from None
+        row.caption_source = "txt" if row.caption else None
+    return row
+
+
+def write_scan_html(results: str | Path, out_html: str | Path) -> str | None:
+    """The HTML report of a scan's results, when this installation has the report module; else None (logged)."""
+    try:
+        from .report.html import write_scan_report
+    except ImportError:
+        log.warning("HTML reports are not available in this installation; %s was not written", out_html)
+        return None
+    write_scan_report(results, out_html)
+    return str(out_html)

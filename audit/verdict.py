@@ -1,0 +1,61 @@
+"""The typed result of scoring one image: what `check --json` prints and each line of a scan holds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+MEMBER, NON_MEMBER = "member", "non-member"
+
+
+@dataclasses.dataclass
+class Verdict:
+    """Was this image (with this caption) in the target's training data, according to the heads?
+
+    ``verdict`` is ``member`` when ``probability >= threshold`` of the chosen ``attack`` (the heads' default, attack
+    IV when trained), ``non-member`` otherwise, and None when the row could not be scored (``status`` says why,
+    ``error`` is a one-line message). ``scores`` holds every attack's ``score`` (the head's raw logit),
+    ``probability`` (calibrated on validation data), ``threshold`` (fitted on validation data) and ``verdict``.
+    """
+
+    image: str
+    target: str
+    status: str = "ok"
+    caption: str | None = None
+    caption_source: str | None = None  # metadata, txt, argument, or captioner (the caption was written for it)
+    verdict: str | None = None
+    probability: float | None = None
+    threshold: float | None = None
+    attack: str | None = None
+    scores: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    heads: str | None = None  # the heads folder whose ONNX heads scored this image
+    id: str | None = None  # row id inside a scanned folder (the key `scan --resume` skips on)
+
+    @property
+    def is_member(self) -> bool:
+        return self.verdict == MEMBER
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        # allow_nan=False: NaN is not JSON; a non-finite number here would be a bug, better loud than silent.
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Verdict":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def decide(probability: float, threshold: float) -> str:
+    return MEMBER if probability >= threshold else NON_MEMBER
+
+
+def finite(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None

@@ -1,0 +1,171 @@
+"""`audit check` / `audit scan` and the Auditor API on tiny seeded models, through typer's CliRunner.
+
+A temporary HOME and AUDIT_HOME keep the user's heads registry out of the tests.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from audit import api
+from audit.attacks import load_heads
+from audit.cli import app
+from audit.features import FeaturesConfig, FeatureStore
+from audit.features.compute import Backends
+from audit.report.jsonl import read_jsonl
+from audit.toy import scenes
+from audit.verdict import Verdict
+
+FIELDS = {"image", "caption", "caption_source", "target", "status", "verdict", "probability", "threshold", "attack",
+          "scores", "warnings", "error", "heads"}
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world, tmp_path_factory):
+    """Aux data, its feature store and heads trained (and registered) in a temporary AUDIT_HOME.
+
+    Loaded models are cached across commands (the same real models each command would load) to keep this quick.
+    """
+    mp = pytest.MonkeyPatch()
+    cache = {}
+    load = Backends.load.__func__
+
+    def cached_load(cls, *args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = load(cls, *args, **kwargs)
+        return cache[key]
+
+    mp.setattr(Backends, "load", classmethod(cached_load))
+    home = tmp_path_factory.mktemp("home")
+    mp.setenv("HOME", str(home))
+    mp.setenv("AUDIT_HOME", str(home / "audit"))
+    root = tmp_path_factory.mktemp("cs")
+    images, captions = scenes.scene_images(1, "members", 6)
+    aux = scenes.write_imagefolder(root / "aux", images, captions, [True, False] * 3)
+    kw = dict(embedder=str(tiny_world["clip"]), captioner=str(tiny_world["blip"]), quiet=True)
+    api.featurize(str(tiny_world["target"]), aux, root / "store.h5", n_gen=1, steps=2, seed=5, batch_size=8,
+                  caption_tokens=6, **kw)
+    trained = api.train(root / "store.h5", root / "heads", attacks="II-S,IV", epochs=3, register=True)
+    yield {"root": root, "aux": aux, "store": root / "store.h5", "heads": root / "heads",
+           "registered": trained["registered"], "opts": ["--target", str(tiny_world["target"]), "--embedder",
+                                                         kw["embedder"], "--captioner", kw["captioner"]],
+           "images": images, "captions": captions, "tiny": tiny_world}
+    mp.undo()
+
+
+def _check(world, *args):
+    return CliRunner().invoke(app, ["check", *args, *world["opts"]])
+
+
+def test_check_json_has_every_field_and_matches_the_store(world):
+    img = world["aux"] / "img_00002.png"
+    r = _check(world, str(img), "--caption", world["captions"][2], "--heads", str(world["heads"]), "--json")
+    assert r.exit_code in (0,), r.output
+    v = json.loads(r.stdout)
+    assert FIELDS <= set(v)
+    assert v["status"] == "ok" and v["error"] is None and v["caption_source"] == "argument"
+    assert v["attack"] == "IV" and set(v["scores"]) == {"II-S", "IV", "blind"}
+    assert v["verdict"] == ("member" if v["probability"] >= v["threshold"] else "non-member")
+    assert 0.0 <= v["probability"] <= 1.0 and v["heads"] == str(world["heads"].resolve())
+    # The same features as `audit features` made for this row (the heads' n_gen/steps/seed), so the same probability.
+    heads = load_heads(world["heads"])
+    row = FeatureStore.open(world["store"]).read()
+    pos = row["ids"].tolist().index("img_00002.png")
+    expect = heads.predict({k: a[pos:pos + 1] for k, a in row.items()})
+    for attack, s in v["scores"].items():
+        assert s["probability"] == pytest.approx(float(expect[attack]["probability"][0]), abs=1e-4), attack
+        assert s["threshold"] == pytest.approx(expect[attack]["threshold"])
+
+
+def test_check_uses_registered_heads_and_the_captioner_when_no_caption(world):
+    img = world["root"] / "lone.png"
+    shutil.copy(world["aux"] / "img_00001.png", img)
+    r = _check(world, str(img))
+    assert r.exit_code == 0, r.output
+    assert "(written by the captioner)" in r.stdout
+    assert f"heads: {world['registered']}" in r.stdout
+    assert "the captioner wrote it" in r.stderr
+    (world["root"] / "lone.txt").write_text("a small red square at the top", encoding="utf-8")
+    v = json.loads(_check(world, str(img), "--json").stdout)
+    assert v["caption_source"] == "txt" and v["caption"] == "a small red square at the top"
+    assert not any("captioner" in w for w in v["warnings"])
+
+
+def test_check_fail_on_member_exit_code_follows_the_verdict(world):
+    img = str(world["aux"] / "img_00000.png")
+    r = _check(world, img, "--caption", world["captions"][0], "--fail-on-member", "--json")
+    v = json.loads(r.stdout)
+    assert r.exit_code == (3 if v["verdict"] == "member" else 0), r.output
+
+
+def test_check_errors_are_one_line_with_exit_codes(world, tmp_path, monkeypatch):
+    r = _check(world, str(tmp_path / "missing.png"), "--caption", "x")
+    assert r.exit_code == 1 and "missing.png: file not found" in r.stderr and "Traceback" not in r.output
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    r = _check(world, str(bad), "--caption", "x")
+    assert r.exit_code == 1 and "bad.png: not a readable image" in r.stderr
+    r = _check(world, str(world["aux"] / "img_00000.png"), "--caption", "   ")
+    assert r.exit_code == 2 and "--caption is empty" in r.stderr
+    r = _check(world, str(world["aux"] / "img_00000.png"), "--caption", "x", "--attack", "III-T")
+    assert r.exit_code == 2 and "'III-T' is not in" in r.stderr
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "empty"))
+    r = _check(world, str(world["aux"] / "img_00000.png"), "--caption", "x")
+    assert r.exit_code == 1 and "no heads registered" in r.stderr and "audit train" in r.stderr
+
+
+def test_scan_writes_every_row_and_resumes_without_duplicates(world, tmp_path):
+    folder = tmp_path / "scan"
+    shutil.copytree(world["aux"], folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    shutil.copy(world["aux"] / "img_00003.png", folder / "uncaptioned.png")
+    out = tmp_path / "results.jsonl"
+    args = ["scan", str(folder), "--out", str(out), "--heads", str(world["heads"]), "--batch-size", "3", "--quiet",
+            *world["opts"]]
+    r = CliRunner().invoke(app, [*args, "--report", str(tmp_path / "report.html")])
+    assert r.exit_code == 0, r.output
+    assert "scanned 8 rows" in r.stdout and "1 unreadable" in r.stdout
+    rows, _ = read_jsonl(out)
+    assert [x["id"] for x in rows] == ["broken.png"] + [f"img_{i:05d}.png" for i in range(6)] + ["uncaptioned.png"]
+    by_id = {x["id"]: x for x in rows}
+    assert by_id["broken.png"]["status"] == "unreadable" and by_id["broken.png"]["verdict"] is None
+    assert "broken.png" in by_id["broken.png"]["error"]
+    assert by_id["uncaptioned.png"]["caption_source"] == "captioner"
+    assert any("captioner" in w for w in by_id["uncaptioned.png"]["warnings"])
+    assert all(FIELDS <= set(x) for x in rows)
+    assert (tmp_path / "report.html").stat().st_size > 1000
+
+    # Without --resume an existing results file is refused; with it, finished rows are skipped.
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "--resume" in r.stderr
+    data = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(data[:3]) + data[3][:20])  # killed mid-line after 3 rows
+    r = CliRunner().invoke(app, [*args, "--resume", "--fail-on-member"])
+    assert "3 skipped" in r.stdout
+    resumed, _ = read_jsonl(out)
+    assert [x["id"] for x in resumed] == list(by_id)  # every row once, in order, no duplicates
+    for x in resumed:
+        assert x["status"] == by_id[x["id"]]["status"] and x["verdict"] == by_id[x["id"]]["verdict"]
+        if x["probability"] is not None:
+            assert x["probability"] == pytest.approx(by_id[x["id"]]["probability"], abs=1e-4)
+    # --fail-on-member: exit 3 when a row scored in this run is a member.
+    assert r.exit_code == (3 if any(x["verdict"] == "member" for x in resumed[3:]) else 0), r.output
+
+
+def test_auditor_api_scores_in_process(world):
+    t = world["tiny"]
+    backends = Backends.load(str(t["target"]), str(t["clip"]), str(t["blip"]))
+    auditor = api.Auditor(str(t["target"]), world["heads"], backends=backends)
+    assert auditor.config.n_gen == 1 and auditor.config.steps == 2 and auditor.config.seed == 5
+    v = auditor.check(world["aux"] / "img_00004.png", world["captions"][4])
+    assert isinstance(v, Verdict) and v.status == "ok" and v.attack == "IV"
+    assert Verdict.from_dict(json.loads(v.to_json())) == v
+    other = api.Auditor(str(t["target"]), world["heads"], backends=backends, attack="II-S").check(
+        world["aux"] / "img_00004.png", world["captions"][4])
+    assert other.attack == "II-S" and other.probability == v.scores["II-S"]["probability"]
+    missing = auditor.check(world["root"] / "nope.png", "a caption")
+    assert missing.status == "unreadable" and missing.verdict is None and "file not found" in missing.error
