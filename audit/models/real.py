@@ -10,7 +10,7 @@ from ..registry import CAPTIONERS, EMBEDDERS
 from ..targets.hub import HubSource, is_hub_id
 
 _TRANSFORMERS_INCLUDE = ("*.json", "*.txt", "*.safetensors")
-_TRANSFORMERS_REQUIRED = ("config.json", "preprocessor_config.json")
+_TRANSFORMERS_REQUIRED = ("config.json", "*processor_config.json")  # transformers 5 writes processor_config.json
 
 CLIP_SOURCES = {
     "openai/clip-vit-large-patch14": "OpenAI CLIP ViT-L/14 (the paper's embedder), 768-d",

@@ -11,9 +11,9 @@ auditing needs:
   native resolution) and ``GET /sdapi/v1/options`` (``sd_model_checkpoint``).
 
 Generation is serialised (one model, one lock). The server stops by itself after ``max_requests`` requests or
-``idle_timeout`` seconds without one, if given. ``fault`` is a hook for tests: called with the request number
-and path, it may return ``("status", code)`` to answer an error or ``("stall", seconds)`` to hang and then drop
-the connection without an answer.
+``idle_timeout`` seconds without one, if given. ``fault`` is a hook for tests: called with the request number,
+the path and the parsed JSON body (None for a GET or a body that is not JSON), it may return ``("status", code)``
+to answer an error or ``("stall", seconds)`` to hang and then drop the connection without an answer.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20
 MAX_IMAGES = 16  # per request: batch_size x n_iter
 
-Fault = Callable[[int, str], "tuple[str, float] | None"]
+Fault = Callable[[int, str, Any], "tuple[str, float] | None"]
 
 
 class _BadRequest(Exception):
@@ -189,8 +189,8 @@ class Txt2ImgServer:
                 self.wfile.write(data)
                 self.close_connection = True
 
-            def _faulted(self, n: int) -> bool:
-                action = server.fault(n, self.path) if server.fault else None
+            def _faulted(self, n: int, request: Any = None) -> bool:
+                action = server.fault(n, self.path, request) if server.fault else None
                 if not action:
                     return False
                 kind, value = action
@@ -218,15 +218,16 @@ class Txt2ImgServer:
                     length = int(self.headers.get("Content-Length") or 0)
                     if length > MAX_BODY:
                         raise _BadRequest(413, f"request body over {MAX_BODY} bytes")
-                    body = self.rfile.read(length)
-                    if self._faulted(n):
+                    try:
+                        req, bad = json.loads(self.rfile.read(length) or b"null"), False
+                    except ValueError:
+                        req, bad = None, True
+                    if self._faulted(n, req):
                         return
                     if self.path != TXT2IMG:
                         raise _BadRequest(404, f"no endpoint {self.path}")
-                    try:
-                        req = json.loads(body or b"null")
-                    except ValueError:
-                        raise _BadRequest(400, "the body is not JSON") from None
+                    if bad:
+                        raise _BadRequest(400, "the body is not JSON")
                     self._send(200, server.txt2img(req))
                 except _BadRequest as exc:
                     self._send(exc.status, {"error": str(exc)})
