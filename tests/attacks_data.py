@@ -29,8 +29,8 @@ def planted_batch(n_members: int = 40, n_nonmembers: int = 40, seed: int = 0, si
     if blind_signal:
         q[m, 0] += 2.5  # members' query images differ in distribution from non-members'
     q = _unit(q)
-    c = _unit(q + rng.normal(size=(n, DIM)))
-    spread = np.where(m, 0.3, 1.5)[:, None, None] if signal else np.full((n, 1, 1), 0.9)
+    c = _unit(q + 0.3 * rng.normal(size=(n, DIM)))
+    spread = np.where(m, 0.25, 2.0)[:, None, None] if signal else np.full((n, 1, 1), 0.9)
     g = _unit(q[:, None] + spread * rng.normal(size=(n, N_GEN, DIM)))
     t = _unit(c[:, None] + spread * rng.normal(size=(n, N_GEN, DIM)))
     # Smooth query pixels (2x2 blocks); generated = query + noise, much less noise for members.

@@ -24,7 +24,7 @@ SCORE_RTOL = 1e-4
 @contextlib.contextmanager
 def _quiet_exporter():
     """The exporter logs every graph pass at INFO and prints progress; users asked for audit's log, not that."""
-    names = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export", "torch.fx")
+    names = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export", "torch.fx", "torch.__trace")
     saved = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).setLevel(logging.WARNING)

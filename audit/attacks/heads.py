@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class Heads:
     """A loaded heads folder. ``predict`` runs every (or the chosen) attack's ONNX head on a feature batch."""
 
-    def __init__(self, path: Path, info: dict, threads: int | None = None):
+    def __init__(self, path: Path, info: dict, threads: int | None = 1):
         self.path = path
         self.info = info
         self.threads = threads
@@ -100,8 +100,11 @@ class Heads:
         return f"Heads({str(self.path)!r}, attacks={self.attacks}, default={self.default_attack!r})"
 
 
-def load_heads(path: str | os.PathLike, target: dict | None = None, threads: int | None = None) -> Heads:
-    """Open a heads folder (or its heads.json), checking manifest, target and the ONNX files' integrity."""
+def load_heads(path: str | os.PathLike, target: dict | None = None, threads: int | None = 1) -> Heads:
+    """Open a heads folder (or its heads.json), checking manifest, target and the ONNX files' integrity.
+
+    ``threads``: onnxruntime threads per head (the heads are tiny; 1 is fastest; None for the library default).
+    """
     path = Path(path)
     folder = path.parent if path.name == HEADS_FILE else path
     if not folder.is_dir():
@@ -200,7 +203,7 @@ def no_heads_message(target: dict) -> str:
     )
 
 
-def resolve_heads(heads: str | os.PathLike | None, target: dict, threads: int | None = None) -> Heads:
+def resolve_heads(heads: str | os.PathLike | None, target: dict, threads: int | None = 1) -> Heads:
     """``--heads`` if given (checked against the target), else the registered heads of ``target``."""
     if heads is not None:
         return load_heads(heads, target=target, threads=threads)
