@@ -105,7 +105,7 @@ def train_cmd(
     epochs: int = typer.Option(200, "--epochs", help="Most epochs per head (early stopping on validation loss)."),
     register: bool = typer.Option(True, "--register/--no-register",
                                   help="Register the heads for the store's target (in $AUDIT_HOME or ~/.cache/audit)."),
-    threads: int = typer.Option(0, "--threads", help="CPU threads for torch/onnxruntime (0: library default)."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for fitting the (tiny) heads; 0: library default."),
 ) -> None:
     """Train the attack heads on a feature store, calibrate them on validation, export them to ONNX."""
     from . import api
