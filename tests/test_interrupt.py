@@ -1,0 +1,165 @@
+"""kill -9 in the middle of real runs, then --resume: the outputs equal an uninterrupted run, no row lost or twice.
+
+The model-free store test kills a process that does nothing but append, so the kill lands mid-write (a
+half-written HDF5 chunk); the CLI tests kill `audit features` / `audit scan` subprocesses on the tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audit.features.store import KEYS, FeatureStore
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "AUDIT_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+
+WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from audit.features.store import FeatureWriter, empty_batch
+    from audit.manifest import make_manifest
+
+    B, G, P, D = 16, 2, 32, 64
+
+    def batch(i):
+        rng = np.random.default_rng(i)
+        b = empty_batch(B, G, P, D)
+        b["ids"][:] = [f"{i * B + j:06d}" for j in range(B)]
+        b["status"][:] = "ok"
+        b["gen_pixels"][:] = rng.integers(0, 256, b["gen_pixels"].shape, dtype=np.uint8)
+        b["query_img_emb"][:] = rng.normal(size=b["query_img_emb"].shape)
+        return b
+
+    if __name__ == "__main__":
+        path, n_batches, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+        manifest = make_manifest("features", {"batch_size": B}, {"name": "t", "hash": "h"}, n_rows=B * n_batches,
+                                 embedder={"name": "e", "hash": "e"}, captioner={"name": "c", "hash": "c"},
+                                 rows_hash="r")
+        if resume:
+            w = FeatureWriter.resume(path, manifest)
+        else:
+            w = FeatureWriter.create(path, manifest, G, P, D, chunk_rows=B)
+        for i in range(w.n_committed // B, n_batches):
+            w.append(batch(i))
+            print("committed", w.n_committed, file=sys.stderr, flush=True)
+""")
+
+
+def _run_until(cmd, ready, timeout=240.0, extra_delay=0.0):
+    """Start ``cmd``; SIGKILL it once ``ready(stderr_so_far)`` holds (plus ``extra_delay`` s). Returns stderr."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    buf = bytearray()
+
+    def pump():
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+            buf.extend(chunk)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready(buf.decode("utf-8", "replace")):
+        time.sleep(0.05)
+    time.sleep(extra_delay)
+    finished_early = proc.poll() is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reader.join(5)
+    text = buf.decode("utf-8", "replace")
+    assert not finished_early, f"the run ended before it could be killed:\n{text[-2000:]}"
+    return text
+
+
+def _store_arrays(path):
+    store = FeatureStore.open(path)
+    assert store.complete
+    return store.read(ok_only=False), store.manifest
+
+
+def test_store_writer_killed_mid_write_resumes_exactly(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    n_batches = 60
+    rnd = random.Random(0)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import writer as ref  # the same batches the subprocess writes
+    finally:
+        sys.path.remove(str(tmp_path))
+    for trial in range(4):
+        path = tmp_path / f"s{trial}.h5"
+        after = 16 * rnd.randrange(5, 40)
+        _run_until([sys.executable, str(script), str(path), str(n_batches), "0"],
+                   lambda text: f"committed {after}\n" in text, timeout=60, extra_delay=rnd.random() * 0.01)
+        killed_at = FeatureStore.open(path).n_committed
+        assert after <= killed_at < 16 * n_batches
+        subprocess.run([sys.executable, str(script), str(path), str(n_batches), "1"], check=True, timeout=120,
+                       env=ENV, capture_output=True)
+        got = FeatureStore.open(path).read(ok_only=False)
+        assert list(got["ids"]) == [f"{i:06d}" for i in range(16 * n_batches)]  # none lost, none twice
+        for i in range(n_batches):
+            want = ref.batch(i)
+            rows = slice(16 * i, 16 * (i + 1))
+            assert np.array_equal(got["gen_pixels"][rows], want["gen_pixels"]), (trial, i)
+            assert np.array_equal(got["query_img_emb"][rows], want["query_img_emb"]), (trial, i)
+
+
+def _committed(desc, total):
+    """A stderr predicate: the ``desc`` progress bar shows at least ``k`` of ``total`` rows done."""
+
+    def ready_after(k):
+        def ready(text):
+            done = [int(m) for m in re.findall(rf"{desc}: *\d+%\|[^|]*\| *(\d+)/{total} \[", text)]
+            return bool(done) and max(done) >= k
+
+        return ready
+
+    return ready_after
+
+
+@pytest.fixture(scope="module")
+def aux_folder(tmp_path_factory):
+    from audit.toy import scenes
+
+    folder = tmp_path_factory.mktemp("aux")
+    images, captions = scenes.scene_images(5, "members", 4)
+    scenes.write_imagefolder(folder, images, captions, [True, False, True, False])
+    return folder
+
+
+def _features_cmd(tiny_world, data, out, *extra):
+    return [sys.executable, "-m", "audit.cli", "features", "--target", str(tiny_world["target"]),
+            "--embedder", str(tiny_world["clip"]), "--captioner", str(tiny_world["blip"]), "--data", str(data),
+            "--out", str(out), "--n-gen", "1", "--steps", "2", "--batch-size", "1", "--seed", "4", *extra]
+
+
+@pytest.mark.slow
+def test_features_killed_then_resumed_equals_uninterrupted(tiny_world, aux_folder, tmp_path):
+    from audit import api
+
+    out = tmp_path / "killed.h5"
+    _run_until(_features_cmd(tiny_world, aux_folder, out), _committed("features", 4)(2))
+    killed_at = FeatureStore.open(out).n_committed
+    assert 2 <= killed_at < 4
+    subprocess.run(_features_cmd(tiny_world, aux_folder, out, "--resume", "--quiet"), check=True, env=ENV,
+                   timeout=300, capture_output=True)
+    ref = tmp_path / "ref.h5"  # the uninterrupted run, in this process (same code path, same thread count)
+    api.featurize(str(tiny_world["target"]), aux_folder, ref, embedder=str(tiny_world["clip"]),
+                  captioner=str(tiny_world["blip"]), n_gen=1, steps=2, batch_size=1, seed=4, quiet=True)
+    (want, want_manifest), (got, got_manifest) = _store_arrays(ref), _store_arrays(out)
+    for key in KEYS:
+        assert np.array_equal(got[key], want[key]), key
+    assert len(set(got["ids"])) == len(got["ids"]) == 4
+    assert {k: v for k, v in got_manifest.items() if k != "created"} == \
+        {k: v for k, v in want_manifest.items() if k != "created"}
