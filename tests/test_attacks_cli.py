@@ -1,0 +1,110 @@
+"""`audit train` and `audit evaluate` through typer's CliRunner, on a real feature store file."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from attacks_data import TARGET, planted_batch, write_store
+from audit.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_store(planted_batch(24, 24, seed=2), tmp_path_factory.mktemp("store") / "store.h5")
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory):
+    """`audit train` once, into a temporary AUDIT_HOME (module scope: training is the slow part)."""
+    home = tmp_path_factory.mktemp("home")
+    heads = tmp_path_factory.mktemp("out") / "heads"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUDIT_HOME", str(home))
+    result = runner.invoke(app, ["train", str(store), "--out", str(heads), "--attacks", "II-S", "--epochs", "30"])
+    mp.undo()
+    return result, heads, home
+
+
+def test_train_writes_heads_registers_them_and_prints_validation_table(trained):
+    result, heads, home = trained
+    assert result.exit_code == 0, result.output
+    assert "II-S" in result.output and "blind" in result.output and "val AUC" in result.output
+    assert "split (members/non-members): train 12/12, validation 6/6, test 6/6" in result.output
+    assert f"registered at {home / 'heads' / ('planted-' + TARGET['hash'])}" in result.output
+    info = json.loads((heads / "heads.json").read_text())
+    assert set(info["attacks"]) == {"II-S", "blind"} and info["default_attack"] == "II-S"
+
+
+def test_evaluate_writes_json_with_cis_and_a_roc_plot(trained, store, tmp_path):
+    _, heads, _ = trained
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["evaluate", str(store), "--heads", str(heads), "--json", str(out),
+                                 "--bootstrap", "200"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert set(data["attacks"]) == {"II-S", "blind"}
+    assert data["n_test"] == 12 and data["store"] == str(store) and data["heads"] == str(heads)
+    for attack, m in data["attacks"].items():
+        for key in ("accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr"):
+            lo, hi = m[key]["ci95"]
+            assert lo <= m[key]["value"] <= hi, (attack, key)
+        assert m["n_test"] == 12 and m["fpr_resolution"] == pytest.approx(1 / 6)
+    assert data["attacks"]["II-S"]["auc"]["value"] >= 0.8  # planted reconstruction signal
+    png = tmp_path / "eval.png"
+    assert data["plot"] == str(png) and png.read_bytes()[:4] == b"\x89PNG"
+    assert "TPR@1%FPR" in result.output and "II-S" in result.output and f"written to {out}" in result.output
+
+
+def test_evaluate_without_heads_uses_the_registered_ones(trained, store, monkeypatch):
+    _, heads, home = trained
+    monkeypatch.setenv("AUDIT_HOME", str(home))
+    result = runner.invoke(app, ["evaluate", str(store), "--bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    assert "II-S" in result.output and "blind" in result.output
+
+
+def test_evaluate_is_deterministic(trained, store, tmp_path):
+    _, heads, _ = trained
+    outs = []
+    for name in ("a.json", "b.json"):
+        runner.invoke(app, ["evaluate", str(store), "--heads", str(heads), "--json", str(tmp_path / name),
+                            "--bootstrap", "100"])
+        data = json.loads((tmp_path / name).read_text())
+        outs.append((data["attacks"], data["n_test"]))
+    assert outs[0] == outs[1]
+
+
+def test_evaluate_refuses_a_store_of_another_target_naming_both(trained, tmp_path):
+    _, heads, _ = trained
+    other = write_store(planted_batch(6, 6, seed=3), tmp_path / "other.h5",
+                        target={"name": "sd-1.5", "hash": "9999999999999999"})
+    result = runner.invoke(app, ["evaluate", str(other), "--heads", str(heads)])
+    assert result.exit_code == 1
+    err = result.output.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert "'planted'" in err[0] and "'sd-1.5'" in err[0]
+
+
+def test_evaluate_with_nothing_registered_says_how_to_train(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "empty_home"))
+    result = runner.invoke(app, ["evaluate", str(store)])
+    assert result.exit_code == 1 and "audit train" in result.output and "Traceback" not in result.output
+
+
+def test_evaluate_on_a_store_without_the_test_ids_is_refused(trained, tmp_path):
+    _, heads, _ = trained
+    other = write_store(planted_batch(6, 6, seed=3), tmp_path / "o.h5")
+    # Same target, but ids img0000..img0011 do not cover the heads' test split of 48 rows.
+    result = runner.invoke(app, ["evaluate", str(other), "--heads", str(heads)])
+    assert result.exit_code == 1 and "test ids" in result.output
+
+
+def test_train_usage_and_input_errors_are_one_line(store, tmp_path):
+    bad = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "h"), "--attacks", "II-S,V"])
+    assert bad.exit_code == 2 and "valid attacks are: I-P, I-S, II-P, II-S, III-X, III-T, IV, blind" in bad.output
+    missing = runner.invoke(app, ["train", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "h")])
+    assert missing.exit_code == 1 and "nope.h5: feature store not found" in missing.output
+    assert "Traceback" not in bad.output + missing.output
