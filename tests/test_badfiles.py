@@ -157,3 +157,31 @@ def test_unreadable_permissions(tmp_path):
         for p in folder.iterdir():
             p.unlink()
         folder.rmdir()
+
+
+@pytest.mark.slow
+def test_scan_of_the_bad_corpus_scores_every_good_row_and_explains_every_bad_one(corpus, tiny_world,
+                                                                                  tmp_path_factory):
+    from audit import api
+    from audit.report.jsonl import read_jsonl
+    from tinyheads import tiny_heads
+
+    folder, expect, _, _, _ = corpus
+    heads = tiny_heads(tiny_world, tmp_path_factory.mktemp("heads"))
+    out = tmp_path_factory.mktemp("scan") / "results.jsonl"
+    summary = api.scan(folder, out, heads=heads["heads"], quiet=True, report=out.with_suffix(".html"),
+                       **heads["kw"])
+    results = {r["id"]: r for r in read_jsonl(out)[0]}
+    assert set(results) == set(expect) and summary["rows"] == len(expect)
+    for rid, want in expect.items():
+        r = results[rid]
+        assert r["status"] == want, (rid, r["status"], r["error"])
+        if want == "ok":
+            assert r["verdict"] in ("member", "non-member") and 0 <= r["probability"] <= 1, rid
+            assert r["error"] is None
+        else:
+            assert r["verdict"] is None and r["probability"] is None, rid
+            assert r["error"] and "\n" not in r["error"], rid
+    assert results["no_caption.png"]["caption_source"] == "captioner"  # captioned from the image, and says so
+    page = out.with_suffix(".html").read_text()
+    assert "Rows that could not be scored" in page and "huge_header.png" in page

@@ -163,3 +163,34 @@ def test_features_killed_then_resumed_equals_uninterrupted(tiny_world, aux_folde
     assert len(set(got["ids"])) == len(got["ids"]) == 4
     assert {k: v for k, v in got_manifest.items() if k != "created"} == \
         {k: v for k, v in want_manifest.items() if k != "created"}
+
+
+@pytest.fixture(scope="module")
+def heads(tiny_world, tmp_path_factory):
+    from tinyheads import tiny_heads
+
+    return tiny_heads(tiny_world, tmp_path_factory.mktemp("heads"))
+
+
+@pytest.mark.slow
+def test_scan_killed_then_resumed_equals_uninterrupted(heads, aux_folder, tmp_path):
+    from audit import api
+    from audit.report.jsonl import read_jsonl
+
+    out = tmp_path / "killed.jsonl"
+    cmd = [sys.executable, "-m", "audit.cli", "scan", str(aux_folder), "--out", str(out), "--batch-size", "1",
+           *heads["opts"]]
+    _run_until(cmd, _committed("scan", 4)(2))
+    killed_at = len(read_jsonl(out)[0])
+    assert 2 <= killed_at < 4
+    subprocess.run([*cmd, "--resume", "--quiet"], check=True, env=ENV, timeout=300, capture_output=True)
+    ref = tmp_path / "ref.jsonl"
+    api.scan(aux_folder, ref, heads=heads["heads"], batch_size=1, quiet=True, **heads["kw"])
+    got, want = read_jsonl(out)[0], read_jsonl(ref)[0]
+    assert [r["id"] for r in got] == [r["id"] for r in want] == sorted(r["id"] for r in want)  # none lost or twice
+    for g, w in zip(got, want):
+        assert g.pop("probability") == pytest.approx(w.pop("probability"), abs=1e-6)
+        for attack in w["scores"]:
+            for k in ("score", "probability"):
+                assert g["scores"][attack].pop(k) == pytest.approx(w["scores"][attack].pop(k), abs=1e-6)
+        assert g == w
