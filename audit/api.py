@@ -176,3 +176,17 @@ def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str |
     if json_out is not None:
         atomic_write_text(Path(json_out), json.dumps(result, indent=2) + "\n")
     return result
+
+
+# ------------------------------------------------------------------------------------------------ export (B)
+
+def export(target: str, out: str | Path, *, embedder: str | None = None, captioner: str | None = None,
+           device: str = "cpu", precision: str = "fp32", allow_pickle: bool = False) -> dict:
+    """Compile ``target`` and its embedder and captioner (defaults: the target's) to validated ONNX graphs in
+    ``out``; ``--target out`` then runs on onnxruntime with the compiled embedder/captioner as its defaults.
+    Returns export.json's content (components, graphs' tolerances met, end-to-end checks)."""
+    from .export import ExportConfig, export_all
+
+    cfg = ExportConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", device=device,
+                       precision=precision, allow_pickle=allow_pickle)
+    return export_all(cfg, out)

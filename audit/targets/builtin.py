@@ -62,6 +62,10 @@ def load_target(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw
         from .http import HTTPGenerator
 
         return HTTPGenerator(ref.value, **kw)
+    if ref.kind == "export":
+        from ..runtime import OnnxGenerator, RuntimeOptions
+
+        return OnnxGenerator(ref.value, RuntimeOptions(device=device), **kw)
     raise UsageError(f"{spec}: {ref.kind} targets are not supported yet")
 
 
@@ -74,6 +78,10 @@ def load_embedder(spec: str, device: str = "cpu", allow_pickle: bool = False, **
         return _real_models.embedder_from_folder(ref.value, device=device, allow_pickle=allow_pickle, **kw)
     if ref.kind == "hub":
         return _real_models.embedder_from_hub(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+    if ref.kind == "export":
+        from ..runtime import OnnxEmbedder, RuntimeOptions
+
+        return OnnxEmbedder(ref.value, RuntimeOptions(device=device), **kw)
     raise UsageError(f"{spec}: {ref.kind} embedders are not supported yet")
 
 
@@ -86,6 +94,10 @@ def load_captioner(spec: str, device: str = "cpu", allow_pickle: bool = False, *
         return _real_models.captioner_from_folder(ref.value, device=device, allow_pickle=allow_pickle, **kw)
     if ref.kind == "hub":
         return _real_models.captioner_from_hub(ref.value, device=device, allow_pickle=allow_pickle, **kw)
+    if ref.kind == "export":
+        from ..runtime import OnnxCaptioner, RuntimeOptions
+
+        return OnnxCaptioner(ref.value, RuntimeOptions(device=device), **kw)
     raise UsageError(f"{spec}: {ref.kind} captioners are not supported yet")
 
 
@@ -95,4 +107,10 @@ def default_models(target_spec: str) -> tuple[str, str]:
     if ref is not None and ref.kind == "registered":
         d = TARGETS.get(ref.value).defaults
         return d.get("embedder", DEFAULT_EMBEDDER), d.get("captioner", DEFAULT_CAPTIONER)
+    if ref is not None and ref.kind == "export":
+        # An `audit export` bundle carries the compiled embedder and captioner exported with its target.
+        from ..runtime.folder import bundled_models
+
+        embedder, captioner = bundled_models(ref.value)
+        return embedder or DEFAULT_EMBEDDER, captioner or DEFAULT_CAPTIONER
     return DEFAULT_EMBEDDER, DEFAULT_CAPTIONER

@@ -1,0 +1,305 @@
+"""Export a target, an embedder and a captioner into one folder the runtime loads.
+
+Layout of ``audit export --out DIR``::
+
+    DIR/manifest.json, DIR/export.json          the bundle: which components, made for which target
+    DIR/target/     text_encoder.onnx unet.onnx vae_decoder.onnx tokenizer/ scheduler/ manifest.json export.json
+    DIR/embedder/   image_encoder.onnx text_encoder.onnx processor/ manifest.json export.json
+    DIR/captioner/  vision_encoder.onnx decoder_step.onnx processor/ manifest.json export.json
+
+Each component folder is itself an export folder (``--embedder DIR/embedder`` works). Every graph is validated
+against PyTorch right after export; then each component is checked end to end against its torch backend
+(generated images, embeddings, greedy caption tokens), and both results are recorded in ``export.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config, atomic_write_text
+from ..errors import ArtifactError, UsageError
+from ..manifest import make_manifest
+from . import specs
+from .convert import OPSET, export_spec, prepare_module, validate_spec
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1  # layout version of export.json
+PRECISIONS = ("fp32", "fp16")
+# Generation settings of a BLIP text decoder that greedy decoding in the runtime does not reproduce.
+_UNSUPPORTED_GENERATION = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+                           "min_length": (None, 0), "min_new_tokens": (None, 0), "bad_words_ids": (None,),
+                           "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+                           "forced_bos_token_id": (None,), "forced_eos_token_id": (None,)}
+
+
+@dataclasses.dataclass
+class ExportConfig(Config):
+    target: str = ""
+    embedder: str = ""
+    captioner: str = ""
+    device: str = "cpu"
+    precision: str = "fp32"
+    opset: int = OPSET
+    allow_pickle: bool = False
+
+
+def check_export_options(device: str, precision: str) -> None:
+    """Fail before any work when the device/precision pair cannot be exported and validated here."""
+    from ..runtime.session import RuntimeOptions, providers_for
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; valid precisions are {', '.join(PRECISIONS)}")
+    providers_for(RuntimeOptions(device=device))  # unknown device / no CUDA provider: a clear error
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA GPU on this machine")
+    elif precision == "fp16":
+        raise UsageError("--precision fp16 is for GPU inference: export it with --device cuda (onnxruntime's CPU "
+                         "provider has few fp16 kernels, so fp16 graphs are slower there than fp32)")
+
+
+def _session_factory(device: str):
+    from ..runtime.session import Graph, RuntimeOptions
+
+    options = RuntimeOptions(device=device, tensorrt=False)  # validate what the graph computes, not TensorRT's
+    return lambda path: Graph(path, options).session
+
+
+def _export_graphs(spec_list, folder: Path, cfg: ExportConfig) -> dict:
+    graphs = {}
+    factory = _session_factory(cfg.device)
+    for spec in spec_list:
+        module = prepare_module(spec, cfg.device, cfg.precision)
+        record = export_spec(spec, folder, cfg.device, cfg.precision, cfg.opset, module)
+        graphs[spec.name] = validate_spec(spec, folder, record, factory, cfg.device, cfg.precision, module)
+        del module
+        log.info("%s/%s: max |onnx - torch| %.2e (tolerance atol %g, rtol %g)", folder.name, spec.name,
+                 graphs[spec.name]["validation"]["max_abs_err"], record["tolerance"]["atol"],
+                 record["tolerance"]["rtol"])
+    return graphs
+
+
+def _write_component(folder: Path, component: str, cfg: ExportConfig, target_identity: dict, identity: dict,
+                     info: dict) -> None:
+    info = {"format": EXPORT_FORMAT, "component": component, "identity": identity, **info}
+    atomic_write_text(folder / "export.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+    manifest = make_manifest("export", cfg.to_dict(), target_identity, component=component, model=identity)
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+# --- target --------------------------------------------------------------------------------------------------------
+
+def _target_family(pipe) -> dict:
+    """What the runtime must reproduce of a pipeline's __call__ (the two supported families differ in small ways)."""
+    cls = type(pipe).__name__
+    if cls == "StableDiffusionPipeline":
+        if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+            raise UsageError("this StableDiffusionPipeline's text encoder uses an attention mask; export does not "
+                             "support it (audit it on the torch path)")
+        return {"pipeline": cls, "text_encoder": pipe.text_encoder, "vae": pipe.vae,
+                "text_max_length": int(pipe.tokenizer.model_max_length),
+                # SD guides when guidance > 1 and the UNet takes no guidance embedding (LCM-style UNets do).
+                "cfg_rule": "greater_than_one" if pipe.unet.config.time_cond_proj_dim is None else "never",
+                "latent_scale": "divide"}
+    if cls == "LDMTextToImagePipeline":
+        return {"pipeline": cls, "text_encoder": pipe.bert, "vae": pipe.vqvae, "text_max_length": 77,
+                "cfg_rule": "not_one", "latent_scale": "multiply_reciprocal"}
+    raise UsageError(f"cannot export a {cls}; export supports StableDiffusionPipeline and LDMTextToImagePipeline")
+
+
+def export_target(generator, folder: Path, cfg: ExportConfig) -> dict:
+    pipe = getattr(generator, "pipe", None)
+    if pipe is None:
+        raise UsageError(f"target {generator.name!r} is not a local diffusers pipeline; only those can be exported")
+    if type(pipe.scheduler).__name__ != "DDIMScheduler":
+        raise UsageError(f"target {generator.name!r} samples with {type(pipe.scheduler).__name__}; the runtime "
+                         "reproduces DDIM only (audit this target on the torch path)")
+    fam = _target_family(pipe)
+    from ..runtime.scheduler import check_scheduler_config
+
+    check_scheduler_config(dict(pipe.scheduler.config, _class_name="DDIMScheduler"), f"{generator.name} scheduler")
+    folder.mkdir(parents=True)
+    scale = 8 if fam["pipeline"] == "LDMTextToImagePipeline" else int(getattr(pipe, "vae_scale_factor", 8))
+    latent = int(generator.resolution) // scale
+    text_dim = int(fam["text_encoder"].config.hidden_size if hasattr(fam["text_encoder"].config, "hidden_size")
+                   else fam["text_encoder"].config.d_model)
+    vae_spec = specs.VaeDecoderSpec(fam["vae"], latent, reciprocal=fam["latent_scale"] == "multiply_reciprocal")
+    graphs = _export_graphs([
+        specs.TextEncoderSpec(fam["text_encoder"], fam["text_max_length"], len(pipe.tokenizer)),
+        specs.UNetSpec(pipe.unet, latent, fam["text_max_length"], text_dim, pipe.scheduler.config.num_train_timesteps),
+        vae_spec,
+    ], folder, cfg)
+    pipe.tokenizer.save_pretrained(folder / "tokenizer")
+    pipe.scheduler.save_config(folder / "scheduler")
+    settings = {"pipeline": fam["pipeline"], "resolution": int(generator.resolution), "latent_size": latent,
+                "latent_channels": int(pipe.unet.config.in_channels), "text_max_length": fam["text_max_length"],
+                "cfg_rule": fam["cfg_rule"], "tokenizer": "tokenizer",
+                "scheduler": "scheduler/scheduler_config.json"}
+    identity = generator.identity()
+    _write_component(folder, "target", cfg, identity, identity,
+                     {"family": "diffusion", "graphs": graphs, "settings": settings})
+    return identity
+
+
+# --- embedder ------------------------------------------------------------------------------------------------------
+
+def export_embedder(embedder, folder: Path, cfg: ExportConfig, target_identity: dict) -> dict:
+    from ..kernels.preprocess import ImageTransform
+
+    model, processor = getattr(embedder, "model", None), getattr(embedder, "processor", None)
+    if model is None or type(model).__name__ != "CLIPModel" or processor is None:
+        raise UsageError(f"embedder {embedder.name!r} is not a transformers CLIPModel; only those can be exported")
+    folder.mkdir(parents=True)
+    tok = processor.tokenizer
+    graphs = _export_graphs([specs.ClipImageSpec(model),
+                             specs.ClipTextSpec(model, int(tok.eos_token_id), int(tok.pad_token_id or 0))],
+                            folder, cfg)
+    processor.save_pretrained(folder / "processor")
+    transform = ImageTransform.from_processor_config(processor.image_processor.to_dict(), f"{embedder.name} processor")
+    settings = {"dim": int(embedder.dim), "processor": "processor", "image_transform": transform.to_dict()}
+    identity = embedder.identity()
+    _write_component(folder, "embedder", cfg, target_identity, identity,
+                     {"family": "clip", "graphs": graphs, "settings": settings})
+    return identity
+
+
+# --- captioner -----------------------------------------------------------------------------------------------------
+
+def _generation_settings(blip) -> dict:
+    gc = blip.text_decoder.generation_config
+    bad = {k: getattr(gc, k, None) for k, ok in _UNSUPPORTED_GENERATION.items() if getattr(gc, k, None) not in ok}
+    if bad:
+        raise UsageError(f"captioner generation settings {bad} are not reproduced by the runtime's greedy decoding")
+    tc = blip.config.text_config
+    return {"bos_token_id": int(tc.bos_token_id), "eos_token_id": int(tc.sep_token_id),
+            "pad_token_id": int(tc.pad_token_id), "max_positions": int(tc.max_position_embeddings),
+            "n_layers": int(tc.num_hidden_layers), "n_heads": int(tc.num_attention_heads),
+            "head_dim": int(tc.hidden_size) // int(tc.num_attention_heads)}
+
+
+def export_captioner(captioner, folder: Path, cfg: ExportConfig, target_identity: dict) -> dict:
+    from ..kernels.preprocess import ImageTransform
+
+    model, processor = getattr(captioner, "model", None), getattr(captioner, "processor", None)
+    if model is None or type(model).__name__ != "BlipForConditionalGeneration" or processor is None:
+        raise UsageError(f"captioner {captioner.name!r} is not a transformers BlipForConditionalGeneration; only "
+                         "those can be exported")
+    generation = _generation_settings(model)
+    folder.mkdir(parents=True)
+    graphs = _export_graphs([specs.BlipVisionSpec(model), specs.BlipDecoderStepSpec(model)], folder, cfg)
+    processor.save_pretrained(folder / "processor")
+    transform = ImageTransform.from_processor_config(processor.image_processor.to_dict(),
+                                                     f"{captioner.name} processor")
+    settings = {**generation, "processor": "processor", "image_transform": transform.to_dict()}
+    identity = captioner.identity()
+    _write_component(folder, "captioner", cfg, target_identity, identity,
+                     {"family": "blip", "graphs": graphs, "settings": settings})
+    return identity
+
+
+# --- end-to-end checks ---------------------------------------------------------------------------------------------
+
+def _probe_images(resolution: int, n: int = 3) -> np.ndarray:
+    """Deterministic images with structure (a gradient, a disc, noise) for the end-to-end checks."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:resolution, 0:resolution] / max(resolution - 1, 1)
+    out = []
+    for i in range(n):
+        disc = ((xx - 0.3 - 0.2 * i) ** 2 + (yy - 0.5) ** 2 < 0.05)[..., None] * np.array([200, 40, 90 + 40 * i])
+        base = np.stack([xx * 255, yy * 255, (1 - xx) * 128], -1)
+        out.append(np.clip(base * (1 - disc.any(-1, keepdims=True)) + disc + rng.normal(0, 12, base.shape), 0, 255))
+    return np.asarray(out, np.uint8)
+
+
+# What the end-to-end checks demand: fp32 graphs reproduce the torch path; fp16 ones only approximate it (greedy
+# captions may flip at near-ties), so for them the numbers are recorded and only gross disagreement fails.
+_END_TO_END = {"fp32": {"image_max": 8, "image_mean": 0.5, "embedding": 1e-3, "captions_equal": True},
+               "fp16": {"image_max": 255, "image_mean": 3.0, "embedding": 3e-2, "captions_equal": False}}
+
+
+def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, precision: str = "fp32") -> dict:
+    """The exported components against the torch backends they came from; raises when they disagree."""
+    from ..runtime import OnnxCaptioner, OnnxEmbedder, OnnxGenerator
+    from ..runtime.session import RuntimeOptions
+
+    limits = _END_TO_END[precision]
+    opts = RuntimeOptions(device=device, tensorrt=False)
+    checks = {}
+    g = OnnxGenerator(folder / "target", opts)
+    caption = "a red circle on a blue background"
+    torch_img = generator.generate([caption], 1, 0, 2)
+    onnx_img = g.generate([caption], 1, 0, 2)
+    diff = np.abs(torch_img.astype(np.int16) - onnx_img.astype(np.int16))
+    checks["target"] = {"steps": 2, "max_abs_uint8": int(diff.max()), "mean_abs_uint8": float(diff.mean())}
+    if diff.max() > limits["image_max"] or diff.mean() > limits["image_mean"]:
+        raise ArtifactError(f"{folder / 'target'}: generated images differ from the torch path by up to "
+                            f"{int(diff.max())} levels (mean {diff.mean():.2f})")
+    images = np.concatenate([_probe_images(g.resolution), torch_img[:, 0]])
+    if embedder is not None:
+        e = OnnxEmbedder(folder / "embedder", opts)
+        texts = [caption, "two green squares", ""]
+        err_i = float(np.abs(e.embed_images(images) - embedder.embed_images(images)).max())
+        err_t = float(np.abs(e.embed_texts(texts) - embedder.embed_texts(texts)).max())
+        checks["embedder"] = {"max_abs_image": err_i, "max_abs_text": err_t}
+        if max(err_i, err_t) > limits["embedding"]:
+            raise ArtifactError(f"{folder / 'embedder'}: embeddings differ from the torch path by {max(err_i, err_t):.3g}")
+    if captioner is not None:
+        c = OnnxCaptioner(folder / "captioner", opts)
+        ours, theirs = c.caption(images, max_new_tokens=12), captioner.caption(images, max_new_tokens=12)
+        checks["captioner"] = {"captions_equal": ours == theirs, "n_images": len(images), "max_new_tokens": 12}
+        if ours != theirs:
+            if limits["captions_equal"]:
+                raise ArtifactError(f"{folder / 'captioner'}: greedy captions differ from generate(): {ours} vs "
+                                    f"{theirs}")
+            log.warning("%s: %s captions differ from the torch path's on %d of %d probe images", folder, precision,
+                        sum(a != b for a, b in zip(ours, theirs)), len(ours))
+    return checks
+
+
+# --- the bundle ----------------------------------------------------------------------------------------------------
+
+def export_all(cfg: ExportConfig, out: str | Path) -> dict:
+    """Export target + embedder + captioner into ``out``; returns the bundle's export.json content."""
+    from ..targets import default_models, load_captioner, load_embedder, load_target
+
+    check_export_options(cfg.device, cfg.precision)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ArtifactError(f"{out}: already exists and is not an empty folder; choose another --out or delete it")
+    emb_spec, cap_spec = default_models(cfg.target)
+    cfg = dataclasses.replace(cfg, embedder=cfg.embedder or emb_spec, captioner=cfg.captioner or cap_spec)
+    start = time.perf_counter()
+    generator = load_target(cfg.target, device=cfg.device, allow_pickle=cfg.allow_pickle)
+    embedder = load_embedder(cfg.embedder, device=cfg.device, allow_pickle=cfg.allow_pickle)
+    captioner = load_captioner(cfg.captioner, device=cfg.device, allow_pickle=cfg.allow_pickle)
+    # Build in a sibling folder and rename at the end: an interrupted export never looks like a finished one.
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        target_id = export_target(generator, tmp / "target", cfg)
+        ids = {"target": target_id,
+               "embedder": export_embedder(embedder, tmp / "embedder", cfg, target_id),
+               "captioner": export_captioner(captioner, tmp / "captioner", cfg, target_id)}
+        checks = check_end_to_end(tmp, generator, embedder, captioner, cfg.device, cfg.precision)
+        info = {"components": {k: {"path": k, "identity": v} for k, v in ids.items()},
+                "end_to_end": checks, "export_seconds": round(time.perf_counter() - start, 1)}
+        _write_component(tmp, "bundle", cfg, target_id, target_id, info)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"format": EXPORT_FORMAT, "component": "bundle", **info}

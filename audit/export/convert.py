@@ -1,0 +1,152 @@
+"""Export one spec to ONNX with the dynamo exporter, then validate it against PyTorch in onnxruntime."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ArtifactError
+from .specs import ExportSpec
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def _dims(spec: ExportSpec) -> dict[str, torch.export.Dim]:
+    bounds = spec.dim_bounds()
+    names = {name for axes in spec.inputs.values() for name in axes.values()}
+    dims = {}
+    for name in sorted(names):
+        lo, hi = bounds.get(name, (1, 4096))
+        dims[name] = torch.export.Dim(name.replace("+", "_plus_"), min=lo, max=hi)
+    return dims
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's optimiser passes log every rewrite at INFO; keep -v output about audit's own progress."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _group_varargs(module: torch.nn.Module, per_input: list) -> tuple:
+    """torch.export wants ``*args`` of ``forward`` as one nested entry of ``dynamic_shapes``."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return (*per_input[: len(named)], tuple(per_input[len(named):]))
+    return tuple(per_input)
+
+
+def _cast(feeds: dict[str, torch.Tensor], device: str, precision: str) -> dict[str, torch.Tensor]:
+    dtype = _DTYPES[precision]
+    return {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in feeds.items()}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_module(spec: ExportSpec, device: str = "cpu", precision: str = "fp32") -> torch.nn.Module:
+    """The module to export, on ``device`` in ``precision``. Casting to fp16 works on a copy: ``.to()`` is in
+    place, and the torch models still serve as the reference of the end-to-end checks."""
+    module = spec.module().eval()
+    if precision != "fp32":
+        module = copy.deepcopy(module)
+    return module.to(device=device, dtype=_DTYPES[precision])
+
+
+def export_spec(spec: ExportSpec, folder: Path, device: str = "cpu", precision: str = "fp32",
+                opset: int = OPSET, module: torch.nn.Module | None = None) -> dict:
+    """Write ``folder/<spec.name>.onnx`` (plus ``.onnx.data`` for graphs over 2 GB) and return its record."""
+    path = folder / f"{spec.name}.onnx"
+    module = module if module is not None else prepare_module(spec, device, precision)
+    example = _cast(spec.example_inputs(2), device, precision)
+    dims = _dims(spec)
+    dynamic_shapes = _group_varargs(module, [{axis: dims[name] for axis, name in spec.inputs[k].items()}
+                                             for k in spec.inputs])
+    start = time.perf_counter()
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's concern
+        program = torch.onnx.export(module, tuple(example[k] for k in spec.inputs), dynamo=True,
+                                    dynamic_shapes=dynamic_shapes, input_names=list(spec.inputs),
+                                    output_names=list(spec.outputs), opset_version=opset, optimize=True,
+                                    verbose=False)
+    if program is None:
+        raise ArtifactError(f"{path}: the ONNX exporter returned no program for {spec.name}")
+    program.save(str(path))
+    seconds = time.perf_counter() - start
+    files = [p.name for p in (path, path.with_name(path.name + ".data")) if p.exists()]
+    log.info("exported %s in %.1f s", path, seconds)
+    return {
+        "file": path.name,
+        "files": {name: file_sha256(folder / name) for name in files},
+        "opset": opset,
+        "precision": precision,
+        "input_names": list(spec.inputs),  # graph order (the dicts below are saved with sorted keys)
+        "output_names": list(spec.outputs),
+        "inputs": {k: _describe(example[k], spec.inputs[k]) for k in spec.inputs},
+        "outputs": {k: {"dynamic_axes": {str(a): n for a, n in spec.outputs[k].items()}} for k in spec.outputs},
+        "tolerance": spec.tolerance(precision),
+        "export_seconds": round(seconds, 2),
+    }
+
+
+def _describe(t: torch.Tensor, axes: dict[int, str]) -> dict:
+    shape = [axes.get(i, int(s)) for i, s in enumerate(t.shape)]
+    return {"shape": shape, "dtype": str(t.dtype).replace("torch.", ""),
+            "dynamic_axes": {str(a): n for a, n in axes.items()}}
+
+
+def validate_spec(spec: ExportSpec, folder: Path, record: dict, session_factory, device: str = "cpu",
+                  precision: str = "fp32", module: torch.nn.Module | None = None) -> dict:
+    """Run the graph and PyTorch on inputs of other sizes than traced; every output within tolerance or raise."""
+    path = folder / record["file"]
+    session = session_factory(path)
+    module = module if module is not None else prepare_module(spec, device, precision)
+    tol = record["tolerance"]
+    worst = 0.0
+    runs = []
+    for feeds in spec.validation_inputs():
+        feeds = _cast(feeds, device, precision)
+        with torch.no_grad():
+            expected = module(*(feeds[k] for k in spec.inputs))
+        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+        got = session.run(None, {k: v.cpu().numpy() for k, v in feeds.items()})
+        for name, e, g in zip(spec.outputs, expected, got):
+            e = e.float().cpu().numpy()
+            g = np.asarray(g, np.float32)
+            if e.shape != g.shape:
+                raise ArtifactError(f"{path}: output {name} has shape {g.shape}, PyTorch gives {e.shape}")
+            err = np.abs(g - e)
+            bound = tol["atol"] + tol["rtol"] * np.abs(e)
+            if not np.all(err <= bound) or not np.isfinite(g).all():
+                raise ArtifactError(
+                    f"{path}: output {name} differs from PyTorch by up to {float(err.max()):.3g} "
+                    f"(tolerance atol {tol['atol']}, rtol {tol['rtol']}) on inputs "
+                    f"{ {k: tuple(v.shape) for k, v in feeds.items()} }")
+            worst = max(worst, float(err.max()) if err.size else 0.0)
+        runs.append({k: list(v.shape) for k, v in feeds.items() if k in list(spec.inputs)[:1]})
+    return {**record, "validation": {"max_abs_err": worst, "passed": True, "inputs": runs, "device": device}}

@@ -1,0 +1,374 @@
+"""Export specs, one small class per graph, in the style of optimum's ``OnnxConfig``.
+
+A spec names the graph's inputs and outputs with their dynamic axes, builds the ``nn.Module`` that is exported
+(a thin wrapper fixing what the runtime needs: normalised CLIP features, a decoder step with an explicit KV cache),
+gives example inputs for tracing and validation inputs of other sizes (so the dynamic axes are exercised), and the
+tolerance the graph must meet against PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Axes = dict[int, str]
+
+
+def _features(out) -> torch.Tensor:
+    # transformers 5 returns a ModelOutput whose pooler_output is the projected feature; 4.x a tensor.
+    return getattr(out, "pooler_output", out)
+
+
+class ExportSpec:
+    """One ONNX graph. Subclasses set ``name``, ``inputs``/``outputs`` (ordered: name -> dynamic axes) and tolerances."""
+
+    name: str = ""
+    inputs: dict[str, Axes] = {}
+    outputs: dict[str, Axes] = {}
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    max_batch = 4096
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def module(self) -> nn.Module:
+        """The module whose ``forward(*inputs)`` (positional, in ``inputs`` order) is exported."""
+        raise NotImplementedError
+
+    def example_inputs(self, batch: int = 2, **kw: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def validation_inputs(self) -> list[dict[str, torch.Tensor]]:
+        """Batches of sizes other than the example's (1 and 3), so the dynamic batch axis is checked."""
+        return [self.example_inputs(1), self.example_inputs(3)]
+
+    def dim_bounds(self) -> dict[str, tuple[int, int]]:
+        """(min, max) of each named dynamic dimension."""
+        return {"batch": (1, self.max_batch)}
+
+    def tolerance(self, precision: str) -> dict[str, float]:
+        if precision == "fp16":
+            return {"atol": max(self.atol, 1e-2), "rtol": max(self.rtol, 1e-2)}
+        return {"atol": self.atol, "rtol": self.rtol}
+
+
+class _Seeded:
+    """Deterministic example tensors (export and validation must not depend on global RNG state)."""
+
+    def __init__(self, seed: int = 0):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.g)
+
+    def randint(self, low: int, high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(low, high, shape, generator=self.g)
+
+
+# --- diffusion target ----------------------------------------------------------------------------------------------
+
+class _TextEncoder(nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        # StableDiffusionPipeline.encode_prompt without clip_skip: the last hidden state, no attention mask.
+        return self.text_encoder(input_ids)[0]
+
+
+class TextEncoderSpec(ExportSpec):
+    name = "text_encoder"
+    inputs = {"input_ids": {0: "batch"}}
+    outputs = {"last_hidden_state": {0: "batch"}}
+
+    def __init__(self, text_encoder, max_length: int, vocab_size: int):
+        super().__init__(text_encoder)
+        self.max_length, self.vocab_size = max_length, vocab_size
+
+    def module(self):
+        return _TextEncoder(self.model)
+
+    def example_inputs(self, batch=2, seed=0):
+        return {"input_ids": _Seeded(seed + batch).randint(0, self.vocab_size, batch, self.max_length)}
+
+
+class _UNet(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class UNetSpec(ExportSpec):
+    """Per-sample timestep vector, so one call can denoise a batch whatever each image's step."""
+
+    name = "unet"
+    inputs = {"sample": {0: "batch"}, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}}
+    outputs = {"noise_pred": {0: "batch"}}
+
+    def __init__(self, unet, latent_size: int, text_length: int, text_dim: int, train_steps: int = 1000):
+        super().__init__(unet)
+        self.latent_size, self.text_length, self.text_dim, self.train_steps = latent_size, text_length, text_dim, train_steps
+        self.channels = int(unet.config.in_channels)
+
+    def module(self):
+        return _UNet(self.model)
+
+    def example_inputs(self, batch=2, seed=0):
+        r = _Seeded(seed + batch)
+        s = self.latent_size
+        return {"sample": r.randn(batch, self.channels, s, s), "timestep": r.randint(0, self.train_steps, batch),
+                "encoder_hidden_states": r.randn(batch, self.text_length, self.text_dim)}
+
+
+class _VaeDecoder(nn.Module):
+    def __init__(self, vae, reciprocal: bool):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+        self.reciprocal = reciprocal
+
+    def forward(self, latents):
+        # As the pipelines do it (SD divides by the scaling factor, LDM multiplies by its reciprocal), then the
+        # image processor's denormalise to [0, 1].
+        latents = (1 / self.scale) * latents if self.reciprocal else latents / self.scale
+        image = self.vae.decode(latents, return_dict=False)[0]
+        return (image * 0.5 + 0.5).clamp(0, 1)
+
+
+class VaeDecoderSpec(ExportSpec):
+    name = "vae_decoder"
+    inputs = {"latents": {0: "batch"}}
+    outputs = {"images": {0: "batch"}}
+    atol = 1e-3  # images in [0, 1]; a uint8 level is 4e-3
+
+    def __init__(self, vae, latent_size: int, reciprocal: bool = False):
+        super().__init__(vae)
+        self.latent_size, self.reciprocal = latent_size, reciprocal
+        self.channels = int(vae.config.latent_channels)
+
+    def module(self):
+        return _VaeDecoder(self.model, self.reciprocal)
+
+    def example_inputs(self, batch=2, seed=0):
+        return {"latents": _Seeded(seed + batch).randn(batch, self.channels, self.latent_size, self.latent_size)}
+
+
+# --- CLIP embedder -------------------------------------------------------------------------------------------------
+
+class _ClipImage(nn.Module):
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixel_values):
+        return F.normalize(_features(self.clip.get_image_features(pixel_values=pixel_values)), dim=-1)
+
+
+class ClipImageSpec(ExportSpec):
+    name = "image_encoder"
+    inputs = {"pixel_values": {0: "batch"}}
+    outputs = {"image_embeds": {0: "batch"}}
+
+    def __init__(self, clip):
+        super().__init__(clip)
+        self.size = int(clip.config.vision_config.image_size)
+
+    def module(self):
+        return _ClipImage(self.model)
+
+    def example_inputs(self, batch=2, seed=0):
+        return {"pixel_values": _Seeded(seed + batch).randn(batch, 3, self.size, self.size)}
+
+
+class _ClipText(nn.Module):
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, input_ids, attention_mask):
+        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(_features(out), dim=-1)
+
+
+class ClipTextSpec(ExportSpec):
+    name = "text_encoder"
+    inputs = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    outputs = {"text_embeds": {0: "batch"}}
+
+    def __init__(self, clip, eos_token_id: int, pad_token_id: int):
+        super().__init__(clip)
+        self.max_length = int(clip.config.text_config.max_position_embeddings)
+        self.vocab_size = int(clip.config.text_config.vocab_size)
+        self.eos, self.pad = eos_token_id, pad_token_id
+
+    def module(self):
+        return _ClipText(self.model)
+
+    def dim_bounds(self):
+        return {"batch": (1, self.max_batch), "sequence": (2, self.max_length)}
+
+    def example_inputs(self, batch=2, seed=0, length=None):
+        # Padded batches as the tokenizer makes them: row i has (length - i) real tokens ending in EOS.
+        length = length or min(7, self.max_length)
+        r = _Seeded(seed + batch)
+        ids = r.randint(0, self.vocab_size, batch, length)
+        mask = torch.ones(batch, length, dtype=torch.int64)
+        for i in range(batch):
+            n = max(2, length - i)
+            ids[i, n - 1] = self.eos
+            ids[i, n:] = self.pad
+            mask[i, n:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def validation_inputs(self):
+        return [self.example_inputs(1, length=3), self.example_inputs(3, length=min(11, self.max_length))]
+
+
+# --- BLIP captioner ------------------------------------------------------------------------------------------------
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, t, _ = x.shape
+    return x.view(b, t, n_heads, -1).transpose(1, 2)
+
+
+def _attend(q, k, v, head_dim: int) -> torch.Tensor:
+    # The arithmetic of transformers' BlipTextSelfAttention (matmul, scale, softmax, matmul) in the same order.
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)
+    ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
+    b, _, t, _ = ctx.shape
+    return ctx.permute(0, 2, 1, 3).contiguous().view(b, t, -1)
+
+
+class _BlipVision(nn.Module):
+    """Vision encoder plus each decoder layer's cross-attention keys/values, computed once per image."""
+
+    def __init__(self, blip):
+        super().__init__()
+        self.vision = blip.vision_model
+        self.layers = blip.text_decoder.bert.encoder.layer
+        self.n_heads = blip.config.text_config.num_attention_heads
+
+    def forward(self, pixel_values):
+        embeds = self.vision(pixel_values=pixel_values)[0]
+        cross = []
+        for layer in self.layers:
+            att = layer.crossattention.self
+            cross += [_heads(att.key(embeds), self.n_heads), _heads(att.value(embeds), self.n_heads)]
+        return (embeds, *cross)
+
+
+class BlipVisionSpec(ExportSpec):
+    name = "vision_encoder"
+
+    def __init__(self, blip):
+        super().__init__(blip)
+        self.size = int(blip.config.vision_config.image_size)
+        n = blip.config.text_config.num_hidden_layers
+        self.inputs = {"pixel_values": {0: "batch"}}
+        self.outputs = {"image_embeds": {0: "batch"}}
+        for i in range(n):
+            self.outputs[f"cross_key.{i}"] = {0: "batch"}
+            self.outputs[f"cross_value.{i}"] = {0: "batch"}
+
+    def module(self):
+        return _BlipVision(self.model)
+
+    def example_inputs(self, batch=2, seed=0):
+        return {"pixel_values": _Seeded(seed + batch).randn(batch, 3, self.size, self.size)}
+
+
+class _BlipDecoderStep(nn.Module):
+    """One greedy-decoding step of BLIP's text decoder for one new token per sequence, with a KV cache.
+
+    Re-states ``BlipTextLMHeadModel.forward`` over its own submodules (same weights, same arithmetic) with the
+    cache as explicit tensors, which exports cleanly where transformers' ``Cache`` objects do not. With one new
+    token, the causal mask over the cache is all-visible, so no mask is needed.
+    """
+
+    def __init__(self, blip):
+        super().__init__()
+        decoder = blip.text_decoder
+        self.embeddings = decoder.bert.embeddings
+        self.layers = decoder.bert.encoder.layer
+        self.head = decoder.cls
+        cfg = blip.config.text_config
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+
+    def forward(self, input_ids, *caches):
+        n = len(self.layers)
+        past, cross = caches[: 2 * n], caches[2 * n :]
+        start = past[0].shape[2]
+        emb = self.embeddings
+        positions = emb.position_ids[:, start : start + input_ids.shape[1]]
+        h = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(positions))
+        present = []
+        for i, layer in enumerate(self.layers):
+            att = layer.attention.self
+            q = _heads(att.query(h), self.n_heads)
+            k = torch.cat([past[2 * i], _heads(att.key(h), self.n_heads)], dim=2)
+            v = torch.cat([past[2 * i + 1], _heads(att.value(h), self.n_heads)], dim=2)
+            present += [k, v]
+            h = layer.attention.output(_attend(q, k, v, self.head_dim), h)
+            xatt = layer.crossattention.self
+            ctx = _attend(_heads(xatt.query(h), self.n_heads), cross[2 * i], cross[2 * i + 1], self.head_dim)
+            h = layer.crossattention.output(ctx, h)
+            h = layer.output(layer.intermediate(h), h)
+        return (self.head(h)[:, -1, :], *present)
+
+
+class BlipDecoderStepSpec(ExportSpec):
+    name = "decoder_step"
+    atol = 1e-3  # logits; what must hold exactly is the greedy tokens, checked against generate()
+
+    def __init__(self, blip):
+        super().__init__(blip)
+        cfg = blip.config.text_config
+        self.n_layers = int(cfg.num_hidden_layers)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.head_dim = int(cfg.hidden_size) // self.n_heads
+        self.vocab_size = int(cfg.vocab_size)
+        self.max_positions = int(cfg.max_position_embeddings)
+        vc = blip.config.vision_config
+        self.image_tokens = (int(vc.image_size) // int(vc.patch_size)) ** 2 + 1
+        self.inputs = {"input_ids": {0: "batch"}}
+        for i in range(self.n_layers):
+            self.inputs[f"past_key.{i}"] = {0: "batch", 2: "past"}
+            self.inputs[f"past_value.{i}"] = {0: "batch", 2: "past"}
+        for i in range(self.n_layers):
+            self.inputs[f"cross_key.{i}"] = {0: "batch"}
+            self.inputs[f"cross_value.{i}"] = {0: "batch"}
+        self.outputs = {"logits": {0: "batch"}}
+        for i in range(self.n_layers):
+            self.outputs[f"present_key.{i}"] = {0: "batch", 2: "past+1"}
+            self.outputs[f"present_value.{i}"] = {0: "batch", 2: "past+1"}
+
+    def module(self):
+        return _BlipDecoderStep(self.model)
+
+    def dim_bounds(self):
+        # The graph also runs with an empty cache (past = 0) for the first token; tracing needs an example >= 2.
+        return {"batch": (1, self.max_batch), "past": (0, self.max_positions - 1)}
+
+    def example_inputs(self, batch=2, seed=0, past=3):
+        r = _Seeded(seed + batch + past)
+        feeds = {"input_ids": r.randint(0, self.vocab_size, batch, 1)}
+        for i in range(self.n_layers):
+            feeds[f"past_key.{i}"] = r.randn(batch, self.n_heads, past, self.head_dim)
+            feeds[f"past_value.{i}"] = r.randn(batch, self.n_heads, past, self.head_dim)
+        for i in range(self.n_layers):
+            feeds[f"cross_key.{i}"] = r.randn(batch, self.n_heads, self.image_tokens, self.head_dim)
+            feeds[f"cross_value.{i}"] = r.randn(batch, self.n_heads, self.image_tokens, self.head_dim)
+        return feeds
+
+    def validation_inputs(self):
+        return [self.example_inputs(1, past=0), self.example_inputs(3, past=5)]

@@ -1,0 +1,55 @@
+"""The exported CLIP embedder on onnxruntime, behind the ``Embedder`` protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..kernels import DEFAULT_BACKENDS, ImageTransform, preprocess_images
+from ..kernels.preprocess import _check_images
+from .folder import ExportFolder
+from .session import Graph, RuntimeOptions
+
+
+class OnnxEmbedder:
+    def __init__(self, path: str | Path, options: RuntimeOptions | None = None, batch_size: int = 256,
+                 kernel_backend: str | None = None):
+        from transformers import AutoTokenizer
+
+        folder = ExportFolder(path).component_folder("embedder")
+        self.folder = folder
+        self.options = options or RuntimeOptions()
+        s = folder.settings
+        self._identity = folder.identity
+        self.name = self._identity["name"]
+        self.dim = int(s["dim"])
+        self.batch_size = batch_size
+        self.kernel_backend = kernel_backend or DEFAULT_BACKENDS["preprocess_images"]
+        self.transform = ImageTransform.from_dict(s["image_transform"])
+        self.tokenizer = AutoTokenizer.from_pretrained(folder.file(s["processor"]), local_files_only=True)
+        self.image_encoder = Graph(folder.graph("image_encoder"), self.options)
+        self.text_encoder = Graph(folder.graph("text_encoder"), self.options)
+
+    def identity(self) -> dict:
+        return dict(self._identity)
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        images = _check_images(images)
+        out = [self.image_encoder.run(pixel_values=preprocess_images(images[i : i + self.batch_size], self.transform,
+                                                                     self.kernel_backend))["image_embeds"]
+               for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(out).astype(np.float32)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            # As the torch embedder: pad to the longest in the batch, truncate to the model's length.
+            tok = self.tokenizer(texts[i : i + self.batch_size], padding=True, truncation=True, return_tensors="np")
+            out.append(self.text_encoder.run(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+                       ["text_embeds"])
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), np.float32)

@@ -1,0 +1,77 @@
+"""Reading ``audit export`` folders: the manifest check, export.json, and which component lives where."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ArtifactError
+from ..manifest import check_manifest, read_manifest
+
+COMPONENTS = ("target", "embedder", "captioner")
+EXPORT_FORMAT = 1
+
+
+class ExportFolder:
+    """An export folder: a bundle (target + embedder + captioner) or a single component."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path / "manifest.json")
+        check_manifest(self.manifest, "export", str(self.path))
+        try:
+            self.info = json.loads((self.path / "export.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ArtifactError(f"{self.path}: export.json not found; not an `audit export` folder") from None
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{self.path / 'export.json'}: not valid JSON ({exc.msg})") from None
+        if self.info.get("format") != EXPORT_FORMAT:
+            raise ArtifactError(f"{self.path}: export format {self.info.get('format')} is not supported (this audit "
+                                f"reads format {EXPORT_FORMAT}); re-export it")
+        self.component = self.info.get("component")
+
+    def component_folder(self, which: str) -> "ExportFolder":
+        """The folder holding component ``which`` (this one, or the bundle's subfolder)."""
+        if self.component == which:
+            return self
+        if self.component == "bundle":
+            entry = self.info.get("components", {}).get(which)
+            if entry is None:
+                raise ArtifactError(f"{self.path}: this export has no {which}")
+            return ExportFolder(self.path / entry["path"])
+        raise ArtifactError(f"{self.path}: is an exported {self.component}, not a {which} (or a bundle holding one)")
+
+    @property
+    def identity(self) -> dict:
+        return dict(self.info["identity"])
+
+    @property
+    def settings(self) -> dict:
+        return self.info.get("settings", {})
+
+    def graph(self, name: str) -> Path:
+        graphs = self.info.get("graphs", {})
+        if name not in graphs:
+            raise ArtifactError(f"{self.path}: export.json lists no {name} graph")
+        return self.path / graphs[name]["file"]
+
+    def file(self, rel: str) -> Path:
+        path = self.path / rel
+        if not path.exists():
+            raise ArtifactError(f"{path}: missing from the export folder")
+        return path
+
+
+def bundled_models(path: str | Path) -> tuple[str | None, str | None]:
+    """(embedder, captioner) folders exported together with the target at ``path`` (a bundle, or the target
+    folder inside one); None where the export holds none."""
+    path = Path(path)
+    for root in (path, path.parent):
+        try:
+            folder = ExportFolder(root)
+        except ArtifactError:
+            continue
+        if folder.component == "bundle":
+            parts = folder.info.get("components", {})
+            return tuple(str(root / parts[k]["path"]) if k in parts else None for k in ("embedder", "captioner"))
+    return None, None

@@ -1,0 +1,104 @@
+"""onnxruntime sessions: providers for a device, explicit thread counts, inputs cast to what the graph takes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config
+from ..errors import ArtifactError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda")
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(uint8)": np.uint8}
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass
+class RuntimeOptions(Config):
+    """How sessions run. ``intra_op_threads`` 0 means one per usable core; inter-op parallelism is off (the
+    graphs are sequential chains, and a second pool only competes for the same cores)."""
+
+    device: str = "cpu"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    tensorrt: bool = True  # with --device cuda, use TensorRT first when onnxruntime offers it
+    trt_cache_dir: str = ""  # TensorRT engine cache; default ~/.cache/audit/tensorrt
+
+    def threads(self) -> int:
+        return self.intra_op_threads if self.intra_op_threads > 0 else usable_cores()
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def providers_for(options: RuntimeOptions) -> list:
+    """Execution providers in priority order; a clear error when --device cuda cannot be honoured."""
+    if options.device not in DEVICES:
+        raise UsageError(f"unknown device {options.device!r}; valid devices are {', '.join(DEVICES)}")
+    if options.device == "cpu":
+        return ["CPUExecutionProvider"]
+    have = available_providers()
+    if "CUDAExecutionProvider" not in have:
+        raise UsageError(
+            "--device cuda needs onnxruntime-gpu and a CUDA GPU; this onnxruntime offers only "
+            f"{', '.join(have)} (pip install 'audit[gpu]' in place of onnxruntime, on a machine with a GPU)")
+    providers: list = []
+    if options.tensorrt and "TensorrtExecutionProvider" in have:
+        cache = Path(options.trt_cache_dir or Path.home() / ".cache" / "audit" / "tensorrt")
+        cache.mkdir(parents=True, exist_ok=True)
+        providers.append(("TensorrtExecutionProvider", {"trt_engine_cache_enable": True,
+                                                        "trt_engine_cache_path": str(cache),
+                                                        "trt_fp16_enable": True}))
+    providers += ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return providers
+
+
+class Graph:
+    """One InferenceSession; ``run(**feeds)`` casts inputs to the graph's types and returns named outputs."""
+
+    def __init__(self, path: str | Path, options: RuntimeOptions | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ArtifactError(f"{self.path}: graph file missing from the export folder")
+        options = options or RuntimeOptions()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.threads()
+        so.inter_op_num_threads = max(1, options.inter_op_threads)
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=providers_for(options))
+        except UsageError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt or foreign graphs
+            raise ArtifactError(f"{self.path}: onnxruntime cannot load this graph ({str(exc).splitlines()[0]})") from None
+        self.input_types = {i.name: _NP_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.providers = self.session.get_providers()
+
+    def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        missing = sorted(set(self.input_types) - set(feeds))
+        if missing:
+            raise ArtifactError(f"{self.path}: graph inputs {missing} were not given")
+        cast = {k: np.ascontiguousarray(v, dtype=self.input_types[k]) for k, v in feeds.items() if k in self.input_types}
+        outs = self.session.run(self.output_names, cast)
+        return {name: (o.astype(np.float32) if o.dtype == np.float16 else o) for name, o in zip(self.output_names, outs)}

@@ -1,0 +1,161 @@
+"""`audit export`: every graph validated against PyTorch, the folder records what made it, bad requests fail early."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from audit.cli import app
+from audit.errors import ArtifactError, UsageError
+from audit.export import ExportConfig, export_all
+from audit.manifest import read_manifest
+from audit.registry import TARGETS, parse_model_ref
+
+pytestmark = pytest.mark.slow  # the session's export traces seven graphs (minutes on two cores)
+
+GRAPHS = {"target": {"text_encoder", "unet", "vae_decoder"}, "embedder": {"image_encoder", "text_encoder"},
+          "captioner": {"vision_encoder", "decoder_step"}}
+
+
+def test_cli_export_reports_components_and_end_to_end_checks(tiny_export):
+    out = tiny_export["output"]
+    for name in ("target:", "embedder:", "captioner:"):
+        assert name in out
+    assert "captions equal" in out
+    assert f"--target {tiny_export['path']}" in out
+
+
+def test_every_graph_met_its_tolerance_and_records_its_interface(tiny_export):
+    root = tiny_export["path"]
+    for component, names in GRAPHS.items():
+        info = json.loads((root / component / "export.json").read_text())
+        assert set(info["graphs"]) == names
+        for name, g in info["graphs"].items():
+            assert g["opset"] == 18 and g["precision"] == "fp32"
+            v = g["validation"]
+            assert v["passed"] and 0 <= v["max_abs_err"] <= g["tolerance"]["atol"] + 10 * g["tolerance"]["rtol"]
+            assert len(v["inputs"]) == 2  # validated on other batch sizes than the traced one
+            model = onnx.load(root / component / g["file"], load_external_data=False)
+            assert [i.name for i in model.graph.input] == g["input_names"]
+            assert [o.name for o in model.graph.output] == g["output_names"]
+            assert set(g["inputs"]) == set(g["input_names"]) and set(g["outputs"]) == set(g["output_names"])
+            # The batch axis is symbolic in the graph, as recorded.
+            first = model.graph.input[0].type.tensor_type.shape.dim[0]
+            assert first.dim_param and not first.dim_value
+            assert g["inputs"][model.graph.input[0].name]["dynamic_axes"]["0"] == "batch"
+            for fname, digest in g["files"].items():
+                assert len(digest) == 64 and (root / component / fname).is_file()
+
+
+def test_decoder_step_has_a_kv_cache_and_unet_a_per_sample_timestep(tiny_export):
+    root = tiny_export["path"]
+    cap = json.loads((root / "captioner" / "export.json").read_text())["graphs"]["decoder_step"]
+    assert cap["inputs"]["past_key.0"]["dynamic_axes"] == {"0": "batch", "2": "past"}
+    assert "present_value.1" in cap["outputs"]
+    unet = json.loads((root / "target" / "export.json").read_text())["graphs"]["unet"]
+    assert unet["inputs"]["timestep"]["shape"] == ["batch"]
+
+
+def test_manifests_name_the_source_weights(tiny_export, tiny_world):
+    from audit.targets import load_embedder, load_target
+
+    root = tiny_export["path"]
+    target_id = load_target(str(tiny_world["target"])).identity()
+    emb_id = load_embedder(str(tiny_world["clip"])).identity()
+    bundle = read_manifest(root / "manifest.json")
+    assert bundle["kind"] == "export" and bundle["target"] == target_id
+    assert bundle["config"]["embedder"] == str(tiny_world["clip"])
+    emb = read_manifest(root / "embedder" / "manifest.json")
+    assert emb["component"] == "embedder" and emb["model"] == emb_id and emb["target"] == target_id
+    assert tiny_export["info"]["components"]["target"]["identity"] == target_id
+
+
+def test_runtime_files_are_copied(tiny_export):
+    root = tiny_export["path"]
+    assert json.loads((root / "target" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
+        "DDIMScheduler"
+    assert (root / "target" / "tokenizer" / "tokenizer_config.json").is_file()
+    for part in ("embedder", "captioner"):
+        assert (root / part / "processor" / "tokenizer_config.json").is_file()
+        assert (root / part / "processor" / "processor_config.json").is_file()
+
+
+def test_end_to_end_checks_passed(tiny_export):
+    checks = tiny_export["info"]["end_to_end"]
+    assert checks["target"]["max_abs_uint8"] <= 2
+    assert max(checks["embedder"].values()) < 1e-4
+    assert checks["captioner"]["captions_equal"] is True
+
+
+def test_export_folder_and_components_parse_as_export_refs(tiny_export):
+    from audit.targets import default_models
+
+    root = tiny_export["path"]
+    assert parse_model_ref(str(root), TARGETS).kind == "export"
+    assert parse_model_ref(str(root / "captioner"), TARGETS).kind == "export"
+    assert default_models(str(root)) == (str(root / "embedder"), str(root / "captioner"))
+    assert default_models(str(root / "target")) == (str(root / "embedder"), str(root / "captioner"))
+
+
+def test_existing_output_folder_is_refused(tmp_path, tiny_world):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="not an empty folder"):
+        export_all(ExportConfig(target=str(tiny_world["target"])), tmp_path / "x")
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_fp16_on_cpu_and_cuda_without_gpu_fail_with_clear_errors(tmp_path, tiny_world):
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", "--target", str(tiny_world["target"]), "--out", str(tmp_path / "a"),
+                            "--precision", "fp16"])
+    assert r.exit_code == 2 and "fp16 is for GPU inference" in r.output
+    r = runner.invoke(app, ["export", "--target", str(tiny_world["target"]), "--out", str(tmp_path / "b"),
+                            "--precision", "int8"])
+    assert r.exit_code == 2 and "valid precisions are fp32, fp16" in r.output
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        r = runner.invoke(app, ["export", "--target", str(tiny_world["target"]), "--out", str(tmp_path / "c"),
+                                "--device", "cuda"])
+        assert r.exit_code == 2 and "needs onnxruntime-gpu" in r.output
+    assert not any(tmp_path.iterdir())  # nothing written by a refused export
+
+
+def test_non_ddim_target_is_refused_before_exporting(tmp_path, tiny_world):
+    import shutil
+
+    src = tmp_path / "pndm"
+    shutil.copytree(tiny_world["target"], src)
+    cfg_path = src / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["_class_name"] = "PNDMScheduler"
+    cfg_path.write_text(json.dumps(cfg))
+    index = json.loads((src / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (src / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UsageError, match="reproduces DDIM only"):
+        export_all(ExportConfig(target=str(src), embedder=str(tiny_world["clip"]),
+                                captioner=str(tiny_world["blip"])), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+def test_ldm_target_exports_and_generates_like_the_torch_path(tmp_path):
+    """The paper's LDM family (LDMBert text encoder, `1 / scale * latents`, guidance when != 1)."""
+    from audit.export.components import export_target
+    from audit.runtime import OnnxGenerator
+    from audit.targets.diffusion import DiffusersGenerator
+    from audit.targets.tiny import build_tiny_ldm
+
+    folder = build_tiny_ldm(tmp_path / "ldm")
+    torch_gen = DiffusersGenerator.from_folder(folder, name="tiny-ldm")
+    export_target(torch_gen, tmp_path / "export", ExportConfig(target=str(folder)))
+    onnx_gen = OnnxGenerator(tmp_path / "export")
+    assert onnx_gen.identity() == torch_gen.identity() and onnx_gen.resolution == torch_gen.resolution
+    for guidance in (1.0, 0.5):  # LDM guides at any scale != 1, also below 1
+        a = torch_gen.generate(["a red circle", "two blue squares"], 1, 3, 3, guidance)
+        b = onnx_gen.generate(["a red circle", "two blue squares"], 1, 3, 3, guidance)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
