@@ -66,3 +66,15 @@ def hub_cache(tiny_families, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "audit_home"))
     return cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while these modules run: on a shared 2-core machine a second thread made tiny-model
+    generation ~40x slower under contention (0.2 s -> 9 s per image), and one is plenty for tiny models."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,7 +17,7 @@ from audit.targets import default_models, load_target
 from audit.targets.hub import model_hash
 from audit.toy import scenes
 
-from targets_fixtures import hub_cache, tiny_families  # noqa: F401  (fixtures)
+from targets_fixtures import hub_cache, one_torch_thread, tiny_families  # noqa: F401  (fixtures)
 
 CAPTIONS = ["a small red circle at the top left on a grey background", "a large blue square at the center"]
 

@@ -15,7 +15,7 @@ from audit.targets import load_target
 from audit.targets import dalle
 from audit.targets.real import is_dalle_folder
 
-from targets_fixtures import hub_cache, tiny_families  # noqa: F401  (fixtures)
+from targets_fixtures import hub_cache, one_torch_thread, tiny_families  # noqa: F401  (fixtures)
 
 CAPTIONS = ["a small red circle at the top left on a grey background", "a large blue square at the center"]
 

@@ -15,7 +15,7 @@ from audit.targets import load_captioner, load_embedder
 from audit.targets.hub import model_hash
 from audit.toy import scenes
 
-from targets_fixtures import hub_cache, tiny_families  # noqa: F401  (fixtures)
+from targets_fixtures import hub_cache, one_torch_thread, tiny_families  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

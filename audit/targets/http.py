@@ -5,6 +5,10 @@ caption and seed, never on how a scan batched its rows, and a failed request cos
 Requests run on a thread pool (``concurrency``), each with a total deadline (``timeout``) and retries with
 exponential backoff on connection errors, timeouts, HTTP 429 and 5xx. Only the standard library is used.
 
+Options come as keyword arguments or in the URL's query string, so a command line can set them:
+``--target "http://host:7860?timeout=600&concurrency=8"`` (see ``HTTPTargetConfig``). They are not part of
+the target's identity: the URL without its query string is.
+
 Seeds: image ``j`` of caption ``c`` is sent with ``image_seeds(seed, c, n_gen)[j] % 2**32``; services commonly
 take 32-bit seeds. A service that ignores the seed makes every result irreproducible; the client warns when
 the seed it reports back differs from the one sent.
@@ -80,13 +84,16 @@ class HTTPGenerator:
                  headers: dict[str, str] | None = None, **options: Any):
         options.pop("device", None)  # the service runs where it runs
         options.pop("allow_pickle", None)
-        self.config = dataclasses.replace(config or HTTPTargetConfig(), **_known(options))
-        if self.config.concurrency < 1 or self.config.retries < 0 or self.config.timeout <= 0:
-            raise UsageError("http target: concurrency must be >= 1, retries >= 0 and timeout > 0")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"{url}: not an http(s)://host[:port] URL")
-        self.url = url.rstrip("/")
+        try:
+            parts.port  # noqa: B018 (raises on a malformed port)
+        except ValueError:
+            raise UsageError(f"{url}: not an http(s)://host[:port] URL (bad port)") from None
+        query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+        self.config = _config(config or HTTPTargetConfig(), {**query, **options}, url)
+        self.url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")).rstrip("/")
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
         self._base = parts.path.rstrip("/")
         self._headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
@@ -282,9 +289,22 @@ class _Retryable(Exception):
     pass
 
 
-def _known(options: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(HTTPTargetConfig)}
-    unknown = sorted(set(options) - names)
+def _config(base: HTTPTargetConfig, options: dict[str, Any], url: str) -> HTTPTargetConfig:
+    """``base`` with ``options`` (from keywords or the URL's query string, so values may be strings) applied."""
+    fields = {f.name: f for f in dataclasses.fields(HTTPTargetConfig)}
+    unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise UsageError(f"http target: unknown option(s) {unknown}; valid options are {sorted(names)}")
-    return options
+        raise UsageError(f"{url}: unknown http target option(s) {unknown}; valid options are {sorted(fields)}")
+    values = {}
+    for name, value in options.items():
+        kind = type(getattr(base, name))
+        try:
+            values[name] = kind(value)
+        except (TypeError, ValueError):
+            what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise UsageError(f"{url}: http target option {name}={value!r} is not {what}") from None
+    cfg = dataclasses.replace(base, **values)
+    if cfg.concurrency < 1 or cfg.retries < 0 or cfg.timeout <= 0 or cfg.backoff < 0 or cfg.resolution < 0:
+        raise UsageError(f"{url}: http target options need concurrency >= 1, retries >= 0, timeout > 0, "
+                         "backoff >= 0, resolution >= 0")
+    return cfg

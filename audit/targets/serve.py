@@ -71,7 +71,10 @@ class Txt2ImgServer:
         self._last = time.monotonic()
         self._stopped = threading.Event()
         self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self.httpd.daemon_threads = True
+        # Non-daemon handler threads, joined on close: a request in flight when a stop condition hits (the last
+        # of --max-requests, for one) is answered before the process exits. Stalls (tests) end on stop.
+        self.httpd.daemon_threads = False
+        self.httpd.block_on_close = True
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
 

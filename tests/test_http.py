@@ -1,0 +1,291 @@
+"""The black-box HTTP target against a local /sdapi/v1/txt2img server (127.0.0.1, stops by itself) serving the
+tiny target: same images as the model it serves, the protocol, retries through errors and stalls, a caption that
+keeps failing, the concurrency limit, features and scan that resume after an outage with nothing lost, and the
+`audit serve` command."""
+
+import base64
+import http.client
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from audit import api
+from audit.cli import app
+from audit.errors import UsageError
+from audit.features import FeatureStore, KEYS
+from audit.seeding import image_seeds
+from audit.targets import load_target
+from audit.targets.diffusion import DiffusersGenerator
+from audit.targets.http import GenerationFailed, HTTPGenerator, ServiceError
+from audit.targets.serve import Txt2ImgServer
+from audit.toy import scenes
+
+from targets_fixtures import one_torch_thread  # noqa: F401  (fixture)
+
+CAPTIONS = ["a small red circle at the top left on a grey background", "a large blue square at the center",
+            "a small green triangle at the bottom"]
+FAST = "timeout=2&retries=2&backoff=0.01"
+
+
+class Faults:
+    """The server's fault hook: rules decide per request; records requests and peak concurrency."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self, rule=None, hold: float = 0.0):
+        with self.lock:
+            self.rule, self.hold, self.seen, self.active, self.peak = rule, hold, [], 0, 0
+
+    def __call__(self, n, path, request):
+        with self.lock:
+            self.seen.append((path, (request or {}).get("prompt")))
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            k = sum(1 for p, _ in self.seen if p == path)
+        try:
+            if self.hold:
+                time.sleep(self.hold)
+            return self.rule(k, path, request or {}) if self.rule else None
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def posts(self):
+        return [prompt for path, prompt in self.seen if path == "/sdapi/v1/txt2img"]
+
+
+@pytest.fixture(scope="module")
+def local(tiny_world):
+    return DiffusersGenerator.from_folder(tiny_world["target"], name="tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def server(local):
+    faults = Faults()
+    srv = Txt2ImgServer(local, idle_timeout=300, fault=faults).start()
+    srv.faults = faults
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def faults(server):
+    server.faults.reset()
+    yield server.faults
+    server.faults.reset()
+
+
+def _expected(local, captions, n_gen, seed, steps):
+    """What the server makes: one image per request (batched matmuls may round a pixel differently)."""
+    images = [local.generate_with_seeds([c], [s % 2**32], steps)[0]
+              for c in captions for s in image_seeds(seed, c, n_gen)]
+    return np.stack(images).reshape(len(captions), n_gen, *images[0].shape)
+
+
+def test_http_target_returns_the_served_models_images(server, local, faults):
+    h = load_target(server.url)
+    assert isinstance(h, HTTPGenerator) and h.resolution == 32  # the server reports its native size
+    assert h.identity()["name"] == server.url
+    images = h.generate(CAPTIONS[:2], n_gen=2, seed=4, steps=2)
+    np.testing.assert_array_equal(images, _expected(local, CAPTIONS[:2], 2, 4, 2))  # PNG: lossless
+    assert len(faults.posts()) == 4  # one request per image
+
+
+def test_identity_covers_url_and_served_model_not_client_options(server, tiny_world, faults):
+    a = load_target(server.url).identity()
+    assert load_target(f"{server.url}?{FAST}").identity() == a
+    from audit.targets.tiny import build_tiny_ldm
+
+    other_model = DiffusersGenerator.from_folder(build_tiny_ldm(tiny_world["target"].parent / "ldm_for_http"))
+    with Txt2ImgServer(other_model, idle_timeout=60) as other:
+        b = HTTPGenerator(other.url).identity()
+    assert b["hash"] != a["hash"]
+    # A service without the model endpoints is identified by its URL alone.
+    faults.reset(rule=lambda k, path, req: ("status", 404) if path != "/sdapi/v1/txt2img" else None)
+    bare = HTTPGenerator(server.url)
+    assert bare.model_info == {} and bare.resolution == 512 and bare.identity()["hash"] != a["hash"]
+
+
+def _post(server, body, raw=False):
+    host, port = server.httpd.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("POST", "/sdapi/v1/txt2img", body=body if raw else json.dumps(body),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    conn.close()
+    return resp.status, data
+
+
+def test_txt2img_protocol(server, local, faults):
+    status, body = _post(server, {"prompt": CAPTIONS[0], "seed": 11, "steps": 2, "batch_size": 2, "cfg_scale": 1,
+                                  "width": 32, "height": 32})
+    assert status == 200 and json.loads(body["info"])["all_seeds"] == [11, 12]
+    images = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in body["images"]])
+    np.testing.assert_array_equal(images, local.generate_with_seeds([CAPTIONS[0]] * 2, [11, 12], 2))  # one batch
+    assert _post(server, {"prompt": "x", "width": 512, "height": 512}) == (
+        422, {"error": "this server generates 32x32 images, not 512x512"})
+    assert _post(server, {"seed": 1})[0] == 422
+    assert _post(server, b"{not json", raw=True) == (400, {"error": "the body is not JSON"})
+
+
+def test_retries_ride_through_server_errors_and_a_stall(server, local, faults):
+    def rule(k, path, req):
+        if path == "/sdapi/v1/txt2img":
+            if k <= 2:
+                return ("status", 503)
+            if k == 3:
+                return ("stall", 10)  # the client gives up after its 1 s deadline and retries
+        return None
+
+    faults.reset(rule)
+    h = load_target(f"{server.url}?timeout=1&retries=3&backoff=0.01&concurrency=1")
+    started = time.monotonic()
+    images = h.generate(CAPTIONS[:1], n_gen=2, seed=1, steps=2)
+    np.testing.assert_array_equal(images, _expected(local, CAPTIONS[:1], 2, 1, 2))
+    assert len(faults.posts()) == 2 + 3 and time.monotonic() - started < 10
+
+
+def test_a_caption_that_keeps_failing_is_reported_alone_and_can_be_redone(server, local, faults):
+    faults.reset(lambda k, path, req: ("status", 500) if req.get("prompt") == CAPTIONS[1] else None)
+    h = load_target(f"{server.url}?{FAST}")
+    with pytest.raises(GenerationFailed) as err:
+        h.generate(CAPTIONS, n_gen=2, seed=2, steps=2)
+    exc = err.value
+    assert sorted(exc.errors) == [1] and "HTTP 500" in exc.errors[1] and "gave up after 3 attempts" in exc.errors[1]
+    expected = _expected(local, CAPTIONS, 2, 2, 2)
+    np.testing.assert_array_equal(exc.images[[0, 2]], expected[[0, 2]])
+    assert not exc.images[1].any()
+    faults.reset()
+    np.testing.assert_array_equal(h.generate(CAPTIONS[1:2], n_gen=2, seed=2, steps=2)[0], expected[1])
+    # The images that had succeeded are not requested again when the whole batch is retried.
+    before = len(faults.posts())
+    np.testing.assert_array_equal(h.generate(CAPTIONS, n_gen=2, seed=2, steps=2), expected)
+    assert len(faults.posts()) == before
+
+
+def test_requests_in_flight_never_exceed_the_concurrency_limit(server, faults):
+    faults.reset(hold=0.3)
+    load_target(f"{server.url}?concurrency=2").generate(CAPTIONS, n_gen=2, seed=3, steps=1)
+    assert faults.peak == 2
+    faults.reset(hold=0.3)
+    load_target(f"{server.url}?concurrency=1").generate(CAPTIONS[:1], n_gen=2, seed=3, steps=1)
+    assert faults.peak == 1
+
+
+def test_bad_urls_and_options_are_usage_errors(server):
+    with pytest.raises(UsageError, match="unknown http target option"):
+        load_target(f"{server.url}?timeot=3")
+    with pytest.raises(UsageError, match="option concurrency='x' is not an integer"):
+        load_target(f"{server.url}?concurrency=x")
+    with pytest.raises(ServiceError, match="cannot reach the http target: .*gave up after 1 attempts"):
+        load_target("http://127.0.0.1:9?retries=0&timeout=1")
+
+
+# ---------------------------------------------------------------------------------------------- through features
+
+
+@pytest.fixture(scope="module")
+def aux(tmp_path_factory):
+    images, captions = scenes.scene_images(3, "members", 6)
+    return scenes.write_imagefolder(tmp_path_factory.mktemp("http_aux") / "aux", images, captions,
+                                    [True, False] * 3), captions
+
+
+def _featurize(url, tiny_world, data, out, resume=False):
+    return api.featurize(url, data, out, embedder=str(tiny_world["clip"]), captioner=str(tiny_world["blip"]),
+                         n_gen=1, steps=2, seed=0, batch_size=2, resume=resume, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def clean_store(server, tiny_world, aux, tmp_path_factory):
+    out = tmp_path_factory.mktemp("http_clean") / "store.h5"
+    server.faults.reset()
+    _featurize(f"{server.url}?{FAST}", tiny_world, aux[0], out)
+    return out
+
+
+def _same_store(a, b):
+    ra, rb = FeatureStore.open(a).read(ok_only=False), FeatureStore.open(b).read(ok_only=False)
+    for k in KEYS:
+        np.testing.assert_array_equal(ra[k], rb[k], err_msg=k)
+
+
+def test_features_over_http_finish_through_errors_and_resume_after_an_outage(server, tiny_world, aux, clean_store,
+                                                                             faults, tmp_path):
+    captions = aux[1]
+    # Transient errors and a stall: the store is the clean one.
+    faults.reset(lambda k, path, req: ("status", 502) if k in (2, 5) else ("stall", 5) if k == 7 else None)
+    _featurize(f"{server.url}?timeout=1&retries=2&backoff=0.01", tiny_world, aux[0], tmp_path / "a.h5")
+    _same_store(tmp_path / "a.h5", clean_store)
+    # An outage for the rows of the second batch: the run stops with a one-line error after committing batch 1 ...
+    faults.reset(lambda k, path, req: ("status", 503) if req.get("prompt") in captions[2:4] else None)
+    args = ["features", "--target", f"{server.url}?{FAST}", "--data", str(aux[0]), "--out", str(tmp_path / "b.h5"),
+            "--embedder", str(tiny_world["clip"]), "--captioner", str(tiny_world["blip"]), "--n-gen", "1",
+            "--steps", "2", "--batch-size", "2", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]  # (libraries log progress too)
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.stderr
+    assert errors[0].startswith("error: http://127.0.0.1:") and "HTTP 503" in errors[0]
+    assert FeatureStore.open(tmp_path / "b.h5").n_committed == 2
+    # ... and --resume, once the service is back, completes it: nothing lost, nothing twice.
+    faults.reset()
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    _same_store(tmp_path / "b.h5", clean_store)
+    assert sorted(faults.posts()) == sorted(captions[2:])  # only the rows that were not committed
+
+
+def test_scan_over_http_resumes_after_an_outage_with_nothing_lost(server, tiny_world, aux, clean_store, faults,
+                                                                  tmp_path, monkeypatch):
+    from audit.report.jsonl import read_jsonl
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home" / "audit"))
+    api.train(clean_store, tmp_path / "heads", attacks="II-S", epochs=2, register=False)
+    args = ["scan", str(aux[0]), "--target", f"{server.url}?{FAST}", "--heads", str(tmp_path / "heads"),
+            "--embedder", str(tiny_world["clip"]), "--captioner", str(tiny_world["blip"]), "--batch-size", "2",
+            "--quiet"]
+    clean = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "clean.jsonl")])
+    assert clean.exit_code == 0, clean.output
+    faults.reset(lambda k, path, req: ("status", 500) if req.get("prompt") == aux[1][3] else None)
+    cut = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "cut.jsonl")])
+    assert cut.exit_code == 1 and "HTTP 500" in cut.stderr
+    faults.reset()
+    resumed = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "cut.jsonl"), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = read_jsonl(tmp_path / "clean.jsonl")[0], read_jsonl(tmp_path / "cut.jsonl")[0]
+    assert [r["id"] for r in b] == [r["id"] for r in a] and len(b) == 6
+    for x, y in zip(a, b):
+        assert (x["status"], x["verdict"]) == (y["status"], y["verdict"])
+        assert x["probability"] == pytest.approx(y["probability"], abs=1e-5)
+
+
+def test_audit_serve_command_serves_until_its_request_budget(tiny_world):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audit.cli", "serve", "--target", str(tiny_world["target"]), "--port", "0",
+         "--max-requests", "3", "--idle-timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"serving {tiny_world['target']} at http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        h = load_target(url)  # GET options + GET sd-models
+        assert h.generate(CAPTIONS[:1], 1, 0, 1).shape == (1, 1, 32, 32, 3)  # + 1 POST = 3 requests
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "stopped after 3 requests" in out
