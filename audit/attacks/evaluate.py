@@ -57,7 +57,17 @@ def evaluate_heads(batch: Mapping[str, np.ndarray], heads: Heads, store_manifest
     out_attacks = {}
     curves = {}
     for k, (attack, p) in enumerate(preds.items()):
-        out_attacks[attack] = metrics.attack_metrics(y, p["probability"], p["threshold"], n_boot, seed + 10 * k)
+        m = metrics.attack_metrics(y, p["probability"], p["threshold"], n_boot, seed + 10 * k)
+        # What a deployment at the validation 1%-FPR threshold would see on unseen rows.
+        t1 = (heads.info["attacks"][attack].get("thresholds") or {}).get("fpr_1pct", {}).get("threshold")
+        if t1 is not None:
+            hit = np.asarray(p["probability"], np.float64) >= t1
+            m["at_validation_1pct_fpr_threshold"] = {
+                "threshold": float(t1),
+                "tpr": float(hit[y == 1].mean()) if (y == 1).any() else float("nan"),
+                "fpr": float(hit[y == 0].mean()) if (y == 0).any() else float("nan"),
+            }
+        out_attacks[attack] = m
         curves[attack] = (y, np.asarray(p["probability"], np.float64))
     result = {
         "attacks": out_attacks,
