@@ -153,11 +153,12 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
 
 
 def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str | Path | None = None,
-             plot: str | Path | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+             plot: str | Path | None = None, n_boot: int = 1000, seed: int = 0,
+             report: str | Path | None = None) -> dict:
     """Metrics of each attack on the heads' test split of ``store``, with bootstrap 95% CIs.
 
     ``heads`` defaults to the heads registered for the store's target. With ``json_out`` the result is written
-    there and a ROC plot beside it (``plot`` overrides where).
+    there and a ROC plot beside it (``plot`` overrides where). With ``report`` an HTML report is written there.
     """
     from .attacks import evaluate_heads, resolve_heads
     from .attacks.train import file_sha256
@@ -175,7 +176,32 @@ def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str |
                             plot)
     if json_out is not None:
         atomic_write_text(Path(json_out), json.dumps(result, indent=2) + "\n")
+    if report is not None:
+        from .report.html import write_evaluate_report
+
+        result["report"] = str(write_evaluate_report(result, report, store=store, heads=h.path))
     return result
+
+
+def report(results: str | Path, out: str | Path, store: str | Path | None = None,
+           heads: str | Path | None = None) -> str:
+    """An HTML report from files already written: a scan's JSONL results, or `audit evaluate --json` output
+    (whose ROC curves and images are recomputed from the store and heads it names, or those given here)."""
+    import json
+
+    from .errors import InputError
+    from .report.html import write_evaluate_report, write_scan_report
+
+    path = Path(results)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        doc = None  # several JSON lines (or a torn one): scan results
+    if isinstance(doc, dict) and "attacks" in doc:
+        return str(write_evaluate_report(doc, out, store=store, heads=heads))
+    return str(write_scan_report(path, out, store=store))
 
 
 # ------------------------------------------------------------------------------------------------ export (B)

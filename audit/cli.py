@@ -42,8 +42,20 @@ def _setup_logging(verbose: bool) -> None:
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
+    from .progress import silence_libraries
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    silence_libraries(verbose)
     _setup_logging(verbose)
+
+
+def _echo_json(obj) -> None:
+    """A result as JSON on stdout (numpy values, NaN and Paths made JSON-safe), for pipelines."""
+    import json
+
+    from .report.jsonl import to_jsonable
+
+    typer.echo(json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False))
 
 
 @app.command()
@@ -106,12 +118,15 @@ def train_cmd(
     register: bool = typer.Option(True, "--register/--no-register",
                                   help="Register the heads for the store's target (in $AUDIT_HOME or ~/.cache/audit)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for fitting the (tiny) heads; 0: library default."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
 ) -> None:
     """Train the attack heads on a feature store, calibrate them on validation, export them to ONNX."""
     from . import api
 
     res = run(lambda: api.train(store, out, attacks=attacks, seed=seed, register=register, epochs=epochs,
                                 threads=threads))
+    if json_out:
+        return _echo_json(res)
     info = res["info"]
     typer.echo(f"{'attack':<7} {'val AUC':>8} {'val acc':>8} {'threshold':>10} {'epochs':>7}")
     for name, e in info["attacks"].items():
@@ -138,12 +153,15 @@ def evaluate_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the ROC plot here instead."),
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (ROC, histograms, "
+                                          "most and least member-like test images)."),
 ) -> None:
     """Accuracy, AUC and TPR at 1% / 0.1% FPR per attack on the heads' test split, with bootstrap 95% CIs."""
     from . import api
     from .attacks.evaluate import format_table
 
-    result = run(lambda: api.evaluate(store, heads, json_out=json_out, plot=plot, n_boot=n_boot, seed=seed))
+    result = run(lambda: api.evaluate(store, heads, json_out=json_out, plot=plot, n_boot=n_boot, seed=seed,
+                                      report=report))
     typer.echo(format_table(result))
     for w in result["warnings"]:
         typer.echo(f"warning: {w}", err=True)
@@ -151,6 +169,23 @@ def evaluate_cmd(
         typer.echo(f"metrics written to {json_out}")
     if result.get("plot"):
         typer.echo(f"ROC plot written to {result['plot']}")
+    if result.get("report"):
+        typer.echo(f"report written to {result['report']}")
+
+
+@app.command("report")
+def report_cmd(
+    results: Path = typer.Argument(..., help="A scan's results (.jsonl) or `audit evaluate --json` output."),
+    out: Path = typer.Option(..., "--out", help="HTML report to write (one self-contained file)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Feature store, for generated images beside the "
+                                         "queries (evaluate: default, the store the evaluation names)."),
+    heads: Optional[Path] = typer.Option(None, "--heads", help="Heads folder (evaluate: default, the heads the "
+                                         "evaluation names)."),
+) -> None:
+    """Write the HTML report of a finished scan or evaluation."""
+    from . import api
+
+    typer.echo(f"report written to {run(lambda: api.report(results, out, store=store, heads=heads))}")
 
 
 # ------------------------------------------------------------------------- features, check, scan, demo (A1)
@@ -178,6 +213,7 @@ def features(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
 ) -> None:
     """Generate, caption and embed for every row of an ImageFolder: the features every attack reads."""
     from . import api
@@ -186,6 +222,8 @@ def features(
                                   steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                   caption_tokens=caption_tokens, resume=resume,
                                   quiet=quiet, device=device, allow_pickle=allow_pickle))
+    if json_out:
+        return _echo_json(s)
     failed = ", ".join(f"{n} {k}" for k, n in sorted(s["status"].items()) if k != "ok")
     typer.echo(f"wrote {s['rows']} rows to {s['out']} ({s['ok']} ok{'; ' + failed if failed else ''}) in "
                f"{s['seconds']:.1f} s; embedder {s['embedder']['name']}, captioner {s['captioner']['name']}")
@@ -251,6 +289,7 @@ def scan(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
 ) -> None:
     """Score every image of a folder; results go to a JSONL file as they are computed."""
     from . import api
@@ -258,6 +297,11 @@ def scan(
     s = run(lambda: api.scan(folder, out, target=target, heads=heads, embedder=embedder, captioner=captioner,
                              attack=attack, report=report, resume=resume, batch_size=batch_size, quiet=quiet,
                              device=device, allow_pickle=allow_pickle))
+    if json_out:
+        _echo_json(s)
+        if fail_on_member and s["counts"].get("member", 0):
+            raise typer.Exit(3)
+        return
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s["counts"].items()))
     typer.echo(f"scanned {s['rows']} rows of {folder} ({counts}) with attack {s['attack']} in {s['seconds']:.1f} s; "
                f"results in {s['out']}")
@@ -273,12 +317,15 @@ def demo(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where to write the demo's files (default: a "
                                            "temporary folder, removed afterwards)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON (for pipelines)."),
 ) -> None:
     """The whole audit on the bundled toy world: aux data, features, train, evaluate, check; prints a table."""
     from . import api
     from .demo import format_results
 
     result = run(lambda: api.demo(workdir, quiet=quiet))
+    if json_out:
+        return _echo_json(result)
     typer.echo(format_results(result))
 
 

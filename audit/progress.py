@@ -51,3 +51,23 @@ def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, file=stream,
                 disable=not enabled(quiet, stream), dynamic_ncols=True, mininterval=0.5, smoothing=0.1,
                 leave=True)
+
+
+def silence_libraries(verbose: bool = False) -> None:
+    """Keep the libraries' own bars and advice (``Loading pipeline components``, ``Loading weights``, "install
+    accelerate") off the command line's stderr, where they would bury the one-line results and errors. Call it
+    before the libraries are imported (they read these variables on import); ``--verbose`` keeps their messages."""
+    if verbose:
+        return
+    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+                        ("TF_CPP_MIN_LOG_LEVEL", "3")):
+        os.environ.setdefault(name, value)
+    for module in ("transformers", "diffusers"):
+        lib = sys.modules.get(module)  # already imported (an API user imported it first): switch it off directly
+        if lib is not None:
+            try:
+                lib.utils.logging.set_verbosity_error()
+                lib.utils.logging.disable_progress_bar()
+            except AttributeError:
+                pass

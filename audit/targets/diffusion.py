@@ -34,7 +34,11 @@ def pipeline_class(path: str | Path) -> str:
 
 def load_pipeline(path: str | Path, allow_pickle: bool = False):
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
 
+    if are_progress_bars_disabled():  # transformers honours HF_HUB_DISABLE_PROGRESS_BARS; diffusers does not
+        diffusers_logging.disable_progress_bar()
     path = Path(path)
     cls = pipeline_class(path)
     if cls not in SUPPORTED_PIPELINES:
