@@ -147,3 +147,16 @@ def test_folders_that_are_not_targets_say_what_a_target_folder_holds(tmp_path, t
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ModelNotFoundError, match="a StableDiffusionXLPipeline pipeline; audit runs"):
         load_target(str(other))
+
+
+def test_a_pipeline_with_a_safety_checker_loads_without_it(tiny_families, tmp_path):
+    """Real SD repos name a safety checker, which blacks out images it flags: audit must see raw generations."""
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_families["sd"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    (folder / "model_index.json").write_text(json.dumps(index))  # as in SD 1.x; the component is not even here
+    g = load_target(str(folder))
+    assert g.pipe.safety_checker is None
+    assert g.generate(CAPTIONS[:1], 1, 0, 1).shape == (1, 1, 32, 32, 3)

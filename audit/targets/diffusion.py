@@ -50,8 +50,11 @@ def load_pipeline(path: str | Path, allow_pickle: bool = False):
     kwargs = {}
     index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
     if index.get("safety_checker") not in (None, [None, None]):
-        # The safety checker blacks out images it flags: the attacks must see what the generator made.
+        # The safety checker blacks out images it flags: the attacks must see what the generator made. Its
+        # feature extractor serves nothing else.
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+        if index.get("feature_extractor") not in (None, [None, None]):
+            kwargs["feature_extractor"] = None
     try:
         # safetensors only unless the user asked otherwise (then prefer them, fall back to pickles); never
         # remote code: a model_index.json naming a custom class fails instead of importing it.
