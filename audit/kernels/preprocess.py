@@ -5,9 +5,11 @@ uint8 (so the result is rounded back to uint8), centre-crop, then rescale and no
 ``(x - mean / rescale) / (std / rescale)``. ``ImageTransform.from_processor_config`` reads those settings;
 ``preprocess_images`` runs them on a uint8 [N, H, W, 3] batch and returns float32 [N, 3, h, w].
 
-Backends: ``reference`` (torch), ``numpy`` (numpy when no resize is needed, torch's interpolation otherwise),
-``onnx`` (one fused graph: cast, layout, antialiased resize, crop, normalise), ``triton`` (torch resize when needed,
-then one fused kernel for layout + normalise).
+Backends: ``reference`` (torch: its native uint8 resize, which is the processors' own kernel, so the output equals
+theirs exactly), ``numpy`` (the same resize when one is needed, then crop and normalise in numpy), ``onnx`` (one
+fused graph: cast, layout, antialiased resize in float, crop, normalise; within one uint8 level of the reference
+where it resizes), ``triton`` (the float resize in torch when needed, then one fused kernel for layout and
+normalise).
 """
 
 from __future__ import annotations
@@ -129,10 +131,20 @@ def preprocess_images(images: np.ndarray, transform: ImageTransform, backend: st
     return _preprocess_triton(images, transform)
 
 
+def _resize_native(x, transform: ImageTransform, out_hw: tuple[int, int]):
+    """torch's native uint8 antialiased resize on the CPU: the kernel transformers' processors call (through
+    torchvision), so the result is theirs bit for bit; fast on a channels-last view of NHWC images."""
+    import torch.nn.functional as F
+
+    if tuple(x.shape[-2:]) == tuple(out_hw):
+        return x.float()
+    return F.interpolate(x, size=list(out_hw), mode=transform.resample, align_corners=False, antialias=True).float()
+
+
 def _resize_torch(x, transform: ImageTransform, out_hw: tuple[int, int]):
-    """torchvision's resize of a uint8 image, emulated in float: like PIL (and torch's native uint8 kernel) it runs
-    a horizontal then a vertical antialiased pass and rounds to uint8 between them, which matters for images
-    with sharp edges (the overshoot of the first pass is clipped). Agrees within one uint8 level."""
+    """The same resize in float, for devices without the uint8 kernel (CUDA): like PIL and torch's uint8 kernel it
+    runs a horizontal then a vertical antialiased pass and rounds to uint8 between them, which matters for images
+    with sharp edges (the overshoot of the first pass is clipped). Agrees with it within one uint8 level."""
     import torch.nn.functional as F
 
     y = x.float()
@@ -157,7 +169,7 @@ def _preprocess_torch(images: np.ndarray, transform: ImageTransform):
     import torch
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    x = _resize_torch(x, transform, transform.output_size(*images.shape[1:3]))
+    x = _resize_native(x, transform, transform.output_size(*images.shape[1:3]))
     top, left, h, w = transform.crop_box(*x.shape[-2:])
     return _normalize_torch(x[..., top : top + h, left : left + w], transform).contiguous()
 
