@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Render an audit HTML report in headless Chromium and save a PNG screenshot (docs/report.png by default).
+#
+#   docs/make_screenshot.sh REPORT.html [OUT.png] [WIDTH] [HEIGHT]
+#
+# How docs/report.png was made (the bundled toy world, on a CPU):
+#   audit demo --workdir /tmp/demo                       # aux data -> features -> heads -> evaluation
+#   audit evaluate /tmp/demo/features.h5 --heads /tmp/demo/heads --report /tmp/demo/report.html
+#   docs/make_screenshot.sh /tmp/demo/report.html docs/report.png
+#
+# Needs Chromium: `apt-get install chromium-headless-shell` (or chromium / google-chrome).
+set -euo pipefail
+report=${1:?usage: make_screenshot.sh REPORT.html [OUT.png] [WIDTH] [HEIGHT]}
+out=${2:-"$(dirname "$0")/report.png"}
+width=${3:-1100}
+height=${4:-2400}
+browser=""
+for name in chromium-headless-shell chromium chromium-browser google-chrome; do
+  if command -v "$name" >/dev/null 2>&1; then browser=$name; break; fi
+done
+if [ -z "$browser" ]; then
+  echo "error: no headless Chromium found; apt-get install chromium-headless-shell" >&2
+  exit 1
+fi
+url="file://$(cd "$(dirname "$report")" && pwd)/$(basename "$report")"
+# --no-sandbox: Chromium refuses to run as root with its sandbox; the page is our own local file.
+"$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size="${width},${height}" \
+  --screenshot="$out" "$url" 2>/dev/null
+echo "screenshot written to $out"
