@@ -26,12 +26,14 @@ log = logging.getLogger(__name__)
 class DemoConfig(Config):
     n_members: int = 200
     n_nonmembers: int = 200
-    n_check: int = 2  # held-out members and as many held-out non-members checked at the end
+    n_check: int = 5  # held-out members and as many held-out non-members checked at the end
     n_gen: int = 2
     steps: int = 10
     batch_size: int = 32
     seed: int = 0
     epochs: int = 200
+    attacks: str = "all"  # as `audit train --attacks`; the blind baseline is always trained
+    train_threads: int = 1  # the heads are tiny: one thread fits them as fast, and holds up on a busy machine
 
 
 def _models(world_dir: Path | None) -> tuple[str, str, str, Path]:
@@ -95,7 +97,8 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
         feats = api.featurize(target, aux, store, embedder=embedder, captioner=captioner, n_gen=cfg.n_gen,
                               steps=cfg.steps, seed=cfg.seed, batch_size=cfg.batch_size, quiet=quiet)
         lap("features")
-        trained = api.train(store, work / "heads", seed=cfg.seed, register=False, epochs=cfg.epochs)
+        trained = api.train(store, work / "heads", attacks=cfg.attacks, seed=cfg.seed, register=False,
+                            epochs=cfg.epochs, threads=cfg.train_threads)
         lap("train")
         evaluation = api.evaluate(store, work / "heads", json_out=work / "evaluate.json", seed=cfg.seed)
         lap("evaluate")
