@@ -132,3 +132,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
     gray = rgb.mean(-1)
     colourful = (rgb.max(-1) - rgb.min(-1)) > 60  # the ROC lines and histogram bars, absent from an error page
     assert gray.std() > 20 and (gray < 100).mean() > 0.005 and colourful.mean() > 0.002
+
+
+def test_long_captions_are_shortened_in_cards(tmp_path):
+    rows = _scan_rows(tmp_path)
+    rows[-2]["caption"] = "word " * 500
+    page = write_scan_report(rows, tmp_path / "scan.html").read_text()
+    assert "word " * 25 in page and "word " * 40 not in page and "…" in page

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 THUMB = 112  # CSS pixels of a thumbnail
 MAX_ERROR_ROWS = 500  # unscored rows listed in a scan report; the rest are counted
+MAX_CAPTION_SHOWN = 160  # characters of a caption shown under its image
 
 
 @dataclasses.dataclass
@@ -310,8 +311,10 @@ def _card(rid: str, prob: float, threshold: float, pixels, label: int | None, ro
     verdict = "member" if prob >= threshold else "non-member"
     truth = "" if label is None else f" · truth: {'member' if label == 1 else 'non-member'}"
     right = "" if label is None else (" ok" if (label == 1) == (verdict == "member") else " miss")
-    caption = (row or {}).get("caption")
-    cap = f"<div class=cap>{html.escape(str(caption))}</div>" if caption else ""
+    caption = str((row or {}).get("caption") or "")
+    if len(caption) > MAX_CAPTION_SHOWN:  # a 2,000-character caption would stretch its card down the page
+        caption = caption[:MAX_CAPTION_SHOWN].rstrip() + " …"
+    cap = f"<div class=cap>{html.escape(caption)}</div>" if caption else ""
     return (f"<figure class=card><div class=imgs>{imgs}</div><figcaption><b>{html.escape(rid)}</b><br>"
             f"P(member) {prob:.3f} · {verdict}<span class='{right.strip()}'>{html.escape(truth)}</span>{cap}"
             "</figcaption></figure>")
