@@ -124,3 +124,16 @@ def test_predictions_of_registered_copy_equal_the_original(heads_dir, home):
     a = load_heads(heads_dir).predict(batch)["blind"]["probability"]
     b = load_heads(register_heads(heads_dir)).predict(batch)["blind"]["probability"]
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_bundled_toy_heads_are_found_for_the_bundled_toy_target(home):
+    """Fails when the toy target is rebuilt without retraining its heads (their weights hash would differ)."""
+    from audit.attacks.heads import bundled_heads_path
+    from audit.manifest import weights_hash
+    from audit.toy import bundle_path
+
+    toy = {"name": "toy", "hash": weights_hash(bundle_path("target"))}
+    assert find_heads(toy) == bundled_heads_path()
+    heads = load_heads(find_heads(toy), target=toy)  # manifest and every ONNX file's sha256 verified
+    assert heads.attacks == ["I-P", "I-S", "II-P", "II-S", "III-X", "III-T", "IV", "blind"]
+    assert heads.default_attack == "IV" and heads.warnings == []
