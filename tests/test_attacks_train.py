@@ -220,3 +220,16 @@ def test_inputs_built_for_training_are_those_predict_builds(planted, trained):
     rows = _rows(planted, info["split"]["test"][:4])
     direct = run_session(ort_session(out / info["attacks"]["II-S"]["file"]), build_inputs(rows, "II-S"))[1]
     np.testing.assert_array_equal(load_heads(out).predict(rows, ["II-S"])["II-S"]["probability"], direct)
+
+
+def test_non_finite_features_are_refused_before_training(planted, tmp_path):
+    broken = dict(planted, gen_img_emb=planted["gen_img_emb"].copy())
+    broken["gen_img_emb"][3, 1, 0] = np.nan
+    with pytest.raises(InputError, match=r"attack I-S: 1 row\(s\) have non-finite features \(first id 'img0003.png'\)"):
+        _train(broken, tmp_path / "h", attacks=("I-S",))
+
+
+def test_predict_on_no_rows_returns_empty_arrays(planted, trained):
+    out, _ = trained
+    pred = load_heads(out).predict({k: v[:0] for k, v in planted.items()})
+    assert all(p["probability"].shape == (0,) for p in pred.values())

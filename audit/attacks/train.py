@@ -253,6 +253,10 @@ def _fit_all(rows: Mapping[str, np.ndarray], y: np.ndarray, split: Mapping[str, 
     blind = None
     for attack in cfg.attacks:
         x = build_inputs(rows, attack)
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if bad.any():
+            raise InputError(f"attack {attack}: {int(bad.sum())} row(s) have non-finite features (first id "
+                             f"{_str_ids(rows['ids'][bad][:1])[0]!r}); the feature store is damaged, recompute it")
         attacks[attack] = fit_attack(attack, x, y, split, cfg, out_dir)
         if attack == "blind":
             te = split["test"]
@@ -273,7 +277,10 @@ def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: Train
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / HEADS_FILE).is_file():
+    leftovers = list(out_dir.iterdir()) if out_dir.is_dir() else []
+    if not (out_dir / HEADS_FILE).is_file() and not all(map(_written_by_train, leftovers)):
+        # Leftovers of a killed `audit train` (ONNX files, no heads.json yet) may be overwritten; anything else may
+        # be the user's.
         raise UsageError(f"{out_dir}: folder is not empty and holds no heads; choose an empty or new folder")
     rows, ids, y = labelled_rows(batch)
     split = stratified_split(ids, y, cfg.seed, cfg.train_fraction, cfg.val_fraction)
@@ -323,6 +330,10 @@ def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: Train
     cfg.save(out_dir / CONFIG_FILE)
     atomic_write_text(out_dir / HEADS_FILE, json.dumps(_jsonable(info), indent=2) + "\n")
     return info
+
+
+def _written_by_train(path: Path) -> bool:
+    return path.is_file() and (path.name in (HEADS_FILE, CONFIG_FILE) or path.name.endswith((".onnx", ".onnx.data")))
 
 
 def _jsonable(obj: Any) -> Any:
