@@ -113,7 +113,7 @@ def worker_runtime(args) -> dict:
     from audit.runtime import OnnxCaptioner, OnnxEmbedder, OnnxGenerator, RuntimeOptions
 
     torch.set_num_threads(args.threads)  # torch only draws the initial latents here
-    opts = RuntimeOptions(intra_op_threads=args.threads)
+    opts = RuntimeOptions(intra_op_threads=args.threads, memory_arena=args.worker != "runtime-lowmem")
     root = Path(args.export)
     gen_model = OnnxGenerator(root, opts, batch_size=args.batch_size * args.n_gen)
     embedder = OnnxEmbedder(root / "embedder", opts)
@@ -241,7 +241,8 @@ def worker_kernels(args) -> dict:
     return out
 
 
-WORKERS = {"eager": worker_eager, "runtime": worker_runtime, "flops": worker_flops, "kernels": worker_kernels}
+WORKERS = {"eager": worker_eager, "runtime": worker_runtime, "runtime-lowmem": worker_runtime, "flops": worker_flops,
+           "kernels": worker_kernels}
 
 
 # --- driver --------------------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.worker:
-        if args.worker in ("eager", "runtime"):
+        if args.worker in ("eager", "runtime", "runtime-lowmem"):
             args.out_arrays = args.out_arrays if args.out_arrays != os.devnull else tempfile.mktemp(suffix=".npz")
         print(json.dumps(WORKERS[args.worker](args)))
         return
@@ -316,7 +317,7 @@ def main() -> None:
           f"{os.cpu_count()} cores (load {os.getloadavg()[0]:.1f})")
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
-        for name in ("eager", "runtime"):
+        for name in ("eager", "runtime", "runtime-lowmem"):
             results[name] = _run_worker(name, args, Path(tmp) / f"{name}.npz")
         a, b = np.load(Path(tmp) / "eager.npz"), np.load(Path(tmp) / "runtime.npz")
         agreement = {"images_max_abs_uint8": int(np.abs(a["gen"].astype(int) - b["gen"].astype(int)).max()),
@@ -333,6 +334,10 @@ def main() -> None:
                             ("peak RSS of process (MiB)", "peak_rss_process_mib", ".0f")):
         ratio = r[key] / e[key]
         print(f"{label:28}{format(e[key], fmt):>32}{format(r[key], fmt):>30}{ratio:>7.2f}x")
+    low = results["runtime-lowmem"]
+    print(f"runtime without onnxruntime's memory arena (AUDIT_MEMORY_ARENA=0): {low['queries_per_s']:.2f} queries/s "
+          f"({low['queries_per_s'] / e['queries_per_s']:.2f}x eager), peak RSS featurising "
+          f"{low['peak_rss_work_mib']:.0f} MiB")
     print(f"\noutputs agree: generated images within {agreement['images_max_abs_uint8']} uint8 levels, image "
           f"embeddings within {agreement['image_emb_max_abs']:.1e}, text embeddings within "
           f"{agreement['text_emb_max_abs']:.1e} (text differs where a caption differs)")

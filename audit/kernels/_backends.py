@@ -47,6 +47,7 @@ class OnnxKernel:
             opts.intra_op_num_threads = self._threads or kernel_threads()
             opts.inter_op_num_threads = 1
             opts.log_severity_level = 3
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see runtime.session
             self._session = ort.InferenceSession(self._build().SerializeToString(), opts,
                                                  providers=["CPUExecutionProvider"])
         return self._session

@@ -28,17 +28,30 @@ def usable_cores() -> int:
 
 @dataclasses.dataclass
 class RuntimeOptions(Config):
-    """How sessions run. ``intra_op_threads`` 0 means one per usable core; inter-op parallelism is off (the
-    graphs are sequential chains, and a second pool only competes for the same cores)."""
+    """How sessions run. ``intra_op_threads`` 0 means $AUDIT_THREADS if set, else one per usable core; inter-op
+    parallelism is off (the graphs are sequential chains, and a second pool only competes for the same cores)."""
 
     device: str = "cpu"
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     tensorrt: bool = True  # with --device cuda, use TensorRT first when onnxruntime offers it
+    # onnxruntime's CPU memory arena: ~10% faster on the toy benchmark, but it keeps its high-water mark (peak RSS
+    # +55% there). $AUDIT_MEMORY_ARENA=0 turns it off.
+    memory_arena: bool = True
+    # Idle intra-op threads spin by default in onnxruntime. On a shared machine that burns the cores other work
+    # needs: with the load of a few other processes on two cores, not spinning made the toy benchmark ~1.7x faster.
+    spin: bool = False
     trt_cache_dir: str = ""  # TensorRT engine cache; default ~/.cache/audit/tensorrt
 
     def threads(self) -> int:
-        return self.intra_op_threads if self.intra_op_threads > 0 else usable_cores()
+        if self.intra_op_threads > 0:
+            return self.intra_op_threads
+        env = os.environ.get("AUDIT_THREADS", "")
+        if env:
+            if not env.isdigit() or int(env) < 1:
+                raise UsageError(f"AUDIT_THREADS must be a positive integer, got {env!r}")
+            return int(env)
+        return usable_cores()
 
 
 def available_providers() -> list[str]:
@@ -85,6 +98,8 @@ class Graph:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        so.enable_cpu_mem_arena = options.memory_arena and os.environ.get("AUDIT_MEMORY_ARENA", "1") != "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=providers_for(options))
         except UsageError:
