@@ -194,3 +194,33 @@ def test_scan_killed_then_resumed_equals_uninterrupted(heads, aux_folder, tmp_pa
             for k in ("score", "probability"):
                 assert g["scores"][attack].pop(k) == pytest.approx(w["scores"][attack].pop(k), abs=1e-6)
         assert g == w
+
+
+@pytest.mark.slow
+def test_train_killed_midway_leaves_heads_that_refuse_to_load_until_retrained(heads, tmp_path):
+    """A heads folder is committed by heads.json, written last and atomically: a killed `audit train` leaves ONNX
+    files but no heads.json, which every consumer refuses with one line; retraining into the folder works."""
+    from typer.testing import CliRunner
+
+    from audit.attacks import load_heads
+    from audit.cli import app
+    from audit.errors import ArtifactError
+
+    out = tmp_path / "heads"
+    cmd = [sys.executable, "-m", "audit.cli", "train", str(heads["store"]), "--out", str(out), "--no-register",
+           "--epochs", "3"]
+    _run_until(cmd, lambda _: out.is_dir() and any(out.glob("*.onnx")), timeout=300)
+    assert not (out / "heads.json").exists()
+    with pytest.raises(ArtifactError):
+        load_heads(out)
+    (img := tmp_path / "q.png").write_bytes((heads["store"].parent / "aux" / "img_00000.png").read_bytes())
+    r = CliRunner().invoke(app, ["check", str(img), "--caption", "x",
+                                 *[o if o != str(heads["heads"]) else str(out) for o in heads["opts"]]])
+    assert r.exit_code == 1 and len([ln for ln in r.output.splitlines() if ln.startswith("error: ")]) == 1, r.output
+    (out / "notes.txt").write_text("mine")  # a file train did not write: the folder is not train's to overwrite
+    r = CliRunner().invoke(app, ["train", str(heads["store"]), "--out", str(out), "--no-register", "--epochs", "3"])
+    assert r.exit_code == 2 and "not empty and holds no heads" in r.output
+    (out / "notes.txt").unlink()  # only a killed run's leftovers: retraining into the folder just works
+    r = CliRunner().invoke(app, ["train", str(heads["store"]), "--out", str(out), "--no-register", "--epochs", "3"])
+    assert r.exit_code == 0, r.output
+    assert load_heads(out).attacks
