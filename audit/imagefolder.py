@@ -238,11 +238,13 @@ def parse_metadata_line(line: bytes, lineno: int, where: str) -> MetadataLine | 
     try:
         text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as exc:
-        return MetadataLine(lineno, _salvage_name(line), None, f"{where}: not UTF-8 (bad byte at column {exc.start + 1})")
+        return MetadataLine(lineno, _salvage_name(line), None,
+                            f"{where}: not UTF-8 (bad byte at column {exc.start + 1})")
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        return MetadataLine(lineno, _salvage_name(line), None, f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+        return MetadataLine(lineno, _salvage_name(line), None,
+                            f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
     except RecursionError:
         return MetadataLine(lineno, _salvage_name(line), None, f"{where}: JSON nested too deeply")
     if not isinstance(record, dict):

@@ -6,7 +6,6 @@ half-written HDF5 chunk); the CLI tests kill `audit features` / `audit scan` sub
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -16,7 +15,6 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

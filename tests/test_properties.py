@@ -19,8 +19,8 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=300)
 long_text = st.text(st.sampled_from("ab é\u0301\t\n\x00 \u00a0\u3000"), min_size=MAX_CAPTION_CHARS - 5,
                     max_size=MAX_CAPTION_CHARS + 40)
-json_scalar = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) \
-    | st.text(max_size=20)
+json_scalar = (st.none() | st.booleans() | st.integers(-10**6, 10**6)
+               | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
 json_value = st.recursive(json_scalar, lambda inner: st.lists(inner, max_size=3)
                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
 

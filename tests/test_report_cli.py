@@ -42,6 +42,10 @@ def test_evaluate_report_shows_test_rows_beside_their_generated_images(evaluated
     # every test row is shown (3 of them at most per gallery) as query + n_gen=1 generated image
     assert len(thumbs) == 2 * 2 * min(6, n_test // 2 if n_test > 1 else n_test)
     assert "truth: member" in page or "truth: non-member" in page
+    from audit.features import FeatureStore
+
+    captions = FeatureStore.open(heads["store"]).read()["caption"]
+    assert sum(f"<div class=cap>{c}</div>" in page for c in captions) >= 2  # captions read from the store
 
 
 @pytest.mark.slow

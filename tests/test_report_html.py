@@ -19,7 +19,8 @@ EVIL = "<script>alert('x')</script>"
 
 
 def _inline_images(page: str) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)]
+    found = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in found]
 
 
 def _assert_self_contained(page: str) -> None:

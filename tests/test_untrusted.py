@@ -7,7 +7,6 @@ the marker never appears, not only that an error was raised.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 from pathlib import Path

@@ -242,8 +242,9 @@ def _thumb_png(image: np.ndarray, max_side: int = 128) -> bytes:
 
 # ------------------------------------------------------------------------------------------------ images
 
-def _store_images(store: str | os.PathLike | None, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(query pixels, generated pixels) of the given ids from a feature store; {} without a store."""
+def _store_images(store: str | os.PathLike | None,
+                  ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    """(query pixels, generated pixels, caption) of the given ids from a feature store; {} without a store."""
     if not store or not ids:
         return {}
     import h5py
@@ -257,10 +258,11 @@ def _store_images(store: str | os.PathLike | None, ids: Sequence[str]) -> dict[s
             if not idx:
                 return {}
             q, g = f["query_pixels"][idx], f["gen_pixels"][idx]
+            captions = [str(c) for c in f["caption"].asstr()[idx]]
     except (OSError, KeyError) as exc:
         log.warning("%s: cannot read images for the report (%s)", store, exc)
         return {}
-    return {all_ids[k]: (q[j], g[j]) for j, k in enumerate(idx)}
+    return {all_ids[k]: (q[j], g[j], captions[j]) for j, k in enumerate(idx)}
 
 
 def _query_image(row: Mapping | None, images_root) -> np.ndarray | None:
@@ -303,7 +305,8 @@ def _card(rid: str, prob: float, threshold: float, pixels, label: int | None, ro
           images_root) -> str:
     imgs = ""
     if pixels is not None:
-        query, gens = pixels
+        query, gens, stored_caption = pixels
+        row = row or {"caption": stored_caption}
         imgs = _img(_thumb_png(query), "query", cls="q") + "".join(_img(_thumb_png(g), "generated") for g in gens)
     else:
         query = _query_image(row, images_root)
@@ -351,8 +354,9 @@ def _metrics_table(evaluation: Mapping) -> str:
     for name, m in attacks.items():
         cls = " class=blind" if name == "blind" else (" class=default" if name == evaluation.get("default_attack")
                                                       else "")
-        body += (f"<tr{cls}><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt_metric(m.get(k))}</td>" for k, _ in cols)
-                 + f"<td>{_num_int(m.get('n_test', evaluation.get('n_test')))}</td></tr>")
+        cells = "".join(f"<td>{_fmt_metric(m.get(k))}</td>" for k, _ in cols)
+        body += (f"<tr{cls}><td>{html.escape(name)}</td>{cells}"
+                 f"<td>{_num_int(m.get('n_test', evaluation.get('n_test')))}</td></tr>")
     note = ("<p class=note>Accuracy at the threshold fitted on the validation split; brackets: bootstrap 95% "
             "intervals. <i>blind</i> sees no generated image: if it separates members from non-members, the two "
             "sets differ in distribution and the other rows are not evidence of training.</p>")
@@ -367,7 +371,8 @@ def _counts_table(rows: list[Mapping]) -> str:
     status = Counter(str(r.get("status")) for r in rows)
     verdict = Counter(str(r.get("verdict")) for r in rows if r.get("status") == "ok")
     cells = "".join(f"<tr><td>status</td><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in status.most_common())
-    cells += "".join(f"<tr><td>verdict</td><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in verdict.most_common())
+    cells += "".join(f"<tr><td>verdict</td><td>{html.escape(k)}</td><td>{v}</td></tr>"
+                     for k, v in verdict.most_common())
     return f"<table><tr><th></th><th>value</th><th>rows</th></tr>{cells}</table>"
 
 
@@ -377,7 +382,8 @@ def _error_table(bad: list[Mapping]) -> str:
     body = "".join(f"<tr><td>{html.escape(str(r.get('id') or r.get('image')))}</td>"
                    f"<td>{html.escape(str(r.get('status')))}</td><td>{html.escape(str(r.get('error') or ''))}</td></tr>"
                    for r in bad[:MAX_ERROR_ROWS])
-    more = f"<p class=note>… and {len(bad) - MAX_ERROR_ROWS} more (see the JSONL).</p>" if len(bad) > MAX_ERROR_ROWS else ""
+    more = (f"<p class=note>… and {len(bad) - MAX_ERROR_ROWS} more (see the JSONL).</p>"
+            if len(bad) > MAX_ERROR_ROWS else "")
     return f"<table class=errors><tr><th>row</th><th>status</th><th>error</th></tr>{body}</table>{more}"
 
 
@@ -409,7 +415,8 @@ def _header(title: str, facts: Mapping[str, Any]) -> str:
 def _warnings(warnings: list[str]) -> str:
     if not warnings:
         return ""
-    return "<div class=warn><b>Warnings</b><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>"
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return f"<div class=warn><b>Warnings</b><ul>{items}</ul></div>"
 
 
 def _section(title: str, body: str) -> str:
