@@ -4,9 +4,9 @@
 #   docs/make_screenshot.sh REPORT.html [OUT.png] [WIDTH] [HEIGHT]
 #
 # How docs/report.png was made (the bundled toy world, on a CPU):
-#   audit demo --workdir /tmp/demo                       # aux data -> features -> heads -> evaluation
-#   audit evaluate /tmp/demo/features.h5 --heads /tmp/demo/heads --report /tmp/demo/report.html
-#   docs/make_screenshot.sh /tmp/demo/report.html docs/report.png
+#   audit demo --workdir /tmp/demo       # aux data -> features -> heads -> evaluate.json (34 min on a busy 2-core box)
+#   audit report /tmp/demo/evaluate.json --out /tmp/demo/report.html
+#   docs/make_screenshot.sh /tmp/demo/report.html docs/report.png 1100 2760
 #
 # Needs Chromium: `apt-get install chromium-headless-shell` (or chromium / google-chrome).
 set -euo pipefail
