@@ -184,6 +184,13 @@ def test_requests_in_flight_never_exceed_the_concurrency_limit(server, faults):
     assert faults.peak == 1
 
 
+def test_credentials_in_the_url_become_basic_auth_and_stay_out_of_the_identity(server, faults):
+    host, port = server.httpd.server_address[:2]
+    h = load_target(f"http://user:p%40ss@{host}:{port}?{FAST}")
+    assert h.url == server.url and h.identity() == load_target(server.url).identity()
+    assert h._headers["Authorization"] == "Basic " + base64.b64encode(b"user:p@ss").decode()
+
+
 def test_bad_urls_and_options_are_usage_errors(server):
     with pytest.raises(UsageError, match="unknown http target option"):
         load_target(f"{server.url}?timeot=3")

@@ -6,8 +6,9 @@ Requests run on a thread pool (``concurrency``), each with a total deadline (``t
 exponential backoff on connection errors, timeouts, HTTP 429 and 5xx. Only the standard library is used.
 
 Options come as keyword arguments or in the URL's query string, so a command line can set them:
-``--target "http://host:7860?timeout=600&concurrency=8"`` (see ``HTTPTargetConfig``). They are not part of
-the target's identity: the URL without its query string is.
+``--target "http://host:7860?timeout=600&concurrency=8"`` (see ``HTTPTargetConfig``). Credentials in the URL
+(``http://user:password@host:7860``, as A1111's ``--api-auth``) are sent as HTTP basic auth. Neither options
+nor credentials are part of the target's identity: the URL without them is.
 
 Seeds: image ``j`` of caption ``c`` is sent with ``image_seeds(seed, c, n_gen)[j] % 2**32``; services commonly
 take 32-bit seeds. A service that ignores the seed makes every result irreproducible; the client warns when
@@ -92,11 +93,16 @@ class HTTPGenerator:
         except ValueError:
             raise UsageError(f"{url}: not an http(s)://host[:port] URL (bad port)") from None
         query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-        self.config = _config(config or HTTPTargetConfig(), {**query, **options}, url)
-        self.url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")).rstrip("/")
+        netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        netloc += f":{parts.port}" if parts.port else ""
+        self.url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
+        self.config = _config(config or HTTPTargetConfig(), {**query, **options}, self.url)
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
         self._base = parts.path.rstrip("/")
         self._headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
+        if parts.username is not None:
+            userpass = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            self._headers["Authorization"] = "Basic " + base64.b64encode(userpass.encode()).decode("ascii")
         self.name = name or self.url
         self.model_info = self._probe()
         reported = int((self.model_info.get("audit") or {}).get("resolution") or 0)

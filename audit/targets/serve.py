@@ -165,6 +165,8 @@ class Txt2ImgServer:
         count = ints["batch_size"] * ints["n_iter"]
         if not 1 <= count <= MAX_IMAGES or ints["steps"] < 1 or ints["steps"] > 1000:
             raise _BadRequest(422, f"need 1 <= batch_size x n_iter <= {MAX_IMAGES} and 1 <= steps <= 1000")
+        if ints["seed"] >= 2**63 - MAX_IMAGES:
+            raise _BadRequest(422, "seed must be below 2**63")
         seed = ints["seed"] if ints["seed"] >= 0 else secrets.randbelow(2**32)
         seeds = [seed + k for k in range(count)]
         with self._lock:
