@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .config import Config
 from .errors import UsageError
@@ -34,6 +35,9 @@ class DemoConfig(Config):
     epochs: int = 200
     attacks: str = "all"  # as `audit train --attacks`; the blind baseline is always trained
     train_threads: int = 1  # the heads are tiny: one thread fits them as fast, and holds up on a busy machine
+    # torch threads for generating, captioning and embedding. One: torch's two-thread default collapses when the
+    # other core is busy (ENV.md measured a UNet step going from 0.5 s to 3.3 s), one thread does not. 0: default.
+    threads: int = 1
 
 
 def _models(world_dir: Path | None) -> tuple[str, str, str, Path]:
@@ -78,8 +82,13 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
         if taken:
             raise UsageError(f"{work}: already holds {', '.join(taken)} from an earlier demo; use another --workdir "
                              "or delete them")
+    if cfg.threads < 0 or cfg.train_threads < 0:
+        raise UsageError("threads must be >= 0")
     times: dict[str, float] = {}
     started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
     def lap(name: str) -> None:
         times[name] = round(time.perf_counter() - started - sum(times.values()), 1)
@@ -107,6 +116,7 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
         checks = [{**v.to_dict(), "truly_member": r.member} for v, r in zip(auditor.score_rows(rows), rows)]
         lap("check")
     finally:
+        torch.set_num_threads(previous_threads)
         if cleanup:
             shutil.rmtree(work, ignore_errors=True)
     return {
