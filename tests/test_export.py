@@ -13,12 +13,11 @@ from audit.export import ExportConfig, export_all
 from audit.manifest import read_manifest
 from audit.registry import TARGETS, parse_model_ref
 
-pytestmark = pytest.mark.slow  # the session's export traces seven graphs (minutes on two cores)
-
 GRAPHS = {"target": {"text_encoder", "unet", "vae_decoder"}, "embedder": {"image_encoder", "text_encoder"},
           "captioner": {"vision_encoder", "decoder_step"}}
 
 
+@pytest.mark.slow
 def test_cli_export_reports_components_and_end_to_end_checks(tiny_export):
     out = tiny_export["output"]
     for name in ("target:", "embedder:", "captioner:"):
@@ -27,6 +26,7 @@ def test_cli_export_reports_components_and_end_to_end_checks(tiny_export):
     assert f"--target {tiny_export['path']}" in out
 
 
+@pytest.mark.slow
 def test_every_graph_met_its_tolerance_and_records_its_interface(tiny_export):
     root = tiny_export["path"]
     for component, names in GRAPHS.items():
@@ -49,6 +49,7 @@ def test_every_graph_met_its_tolerance_and_records_its_interface(tiny_export):
                 assert len(digest) == 64 and (root / component / fname).is_file()
 
 
+@pytest.mark.slow
 def test_decoder_step_has_a_kv_cache_and_unet_a_per_sample_timestep(tiny_export):
     root = tiny_export["path"]
     cap = json.loads((root / "captioner" / "export.json").read_text())["graphs"]["decoder_step"]
@@ -58,6 +59,7 @@ def test_decoder_step_has_a_kv_cache_and_unet_a_per_sample_timestep(tiny_export)
     assert unet["inputs"]["timestep"]["shape"] == ["batch"]
 
 
+@pytest.mark.slow
 def test_manifests_name_the_source_weights(tiny_export, tiny_world):
     from audit.targets import load_embedder, load_target
 
@@ -72,6 +74,7 @@ def test_manifests_name_the_source_weights(tiny_export, tiny_world):
     assert tiny_export["info"]["components"]["target"]["identity"] == target_id
 
 
+@pytest.mark.slow
 def test_runtime_files_are_copied(tiny_export):
     root = tiny_export["path"]
     assert json.loads((root / "target" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
@@ -82,6 +85,7 @@ def test_runtime_files_are_copied(tiny_export):
         assert (root / part / "processor" / "processor_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_end_to_end_checks_passed(tiny_export):
     checks = tiny_export["info"]["end_to_end"]
     assert checks["target"]["max_abs_uint8"] <= 2
@@ -89,6 +93,7 @@ def test_end_to_end_checks_passed(tiny_export):
     assert checks["captioner"]["captions_equal"] is True
 
 
+@pytest.mark.slow
 def test_export_folder_and_components_parse_as_export_refs(tiny_export):
     from audit.targets import default_models
 
@@ -143,6 +148,7 @@ def test_non_ddim_target_is_refused_before_exporting(tmp_path, tiny_world):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
 
 
+@pytest.mark.slow
 def test_ldm_target_exports_and_generates_like_the_torch_path(tmp_path):
     """The paper's LDM family (LDMBert text encoder, `1 / scale * latents`, guidance when != 1)."""
     from audit.export.components import export_target
@@ -159,3 +165,30 @@ def test_ldm_target_exports_and_generates_like_the_torch_path(tmp_path):
         a = torch_gen.generate(["a red circle", "two blue squares"], 1, 3, 3, guidance)
         b = onnx_gen.generate(["a red circle", "two blue squares"], 1, 3, 3, guidance)
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_fp16_graph_exports_from_a_copy_and_runs_with_cast_inputs(tmp_path, tiny_world):
+    """The fp16 machinery (exported for the GPU; onnxruntime's CPU provider happens to run this graph too)."""
+    import torch
+    from transformers import CLIPModel
+
+    from audit.export.convert import export_spec, prepare_module, validate_spec
+    from audit.export.specs import ClipImageSpec
+    from audit.runtime import Graph
+
+    clip = CLIPModel.from_pretrained(tiny_world["clip"]).eval()
+    spec = ClipImageSpec(clip)
+    module = prepare_module(spec, "cpu", "fp16")
+    assert next(module.parameters()).dtype == torch.float16
+    assert next(clip.parameters()).dtype == torch.float32  # the source model still serves as the fp32 reference
+    record = export_spec(spec, tmp_path, "cpu", "fp16", module=module)
+    assert record["inputs"]["pixel_values"]["dtype"] == "float16" and record["tolerance"]["atol"] >= 1e-2
+    record = validate_spec(spec, tmp_path, record, lambda p: Graph(p).session, "cpu", "fp16", module)
+    assert record["validation"]["passed"]
+    px = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    out = Graph(tmp_path / record["file"]).run(pixel_values=px)["image_embeds"]  # fp32 in, fp32 out
+    assert out.dtype == np.float32
+    with torch.no_grad():
+        feats = clip.get_image_features(pixel_values=torch.from_numpy(px))
+        ref = torch.nn.functional.normalize(getattr(feats, "pooler_output", feats), dim=-1).numpy()
+    assert np.abs(out - ref).max() < 2e-2
