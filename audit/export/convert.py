@@ -47,6 +47,17 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """PyTorch on CUDA without TF32 while exporting and validating: the reference must be true fp32."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _group_varargs(module: torch.nn.Module, per_input: list) -> tuple:
     """torch.export wants ``*args`` of ``forward`` as one nested entry of ``dynamic_shapes``."""
     params = list(inspect.signature(module.forward).parameters.values())

@@ -42,6 +42,9 @@ class RuntimeOptions(Config):
     # needs: with the load of a few other processes on two cores, not spinning made the toy benchmark ~1.7x faster.
     spin: bool = False
     trt_cache_dir: str = ""  # TensorRT engine cache; default ~/.cache/audit/tensorrt
+    # CUDA: TF32 matmuls/convs are faster on Ampere and later but round to 10-bit mantissas; off by default so the
+    # GPU runtime reproduces the fp32 torch path.
+    tf32: bool = False
 
     def threads(self) -> int:
         if self.intra_op_threads > 0:
@@ -78,7 +81,7 @@ def providers_for(options: RuntimeOptions) -> list:
         providers.append(("TensorrtExecutionProvider", {"trt_engine_cache_enable": True,
                                                         "trt_engine_cache_path": str(cache),
                                                         "trt_fp16_enable": True}))
-    providers += ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers += [("CUDAExecutionProvider", {"use_tf32": int(options.tf32)}), "CPUExecutionProvider"]
     return providers
 
 
