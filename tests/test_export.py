@@ -192,3 +192,13 @@ def test_fp16_graph_exports_from_a_copy_and_runs_with_cast_inputs(tmp_path, tiny
         feats = clip.get_image_features(pixel_values=torch.from_numpy(px))
         ref = torch.nn.functional.normalize(getattr(feats, "pooler_output", feats), dim=-1).numpy()
     assert np.abs(out - ref).max() < 2e-2
+
+
+def test_unexportable_embedder_is_refused_before_any_tracing(tmp_path, tiny_world):
+    from audit.targets.tiny import build_tiny_open_clip
+
+    folder = build_tiny_open_clip(tmp_path / "oc")
+    r = CliRunner().invoke(app, ["export", "--target", str(tiny_world["target"]), "--embedder", str(folder),
+                                 "--captioner", str(tiny_world["blip"]), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "is not a transformers CLIPModel" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oc"]  # no output, no partial folder

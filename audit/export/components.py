@@ -118,7 +118,10 @@ def _target_family(pipe) -> dict:
     raise UsageError(f"cannot export a {cls}; export supports StableDiffusionPipeline and LDMTextToImagePipeline")
 
 
-def export_target(generator, folder: Path, cfg: ExportConfig) -> dict:
+def _exportable_target(generator) -> tuple:
+    """(pipeline, family settings), or a one-line error saying why this target cannot be exported."""
+    from ..runtime.scheduler import check_scheduler_config
+
     pipe = getattr(generator, "pipe", None)
     if pipe is None:
         raise UsageError(f"target {generator.name!r} is not a local diffusers pipeline; only those can be exported")
@@ -126,9 +129,27 @@ def export_target(generator, folder: Path, cfg: ExportConfig) -> dict:
         raise UsageError(f"target {generator.name!r} samples with {type(pipe.scheduler).__name__}; the runtime "
                          "reproduces DDIM only (audit this target on the torch path)")
     fam = _target_family(pipe)
-    from ..runtime.scheduler import check_scheduler_config
-
     check_scheduler_config(dict(pipe.scheduler.config, _class_name="DDIMScheduler"), f"{generator.name} scheduler")
+    return pipe, fam
+
+
+def _exportable_embedder(embedder) -> tuple:
+    model, processor = getattr(embedder, "model", None), getattr(embedder, "processor", None)
+    if model is None or type(model).__name__ != "CLIPModel" or processor is None:
+        raise UsageError(f"embedder {embedder.name!r} is not a transformers CLIPModel; only those can be exported")
+    return model, processor
+
+
+def _exportable_captioner(captioner) -> tuple:
+    model, processor = getattr(captioner, "model", None), getattr(captioner, "processor", None)
+    if model is None or type(model).__name__ != "BlipForConditionalGeneration" or processor is None:
+        raise UsageError(f"captioner {captioner.name!r} is not a transformers BlipForConditionalGeneration; only "
+                         "those can be exported")
+    return model, processor, _generation_settings(model)
+
+
+def export_target(generator, folder: Path, cfg: ExportConfig) -> dict:
+    pipe, fam = _exportable_target(generator)
     folder.mkdir(parents=True)
     scale = 8 if fam["pipeline"] == "LDMTextToImagePipeline" else int(getattr(pipe, "vae_scale_factor", 8))
     latent = int(generator.resolution) // scale
@@ -157,9 +178,7 @@ def export_target(generator, folder: Path, cfg: ExportConfig) -> dict:
 def export_embedder(embedder, folder: Path, cfg: ExportConfig, target_identity: dict) -> dict:
     from ..kernels.preprocess import ImageTransform
 
-    model, processor = getattr(embedder, "model", None), getattr(embedder, "processor", None)
-    if model is None or type(model).__name__ != "CLIPModel" or processor is None:
-        raise UsageError(f"embedder {embedder.name!r} is not a transformers CLIPModel; only those can be exported")
+    model, processor = _exportable_embedder(embedder)
     folder.mkdir(parents=True)
     tok = processor.tokenizer
     graphs = _export_graphs([specs.ClipImageSpec(model),
@@ -191,11 +210,7 @@ def _generation_settings(blip) -> dict:
 def export_captioner(captioner, folder: Path, cfg: ExportConfig, target_identity: dict) -> dict:
     from ..kernels.preprocess import ImageTransform
 
-    model, processor = getattr(captioner, "model", None), getattr(captioner, "processor", None)
-    if model is None or type(model).__name__ != "BlipForConditionalGeneration" or processor is None:
-        raise UsageError(f"captioner {captioner.name!r} is not a transformers BlipForConditionalGeneration; only "
-                         "those can be exported")
-    generation = _generation_settings(model)
+    model, processor, generation = _exportable_captioner(captioner)
     folder.mkdir(parents=True)
     graphs = _export_graphs([specs.BlipVisionSpec(model), specs.BlipDecoderStepSpec(model)], folder, cfg)
     processor.save_pretrained(folder / "processor")
@@ -283,6 +298,8 @@ def export_all(cfg: ExportConfig, out: str | Path) -> dict:
     generator = load_target(cfg.target, device=cfg.device, allow_pickle=cfg.allow_pickle)
     embedder = load_embedder(cfg.embedder, device=cfg.device, allow_pickle=cfg.allow_pickle)
     captioner = load_captioner(cfg.captioner, device=cfg.device, allow_pickle=cfg.allow_pickle)
+    # Everything that can be refused is refused before minutes of tracing.
+    _exportable_target(generator), _exportable_embedder(embedder), _exportable_captioner(captioner)
     # Build in a sibling folder and rename at the end: an interrupted export never looks like a finished one.
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
