@@ -216,3 +216,49 @@ def export(target: str, out: str | Path, *, embedder: str | None = None, caption
     cfg = ExportConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", device=device,
                        precision=precision, allow_pickle=allow_pickle)
     return export_all(cfg, out)
+
+
+# ------------------------------------------------------------------------------------------ the study (E)
+
+def experiment(out: str | Path = "docs", *, workdir: str | Path | None = None, quick: bool = False,
+               workers: int | None = None, config=None) -> dict:
+    """Run the paper's study on the toy world and write ``out``/RESULTS.md, its plots and experiment.json.
+
+    ``config`` (an ``audit.experiments.ExperimentConfig``) overrides the full (or ``quick``) settings. Returns
+    every number of the report (the content of experiment.json).
+    """
+    import dataclasses
+
+    from .experiments import ExperimentConfig, run_experiment
+
+    cfg = config or (ExperimentConfig.quick() if quick else ExperimentConfig())
+    if workers is not None:
+        cfg = dataclasses.replace(cfg, workers=workers)
+    return run_experiment(cfg, out, workdir)
+
+
+# ------------------------------------------------------------------------------------ set-level inference (E)
+
+def set_test(scores, heads: str | Path | None = None, *, null=None, attack: str | None = None,
+             store: str | Path | None = None, method: str = "mean", n_resamples: int = 10_000, seed: int = 0) -> dict:
+    """One-sided test that a set of one owner's images was trained on, from their per-image scores.
+
+    ``scores``: the images' P(member) from ``attack`` of ``heads`` (e.g. the ``probability`` of each verdict of a
+    scan). The null comes from held-out NON-members only: ``null`` if given, else the heads' validation
+    non-members scored from the feature store the heads were trained on (or ``store``).
+    Returns ``{"p_value", "k", "statistic", "method", "n_null", "null_from"}``.
+    """
+    import numpy as np
+
+    from .attacks.setlevel import heads_null_scores
+    from .attacks.setlevel import set_test as _set_test
+
+    if null is None:
+        if heads is None:
+            raise UsageError("set_test needs the heads whose scores these are (for the non-member null) or a null")
+        null, source = heads_null_scores(heads, attack, str(store) if store else None)
+    else:
+        source = {"given": True, "n": int(np.size(null))}
+    result = _set_test(scores, null, method, n_resamples, seed)
+    result["null_from"] = source
+    return result

@@ -329,6 +329,23 @@ def demo(
     typer.echo(format_results(result))
 
 
+@app.command()
+def experiment(
+    out: Path = typer.Option(Path("docs"), "--out", help="Folder for RESULTS.md, its PNG plots and experiment.json."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Cache of data, models, feature stores and "
+                                           "heads (default: .experiment-work beside --out); a rerun resumes it."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny settings that exercise every stage (a smoke test; its "
+                               "numbers mean nothing)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel worker processes (default: 2)."),
+) -> None:
+    """The paper's study (RQ1-RQ5, FID analogue, set-level inference) on the toy world -> RESULTS.md + plots."""
+    from . import api
+
+    result = run(lambda: api.experiment(out, workdir=workdir, quick=quick, workers=workers))
+    typer.echo(f"wrote {Path(out) / 'RESULTS.md'} and {len(result['plots'])} plots in "
+               f"{result['run']['total_seconds'] / 60:.1f} min")
+
+
 @app.command("export")
 def export_cmd(
     target: str = typer.Option(..., "--target", help="Target to compile: registered name or diffusers folder."),

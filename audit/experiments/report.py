@@ -1,0 +1,287 @@
+"""RESULTS.md from the numbers dict: settings, tables, plots, findings stated from the numbers, timings.
+
+Every number and every finding sentence is computed from the run; nothing here is written by hand per run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..config import atomic_write_text
+
+FAMILIES = {"I (quality)": ("I-P", "I-S"), "II (reconstruction)": ("II-P", "II-S"),
+            "III (faithfulness)": ("III-X", "III-T"), "IV (combined)": ("IV",)}
+
+
+def _f(x, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _ms(entry: dict, digits: int = 3) -> str:
+    if entry["n"] == 0:
+        return "–"
+    if entry["n"] == 1:
+        return _f(entry["mean"], digits)
+    return f"{_f(entry['mean'], digits)} ± {_f(entry['std'], digits)}"
+
+
+def _auc(agg: dict, a: str) -> float:
+    return agg[a]["auc"]["mean"] if a in agg else float("nan")
+
+
+def _metric_table(agg: dict, attacks: list[str]) -> list[str]:
+    lines = ["| attack | accuracy | AUC | TPR at 1% FPR |", "|---|---|---|---|"]
+    for a in attacks:
+        lines.append(f"| {a} | {_ms(agg[a]['accuracy'])} | {_ms(agg[a]['auc'])} | {_ms(agg[a]['tpr_at_1pct_fpr'])} |")
+    return lines
+
+
+def _grid_table(table: dict, attacks: list[str], first: str, metric: str = "auc", fmt=str) -> list[str]:
+    lines = [f"| {first} | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+    for k, agg in table.items():
+        lines.append(f"| {fmt(k)} | " + " | ".join(_ms(agg[a][metric]) for a in attacks) + " |")
+    return lines
+
+
+def _seeds(agg: dict) -> str:
+    return ", ".join(str(s) for s in agg["_seeds"])
+
+
+def findings(n: dict) -> list[str]:
+    """Sentences about what holds and what does not, each computed from the numbers."""
+    out = []
+    attacks = [a for a in n["attacks"] if a != "blind"]
+    rq1 = n["rq1"]
+    best = max(attacks, key=lambda a: _auc(rq1, a))
+    out.append(f"Best single attack on the bundled target: {best} (AUC {_ms(rq1[best]['auc'])}, TPR at 1% FPR "
+               f"{_ms(rq1[best]['tpr_at_1pct_fpr'])}).")
+    fam = {f: max((_auc(rq1, a) for a in members if a in rq1), default=float("nan"))
+           for f, members in FAMILIES.items()}
+    fam = {f: v for f, v in fam.items() if math.isfinite(v)}
+    order = sorted(fam, key=lambda f: -fam[f])
+    out.append("Attack families by their best AUC: " + " > ".join(f"{f} {fam[f]:.3f}" for f in order) + ".")
+    if {"I (quality)", "II (reconstruction)", "III (faithfulness)"} <= set(fam):
+        holds = fam["II (reconstruction)"] > fam["III (faithfulness)"] > fam["I (quality)"]
+        out.append("The paper's ordering (reconstruction > faithfulness > quality) "
+                   + ("holds here." if holds else "does not hold here."))
+    if "IV" in rq1:
+        single = max(_auc(rq1, a) for a in attacks if a != "IV")
+        out.append(f"The combined attack IV (AUC {_auc(rq1, 'IV'):.3f}) "
+                   + ("beats" if _auc(rq1, "IV") > single else "does not beat")
+                   + f" the best single attack ({single:.3f}).")
+    px = [a for a in attacks if a.endswith("-P")]
+    sem = [a for a in attacks if a.endswith("-S")]
+    if px and sem:
+        bp, bs = max(_auc(rq1, a) for a in px), max(_auc(rq1, a) for a in sem)
+        out.append(f"Pixel heads (best AUC {bp:.3f}) {'beat' if bp > bs else 'trail'} semantic heads "
+                   f"(best {bs:.3f}) on this 32x32 toy world.")
+    blind = rq1.get("blind")
+    if blind:
+        flagged = [s for s, b in n["rq1_blind"].items() if b and b.get("distribution_shift_warning")]
+        out.append(f"Blind baseline AUC {_ms(blind['auc'])}: "
+                   + ("flagged a distribution shift on seed(s) " + ", ".join(map(str, flagged)) if flagged else
+                      "no distribution shift between the auxiliary members and non-members was flagged") + ".")
+    rq3 = n["rq3"]
+    if rq3:
+        labels = list(rq3)
+        best3 = {lab: max(_auc(rq3[lab], a) for a in attacks) for lab in labels}
+        mono = all(best3[labels[i]] <= best3[labels[i + 1]] + 1e-9 for i in range(len(labels) - 1))
+        out.append("RQ3: best AUC by fine-tuning length " + ", ".join(f"{lab} {best3[lab]:.3f}" for lab in labels)
+                   + (" — stronger memorisation makes every attack family easier." if mono else
+                      " — not monotone in fine-tuning length."))
+    aux = n["aux"]
+    fr = list(aux)
+    if len(fr) > 1:
+        lo, hi = fr[0], fr[-1]
+        out.append(f"RQ4 aux size: best AUC {max(_auc(aux[lo], a) for a in attacks):.3f} with {float(lo):g} of the "
+                   f"auxiliary set vs {max(_auc(aux[hi], a) for a in attacks):.3f} with {float(hi):g}.")
+    steps = n["steps"]
+    if len(steps) > 1:
+        out.append("RQ4 denoising steps: best AUC " + ", ".join(
+            f"{k} steps {max(_auc(v, a) for a in attacks):.3f}" for k, v in steps.items()) + ".")
+    ng = n["n_gen"]
+    if len(ng) > 1:
+        out.append("RQ4 n_gen: best AUC " + ", ".join(
+            f"n_gen {k} {max(_auc(v, a) for a in attacks):.3f}" for k, v in ng.items()) + ".")
+    cap = n["caption"]
+    if "blip" in cap:
+        diffs = {a: _auc(cap["blip"], a) - _auc(cap["given"], a) for a in attacks}
+        worst = min(diffs, key=diffs.get)
+        out.append(f"RQ4 caption source: with BLIP captions of the query instead of the given caption, AUC changes "
+                   f"by {diffs[worst]:+.3f} at most ({worst}); III-X {diffs.get('III-X', float('nan')):+.3f}, "
+                   f"II-S {diffs.get('II-S', float('nan')):+.3f}.")
+    emb = n["embedder"]
+    if "clip2" in emb:
+        sem_a = [a for a in attacks if a not in ("I-P", "II-P")]
+        diffs = {a: _auc(emb["clip2"], a) - _auc(emb["toy-clip"], a) for a in sem_a}
+        out.append("RQ4 embedder: with the second CLIP, semantic-attack AUCs change by "
+                   + ", ".join(f"{a} {d:+.3f}" for a, d in diffs.items()) + ".")
+    d = n["defence"]
+    if len(d) > 1:
+        none_best = max(_auc(d["none"], a) for a in attacks)
+        parts = []
+        for name, agg in d.items():
+            if name == "none":
+                continue
+            cost = n["defence_cost"][name]
+            parts.append(f"{name}: best AUC {max(_auc(agg, a) for a in attacks):.3f} (PSNR {cost['psnr_db']:.1f} dB)")
+        out.append(f"RQ5 defences (attacker retrains on defended outputs; undefended best AUC {none_best:.3f}): "
+                   + "; ".join(parts) + ".")
+        worst_t = min(((name, max(_auc(agg, a) for a in attacks)) for name, agg in n["defence_transfer"].items()),
+                      key=lambda t: t[1], default=None)
+        if worst_t:
+            out.append(f"Heads trained before a defence was deployed suffer most under {worst_t[0]} "
+                       f"(best AUC {worst_t[1]:.3f}).")
+    fid = n["fid"]["bundle"]
+    out.append(f"FID analogue (Fréchet distance in toy-CLIP space, bundled target): generated vs real "
+               f"{fid['members']['fd']:.4f} for members, {fid['nonmembers']['fd']:.4f} for non-members "
+               + ("— member captions give images closer to the real ones, as in the paper." if
+                  fid["members"]["fd"] < fid["nonmembers"]["fd"] else "— the paper's direction does not hold."))
+    sl = n["setlevel"]
+    att = n["set_attack"]
+    for name in ("bundle", *[k for k in sl if k.startswith("rq3")]):
+        curve = sl[name].get(att)
+        if not curve:
+            continue
+        pw = ", ".join(f"k={r['k']} {_f(r['power'], 2)}" for r in curve)
+        fpr = max((r["fpr"] for r in curve if r["fpr"] is not None), default=float("nan"))
+        out.append(f"Set-level ({name}, {att}): power {pw}; largest false-positive rate on non-member sets "
+                   f"{fpr:.3f} at α = {n['config']['set_alpha']}.")
+    return out
+
+
+def write_results(n: dict, path: Path) -> None:
+    cfg = n["config"]
+    attacks = n["attacks"]
+    run = n["run"]
+    bundle = n["models"]["bundle"]
+    rq1 = n["rq1"]
+    counts = rq1["_counts"]
+    L: list[str] = []
+    L += ["# Results: membership inference on the toy world", "",
+          "Generated by `audit experiment` (`audit/experiments/`); every number below comes from the run that wrote "
+          "this file. Do not edit by hand: rerun the command. Machine-readable numbers: `experiment.json`.", "",
+          f"Run started {run['started']}; {run['total_seconds'] / 60:.1f} minutes wall-clock on {run['cpus']} CPU "
+          f"cores with {cfg['workers']} worker process(es) (load average before/after: "
+          f"{run['load_average_before'][0]:.1f} / {run['load_average_after'][0]:.1f}; timings at the end).", ""]
+    L += ["## Findings", ""] + [f"- {s}" for s in findings(n)] + [""]
+    bc = bundle["config"]
+    L += ["## Setup", "",
+          f"- **Target** (RQ1/2, RQ4, RQ5): the bundled toy target, a latent `StableDiffusionPipeline` at 32x32 "
+          f"pre-trained on {bc['n_public']} public scenes and fine-tuned {bc['finetune_steps']} steps on its "
+          f"{bc['n_members']} members (world seed {bc['seed']}). Its build measured a single-score pixel "
+          f"reconstruction AUC of {bundle['metrics']['membership_gap']['auc']:.3f} at "
+          f"{bundle['metrics']['membership_gap']['denoising_steps']} steps.",
+          f"- **Auxiliary data**: {cfg['n_members']} members and {cfg['n_nonmembers']} non-members drawn from the "
+          f"toy world (data seed {cfg['data_seed']}). Each seed splits them 50/25/25 into train/validation/test: "
+          f"{counts['train']['members']}+{counts['train']['nonmembers']} train, "
+          f"{counts['validation']['members']}+{counts['validation']['nonmembers']} validation, "
+          f"{counts['test']['members']}+{counts['test']['nonmembers']} test (members+non-members). Thresholds and "
+          "calibration come from validation; every metric is on test.",
+          f"- **Features**: n_gen {cfg['n_gen']}, {cfg['steps']} DDIM steps, no guidance; embedder toy-clip, "
+          "captioner toy-blip (greedy).",
+          f"- **Heads**: `audit.attacks.train_heads` with at most {cfg['epochs']} epochs, patience {cfg['patience']}, "
+          f"other `TrainConfig` defaults; bootstrap CIs from {cfg['n_boot']} resamples (in experiment.json).",
+          f"- **Seeds**: RQ1/RQ3 use seeds {', '.join(map(str, cfg['seeds']))}; seed s draws the generated images "
+          f"(features seed s), the split and the heads' initialisation. RQ4/RQ5 vary the split/head seed "
+          f"({', '.join(map(str, cfg['ablation_seeds']))}) on the seed-0 images. Tables give mean ± sample std "
+          "over seeds.",
+          "- **Reuse**: stores and cells are cached by a hash of their settings; the seed-0 store is made once with "
+          f"n_gen {max(cfg['n_gen_grid'])} and smaller n_gen read its first images (image j of a caption has the "
+          "same seed for any n_gen). The embedder and defence stores replay that store's generated images "
+          "(exact at 32x32) instead of regenerating them.", ""]
+
+    L += ["## RQ1/RQ2: attacks on the bundled target", "", f"![RQ1](./{n['plots']['rq1']})", ""]
+    L += _metric_table(rq1, attacks) + ["", f"Seeds {_seeds(rq1)}. `blind` sees only the query image and caption "
+                                            "embeddings (no generated image): the distribution-shift baseline.", ""]
+    fid = n["fid"]
+    L += ["## The FID table's analogue", "",
+          "Fréchet distance in toy-CLIP image-embedding space between the generated images (seed 0, all n_gen images "
+          "of each query) and the real images, per class. The real-vs-real row compares real members with real "
+          "non-members: distances near it are at the sampling floor.", "",
+          "| target | members: generated vs real | non-members: generated vs real | real members vs real non-members "
+          "| pixel MSE members / non-members (single-score AUC) |", "|---|---|---|---|---|"]
+    for name, f in fid.items():
+        g = n["pixel_gap"][name]
+        L.append(f"| {name} | {f['members']['fd']:.4f} | {f['nonmembers']['fd']:.4f} | "
+                 f"{f['real_members_vs_real_nonmembers']:.4f} | {g['member_mse']:.4f} / {g['nonmember_mse']:.4f} "
+                 f"({g['auc']:.3f}) |")
+    L.append("")
+
+    m = n["models"]
+    L += ["## RQ3: memorisation strength", "",
+          f"The token-based (DALL-E-mini-style) family exists in audit only untrained; training it on this CPU is out "
+          f"of scope, so RQ3 compares diffusion targets that differ only in how long they were fine-tuned. Members "
+          f"are the first {cfg['rq3_members']} member scenes of a world with seed {cfg['rq3_world_seed']} (never seen "
+          f"by any bundled model); non-members the first {cfg['rq3_nonmembers']} non-member scenes of that world. "
+          f"`untuned` is the bundled target itself (0 steps on these members: a control where there is nothing to "
+          f"find); `weak` and `strong` are the bundled target fine-tuned {cfg['rq3_finetune_steps'][0]} and "
+          f"{cfg['rq3_finetune_steps'][1]} steps (batch {cfg['rq3_batch']}, lr {cfg['rq3_lr']}; "
+          f"{m['rq3-weak']['epochs']:.0f} and {m['rq3-strong']['epochs']:.0f} epochs) on them. Seeds "
+          f"{', '.join(map(str, cfg['seeds']))} as in RQ1.", "", f"![RQ3](./{n['plots']['rq3']})", "",
+          "| target | single-score pixel AUC at build | " + " | ".join(attacks) + " |",
+          "|---" * (len(attacks) + 2) + "|"]
+    for lab, agg in n["rq3"].items():
+        gap = m.get(f"rq3-{lab}", {}).get("membership_gap", {}).get("auc")
+        L.append(f"| {lab} | {_f(gap)} | " + " | ".join(_ms(agg[a]["auc"]) for a in attacks) + " |")
+    L += ["", "(AUC, mean ± std over seeds.) TPR at 1% FPR:", ""]
+    L += _grid_table(n["rq3"], attacks, "target", "tpr_at_1pct_fpr") + [""]
+
+    L += ["## RQ4: ablations", "", f"![RQ4 grids](./{n['plots']['rq4_grids']})", "",
+          f"![RQ4 caption and embedder](./{n['plots']['rq4_sources']})", "",
+          "### Auxiliary data size", "",
+          "The test split of each seed is held fixed; heads train on a nested, stratified fraction of the other 75% "
+          "(split 64:32 train:validation). AUC:", ""]
+    L += _grid_table(n["aux"], attacks, "fraction (train rows)",
+                     fmt=lambda k: f"{float(k):g} ({n['aux'][k]['_counts']['train']['members'] + n['aux'][k]['_counts']['train']['nonmembers']})")
+    L += ["", "### Denoising steps (AUC)", ""] + _grid_table(n["steps"], attacks, "steps")
+    L += ["", "### Generated images per query (AUC)", ""] + _grid_table(n["n_gen"], attacks, "n_gen")
+    L += ["", "### Caption source (AUC)", "",
+          "`given`: the caption of the auxiliary data; `blip`: the toy BLIP's caption of the query image, used both "
+          "to generate and as the text the attacks compare with.", ""] + _grid_table(n["caption"], attacks, "caption")
+    c2 = m["clip2"]
+    L += ["", "### Embedder (AUC)", "",
+          f"`clip2`: a second CLIP trained here ({c2['recipe']['layers']} layers, hidden {c2['recipe']['hidden']}, "
+          f"{c2['recipe']['steps']} steps of batch {c2['recipe']['batch']} on {c2['recipe']['n_public']} public "
+          f"scenes of seed {c2['recipe']['seed']}); held-out text-to-image retrieval top-1 {c2['heldout_top1']:.3f} "
+          f"vs {m['bundle_clip_top1_same_heldout']:.3f} for the toy CLIP on the same {c2['heldout_n']} scenes. The "
+          "pixel attacks do not use the embedder.", ""] + _grid_table(n["embedder"], attacks, "embedder")
+
+    L += ["", "## RQ5: output defences", "",
+          "Each defence perturbs every image the target returns (`audit.defences.DefendedGenerator`, seeded). "
+          "`retrained`: the attacker's auxiliary features are also defended and the heads are trained on them; "
+          "`before`: the heads trained on undefended outputs score the defended test split. Cost to the service: "
+          "PSNR of defended vs undefended generated images (downscaled ones upscaled bicubically), and the Fréchet "
+          "distance of all generated images to the real ones (undefended in the first row).", "",
+          f"![RQ5](./{n['plots']['rq5']})", "",
+          "| defence | PSNR dB | FD gen vs real | " + " | ".join(f"{a} retrained / before" for a in attacks) + " |",
+          "|---" * (len(attacks) + 3) + "|"]
+    for d, agg in n["defence"].items():
+        cost = n["defence_cost"][d]
+        tr = n["defence_transfer"].get(d)
+        cells = [f"{_ms(agg[a]['auc'])} / {_ms(tr[a]['auc']) if tr else '–'}" for a in attacks]
+        L.append(f"| {d} | {_f(cost['psnr_db'], 1)} | {cost['fd_generated_vs_real']:.4f} | " + " | ".join(cells)
+                 + " |")
+
+    L += ["", "## Set-level inference", "",
+          f"For a set of k images of one owner: a one-sided test (`audit.attacks.setlevel`, method "
+          f"`{cfg['set_method']}`) whose null comes only from the heads' validation non-members. Member sets are "
+          f"drawn from the test members, non-member sets from the test non-members ({cfg['set_trials']} random sets "
+          f"of distinct images per k and seed); power = rejection rate on member sets, FPR = on non-member sets, at "
+          f"α = {cfg['set_alpha']}. Mean over seeds.", "", f"![set level](./{n['plots']['setlevel']})", "",
+          "| target | attack | " + " | ".join(f"k={k} power / FPR" for k in cfg["set_ks"]) + " |",
+          "|---" * (len(cfg["set_ks"]) + 2) + "|"]
+    for name, per_attack in n["setlevel"].items():
+        for a, curve in per_attack.items():
+            L.append(f"| {name} | {a} | " + " | ".join(f"{_f(r['power'], 2)} / {_f(r['fpr'], 3)}" for r in curve)
+                     + " |")
+
+    L += ["", "## Timings", "",
+          f"Tasks ran in {run['tasks_seconds'] / 60:.1f} min; the whole command took {run['total_seconds'] / 60:.1f} "
+          f"min. Sums over tasks (tasks overlap when workers > 1):", "",
+          "| stage | tasks | wall s (sum) | CPU s (sum) |", "|---|---|---|---|"]
+    for stage, s in run["stages"].items():
+        L.append(f"| {stage} | {s['tasks']} | {s['seconds']:.0f} | {s['cpu_seconds']:.0f} |")
+    L += ["", "Per-task times are in `experiment.json` (`run.tasks`).", ""]
+    atomic_write_text(path, "\n".join(L) + "\n")

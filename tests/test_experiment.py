@@ -1,0 +1,143 @@
+"""`audit experiment --quick`: every stage of the study runs on tiny settings and writes RESULTS.md, plots and
+experiment.json whose numbers agree with the cells they came from; a rerun reuses every cached result."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from audit.cli import app
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiment")
+    out, work = root / "docs", root / "work"
+    result = CliRunner().invoke(app, ["experiment", "--quick", "--out", str(out), "--workdir", str(work)])
+    assert result.exit_code == 0, result.output
+    return {"out": out, "work": work, "output": result.output,
+            "nums": json.loads((out / "experiment.json").read_text())}
+
+
+def test_writes_results_plots_and_numbers(quick_run):
+    out = quick_run["out"]
+    text = (out / "RESULTS.md").read_text()
+    for section in ("## Findings", "## Setup", "## RQ1/RQ2", "## The FID table's analogue", "## RQ3",
+                    "## RQ4: ablations", "## RQ5: output defences", "## Set-level inference", "## Timings"):
+        assert section in text
+    pngs = re.findall(r"!\[[^\]]*\]\(\./([^)]+\.png)\)", text)
+    assert len(pngs) == 6
+    for name in pngs:
+        with Image.open(out / name) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    assert "wrote" in quick_run["output"] and "RESULTS.md" in quick_run["output"]
+
+
+def test_rq1_table_is_the_mean_of_the_cells(quick_run):
+    nums, work = quick_run["nums"], quick_run["work"]
+    cells = {p.parent.name: json.loads(p.read_text()) for p in (work / "cells").glob("*/result.json")}
+    main = [r for name, r in cells.items() if name.startswith("main_seed")]
+    assert len(main) == len(nums["config"]["seeds"])
+    for attack in nums["attacks"]:
+        want = np.mean([r["metrics"][attack]["auc"]["value"] for r in main])
+        assert nums["rq1"][attack]["auc"]["mean"] == pytest.approx(want)
+    text = (quick_run["out"] / "RESULTS.md").read_text()
+    assert f"| II-S | {nums['rq1']['II-S']['accuracy']['mean']:.3f}" in text
+
+
+def test_every_research_question_has_its_settings(quick_run):
+    nums = quick_run["nums"]
+    cfg = nums["config"]
+    assert sorted(map(float, nums["aux"])) == sorted(cfg["aux_fractions"])
+    assert sorted(map(int, nums["steps"])) == sorted(cfg["steps_grid"])
+    assert sorted(map(int, nums["n_gen"])) == sorted(cfg["n_gen_grid"])
+    assert set(nums["caption"]) == {"given", "blip"} and set(nums["embedder"]) == {"toy-clip", "clip2"}
+    assert set(nums["defence"]) == {"none", *cfg["defences"]} and set(nums["defence_transfer"]) == set(cfg["defences"])
+    assert list(nums["rq3"]) == ["untuned", "weak", "strong"]
+    # Fine-tuning lengths are what the models record; the untuned control is the bundled target itself.
+    assert [nums["models"][f"rq3-{k}"]["recipe"]["finetune_steps"] for k in ("weak", "strong")] == \
+        list(cfg["rq3_finetune_steps"])
+    for name in ("bundle", "rq3-untuned"):
+        fid = nums["fid"][name]
+        assert fid["members"]["fd"] >= 0 and fid["nonmembers"]["fd"] >= 0
+    cost = nums["defence_cost"]["downscale:2"]
+    assert 5 < cost["psnr_db"] < 100
+    curve = nums["setlevel"]["bundle"]["II-S"]
+    assert [r["k"] for r in curve] == list(cfg["set_ks"])
+    assert all(r["fpr"] is None or 0 <= r["fpr"] <= 1 for r in curve)
+
+
+def test_stores_are_shared_between_questions(quick_run):
+    nums, work = quick_run["nums"], quick_run["work"]
+    stores = sorted(p.name for p in (work / "stores").glob("*.h5"))
+    # base (n_gen 2, used for n_gen 1 and 2, the reference, aux fractions), one extra steps store, BLIP captions,
+    # second CLIP, one defence, and three RQ3 targets x one seed.
+    assert len(stores) == 8, stores
+    from audit.features.store import FeatureStore
+
+    base = [p for p in stores if p.startswith("base-")]
+    assert len(base) == 1 and FeatureStore.open(work / "stores" / base[0]).n_gen == 2
+    assert nums["run"]["stages"]["features"]["tasks"] == 8
+
+
+def test_replayed_images_are_the_targets_own(quick_run):
+    from audit.experiments.stores import ReplayGenerator, read_store
+    from audit.targets.builtin import load_target
+
+    work = quick_run["work"]
+    base = next((work / "stores").glob("base-*.h5"))
+    batch, manifest = read_store(base)
+    replay = ReplayGenerator(base)
+    cfg = manifest["config"]
+    caption = str(batch["caption"][0])
+    fresh = load_target("toy").generate([caption], 2, cfg["seed"], cfg["steps"])
+    assert np.array_equal(replay.generate([caption], 2, cfg["seed"], cfg["steps"]), fresh)
+    assert replay.identity() == manifest["target"]
+
+
+def test_set_test_api_takes_its_null_from_the_heads(quick_run):
+    from audit import api
+    from audit.attacks.setlevel import heads_null_scores
+    from audit.errors import InputError
+
+    work = quick_run["work"]
+    folder = next((work / "cells").glob("main_seed0-*"))
+    cell = json.loads((folder / "result.json").read_text())
+    scores = cell["test"]["probability"]["II-S"]
+    # The heads' validation non-members, scored from the store the heads were trained on (n_gen prefix of it).
+    null, source = heads_null_scores(folder / "heads", "II-S")
+    np.testing.assert_allclose(null, cell["null"]["II-S"], rtol=1e-6)
+    assert source["n"] == len(null) and source["attack"] == "II-S"
+    # The quick run's validation split is too small for a meaningful test: refused, saying why.
+    with pytest.raises(InputError, match=f"at least 10 non-member scores, got {len(null)}"):
+        api.set_test(scores, folder / "heads", attack="II-S")
+    r = api.set_test(scores, null=list(null) * 4)
+    assert r["k"] == len(scores) and 0 < r["p_value"] <= 1 and r["null_from"] == {"given": True, "n": 4 * len(null)}
+
+
+def test_rerun_reuses_every_cached_result(quick_run, tmp_path):
+    work = quick_run["work"]
+    stamps = {p: p.stat().st_mtime for p in (work / "cells").glob("*/result.json")}
+    result = CliRunner().invoke(app, ["experiment", "--quick", "--out", str(tmp_path), "--workdir", str(work)])
+    assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime for p in stamps} == stamps
+    again = json.loads((tmp_path / "experiment.json").read_text())
+    assert again["rq1"] == quick_run["nums"]["rq1"] and again["defence"] == quick_run["nums"]["defence"]
+
+
+def test_bad_settings_fail_with_one_line(tmp_path):
+    from audit import api
+    from audit.errors import UsageError
+    from audit.experiments import ExperimentConfig
+
+    bad = ExperimentConfig.quick()
+    bad.defences = ("blur:3",)
+    with pytest.raises(Exception, match="unknown defence 'blur'"):
+        api.experiment(tmp_path, config=bad)
+    bad = ExperimentConfig.quick()
+    bad.n_gen = 4
+    with pytest.raises(UsageError, match="n_gen_grid"):
+        api.experiment(tmp_path, config=bad)
