@@ -105,7 +105,7 @@ def run_cell(spec: dict, workdir: str) -> dict:
         raise UsageError(f"unknown cell mode {s.mode!r}; valid modes are {', '.join(MODES)}")
     folder = s.folder(Path(workdir))
     if (folder / RESULT).is_file():
-        return json.loads((folder / RESULT).read_text(encoding="utf-8"))
+        return {**json.loads((folder / RESULT).read_text(encoding="utf-8")), "cached": True}
     t0, c0 = time.perf_counter(), _cpu()
     batch, manifest = read_store(s.store, s.n_gen or None)
     rows, ids, y = labelled_rows(batch)

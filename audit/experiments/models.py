@@ -86,7 +86,7 @@ def train_clip2(recipe: dict, workdir: str) -> dict:
     r = Clip2Recipe.from_dict(recipe)
     folder = r.folder(Path(workdir))
     if (done := _done(folder)) is not None:
-        return done
+        return {**done, "cached": True}
     _fresh(folder)
     t0 = time.perf_counter()
     tok = build_clip_tokenizer(folder / "_tokenizer")
@@ -132,7 +132,7 @@ def train_target(recipe: dict, workdir: str, gap_steps: int = 20) -> dict:
     r = TargetRecipe.from_dict(recipe)
     folder = r.folder(Path(workdir))
     if (done := _done(folder)) is not None:
-        return done
+        return {**done, "cached": True}
     _fresh(folder)
     t0 = time.perf_counter()
     pipe = load_pipeline(bundle_path("target"))

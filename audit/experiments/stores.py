@@ -109,7 +109,7 @@ def build_store(spec: dict, workdir: str) -> dict:
     out = s.path(Path(workdir))
     if out.exists() and FeatureStore.open(out).complete:
         # Named by the hash of its spec, so a finished store is this spec's store: nothing to load or compute.
-        return {"path": str(out), "rows": FeatureStore.open(out).n_rows, "status": "cached"}
+        return {"path": str(out), "rows": FeatureStore.open(out).n_rows, "cached": True}
     if s.replay:
         generator = ReplayGenerator(s.replay)
         generator.check_exact(load_target(s.target).resolution)
