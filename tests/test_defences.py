@@ -83,11 +83,33 @@ def test_psnr_upscales_smaller_images_and_rates_identity_high():
     assert 10 < psnr(img, small) < 100
 
 
+class Remembering:
+    """The real tiny target, each distinct call generated once (the defences are what is under test here)."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.resolution, self.calls = inner, inner.name, inner.resolution, {}
+
+    def identity(self):
+        return self.inner.identity()
+
+    def generate(self, captions, n_gen, seed, steps, guidance=1.0):
+        key = (tuple(captions), n_gen, seed, steps, guidance)
+        if key not in self.calls:
+            self.calls[key] = self.inner.generate(captions, n_gen, seed, steps, guidance)
+        return self.calls[key].copy()
+
+
 @pytest.fixture(scope="module")
 def target(tiny_world):
+    import torch
+
     from audit.targets.builtin import load_target
 
-    return load_target(str(tiny_world["target"]))
+    # One thread: two torch threads crawl when the other core is busy (ENV.md), and these calls are tiny.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Remembering(load_target(str(tiny_world["target"])))
+    torch.set_num_threads(threads)
 
 
 def test_defended_generator_perturbs_what_the_target_returns(target):
