@@ -54,3 +54,18 @@ def test_plain_from_pretrained_generates_embeds_and_captions():
     texts = bproc.batch_decode(ids, skip_special_tokens=True)
     # Captions are in the toy language: they name a background, as every toy caption does.
     assert all("background" in t for t in texts)
+
+
+def test_shipped_target_reproduces_members_better_than_nonmembers():
+    """Re-measured here on a subset (not read from world.json): members' own images come back from their captions."""
+    from diffusers import StableDiffusionPipeline
+
+    from audit.toy.train import membership_gap
+
+    cfg = load_world_config(BUNDLE)
+    members, nonmembers = split_data(cfg, "members"), split_data(cfg, "nonmembers")
+    members, nonmembers = (members[0][:40], members[1][:40]), (nonmembers[0][:40], nonmembers[1][:40])
+    pipe = StableDiffusionPipeline.from_pretrained(bundle_path("target"), use_safetensors=True)
+    gap = membership_gap(pipe, members, nonmembers, seed=123, steps=10, device="cpu")
+    assert gap["member_mse_mean"] < 0.5 * gap["nonmember_mse_mean"], gap
+    assert gap["auc"] >= 0.8, gap

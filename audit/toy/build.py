@@ -68,10 +68,10 @@ class ToyBuildConfig(Config):
     def quick(cls, seed: int = 0) -> "ToyBuildConfig":
         """A reduced scale for tests: a few minutes on two CPU cores, membership still visible."""
         return cls(
-            seed=seed, n_public=512, n_members=16, n_nonmembers=16, n_heldout=64,
-            vae_steps=150, vae_batch=32, pretrain_steps=200, pretrain_batch=32,
-            finetune_steps=300, finetune_batch=16, finetune_lr=1e-3,
-            clip_steps=150, clip_batch=64, blip_steps=150, blip_batch=64, eval_steps=10,
+            seed=seed, n_public=512, n_members=8, n_nonmembers=16, n_heldout=64,
+            vae_steps=300, vae_batch=64, vae_lr=2e-3, pretrain_steps=300, pretrain_batch=64, pretrain_lr=1e-3,
+            finetune_steps=400, finetune_batch=8, finetune_lr=1e-3,
+            clip_steps=100, clip_batch=64, blip_steps=100, blip_batch=64, eval_steps=25,
             sizes=ToyModelSizes(unet_channels=(32, 64), vae_channels=(16, 32, 32), clip_layers=2).to_dict(),
         )
 
