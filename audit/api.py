@@ -240,12 +240,14 @@ def experiment(out: str | Path = "docs", *, workdir: str | Path | None = None, q
 # ------------------------------------------------------------------------------------ set-level inference (E)
 
 def set_test(scores, heads: str | Path | None = None, *, null=None, attack: str | None = None,
-             store: str | Path | None = None, method: str = "mean", n_resamples: int = 10_000, seed: int = 0) -> dict:
+             store: str | Path | None = None, method: str = "permutation", n_resamples: int = 10_000,
+             seed: int = 0) -> dict:
     """One-sided test that a set of one owner's images was trained on, from their per-image scores.
 
     ``scores``: the images' P(member) from ``attack`` of ``heads`` (e.g. the ``probability`` of each verdict of a
-    scan). The null comes from held-out NON-members only: ``null`` if given, else the heads' validation
-    non-members scored from the feature store the heads were trained on (or ``store``).
+    scan). The null comes from held-out NON-members only: ``null`` if given, else the heads' test-split
+    non-members (never fitted on) scored from the feature store the heads were trained on (or ``store``).
+    ``method``: ``permutation`` (default), ``fisher`` or ``stouffer`` (see ``audit.attacks.setlevel``).
     Returns ``{"p_value", "k", "statistic", "method", "n_null", "null_from"}``.
     """
     import numpy as np

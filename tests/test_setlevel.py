@@ -1,4 +1,5 @@
-"""Set-level inference: p-values are valid under the null, the combinations equal scipy's, power grows with k."""
+"""Set-level inference: p-values are valid under the null (also with a small null), the combinations equal
+scipy's, power grows with k."""
 
 import numpy as np
 import pytest
@@ -23,12 +24,14 @@ def test_combinations_equal_scipy(method):
     assert np.isclose(stat, ref.statistic) and np.isclose(pv, ref.pvalue)
 
 
-def test_mean_test_of_one_image_matches_its_empirical_pvalue():
+def test_permutation_test_of_one_image_is_its_empirical_pvalue():
+    # With k = 1 a draw from the pooled 1 + n scores is at least the image's score with probability
+    # (1 + #{null >= s}) / (1 + n): the empirical p-value.
     rng = np.random.default_rng(0)
     null = rng.normal(size=200)
     for s in (-1.0, 0.5, 2.0):
-        p_mean = set_test([s], null, "mean", n_resamples=40_000, seed=1)["p_value"]
-        assert abs(p_mean - empirical_pvalues([s], null)[0]) < 0.01
+        p = set_test([s], null, n_resamples=40_000, seed=1)["p_value"]
+        assert abs(p - empirical_pvalues([s], null)[0]) < 0.01
 
 
 def test_result_fields_and_determinism():
@@ -36,7 +39,7 @@ def test_result_fields_and_determinism():
     null, scores = rng.normal(size=100), rng.normal(1.0, 1.0, size=7)
     r = set_test(scores, null, seed=3)
     assert set(r) == {"p_value", "k", "statistic", "method", "n_null"}
-    assert r["k"] == 7 and r["n_null"] == 100 and r["method"] == "mean"
+    assert r["k"] == 7 and r["n_null"] == 100 and r["method"] == "permutation"
     assert np.isclose(r["statistic"], scores.mean())
     assert set_test(scores, null, seed=3) == r
     # Clearly member-like sets get small p-values, clearly non-member-like ones large.
@@ -46,26 +49,34 @@ def test_result_fields_and_determinism():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_false_positive_rate_is_at_most_alpha_on_nonmember_sets(method):
-    # Non-members, null and member scores from one score distribution per class, as a head would give.
+    # Non-member and member scores from one score distribution per class, as a head would give.
     rng = np.random.default_rng(2)
-    null = rng.normal(size=300)
-    nonmembers = rng.normal(size=300)
+    nonmembers = rng.normal(size=600)
     members = rng.normal(0.8, 1.0, size=300)
-    curve = power_curve(members, nonmembers, null, ks=(1, 5, 10, 20), alpha=0.05, n_sets=300, method=method,
-                        n_resamples=4000, seed=0)
+    curve = power_curve(members, nonmembers, ks=(1, 5, 10, 20), alpha=0.05, n_sets=300, method=method,
+                        n_resamples=400, seed=0)
     fpr = [r["fpr"] for r in curve]
     power = [r["power"] for r in curve]
     # Binomial noise on 300 sets: 0.05 + 3 sd is about 0.09.
     assert max(fpr) <= 0.09, fpr
     assert power[0] < power[1] < power[2] <= power[3] + 0.02, power
     assert power[3] > 0.9
+    assert curve[0]["n_null"] == 300
+
+
+def test_permutation_test_stays_valid_with_a_small_null():
+    # 15 null scores and sets of 10: the permutation test accounts for the null being a small sample.
+    rng = np.random.default_rng(4)
+    curve = power_curve(rng.normal(1.0, 1.0, size=30), rng.normal(size=30), ks=(10,), alpha=0.05, n_sets=400,
+                        n_resamples=200, seed=5)
+    assert curve[0]["n_null"] == 15 and curve[0]["fpr"] <= 0.09 and curve[0]["power"] > 0.5
 
 
 def test_sets_larger_than_a_pool_are_reported_not_drawn():
     rng = np.random.default_rng(3)
-    curve = power_curve(rng.normal(size=4), rng.normal(size=30), rng.normal(size=50), ks=(2, 5), n_sets=10,
-                        n_resamples=500)
+    curve = power_curve(rng.normal(size=4), rng.normal(size=30), ks=(2, 5, 20), n_sets=10, n_resamples=100)
     assert curve[0]["power"] is not None and curve[1]["power"] is None and curve[1]["fpr"] is not None
+    assert curve[2]["fpr"] is None  # 15 non-members are left beside the null
 
 
 @pytest.mark.parametrize("scores, null, err, words", [
@@ -79,5 +90,5 @@ def test_bad_inputs_fail_clearly(scores, null, err, words):
 
 
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(UnknownNameError, match="mean, fisher, stouffer"):
+    with pytest.raises(UnknownNameError, match="permutation, fisher, stouffer"):
         set_test([0.1], np.zeros(20), method="max")

@@ -1,18 +1,21 @@
 """Set-level inference: was this set of k images (of one owner) trained on, as a whole?
 
 A one-sided test of H0 "the set's images are non-members" against H1 "they are members", from the per-image
-scores of one attack head. The null distribution comes from scores of held-out images known NOT to be members
-(the heads' validation non-members, never the images under test), so no member score is needed to calibrate it:
+scores of one attack head. The null comes only from scores of images known NOT to be members and never used to fit
+the heads (their test split's non-members), so no member score is needed to calibrate it:
 
-- ``mean`` (default): the statistic is the mean score of the set; its null is the mean of k scores drawn with
-  replacement from the null scores (Monte Carlo, seeded). p = (1 + #{null means >= statistic}) / (1 + draws).
+- ``permutation`` (default): the statistic is the mean score of the set. Under H0 the set's k scores and the n null
+  scores are exchangeable, so the statistic is compared with the means of k scores drawn without replacement from
+  the pooled k + n scores (Monte Carlo, seeded): p = (1 + #{draws >= statistic}) / (1 + draws). Valid for any
+  number of draws and any null size, and it accounts for the null being a finite sample.
 - ``fisher``: per-image empirical p-values against the null scores, combined as -2 sum log p ~ chi2(2k).
 - ``stouffer``: the same p-values as normal quantiles, combined as sum z / sqrt(k) ~ N(0, 1).
 
-Empirical p-values are (1 + #{null >= s}) / (1 + n_null): never 0, and valid (P(p <= a) <= a) under H0.
-Fisher and Stouffer treat the images as independent; the mean test only assumes the set is a draw from the same
-distribution as the null images. ``power_curve`` measures how often each test rejects member sets (power) and
-non-member sets (false-positive rate) of size k at a significance level.
+Empirical p-values are (1 + #{null >= s}) / (1 + n_null): never 0, and valid (P(p <= a) <= a) for one image. Fisher
+and Stouffer treat the images' p-values as independent, which they are not when they share one finite null (they
+run over-confident as k grows); prefer the permutation test. Scores of the heads' validation split are not a valid
+null: early stopping and calibration were fitted on them, so their non-members score lower than unseen ones.
+``power_curve`` measures how often a test rejects member sets (power) and non-member sets (false-positive rate).
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from scipy import stats
 from ..config import Config
 from ..errors import InputError, UnknownNameError, UsageError
 
-METHODS = ("mean", "fisher", "stouffer")
+METHODS = ("permutation", "fisher", "stouffer")
+MIN_NULL = 10
 
 
 @dataclasses.dataclass
 class SetTestConfig(Config):
-    method: str = "mean"
-    n_resamples: int = 10_000  # Monte Carlo draws of the null mean (method "mean")
+    method: str = "permutation"
+    n_resamples: int = 10_000  # Monte Carlo draws of the permutation distribution
     seed: int = 0
 
     def validate(self) -> "SetTestConfig":
@@ -59,20 +63,19 @@ def empirical_pvalues(scores, null) -> np.ndarray:
     return (1.0 + at_least) / (1.0 + len(n))
 
 
-def null_means(null, k: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted means of ``n_resamples`` draws of k null scores (with replacement)."""
-    n = _scores(null, "null scores")
-    out = np.empty(n_resamples)
-    step = max(1, 2_000_000 // max(1, k))  # bound memory for large k
+def permutation_pvalue(scores: np.ndarray, null: np.ndarray, n_resamples: int, rng: np.random.Generator) -> float:
+    """p-value of the mean of ``scores`` among means of len(scores) draws without replacement from scores + null."""
+    k = len(scores)
+    pool = np.concatenate([scores, null])
+    observed = scores.mean()
+    exceed = 0
+    step = max(1, 2_000_000 // len(pool))  # bound memory
     for i in range(0, n_resamples, step):
         m = min(step, n_resamples - i)
-        out[i:i + m] = n[rng.integers(0, len(n), size=(m, k))].mean(axis=1)
-    return np.sort(out)
-
-
-def _p_from_sorted(sorted_null: np.ndarray, stat: float) -> float:
-    at_least = len(sorted_null) - np.searchsorted(sorted_null, stat, side="left")
-    return float((1.0 + at_least) / (1.0 + len(sorted_null)))
+        draws = rng.permuted(np.broadcast_to(pool, (m, len(pool))), axis=1)[:, :k].mean(axis=1)
+        # A tiny tolerance so that a draw equal to the observed mean up to rounding counts as "at least as large".
+        exceed += int((draws >= observed - 1e-12 * max(1.0, abs(observed))).sum())
+    return float((1.0 + exceed) / (1.0 + n_resamples))
 
 
 def combine(p: np.ndarray, method: str) -> tuple[float, float]:
@@ -87,61 +90,69 @@ def combine(p: np.ndarray, method: str) -> tuple[float, float]:
     raise UnknownNameError(f"unknown combination {method!r}; valid are fisher, stouffer")
 
 
-def set_test(scores: Sequence[float], null: Sequence[float], method: str = "mean", n_resamples: int = 10_000,
+def _test(s: np.ndarray, n: np.ndarray, cfg: SetTestConfig, rng: np.random.Generator) -> tuple[float, float]:
+    if cfg.method == "permutation":
+        return float(s.mean()), permutation_pvalue(s, n, cfg.n_resamples, rng)
+    return combine(empirical_pvalues(s, n), cfg.method)
+
+
+def set_test(scores: Sequence[float], null: Sequence[float], method: str = "permutation", n_resamples: int = 10_000,
              seed: int = 0) -> dict:
-    """One-sided test that the set with these per-image ``scores`` was trained on.
+    """One-sided test that the set with these per-image ``scores`` was trained on; ``null``: scores of held-out
+    non-members (never fitted on).
 
     Returns ``{"p_value", "k", "statistic", "method", "n_null"}``; a small p-value is evidence of training.
     """
     cfg = SetTestConfig(method, n_resamples, seed).validate()
     s, n = _scores(scores, "scores"), _scores(null, "null scores")
-    if len(n) < 10:
-        raise InputError(f"set test: the null distribution needs at least 10 non-member scores, got {len(n)}")
-    if cfg.method == "mean":
-        stat = float(s.mean())
-        p = _p_from_sorted(null_means(n, len(s), cfg.n_resamples, np.random.default_rng(cfg.seed)), stat)
-    else:
-        stat, p = combine(empirical_pvalues(s, n), cfg.method)
+    if len(n) < MIN_NULL:
+        raise InputError(f"set test: the null distribution needs at least {MIN_NULL} non-member scores, got {len(n)}")
+    stat, p = _test(s, n, cfg, np.random.default_rng(cfg.seed))
     return {"p_value": p, "k": int(len(s)), "statistic": stat, "method": cfg.method, "n_null": int(len(n))}
 
 
-def power_curve(member_scores, nonmember_scores, null, ks: Sequence[int] = (1, 5, 10, 20), alpha: float = 0.05,
-                n_sets: int = 500, method: str = "mean", n_resamples: int = 10_000, seed: int = 0) -> list[dict]:
-    """Rejection rates at level ``alpha`` for random sets of k member images (power) and of k non-member images
-    (false-positive rate). Each set is k distinct images; ``null`` must be disjoint from both pools."""
-    cfg = SetTestConfig(method, n_resamples, seed).validate()
+def power_curve(member_scores, nonmember_scores, ks: Sequence[int] = (1, 5, 10, 20), alpha: float = 0.05,
+                n_sets: int = 300, method: str = "permutation", n_resamples: int = 200, seed: int = 0,
+                null_fraction: float = 0.5) -> list[dict]:
+    """Rejection rates at level ``alpha`` of random sets of k member images (power) and of k non-member images
+    (false-positive rate), all scored by heads that never saw them.
+
+    In each trial the non-member scores are split at random: ``null_fraction`` of them form the null, and the
+    non-member set is drawn from the rest, so a set never overlaps its own null. A Monte Carlo p-value with few
+    resamples is still a valid test (it only loses a little power).
+    """
+    cfg = SetTestConfig(method, max(100, n_resamples), seed).validate()
     if not 0 < alpha < 1:
         raise UsageError(f"alpha must be in (0, 1), got {alpha}")
-    pools = {"members": _scores(member_scores, "member scores"), "nonmembers": _scores(nonmember_scores,
-                                                                                        "non-member scores")}
-    n = _scores(null, "null scores")
+    if not 0 < null_fraction < 1:
+        raise UsageError(f"null_fraction must be in (0, 1), got {null_fraction}")
+    members = _scores(member_scores, "member scores")
+    nonmembers = _scores(nonmember_scores, "non-member scores")
+    n_null = int(round(null_fraction * len(nonmembers)))
     rng = np.random.default_rng(seed)
     out = []
     for k in ks:
-        row: dict = {"k": int(k), "alpha": alpha, "method": cfg.method, "n_sets": n_sets, "n_null": int(len(n))}
-        sorted_null = null_means(n, k, cfg.n_resamples, rng) if cfg.method == "mean" else None
-        for name, pool in pools.items():
-            if k > len(pool):
-                row[name] = None
-                continue
-            sets = np.stack([rng.choice(len(pool), size=k, replace=False) for _ in range(n_sets)])
-            if sorted_null is not None:
-                p = np.array([_p_from_sorted(sorted_null, float(pool[idx].mean())) for idx in sets])
-            else:
-                pv = empirical_pvalues(pool, n)
-                p = np.array([combine(pv[idx], cfg.method)[1] for idx in sets])
-            row[name] = float(np.mean(p <= alpha))
-        row["power"], row["fpr"] = row.pop("members"), row.pop("nonmembers")
-        out.append(row)
+        rej = {"power": [], "fpr": []}
+        for _ in range(n_sets):
+            order = rng.permutation(len(nonmembers))
+            null, rest = nonmembers[order[:n_null]], nonmembers[order[n_null:]]
+            for name, pool in (("power", members), ("fpr", rest)):
+                if k <= len(pool):
+                    chosen = pool[rng.choice(len(pool), size=k, replace=False)]
+                    rej[name].append(_test(chosen, null, cfg, rng)[1] <= alpha)
+        out.append({"k": int(k), "alpha": alpha, "method": cfg.method, "n_sets": n_sets, "n_null": n_null,
+                    "n_resamples": cfg.n_resamples,
+                    "power": float(np.mean(rej["power"])) if rej["power"] else None,
+                    "fpr": float(np.mean(rej["fpr"])) if rej["fpr"] else None})
     return out
 
 
 def heads_null_scores(heads, attack: str | None = None, store: str | None = None,
                       score: str = "probability") -> tuple[np.ndarray, dict]:
     """The null for ``set_test`` from trained heads: their ``attack``'s ``score`` ("probability" or "score") on the
-    validation split's non-members, read from the feature store the heads were trained on (or ``store``, which must
-    hold those rows; of a store with more generated images per row than the heads take, the first are used).
-    Returns (null scores, where they came from)."""
+    test split's non-members (never used to fit, stop or calibrate the heads), read from the feature store the heads
+    were trained on (or ``store``, which must hold those rows; of a store with more generated images per row than
+    the heads take, the first are used). Returns (null scores, where they came from)."""
     from ..features.store import FeatureStore
     from .heads import Heads, load_heads
     from .train import _str_ids
@@ -157,10 +168,10 @@ def heads_null_scores(heads, attack: str | None = None, store: str | None = None
         raise UsageError(f"{h.path}: heads do not record their feature store; pass the store")
     batch = FeatureStore.open(path, target=h.target).read(ok_only=True)
     index = {i: k for k, i in enumerate(_str_ids(batch["ids"]))}
-    val = [index[i] for i in h.info["split"]["validation"] if i in index]
-    rows = np.array([r for r in val if int(batch["member"][r]) == 0], dtype=np.int64)
+    test = [index[i] for i in h.info["split"]["test"] if i in index]
+    rows = np.array([r for r in test if int(batch["member"][r]) == 0], dtype=np.int64)
     if len(rows) == 0:
-        raise InputError(f"{path}: holds none of the validation non-members of {h.path}")
+        raise InputError(f"{path}: holds none of the test-split non-members of {h.path}")
     sub = {k: np.asarray(v)[rows] for k, v in batch.items() if np.ndim(v) >= 1 and len(v) == len(batch["ids"])}
     want = h.info.get("input_signature", {}).get("n_gen")
     if want and sub["gen_img_emb"].shape[1] > want:

@@ -86,21 +86,24 @@ def defence_cost(clean: dict, defended: dict) -> dict:
     return {"psnr_db": psnr(flat_c, flat_d), "fd_generated_vs_real": frechet(gen, real)}
 
 
-def set_level(result: dict, attack: str, ks, alpha: float, n_sets: int, method: str, seed: int) -> list[dict]:
-    """Power and false-positive rate of the set test for one cell and attack: member sets and non-member sets drawn
-    from the test split, the null from the validation split's non-members (disjoint from both)."""
+def set_level(result: dict, attack: str, ks, alpha: float, n_sets: int, method: str, n_resamples: int,
+              seed: int) -> list[dict]:
+    """Power and false-positive rate of the set test for one cell and attack, on the test split only (rows the
+    heads never fitted on): member sets from its members; in each trial half of its non-members form the null and
+    non-member sets come from the other half."""
     from ..attacks.setlevel import power_curve
 
     y = np.asarray(result["test"]["member"])
     p = np.asarray(result["test"]["probability"][attack])
-    return power_curve(p[y == 1], p[y == 0], result["null"][attack], ks, alpha, n_sets, method, seed=seed)
+    return power_curve(p[y == 1], p[y == 0], ks, alpha, n_sets, method, n_resamples, seed=seed)
 
 
 def mean_curves(curves: list[list[dict]]) -> list[dict]:
     """Average power/FPR over seeds, k by k (None where k exceeded a pool)."""
     out = []
     for rows in zip(*curves):
-        row = {"k": rows[0]["k"], "alpha": rows[0]["alpha"], "n_sets": rows[0]["n_sets"], "seeds": len(rows)}
+        row = {"k": rows[0]["k"], "alpha": rows[0]["alpha"], "n_sets": rows[0]["n_sets"], "seeds": len(rows),
+               "n_null": rows[0]["n_null"]}
         for key in ("power", "fpr"):
             vals = [r[key] for r in rows if r[key] is not None]
             row[key] = float(np.mean(vals)) if vals else None

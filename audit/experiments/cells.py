@@ -8,8 +8,7 @@ Modes:
   attacker who trained before the target changed, e.g. before a defence was deployed).
 
 Training and scoring go through the attack package (``train_heads``, ``Heads.predict``, ``metrics``): the cell
-adds only the choice of rows. Its result keeps the test probabilities and the validation non-members'
-probabilities, which set-level inference needs as its null.
+adds only the choice of rows. Its result keeps the test rows' probabilities, which set-level inference reuses.
 """
 
 from __future__ import annotations
@@ -119,7 +118,6 @@ def run_cell(spec: dict, workdir: str) -> dict:
         heads = load_heads(Path(s.heads_from) / "heads")
         index = {i: k for k, i in enumerate(ids)}
         test = np.array([index[i] for i in heads.info["split"]["test"]], dtype=np.int64)
-        val = np.array([index[i] for i in heads.info["split"]["validation"]], dtype=np.int64)
         n_train = heads.info["split"]["counts"]["train"]
     else:
         if s.mode == "split":
@@ -134,13 +132,10 @@ def run_cell(spec: dict, workdir: str) -> dict:
         # split mode: the heads' own test split (== full["test"]); fraction mode: the full split's test rows.
         test = (np.array([index[i] for i in info["split"]["test"]], dtype=np.int64) if s.mode == "split"
                 else full["test"])
-        val = np.array([index[i] for i in info["split"]["validation"]], dtype=np.int64)
         n_train = info["split"]["counts"]["train"]
     attacks = [a for a in heads.attacks if a in set(s.attacks) | {"blind"}]
     test_batch = _subset(rows, test)
     preds = heads.predict(test_batch, attacks)
-    val_non = val[y[val] == 0]
-    null = heads.predict(_subset(rows, val_non), attacks) if len(val_non) else {}
     yt = y[test]
     result = {
         "spec": s.to_dict(),
@@ -151,7 +146,6 @@ def run_cell(spec: dict, workdir: str) -> dict:
                    "test": {"members": int((yt == 1).sum()), "nonmembers": int((yt == 0).sum())}},
         "test": {"ids": [ids[i] for i in test], "member": yt.tolist(),
                  "probability": {a: np.asarray(p["probability"], float).tolist() for a, p in preds.items()}},
-        "null": {a: np.asarray(p["probability"], float).tolist() for a, p in null.items()},
         "epochs": {a: e["training"]["epochs_run"] for a, e in heads.info["attacks"].items()}
         if s.mode != "transfer" else {},
         "seconds": round(time.perf_counter() - t0, 2),

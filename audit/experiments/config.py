@@ -54,8 +54,9 @@ class ExperimentConfig(Config):
     # Set-level inference.
     set_ks: tuple = (1, 5, 10, 20)
     set_alpha: float = 0.05
-    set_trials: int = 500
-    set_method: str = "mean"
+    set_trials: int = 300  # random sets per k, seed and kind (member / non-member)
+    set_method: str = "permutation"
+    set_resamples: int = 200  # Monte Carlo draws per set test (a valid test for any number of draws)
     # Parallel worker processes (one torch thread each).
     workers: int = 2
 

@@ -50,6 +50,7 @@ def _lines(ax, table: dict, attacks: list[str], metric: str, xlabel: str, log_x:
         ax.errorbar(xs, means, yerr=stds, marker="o", markersize=3, capsize=2, label=a, **style)
     if log_x:
         ax.set_xscale("log")
+        ax.minorticks_off()
     ax.set_xticks(xs)
     ax.set_xticklabels([f"{x:g}" for x in xs], fontsize=8)
     ax.set_xlabel(xlabel)
@@ -93,24 +94,30 @@ def write_plots(nums: dict, out: Path) -> dict[str, str]:
     files["rq5"] = _save(fig, out / "rq5_defences.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    for a, curve in nums["setlevel"]["bundle"].items():
-        ks = [r["k"] for r in curve]
-        style = dict(linestyle="--", color="grey") if a == "blind" else {}
-        axes[0].plot(ks, [r["power"] for r in curve], marker="o", label=a, **style)
-    axes[0].set_title("Set-level power, bundled target", fontsize=10)
     att = nums["set_attack"]
-    for name, d in nums["setlevel"].items():
-        if name == "bundle" or att not in d:
+    ks = [r["k"] for r in nums["setlevel"]["bundle"][att]]
+    for a, curve in nums["setlevel"]["bundle"].items():
+        style = dict(linestyle="--", color="grey") if a == "blind" else {}
+        axes[0].plot([r["k"] for r in curve], [r["power"] for r in curve], marker="o", label=f"{a} power", **style)
+    curve = nums["setlevel"]["bundle"][att]
+    axes[0].plot([r["k"] for r in curve], [r["fpr"] for r in curve], marker="x", linestyle=":", color="black",
+                 label=f"{att} FPR")
+    axes[0].set_title("Set-level power, bundled target (each attack)", fontsize=10)
+    for i, (name, d) in enumerate((k, v) for k, v in nums["setlevel"].items() if k.startswith("rq3")):
+        if att not in d:
             continue
-        curve = d[att]
-        axes[1].plot([r["k"] for r in curve], [r["power"] for r in curve], marker="o", label=f"{name} power")
-        axes[1].plot([r["k"] for r in curve], [r["fpr"] for r in curve], marker="x", linestyle=":",
-                     label=f"{name} FPR")
-    axes[1].set_title(f"Set-level power and FPR, attack {att}", fontsize=10)
+        c = f"C{i}"
+        pts = [(r["k"], r["power"], r["fpr"]) for r in d[att]]
+        axes[1].plot([p[0] for p in pts if p[1] is not None], [p[1] for p in pts if p[1] is not None], marker="o",
+                     color=c, label=f"{name} power")
+        axes[1].plot([p[0] for p in pts if p[2] is not None], [p[2] for p in pts if p[2] is not None], marker="x",
+                     linestyle=":", color=c, label=f"{name} FPR")
+    axes[1].set_title(f"Set-level power and FPR by memorisation strength, attack {att}", fontsize=10)
     for ax in axes:
         ax.axhline(nums["config"]["set_alpha"], color="red", linewidth=0.6, linestyle=":")
         ax.set_xlabel("images in the set (k)")
+        ax.set_xticks(ks)
         ax.set_ylim(-0.02, 1.05)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7)
     files["setlevel"] = _save(fig, out / "setlevel_power.png")
     return files

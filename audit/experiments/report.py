@@ -88,7 +88,7 @@ def findings(n: dict) -> list[str]:
         best3 = {lab: max(_auc(rq3[lab], a) for a in attacks) for lab in labels}
         mono = all(best3[labels[i]] <= best3[labels[i + 1]] + 1e-9 for i in range(len(labels) - 1))
         out.append("RQ3: best AUC by fine-tuning length " + ", ".join(f"{lab} {best3[lab]:.3f}" for lab in labels)
-                   + (" — stronger memorisation makes every attack family easier." if mono else
+                   + (" — the best AUC rises with fine-tuning length (memorisation)." if mono else
                       " — not monotone in fine-tuning length."))
     aux = n["aux"]
     fr = list(aux)
@@ -107,10 +107,8 @@ def findings(n: dict) -> list[str]:
     cap = n["caption"]
     if "blip" in cap:
         diffs = {a: _auc(cap["blip"], a) - _auc(cap["given"], a) for a in attacks}
-        worst = min(diffs, key=diffs.get)
-        out.append(f"RQ4 caption source: with BLIP captions of the query instead of the given caption, AUC changes "
-                   f"by {diffs[worst]:+.3f} at most ({worst}); III-X {diffs.get('III-X', float('nan')):+.3f}, "
-                   f"II-S {diffs.get('II-S', float('nan')):+.3f}.")
+        out.append("RQ4 caption source: with the toy BLIP's caption of the query instead of the given caption, AUC "
+                   "changes by " + ", ".join(f"{a} {d:+.3f}" for a, d in diffs.items()) + ".")
     emb = n["embedder"]
     if "clip2" in emb:
         sem_a = [a for a in attacks if a not in ("I-P", "II-P")]
@@ -128,11 +126,14 @@ def findings(n: dict) -> list[str]:
             parts.append(f"{name}: best AUC {max(_auc(agg, a) for a in attacks):.3f} (PSNR {cost['psnr_db']:.1f} dB)")
         out.append(f"RQ5 defences (attacker retrains on defended outputs; undefended best AUC {none_best:.3f}): "
                    + "; ".join(parts) + ".")
-        worst_t = min(((name, max(_auc(agg, a) for a in attacks)) for name, agg in n["defence_transfer"].items()),
-                      key=lambda t: t[1], default=None)
-        if worst_t:
-            out.append(f"Heads trained before a defence was deployed suffer most under {worst_t[0]} "
-                       f"(best AUC {worst_t[1]:.3f}).")
+        for label, table in (("retrained on defended outputs", d), ("trained before the defence",
+                                                                     n["defence_transfer"])):
+            drops = [(_auc(d["none"], a) - _auc(agg, a), name, a) for name, agg in table.items() if name != "none"
+                     for a in attacks if math.isfinite(_auc(agg, a))]
+            if drops:
+                drop, name, a = max(drops)
+                out.append(f"Largest AUC drop with heads {label}: {a} under {name}, {_auc(d['none'], a):.3f} -> "
+                           f"{_auc(table[name], a):.3f}.")
     fid = n["fid"]["bundle"]
     out.append(f"FID analogue (Fréchet distance in toy-CLIP space, bundled target): generated vs real "
                f"{fid['members']['fd']:.4f} for members, {fid['nonmembers']['fd']:.4f} for non-members "
@@ -179,7 +180,10 @@ def write_results(n: dict, path: Path) -> None:
           f"{counts['train']['members']}+{counts['train']['nonmembers']} train, "
           f"{counts['validation']['members']}+{counts['validation']['nonmembers']} validation, "
           f"{counts['test']['members']}+{counts['test']['nonmembers']} test (members+non-members). Thresholds and "
-          "calibration come from validation; every metric is on test.",
+          "calibration come from validation; every metric is on test. With "
+          f"{counts['test']['nonmembers']} test non-members the FPR moves in steps of "
+          f"1/{counts['test']['nonmembers']}"
+          + (", so TPR at 1% FPR is the TPR at FPR 0." if counts["test"]["nonmembers"] < 100 else "."),
           f"- **Features**: n_gen {cfg['n_gen']}, {cfg['steps']} DDIM steps, no guidance; embedder toy-clip, "
           "captioner toy-blip (greedy).",
           f"- **Heads**: `audit.attacks.train_heads` with at most {cfg['epochs']} epochs, patience {cfg['patience']}, "
@@ -234,8 +238,11 @@ def write_results(n: dict, path: Path) -> None:
           "### Auxiliary data size", "",
           "The test split of each seed is held fixed; heads train on a nested, stratified fraction of the other 75% "
           "(split 64:32 train:validation). AUC:", ""]
-    L += _grid_table(n["aux"], attacks, "fraction (train rows)",
-                     fmt=lambda k: f"{float(k):g} ({n['aux'][k]['_counts']['train']['members'] + n['aux'][k]['_counts']['train']['nonmembers']})")
+    def train_rows(k) -> str:
+        c = n["aux"][k]["_counts"]["train"]
+        return f"{float(k):g} ({c['members'] + c['nonmembers']})"
+
+    L += _grid_table(n["aux"], attacks, "fraction (train rows)", fmt=train_rows)
     L += ["", "### Denoising steps (AUC)", ""] + _grid_table(n["steps"], attacks, "steps")
     L += ["", "### Generated images per query (AUC)", ""] + _grid_table(n["n_gen"], attacks, "n_gen")
     L += ["", "### Caption source (AUC)", "",
@@ -267,16 +274,20 @@ def write_results(n: dict, path: Path) -> None:
 
     L += ["", "## Set-level inference", "",
           f"For a set of k images of one owner: a one-sided test (`audit.attacks.setlevel`, method "
-          f"`{cfg['set_method']}`) whose null comes only from the heads' validation non-members. Member sets are "
-          f"drawn from the test members, non-member sets from the test non-members ({cfg['set_trials']} random sets "
-          f"of distinct images per k and seed); power = rejection rate on member sets, FPR = on non-member sets, at "
-          f"α = {cfg['set_alpha']}. Mean over seeds.", "", f"![set level](./{n['plots']['setlevel']})", "",
-          "| target | attack | " + " | ".join(f"k={k} power / FPR" for k in cfg["set_ks"]) + " |",
-          "|---" * (len(cfg["set_ks"]) + 2) + "|"]
+          f"`{cfg['set_method']}`, {cfg['set_resamples']} Monte Carlo draws per test) whose null comes only from "
+          "non-members the heads never fitted on. Everything below uses the test split: member sets are drawn from "
+          "its members; in each trial a random half of its non-members is the null and the non-member set is drawn "
+          f"from the other half. {cfg['set_trials']} random sets of distinct images per k, kind and seed; power = "
+          f"rejection rate on member sets, FPR = on non-member sets, at α = {cfg['set_alpha']}; mean over seeds "
+          "(– where k exceeds the pool).", "", f"![set level](./{n['plots']['setlevel']})", "",
+          "| target | attack | null size | " + " | ".join(f"k={k} power / FPR" for k in cfg["set_ks"]) + " |",
+          "|---" * (len(cfg["set_ks"]) + 3) + "|"]
     for name, per_attack in n["setlevel"].items():
         for a, curve in per_attack.items():
-            L.append(f"| {name} | {a} | " + " | ".join(f"{_f(r['power'], 2)} / {_f(r['fpr'], 3)}" for r in curve)
-                     + " |")
+            L.append(f"| {name} | {a} | {curve[0]['n_null']} | "
+                     + " | ".join(f"{_f(r['power'], 2)} / {_f(r['fpr'], 3)}" for r in curve) + " |")
+    L += ["", "With a null of n scores no single image can reach p below 1/(n + 1): small nulls cannot reject at "
+          "k = 1 whatever the image."]
 
     L += ["", "## Timings", ""]
     if run["reused"]:
@@ -286,7 +297,8 @@ def write_results(n: dict, path: Path) -> None:
         L += [f"This invocation computed every task: {run['tasks_seconds'] / 60:.1f} min for the tasks, "
               f"{run['total_seconds'] / 60:.1f} min for the whole command."]
     L += [f"Load average {run['load_average_before'][0]:.1f} before and {run['load_average_after'][0]:.1f} after, on "
-          f"{run['cpus']} cores: with other jobs on the machine, wall-clock times include waiting for them. Replaying the same schedule with each task's measured CPU seconds on "
+          f"{run['cpus']} cores: with other jobs on the machine, wall-clock times include waiting for them. "
+          f"Replaying the same schedule with each task's measured CPU seconds on "
           f"{cfg['workers']} idle cores gives {run['idle_estimate_seconds'] / 60:.1f} min for the tasks. Sums over "
           "tasks (tasks overlap when workers > 1):", "",
           "| stage | tasks | wall s (sum) | CPU s (sum) |", "|---|---|---|---|"]

@@ -77,7 +77,8 @@ def compute_numbers(cfg: ExperimentConfig, plan: Plan, work: Path, done: dict) -
 
     def curves(by_seed: dict, attack: str) -> list[dict]:
         per_seed = [analysis.set_level(_load(plan, work, lab), attack, cfg.set_ks, cfg.set_alpha, cfg.set_trials,
-                                       cfg.set_method, seed=1000 + s) for s, lab in by_seed.items()]
+                                       cfg.set_method, cfg.set_resamples, seed=1000 + s)
+                    for s, lab in by_seed.items()]
         return analysis.mean_curves(per_seed)
 
     nums["setlevel"] = {"bundle": {a: curves(t["rq1"], a) for a in attacks}}
