@@ -333,7 +333,7 @@ def demo(
 def experiment(
     out: Path = typer.Option(Path("docs"), "--out", help="Folder for RESULTS.md, its PNG plots and experiment.json."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Cache of data, models, feature stores and "
-                                           "heads (default: .experiment-work beside --out); a rerun resumes it."),
+                                           "heads (default: $AUDIT_HOME/experiment); a rerun resumes it."),
     quick: bool = typer.Option(False, "--quick", help="Tiny settings that exercise every stage (a smoke test; its "
                                "numbers mean nothing)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel worker processes (default: 2)."),
