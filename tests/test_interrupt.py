@@ -164,6 +164,17 @@ def test_features_killed_then_resumed_equals_uninterrupted(tiny_world, aux_folde
 
 
 @pytest.fixture(scope="module")
+def scan_folder(tmp_path_factory):
+    """Scanning is fast (no store, tiny heads): 16 rows so a kill after 2 lands well before the end."""
+    from audit.toy import scenes
+
+    folder = tmp_path_factory.mktemp("scan")
+    images, captions = scenes.scene_images(6, "members", 16)
+    scenes.write_imagefolder(folder, images, captions, [i % 2 == 0 for i in range(16)])
+    return folder
+
+
+@pytest.fixture(scope="module")
 def heads(tiny_world, tmp_path_factory):
     from tinyheads import tiny_heads
 
@@ -171,19 +182,19 @@ def heads(tiny_world, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_scan_killed_then_resumed_equals_uninterrupted(heads, aux_folder, tmp_path):
+def test_scan_killed_then_resumed_equals_uninterrupted(heads, scan_folder, tmp_path):
     from audit import api
     from audit.report.jsonl import read_jsonl
 
     out = tmp_path / "killed.jsonl"
-    cmd = [sys.executable, "-m", "audit.cli", "scan", str(aux_folder), "--out", str(out), "--batch-size", "1",
+    cmd = [sys.executable, "-m", "audit.cli", "scan", str(scan_folder), "--out", str(out), "--batch-size", "1",
            *heads["opts"]]
-    _run_until(cmd, _committed("scan", 4)(2))
+    _run_until(cmd, _committed("scan", 16)(2))
     killed_at = len(read_jsonl(out)[0])
-    assert 2 <= killed_at < 4
+    assert 2 <= killed_at < 16
     subprocess.run([*cmd, "--resume", "--quiet"], check=True, env=ENV, timeout=300, capture_output=True)
     ref = tmp_path / "ref.jsonl"
-    api.scan(aux_folder, ref, heads=heads["heads"], batch_size=1, quiet=True, **heads["kw"])
+    api.scan(scan_folder, ref, heads=heads["heads"], batch_size=1, quiet=True, **heads["kw"])
     got, want = read_jsonl(out)[0], read_jsonl(ref)[0]
     assert [r["id"] for r in got] == [r["id"] for r in want] == sorted(r["id"] for r in want)  # none lost or twice
     for g, w in zip(got, want):
