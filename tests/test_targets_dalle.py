@@ -169,3 +169,49 @@ def test_dalle_generate_to_features(hub_cache, tiny_families, tmp_path):
     assert summary["ok"] == 2 and summary["target"]["name"] == "dalle-mini"
     batch = FeatureStore.open(tmp_path / "store.h5").read()
     np.testing.assert_array_equal(batch["gen_pixels"], load_target("dalle-mini").generate(captions, 2, 0, 0))
+
+
+@pytest.mark.slow
+def test_dalle_mini_exports_and_runs_features_to_check_on_the_onnx_path(hub_cache, tmp_path):
+    """`audit export --target dalle-mini` (encoder, decoder step with a KV cache, detokenizer; the default
+    embedder and captioner with it), then features -> train -> check through the export bundle."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from audit import api
+    from audit.cli import app
+    from audit.features import FeatureStore
+    from audit.runtime import OnnxDalleGenerator
+    from audit.toy import scenes
+
+    bundle = tmp_path / "export"
+    result = CliRunner().invoke(app, ["export", "--target", "dalle-mini", "--out", str(bundle)])
+    assert result.exit_code == 0, result.output
+    info = json.loads((bundle / "target" / "export.json").read_text())
+    assert info["family"] == "dalle" and set(info["graphs"]) == {"encoder", "decoder_step", "detokenizer"}
+    step = info["graphs"]["decoder_step"]
+    assert step["input_names"][-1] == "kv_cache" and step["output_names"] == ["logits", "kv_cache_out"]
+    assert step["inputs"]["kv_cache"]["dynamic_axes"] == {"2": "batch"}
+    assert all(g["validation"]["passed"] for g in info["graphs"].values())
+
+    onnx, torch_path = load_target(str(bundle)), load_target("dalle-mini")
+    assert isinstance(onnx, OnnxDalleGenerator) and onnx.identity() == torch_path.identity()
+    for guidance in (1.0, 4.0):  # the supercondition mix runs on the graphs' logits as on the torch ones
+        a, b = torch_path.generate(CAPTIONS, 2, 3, 0, guidance), onnx.generate(CAPTIONS, 2, 3, 0, guidance)
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+    images, captions = scenes.scene_images(4, "members", 6)
+    data = scenes.write_imagefolder(tmp_path / "data", images, captions, [True, False] * 3)
+    summary = api.featurize(str(bundle), data, tmp_path / "store.h5", n_gen=1, steps=1, batch_size=3, quiet=True)
+    assert summary["ok"] == 6 and summary["target"] == torch_path.identity()
+    stored = FeatureStore.open(tmp_path / "store.h5").read()
+    want = torch_path.generate(captions, 1, 0, 1)
+    assert np.abs(stored["gen_pixels"].astype(int) - want.astype(int)).max() <= 2
+    api.train(tmp_path / "store.h5", tmp_path / "heads", attacks="II-S", epochs=2, register=False)
+    first = sorted(data.glob("*.png"))[0]
+    result = CliRunner().invoke(app, ["check", str(first), "--caption", captions[0], "--target",
+                                      str(bundle), "--heads", str(tmp_path / "heads"), "--json"])
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["target"] == "dalle-mini" and 0.0 <= verdict["probability"] <= 1.0

@@ -122,9 +122,12 @@ def _exportable_target(generator) -> tuple:
     """(pipeline, family settings), or a one-line error saying why this target cannot be exported."""
     from ..runtime.scheduler import check_scheduler_config
 
+    if getattr(generator, "family", None) == "dalle" and hasattr(generator, "decoder"):
+        return None, {"pipeline": "dalle"}
     pipe = getattr(generator, "pipe", None)
     if pipe is None:
-        raise UsageError(f"target {generator.name!r} is not a local diffusers pipeline; only those can be exported")
+        raise UsageError(f"target {generator.name!r} is neither a local diffusers pipeline nor a DALL-E model; only "
+                         "those can be exported")
     if type(pipe.scheduler).__name__ != "DDIMScheduler":
         raise UsageError(f"target {generator.name!r} samples with {type(pipe.scheduler).__name__}; the runtime "
                          "reproduces DDIM only (audit this target on the torch path)")
@@ -150,6 +153,8 @@ def _exportable_captioner(captioner) -> tuple:
 
 def export_target(generator, folder: Path, cfg: ExportConfig) -> dict:
     pipe, fam = _exportable_target(generator)
+    if fam["pipeline"] == "dalle":
+        return export_dalle_target(generator, folder, cfg)
     folder.mkdir(parents=True)
     scale = 8 if fam["pipeline"] == "LDMTextToImagePipeline" else int(getattr(pipe, "vae_scale_factor", 8))
     latent = int(generator.resolution) // scale
@@ -170,6 +175,28 @@ def export_target(generator, folder: Path, cfg: ExportConfig) -> dict:
     identity = generator.identity()
     _write_component(folder, "target", cfg, identity, identity,
                      {"family": "diffusion", "graphs": graphs, "settings": settings})
+    return identity
+
+
+def export_dalle_target(generator, folder: Path, cfg: ExportConfig) -> dict:
+    """Encoder, decoder step (KV cache in and out) and VQGAN detokenizer of a ``DalleGenerator``, with its
+    tokenizer files and config: ``audit.runtime.OnnxDalleGenerator`` samples with them as the torch path does."""
+    from ..targets import dalle
+
+    c = generator.config
+    folder.mkdir(parents=True)
+    graphs = _export_graphs([specs.DalleEncoderSpec(generator.encoder, c),
+                             specs.DalleDecoderStepSpec(generator.decoder, c),
+                             specs.DalleDetokenizerSpec(generator.detokenizer, c)], folder, cfg)
+    (folder / "tokenizer").mkdir()
+    for name in dalle.tokenizer_files(c):
+        shutil.copyfile(generator._path / name, folder / "tokenizer" / name)
+    c.save(folder / "tokenizer" / "dalle.json")
+    settings = {"pipeline": "dalle", "resolution": int(generator.resolution), "tokenizer": "tokenizer",
+                "temperature": generator.temperature, "top_k": generator.top_k}
+    identity = generator.identity()
+    _write_component(folder, "target", cfg, identity, identity,
+                     {"family": "dalle", "graphs": graphs, "settings": settings})
     return identity
 
 
@@ -245,13 +272,13 @@ _END_TO_END = {"fp32": {"image_max": 8, "image_mean": 0.5, "embedding": 1e-3, "c
 
 def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, precision: str = "fp32") -> dict:
     """The exported components against the torch backends they came from; raises when they disagree."""
-    from ..runtime import OnnxCaptioner, OnnxEmbedder, OnnxGenerator
+    from ..runtime import OnnxCaptioner, OnnxEmbedder, onnx_generator
     from ..runtime.session import RuntimeOptions
 
     limits = _END_TO_END[precision]
     opts = RuntimeOptions(device=device, tensorrt=False)
     checks = {}
-    g = OnnxGenerator(folder / "target", opts)
+    g = onnx_generator(folder / "target", opts)
     caption = "a red circle on a blue background"
     torch_img = generator.generate([caption], 1, 0, 2)
     onnx_img = g.generate([caption], 1, 0, 2)

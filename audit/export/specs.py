@@ -372,3 +372,74 @@ class BlipDecoderStepSpec(ExportSpec):
 
     def validation_inputs(self):
         return [self.example_inputs(1, past=0), self.example_inputs(3, past=5)]
+
+
+# --- DALL-E target -------------------------------------------------------------------------------------------------
+# The port in audit.targets.dalle was written for this: the decoder step takes and returns its KV cache as one tensor.
+
+class DalleEncoderSpec(ExportSpec):
+    name = "encoder"
+    inputs = {"text_tokens": {0: "batch"}}
+    outputs = {"encoder_state": {0: "batch"}}
+
+    def __init__(self, encoder, config):
+        super().__init__(encoder)
+        self.config = config
+
+    def module(self):
+        return self.model
+
+    def example_inputs(self, batch=2, seed=0):
+        c = self.config
+        tokens = _Seeded(seed + batch).randint(3, c.text_vocab_count, batch, c.text_token_count)
+        tokens[:, c.text_token_count // 2 :] = 1  # padded tail, as real captions have: the mask path is exercised
+        return {"text_tokens": tokens}
+
+
+class DalleDecoderStepSpec(ExportSpec):
+    """One sampling step: previous token and position in, logits and the updated KV cache out."""
+
+    name = "decoder_step"
+    inputs = {"prev_tokens": {0: "batch"}, "position": {}, "encoder_state": {0: "batch"},
+              "attention_mask": {0: "batch"}, "kv_cache": {2: "batch"}}
+    outputs = {"logits": {0: "batch"}, "kv_cache_out": {2: "batch"}}
+    atol = 1e-3  # logits; what must hold is the sampled tokens, checked end to end against the torch path
+
+    def __init__(self, decoder, config):
+        super().__init__(decoder)
+        self.config = config
+
+    def module(self):
+        return self.model
+
+    def example_inputs(self, batch=2, seed=0, position=1):
+        c = self.config
+        r = _Seeded(seed + batch + position)
+        mask = torch.ones(batch, 1, 1, c.text_token_count, dtype=torch.bool)
+        mask[:, ..., c.text_token_count // 2 :] = False
+        return {"prev_tokens": r.randint(0, c.image_vocab_count + 1, batch),
+                "position": torch.tensor(position, dtype=torch.long),
+                "encoder_state": r.randn(batch, c.text_token_count, c.embed_count),
+                "attention_mask": mask,
+                "kv_cache": r.randn(c.layer_count, 2, batch, c.image_token_count, c.embed_count)}
+
+    def validation_inputs(self):
+        return [self.example_inputs(1, position=0), self.example_inputs(3, position=self.config.image_token_count - 1)]
+
+
+class DalleDetokenizerSpec(ExportSpec):
+    name = "detokenizer"
+    inputs = {"tokens": {0: "batch"}}
+    outputs = {"pixels": {0: "batch"}}
+    atol = 1e-2  # pixels in [0, 255]; rounded to uint8 afterwards
+
+    def __init__(self, detokenizer, config):
+        super().__init__(detokenizer)
+        self.config = config
+
+    def module(self):
+        return self.model
+
+    def example_inputs(self, batch=2, seed=0):
+        return {"tokens": _Seeded(seed + batch).randint(0, self.model.vocab_count, batch,
+                                                        self.config.image_token_count)}

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda")
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32, "tensor(uint8)": np.uint8}
+             "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 def usable_cores() -> int:

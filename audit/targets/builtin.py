@@ -63,9 +63,9 @@ def load_target(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw
 
         return HTTPGenerator(ref.value, **kw)
     if ref.kind == "export":
-        from ..runtime import OnnxGenerator, RuntimeOptions
+        from ..runtime import RuntimeOptions, onnx_generator
 
-        return OnnxGenerator(ref.value, RuntimeOptions(device=device), **kw)
+        return onnx_generator(ref.value, RuntimeOptions(device=device), **kw)
     raise UsageError(f"{spec}: {ref.kind} targets are not supported yet")
 
 

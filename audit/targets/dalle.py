@@ -520,40 +520,28 @@ def convert_to_safetensors(src: str | Path, out: str | Path) -> Path:
 # The Generator
 
 
-class DalleGenerator:
+class DalleSampler:
     """Caption -> images: encode the caption once, sample image tokens (top-k, per-image seed), detokenize.
 
     ``guidance`` is min-dalle's ``supercondition_factor`` (the same formula as classifier-free guidance:
     uncond + g (cond - uncond)); at 1.0 the unconditioned half of the batch is skipped. ``steps`` has no
     meaning for an autoregressive model (it always samples the whole token grid) and is ignored.
+
+    The sampling loop is shared by the PyTorch model (``DalleGenerator``) and the exported graphs
+    (``audit.runtime.OnnxDalleGenerator``); a backend supplies ``_encode_rows``, ``_empty_cache``, ``_step`` and
+    ``_detokenize``. Tokens are drawn by torch from one ``torch.Generator`` per image on both, so the same seed
+    gives the same tokens wherever the logits agree.
     """
 
     family = "dalle"
-
-    def __init__(self, folder: str | Path, name: str | None = None, device: str = "cpu", allow_pickle: bool = False,
-                 batch_size: int = 8, temperature: float | None = None, top_k: int | None = None):
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ModelNotFoundError(f"{folder}: no such folder")
-        self.config = read_config(folder)
-        self.temperature = self.config.temperature if temperature is None else float(temperature)
-        self.top_k = self.config.top_k if top_k is None else int(top_k)
-        c = self.config
-        for name_ in (f"vocab{c.suffix}.json", f"merges{c.suffix}.txt"):
-            if not (folder / name_).is_file():
-                raise ModelNotFoundError(f"{folder}: missing {name_}")
-        self.tokenizer = TextTokenizer.from_files(folder / f"vocab{c.suffix}.json", folder / f"merges{c.suffix}.txt")
-        self.encoder, self.decoder, self.detokenizer = build_modules(c)
-        stems = weight_stems(c)
-        for key, module in (("encoder", self.encoder), ("decoder", self.decoder), ("detokenizer", self.detokenizer)):
-            _load_into(module, _load_state(folder, stems[key], allow_pickle), folder / stems[key])
-            module.to(device).eval()
-        self.name = name or folder.name
-        self.device = device
-        self.batch_size = batch_size
-        self.resolution = c.grid * PATCH
-        self._path = folder
-        self._hash = model_hash(folder)
+    config: DalleConfig
+    tokenizer: TextTokenizer
+    temperature: float
+    top_k: int
+    batch_size: int
+    resolution: int
+    name: str
+    _hash: str
 
     def identity(self) -> dict:
         return {"name": self.name, "hash": self._hash}
@@ -584,7 +572,7 @@ class DalleGenerator:
         out = []
         for i in range(0, len(prompts), self.batch_size):
             tokens = self.sample_tokens(prompts[i : i + self.batch_size], seeds[i : i + self.batch_size], guidance)
-            pixels = self.detokenizer(tokens)
+            pixels = self._detokenize(tokens)
             out.append(torch.round(pixels).clamp(0, 255).to(torch.uint8).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
 
@@ -594,29 +582,27 @@ class DalleGenerator:
         index = torch.tensor([unique.index(p) for p in prompts])
         cond, uncond = self.text_tokens(unique)
         rows = torch.cat([cond, uncond]) if guided else cond
-        state = self.encoder(rows.to(self.device))
+        state = self._encode_rows(rows)
         take = torch.cat([index, index + len(unique)]) if guided else index
-        return state[take.to(self.device)], rows.not_equal(PAD_TOKEN)[take][:, None, None, :].to(self.device)
+        return state[take.to(state.device)], rows.not_equal(PAD_TOKEN)[take][:, None, None, :].to(state.device)
 
     def sample_tokens(self, prompts: Sequence[str], seeds: Sequence[int], guidance: float = 1.0) -> torch.Tensor:
         """Image tokens long [B, image_token_count] by top-k sampling, one torch.Generator per image."""
         guided = guidance != 1.0
         b = len(prompts)
         encoder_state, attention_mask = self.encode(prompts, guided)
-        rows = encoder_state.shape[0]
-        kv_cache = self.decoder.empty_cache(rows, encoder_state.dtype)
+        kv_cache = self._empty_cache(encoder_state.shape[0], encoder_state.dtype)
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         tokens = torch.full((b, self.config.image_token_count + 1), self.config.bos_token, dtype=torch.long)
         for i in range(self.config.image_token_count):
-            prev = tokens[:, i].repeat(2 if guided else 1).to(self.device)
-            logits, kv_cache = self.decoder(prev, torch.tensor(i, device=self.device), encoder_state, attention_mask,
-                                            kv_cache)
-            logits = logits[:, : self.detokenizer.vocab_count].float().cpu()
+            prev = tokens[:, i].repeat(2 if guided else 1)
+            logits, kv_cache = self._step(prev, i, encoder_state, attention_mask, kv_cache)
+            logits = logits[:, :DETOKENIZER_VOCAB].float().cpu()
             if guided:
                 # rows [:b] are conditioned, [b:] unconditioned: min-dalle's supercondition formula
                 logits = logits[b:] * (1 - guidance) + logits[:b] * guidance
             tokens[:, i + 1] = self._sample(logits, gens)
-        return tokens[:, 1:].to(self.device)
+        return tokens[:, 1:]
 
     def _sample(self, logits: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
         k = min(self.top_k, logits.shape[1])
@@ -624,6 +610,71 @@ class DalleGenerator:
         weights = torch.exp((logits - logits.max(dim=1, keepdim=True).values) / self.temperature)
         weights = weights * (logits >= kth).to(weights.dtype)
         return torch.cat([torch.multinomial(weights[j], 1, generator=g) for j, g in enumerate(gens)])
+
+    # -- backend ---------------------------------------------------------------------------------------------
+
+    def _encode_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _empty_cache(self, rows: int, dtype: torch.dtype):
+        raise NotImplementedError
+
+    def _step(self, prev: torch.Tensor, position: int, encoder_state, attention_mask, kv_cache):
+        raise NotImplementedError
+
+    def _detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def tokenizer_files(config: DalleConfig) -> tuple[str, str]:
+    return f"vocab{config.suffix}.json", f"merges{config.suffix}.txt"
+
+
+def read_tokenizer(folder: Path, config: DalleConfig) -> TextTokenizer:
+    vocab, merges = tokenizer_files(config)
+    for name in (vocab, merges):
+        if not (folder / name).is_file():
+            raise ModelNotFoundError(f"{folder}: missing {name}")
+    return TextTokenizer.from_files(folder / vocab, folder / merges)
+
+
+class DalleGenerator(DalleSampler):
+    """The PyTorch model (min-dalle's architecture) behind the ``Generator`` protocol."""
+
+    def __init__(self, folder: str | Path, name: str | None = None, device: str = "cpu", allow_pickle: bool = False,
+                 batch_size: int = 8, temperature: float | None = None, top_k: int | None = None):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"{folder}: no such folder")
+        self.config = read_config(folder)
+        self.temperature = self.config.temperature if temperature is None else float(temperature)
+        self.top_k = self.config.top_k if top_k is None else int(top_k)
+        c = self.config
+        self.tokenizer = read_tokenizer(folder, c)
+        self.encoder, self.decoder, self.detokenizer = build_modules(c)
+        stems = weight_stems(c)
+        for key, module in (("encoder", self.encoder), ("decoder", self.decoder), ("detokenizer", self.detokenizer)):
+            _load_into(module, _load_state(folder, stems[key], allow_pickle), folder / stems[key])
+            module.to(device).eval()
+        self.name = name or folder.name
+        self.device = device
+        self.batch_size = batch_size
+        self.resolution = c.grid * PATCH
+        self._path = folder
+        self._hash = model_hash(folder)
+
+    def _encode_rows(self, rows):
+        return self.encoder(rows.to(self.device))
+
+    def _empty_cache(self, rows, dtype):
+        return self.decoder.empty_cache(rows, dtype)
+
+    def _step(self, prev, position, encoder_state, attention_mask, kv_cache):
+        return self.decoder(prev.to(self.device), torch.tensor(position, device=self.device), encoder_state,
+                            attention_mask, kv_cache)
+
+    def _detokenize(self, tokens):
+        return self.detokenizer(tokens.to(self.device))
 
 
 def main(argv: list[str] | None = None) -> int:
