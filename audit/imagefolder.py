@@ -48,7 +48,7 @@ MAX_CAPTION_FILE_BYTES = 1 << 20  # a .txt caption larger than this is refused r
 METADATA = "metadata.jsonl"
 
 STATUSES = ("ok", "unreadable", "too_large", "missing", "outside_folder", "bad_metadata", "duplicate",
-            "bad_caption", "no_caption")
+            "bad_caption", "no_caption", "generation_refused")
 
 
 @dataclasses.dataclass

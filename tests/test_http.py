@@ -283,6 +283,39 @@ def test_scan_over_http_resumes_after_an_outage_with_nothing_lost(server, tiny_w
         assert x["probability"] == pytest.approx(y["probability"], abs=1e-5)
 
 
+def test_a_refused_prompt_fails_its_row_and_the_run_goes_on(server, tiny_world, aux, clean_store, faults, tmp_path,
+                                                            monkeypatch):
+    """HTTP 422 (a content filter) for one caption: that row is `generation_refused` in the store and in a scan,
+    every other row equals the clean run, and nothing is retried (a refusal is an answer, not an outage)."""
+    from audit.report.jsonl import read_jsonl
+
+    captions = aux[1]
+    faults.reset(lambda k, path, req: ("status", 422) if req.get("prompt") == captions[3] else None)
+    url = f"{server.url}?timeout=5&retries=3&backoff=0.01"
+    summary = _featurize(url, tiny_world, aux[0], tmp_path / "s.h5")
+    assert summary["status"] == {"ok": 5, "generation_refused": 1}
+    assert faults.posts().count(captions[3]) == 1
+    got = FeatureStore.open(tmp_path / "s.h5").read(ok_only=False)
+    want = FeatureStore.open(clean_store).read(ok_only=False)
+    assert got["status"][3] == "generation_refused" and "HTTP 422" in got["error"][3]
+    assert got["error"][3].startswith(str(aux[0])) and not got["gen_pixels"][3].any()
+    keep = [i for i in range(6) if i != 3]
+    for k in ("gen_pixels", "query_pixels"):
+        np.testing.assert_array_equal(got[k][keep], want[k][keep], err_msg=k)
+    for k in ("gen_img_emb", "caption_emb"):  # a smaller embedding batch: float rounding only
+        np.testing.assert_allclose(got[k][keep], want[k][keep], atol=1e-5, err_msg=k)
+
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
+    api.train(clean_store, tmp_path / "heads", attacks="II-S", epochs=1, register=False)
+    result = CliRunner().invoke(app, ["scan", str(aux[0]), "--target", url, "--heads", str(tmp_path / "heads"),
+                                      "--embedder", str(tiny_world["clip"]), "--captioner", str(tiny_world["blip"]),
+                                      "--batch-size", "2", "--quiet", "--out", str(tmp_path / "r.jsonl")])
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(tmp_path / "r.jsonl")[0]
+    assert [r["status"] for r in rows] == ["ok"] * 3 + ["generation_refused"] + ["ok"] * 2
+    assert rows[3]["verdict"] is None and "HTTP 422" in rows[3]["error"]
+
+
 @pytest.mark.slow
 def test_audit_serve_command_serves_until_its_request_budget(tiny_world):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -120,6 +120,24 @@ def _by_shape(images: Sequence[np.ndarray], fn: Callable[[np.ndarray], object]) 
     return out
 
 
+def _generate(rows: Sequence[Row], ok: list[int], backends: Backends, cfg: FeaturesConfig) -> np.ndarray:
+    """Images [len(ok), n_gen, ...] for the rows ``ok``; a row whose prompt the target refused (an HTTP service's
+    content filter) becomes ``generation_refused`` and is left out. Any other failure propagates: the run stops
+    with what it committed and ``--resume`` continues once the target is back."""
+    from ..targets.http import GenerationFailed
+
+    captions = [rows[i].caption for i in ok]
+    try:
+        return np.asarray(backends.generator.generate(captions, cfg.n_gen, cfg.seed, cfg.steps, cfg.guidance))
+    except GenerationFailed as exc:
+        if not exc.refused or set(exc.errors) != exc.refused:
+            raise
+        for j in sorted(exc.refused):
+            rows[ok[j]].fail("generation_refused", f"{rows[ok[j]].path}: the target refused its caption "
+                                                   f"({exc.errors[j]})")
+        return np.asarray(exc.images)[[j for j in range(len(ok)) if j not in exc.refused]]
+
+
 def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
                    images: dict[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Features of a batch of rows, one output row per input row; failed rows are zeros with status and error.
@@ -154,9 +172,10 @@ def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
                 queries.pop(i)
 
     ok = sorted(queries)
+    gen = _generate(rows, ok, backends, cfg) if ok else None
+    ok = [i for i in ok if rows[i].ok]
     if ok:
         captions = [rows[i].caption for i in ok]
-        gen = np.asarray(backends.generator.generate(captions, g, cfg.seed, cfg.steps, cfg.guidance))
         if gen.shape[:2] != (len(ok), g) or gen.dtype != np.uint8:
             raise RuntimeError(f"generator returned {gen.dtype} {gen.shape}, expected uint8 [{len(ok)}, {g}, H, W, 3]")
         flat = gen.reshape(-1, *gen.shape[2:])

@@ -45,23 +45,32 @@ SD_MODELS = "/sdapi/v1/sd-models"
 OPTIONS = "/sdapi/v1/options"
 SEED_MODULUS = 2**32
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# A txt2img answer with one of these refuses this request (a filtered prompt, an invalid one): that row fails and
+# the scan goes on. Any other failure that outlasts the retries is the service's and stops the run (--resume).
+REFUSED_STATUSES = frozenset({400, 413, 422})
 
 
 class ServiceError(AuditError):
     """The HTTP target failed (unreachable, timed out, answered an error) after its retries."""
 
 
+class PromptRefused(ServiceError):
+    """The service answered this request with a refusal (HTTP 400/413/422): retrying will not help."""
+
+
 class GenerationFailed(ServiceError):
     """Some captions of a ``generate`` call got no images; the others did.
 
     ``images`` holds every image that was generated (zeros where none was), ``errors`` maps the index of each
-    failed caption to a one-line reason: a scan marks those rows failed and keeps the rest.
+    failed caption to a one-line reason, ``refused`` the indices whose every failure was a refusal: a scan
+    marks those rows failed and keeps the rest, and stops on any other failure (the service is down).
     """
 
-    def __init__(self, message: str, images: np.ndarray, errors: dict[int, str]):
+    def __init__(self, message: str, images: np.ndarray, errors: dict[int, str], refused: set[int] | None = None):
         super().__init__(message)
         self.images = images
         self.errors = errors
+        self.refused = set(refused or ())
 
 
 @dataclasses.dataclass
@@ -125,10 +134,12 @@ class HTTPGenerator:
             images = self.generate_with_seeds(prompts, seeds, steps, guidance)
         except GenerationFailed as exc:
             by_caption = {i // n_gen: msg for i, msg in sorted(exc.errors.items())}
+            refused = {c for c in by_caption
+                       if all(i in exc.refused for i in exc.errors if i // n_gen == c)}
             first = next(iter(by_caption.values()))
             raise GenerationFailed(
                 f"{self.url}: {len(by_caption)} of {len(captions)} captions got no images ({first})",
-                exc.images.reshape(len(captions), n_gen, *exc.images.shape[1:]), by_caption) from None
+                exc.images.reshape(len(captions), n_gen, *exc.images.shape[1:]), by_caption, refused) from None
         return images.reshape(len(captions), n_gen, *images.shape[1:])
 
     def generate_with_seeds(self, prompts: Sequence[str], seeds: Sequence[int], steps: int,
@@ -139,6 +150,7 @@ class HTTPGenerator:
         r = self.resolution
         out = np.zeros((len(prompts), r, r, 3), np.uint8)
         errors: dict[int, str] = {}
+        refused: set[int] = set()
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
             futures = {pool.submit(self._image, p, int(s) % SEED_MODULUS, steps, guidance): i
                        for i, (p, s) in enumerate(zip(prompts, seeds))}
@@ -148,9 +160,12 @@ class HTTPGenerator:
                     out[i] = fut.result()
                 except ServiceError as exc:
                     errors[i] = str(exc)
+                    if isinstance(exc, PromptRefused):
+                        refused.add(i)
         if errors:
             first = errors[min(errors)]
-            raise GenerationFailed(f"{self.url}: {len(errors)} of {len(prompts)} images failed ({first})", out, errors)
+            raise GenerationFailed(f"{self.url}: {len(errors)} of {len(prompts)} images failed ({first})", out, errors,
+                                   refused)
         return out
 
     # -- one image -------------------------------------------------------------------------------------------
@@ -249,6 +264,8 @@ class HTTPGenerator:
                         raise _Retryable(f"{self.url}{path}: the response is not JSON") from None
                 snippet = data[:200].decode("utf-8", "replace").strip().replace("\n", " ")
                 message = f"{self.url}{path}: HTTP {status}{(': ' + snippet) if snippet else ''}"
+                if status in REFUSED_STATUSES and path == TXT2IMG:
+                    raise PromptRefused(message)
                 if status not in RETRY_STATUSES:
                     raise ServiceError(message)
                 raise _Retryable(message)
