@@ -120,7 +120,7 @@ def demo(workdir: str | Path | None = None, quiet: bool = False, **settings) -> 
 
 
 def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = None, seed: int | None = None,
-          register: bool = True, config=None, **options) -> dict:
+          register: bool = True, config=None, quiet: bool = False, **options) -> dict:
     """Train the attack heads (and the blind baseline) on a feature store; write ONNX heads + heads.json to
     ``out`` and, with ``register``, register them for the store's target so check/scan find them.
 
@@ -147,7 +147,8 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
     if not fs.complete:
         raise ArtifactError(f"{store}: feature store is incomplete ({fs.n_committed} of {fs.n_rows} rows); finish it "
                             "with `audit features ... --resume` before training")
-    info = train_heads(fs.read(ok_only=True), out, cfg, fs.manifest, file_sha256(store), str(Path(store).resolve()))
+    info = train_heads(fs.read(ok_only=True), out, cfg, fs.manifest, file_sha256(store), str(Path(store).resolve()),
+                       quiet=quiet)
     registered = register_heads(out) if register else None
     return {"heads": str(out), "registered": str(registered) if registered else None, "info": info}
 
@@ -207,7 +208,7 @@ def report(results: str | Path, out: str | Path, store: str | Path | None = None
 # ------------------------------------------------------------------------------------------------ export (B)
 
 def export(target: str, out: str | Path, *, embedder: str | None = None, captioner: str | None = None,
-           device: str = "cpu", precision: str = "fp32", allow_pickle: bool = False) -> dict:
+           device: str = "cpu", precision: str = "fp32", allow_pickle: bool = False, quiet: bool = False) -> dict:
     """Compile ``target`` and its embedder and captioner (defaults: the target's) to validated ONNX graphs in
     ``out``; ``--target out`` then runs on onnxruntime with the compiled embedder/captioner as its defaults.
     Returns export.json's content (components, graphs' tolerances met, end-to-end checks)."""
@@ -215,7 +216,7 @@ def export(target: str, out: str | Path, *, embedder: str | None = None, caption
 
     cfg = ExportConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", device=device,
                        precision=precision, allow_pickle=allow_pickle)
-    return export_all(cfg, out)
+    return export_all(cfg, out, quiet=quiet)
 
 
 # ------------------------------------------------------------------------------------------ the study (E)

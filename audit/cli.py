@@ -119,12 +119,13 @@ def train_cmd(
                                   help="Register the heads for the store's target (in $AUDIT_HOME or ~/.cache/audit)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for fitting the (tiny) heads; 0: library default."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train the attack heads on a feature store, calibrate them on validation, export them to ONNX."""
     from . import api
 
     res = run(lambda: api.train(store, out, attacks=attacks, seed=seed, register=register, epochs=epochs,
-                                threads=threads))
+                                threads=threads, quiet=quiet))
     if json_out:
         return _echo_json(res)
     info = res["info"]
@@ -356,12 +357,13 @@ def export_cmd(
     captioner: Optional[str] = typer.Option(None, "--captioner", help="Captioner to compile (default: the "
                                             "target's)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Compile a target and its embedder and captioner to validated ONNX graphs; use the folder as --target."""
     from . import api
 
     info = run(lambda: api.export(target, out, embedder=embedder, captioner=captioner, device=device,
-                                  precision=precision, allow_pickle=allow_pickle))
+                                  precision=precision, allow_pickle=allow_pickle, quiet=quiet))
     for name, part in info["components"].items():
         typer.echo(f"{name}: {part['identity']['name']} (weights {part['identity']['hash']}) -> {out / part['path']}")
     checks = info["end_to_end"]

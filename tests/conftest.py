@@ -31,6 +31,8 @@ def tiny_export(tiny_world, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_export") / "export"
     result = CliRunner().invoke(app, ["export", "--target", str(tiny_world["target"]), "--embedder",
-                                      str(tiny_world["clip"]), "--captioner", str(tiny_world["blip"]), "--out", str(out)])
+                                      str(tiny_world["clip"]), "--captioner", str(tiny_world["blip"]), "--out", str(out)],
+                                env={"AUDIT_PROGRESS": "1"})
     assert result.exit_code == 0, result.output
-    return {"path": out, "info": json.loads((out / "export.json").read_text()), "output": result.output}
+    return {"path": out, "info": json.loads((out / "export.json").read_text()), "output": result.stdout,
+            "stderr": result.stderr}

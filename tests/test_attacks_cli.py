@@ -108,3 +108,12 @@ def test_train_usage_and_input_errors_are_one_line(store, tmp_path):
     missing = runner.invoke(app, ["train", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "h")])
     assert missing.exit_code == 1 and "nope.h5: feature store not found" in missing.output
     assert "Traceback" not in bad.output + missing.output
+
+
+def test_train_shows_a_progress_bar_over_the_heads_unless_quiet(store, tmp_path):
+    args = ["train", str(store), "--attacks", "II-S,III-X", "--epochs", "2", "--no-register"]
+    shown = runner.invoke(app, [*args, "--out", str(tmp_path / "a")], env={"AUDIT_PROGRESS": "1"})
+    assert shown.exit_code == 0, shown.output
+    assert "train: 100%" in shown.stderr and "3/3" in shown.stderr and "head/s" in shown.stderr  # + blind
+    quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--quiet"], env={"AUDIT_PROGRESS": "1"})
+    assert quiet.exit_code == 0 and "train:" not in quiet.stderr

@@ -24,6 +24,7 @@ def test_cli_export_reports_components_and_end_to_end_checks(tiny_export):
         assert name in out
     assert "captions equal" in out
     assert f"--target {tiny_export['path']}" in out
+    assert "export: 100%" in tiny_export["stderr"] and "8/8" in tiny_export["stderr"]  # 7 graphs + end-to-end
 
 
 @pytest.mark.slow

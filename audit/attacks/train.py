@@ -248,10 +248,12 @@ def labelled_rows(batch: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray
 
 
 def _fit_all(rows: Mapping[str, np.ndarray], y: np.ndarray, split: Mapping[str, np.ndarray], cfg: TrainConfig,
-             out_dir: Path) -> tuple[dict, dict | None]:
+             out_dir: Path, quiet: bool = False) -> tuple[dict, dict | None]:
+    from ..progress import progress
+
     attacks: dict[str, Any] = {}
     blind = None
-    for attack in cfg.attacks:
+    for attack in progress(cfg.attacks, desc="train", unit="head", quiet=quiet):
         x = build_inputs(rows, attack)
         bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if bad.any():
@@ -268,8 +270,9 @@ def _fit_all(rows: Mapping[str, np.ndarray], y: np.ndarray, split: Mapping[str, 
 
 def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: TrainConfig,
                 store_manifest: dict | None = None, store_sha256: str | None = None,
-                store_path: str | None = None) -> dict:
-    """Train every attack in ``cfg.attacks`` on a feature-store batch; write ONNX heads and heads.json."""
+                store_path: str | None = None, quiet: bool = False) -> dict:
+    """Train every attack in ``cfg.attacks`` on a feature-store batch; write ONNX heads and heads.json.
+    A progress bar counts the heads (off with ``quiet`` or when stderr is not a terminal)."""
     cfg.validate()
     if "blind" not in cfg.attacks:
         # Every set of heads carries its distribution-shift check; there is no opting out of it.
@@ -295,7 +298,7 @@ def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: Train
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     try:
-        attacks, blind = _fit_all(rows, y, split, cfg, out_dir)
+        attacks, blind = _fit_all(rows, y, split, cfg, out_dir, quiet)
     finally:
         torch.set_num_threads(previous_threads)
 

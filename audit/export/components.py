@@ -27,6 +27,7 @@ import numpy as np
 from ..config import Config, atomic_write_text
 from ..errors import ArtifactError, UsageError
 from ..manifest import make_manifest
+from ..progress import progress
 from . import specs
 from .convert import OPSET, exact_fp32, export_spec, prepare_module, validate_spec
 
@@ -76,10 +77,12 @@ def _session_factory(device: str):
     return lambda path: Graph(path, options).session
 
 
-def _export_graphs(spec_list, folder: Path, cfg: ExportConfig) -> dict:
+def _export_graphs(spec_list, folder: Path, cfg: ExportConfig, bar=None) -> dict:
     graphs = {}
     factory = _session_factory(cfg.device)
     for spec in spec_list:
+        if bar is not None:
+            bar.set_postfix_str(f"{folder.name}/{spec.name}")
         module = prepare_module(spec, cfg.device, cfg.precision)
         record = export_spec(spec, folder, cfg.device, cfg.precision, cfg.opset, module)
         graphs[spec.name] = validate_spec(spec, folder, record, factory, cfg.device, cfg.precision, module)
@@ -87,6 +90,8 @@ def _export_graphs(spec_list, folder: Path, cfg: ExportConfig) -> dict:
         log.info("%s/%s: max |onnx - torch| %.2e (tolerance atol %g, rtol %g)", folder.name, spec.name,
                  graphs[spec.name]["validation"]["max_abs_err"], record["tolerance"]["atol"],
                  record["tolerance"]["rtol"])
+        if bar is not None:
+            bar.update(1)
     return graphs
 
 
@@ -151,10 +156,10 @@ def _exportable_captioner(captioner) -> tuple:
     return model, processor, _generation_settings(model)
 
 
-def export_target(generator, folder: Path, cfg: ExportConfig) -> dict:
+def export_target(generator, folder: Path, cfg: ExportConfig, bar=None) -> dict:
     pipe, fam = _exportable_target(generator)
     if fam["pipeline"] == "dalle":
-        return export_dalle_target(generator, folder, cfg)
+        return export_dalle_target(generator, folder, cfg, bar)
     folder.mkdir(parents=True)
     scale = 8 if fam["pipeline"] == "LDMTextToImagePipeline" else int(getattr(pipe, "vae_scale_factor", 8))
     latent = int(generator.resolution) // scale
@@ -165,7 +170,7 @@ def export_target(generator, folder: Path, cfg: ExportConfig) -> dict:
         specs.TextEncoderSpec(fam["text_encoder"], fam["text_max_length"], len(pipe.tokenizer)),
         specs.UNetSpec(pipe.unet, latent, fam["text_max_length"], text_dim, pipe.scheduler.config.num_train_timesteps),
         vae_spec,
-    ], folder, cfg)
+    ], folder, cfg, bar)
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
     pipe.scheduler.save_config(folder / "scheduler")
     settings = {"pipeline": fam["pipeline"], "resolution": int(generator.resolution), "latent_size": latent,
@@ -178,7 +183,7 @@ def export_target(generator, folder: Path, cfg: ExportConfig) -> dict:
     return identity
 
 
-def export_dalle_target(generator, folder: Path, cfg: ExportConfig) -> dict:
+def export_dalle_target(generator, folder: Path, cfg: ExportConfig, bar=None) -> dict:
     """Encoder, decoder step (KV cache in and out) and VQGAN detokenizer of a ``DalleGenerator``, with its
     tokenizer files and config: ``audit.runtime.OnnxDalleGenerator`` samples with them as the torch path does."""
     from ..targets import dalle
@@ -187,7 +192,7 @@ def export_dalle_target(generator, folder: Path, cfg: ExportConfig) -> dict:
     folder.mkdir(parents=True)
     graphs = _export_graphs([specs.DalleEncoderSpec(generator.encoder, c),
                              specs.DalleDecoderStepSpec(generator.decoder, c),
-                             specs.DalleDetokenizerSpec(generator.detokenizer, c)], folder, cfg)
+                             specs.DalleDetokenizerSpec(generator.detokenizer, c)], folder, cfg, bar)
     (folder / "tokenizer").mkdir()
     for name in dalle.tokenizer_files(c):
         shutil.copyfile(generator._path / name, folder / "tokenizer" / name)
@@ -202,7 +207,7 @@ def export_dalle_target(generator, folder: Path, cfg: ExportConfig) -> dict:
 
 # --- embedder ------------------------------------------------------------------------------------------------------
 
-def export_embedder(embedder, folder: Path, cfg: ExportConfig, target_identity: dict) -> dict:
+def export_embedder(embedder, folder: Path, cfg: ExportConfig, target_identity: dict, bar=None) -> dict:
     from ..kernels.preprocess import ImageTransform
 
     model, processor = _exportable_embedder(embedder)
@@ -210,7 +215,7 @@ def export_embedder(embedder, folder: Path, cfg: ExportConfig, target_identity: 
     tok = processor.tokenizer
     graphs = _export_graphs([specs.ClipImageSpec(model),
                              specs.ClipTextSpec(model, int(tok.eos_token_id), int(tok.pad_token_id or 0))],
-                            folder, cfg)
+                            folder, cfg, bar)
     processor.save_pretrained(folder / "processor")
     transform = ImageTransform.from_processor_config(processor.image_processor.to_dict(), f"{embedder.name} processor")
     settings = {"dim": int(embedder.dim), "processor": "processor", "image_transform": transform.to_dict()}
@@ -234,12 +239,12 @@ def _generation_settings(blip) -> dict:
             "head_dim": int(tc.hidden_size) // int(tc.num_attention_heads)}
 
 
-def export_captioner(captioner, folder: Path, cfg: ExportConfig, target_identity: dict) -> dict:
+def export_captioner(captioner, folder: Path, cfg: ExportConfig, target_identity: dict, bar=None) -> dict:
     from ..kernels.preprocess import ImageTransform
 
     model, processor, generation = _exportable_captioner(captioner)
     folder.mkdir(parents=True)
-    graphs = _export_graphs([specs.BlipVisionSpec(model), specs.BlipDecoderStepSpec(model)], folder, cfg)
+    graphs = _export_graphs([specs.BlipVisionSpec(model), specs.BlipDecoderStepSpec(model)], folder, cfg, bar)
     processor.save_pretrained(folder / "processor")
     transform = ImageTransform.from_processor_config(processor.image_processor.to_dict(),
                                                      f"{captioner.name} processor")
@@ -311,8 +316,9 @@ def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, 
 
 # --- the bundle ----------------------------------------------------------------------------------------------------
 
-def export_all(cfg: ExportConfig, out: str | Path) -> dict:
-    """Export target + embedder + captioner into ``out``; returns the bundle's export.json content."""
+def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
+    """Export target + embedder + captioner into ``out``; returns the bundle's export.json content. A progress
+    bar counts the graphs (off with ``quiet`` or when stderr is not a terminal)."""
     from ..targets import default_models, load_captioner, load_embedder, load_target
 
     check_export_options(cfg.device, cfg.precision)
@@ -331,13 +337,16 @@ def export_all(cfg: ExportConfig, out: str | Path) -> dict:
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    n_graphs = 3 + 2 + 2  # target (text encoder, UNet, VAE; or DALL-E encoder, step, detokenizer), CLIP, BLIP
     try:
-        with exact_fp32():
-            target_id = export_target(generator, tmp / "target", cfg)
+        with exact_fp32(), progress(total=n_graphs + 1, desc="export", unit="step", quiet=quiet) as bar:
+            target_id = export_target(generator, tmp / "target", cfg, bar)
             ids = {"target": target_id,
-                   "embedder": export_embedder(embedder, tmp / "embedder", cfg, target_id),
-                   "captioner": export_captioner(captioner, tmp / "captioner", cfg, target_id)}
+                   "embedder": export_embedder(embedder, tmp / "embedder", cfg, target_id, bar),
+                   "captioner": export_captioner(captioner, tmp / "captioner", cfg, target_id, bar)}
+            bar.set_postfix_str("end-to-end check")
             checks = check_end_to_end(tmp, generator, embedder, captioner, cfg.device, cfg.precision)
+            bar.update(1)
         info = {"components": {k: {"path": k, "identity": v} for k, v in ids.items()},
                 "end_to_end": checks, "export_seconds": round(time.perf_counter() - start, 1)}
         _write_component(tmp, "bundle", cfg, target_id, target_id, info)
