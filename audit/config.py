@@ -49,13 +49,21 @@ class Config:
 
     @classmethod
     def load(cls: type[T], path: str | os.PathLike) -> T:
-        path = Path(path)
-        try:
-            return cls.from_json(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ArtifactError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(read_json(path, missing="config file not found"))
+
+
+def read_json(path: str | os.PathLike, missing: str = "not found", error: type[Exception] = ArtifactError) -> Any:
+    """The JSON content of ``path``, or a one-line ``error`` naming the file: ``missing`` when it does not exist
+    (say what the file should have been), "not valid JSON (...)" when it cannot be parsed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not valid JSON (not UTF-8 text)") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

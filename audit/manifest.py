@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from . import SCHEMA_VERSION, __version__
+from .config import read_json
 from .errors import ArtifactError
 
 # Files whose bytes define a model's identity. Tokenizer/processor files count: they change what the model sees.
@@ -61,10 +61,4 @@ def check_manifest(manifest: dict[str, Any], kind: str, where: str, target: dict
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: manifest not found") from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: manifest is not valid JSON ({exc.msg})") from None
+    return read_json(path, missing="manifest not found")

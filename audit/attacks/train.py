@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, atomic_write_text
-from ..errors import ArtifactError, InputError, UsageError
+from ..config import Config, atomic_write_text, read_json
+from ..errors import InputError, UsageError
 from ..manifest import make_manifest
 from ..seeding import derive_seed
 from . import calibration, metrics
@@ -353,9 +353,4 @@ def _jsonable(obj: Any) -> Any:
 
 
 def read_heads_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: not a heads folder (no {HEADS_FILE}); train heads with `audit train`") from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: heads.json is not valid JSON ({exc.msg})") from None
+    return read_json(path, missing=f"not a heads folder (no {HEADS_FILE}); train heads with `audit train`")

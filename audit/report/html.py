@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
-from ..config import atomic_write_text
+from ..config import atomic_write_text, read_json
 from ..errors import ArtifactError, InputError
 from .jsonl import read_jsonl
 
@@ -432,15 +432,9 @@ def _img(png: bytes, alt: str, width: int | None = None, cls: str | None = None)
 def _load_json(evaluation) -> dict:
     if isinstance(evaluation, Mapping):
         return dict(evaluation)
-    import json
 
     path = Path(evaluation)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: evaluation JSON not found") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc.msg})") from None
+    return read_json(path, missing="evaluation JSON not found", error=InputError)
 
 
 _CSS = """

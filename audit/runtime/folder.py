@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..config import read_json
 from ..errors import ArtifactError
 from ..manifest import check_manifest, read_manifest
 
@@ -19,12 +19,7 @@ class ExportFolder:
         self.path = Path(path)
         self.manifest = read_manifest(self.path / "manifest.json")
         check_manifest(self.manifest, "export", str(self.path))
-        try:
-            self.info = json.loads((self.path / "export.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ArtifactError(f"{self.path}: export.json not found; not an `audit export` folder") from None
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{self.path / 'export.json'}: not valid JSON ({exc.msg})") from None
+        self.info = read_json(self.path / "export.json", missing="not found; not an `audit export` folder")
         if self.info.get("format") != EXPORT_FORMAT:
             raise ArtifactError(f"{self.path}: export format {self.info.get('format')} is not supported (this audit "
                                 f"reads format {EXPORT_FORMAT}); re-export it")
