@@ -10,6 +10,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from ..seeding import image_seeds
+
 
 @runtime_checkable
 class Generator(Protocol):
@@ -51,3 +53,18 @@ class Captioner(Protocol):
 
     def caption(self, images: np.ndarray, max_new_tokens: int = 30) -> list[str]:
         """uint8 [N, H, W, 3] -> one caption per image."""
+
+
+class PerImageSeeds:
+    """``generate`` for a backend that implements ``generate_with_seeds(prompts, seeds, steps, guidance)``:
+    every image is made from its own seed (``seeding.image_seeds``), so no image depends on its batch."""
+
+    def generate_with_seeds(self, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                            guidance: float = 1.0) -> np.ndarray:
+        raise NotImplementedError
+
+    def generate(self, captions: Sequence[str], n_gen: int, seed: int, steps: int, guidance: float = 1.0) -> np.ndarray:
+        prompts = [c for c in captions for _ in range(n_gen)]
+        seeds = [s for c in captions for s in image_seeds(seed, c, n_gen)]
+        images = self.generate_with_seeds(prompts, seeds, steps, guidance)
+        return images.reshape(len(captions), n_gen, *images.shape[1:])

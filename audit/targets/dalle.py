@@ -37,7 +37,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import ArtifactError, ModelNotFoundError, UnsafeWeightsError
-from ..seeding import image_seeds
+from .base import PerImageSeeds
 from .hub import model_hash
 
 log = logging.getLogger(__name__)
@@ -520,7 +520,7 @@ def convert_to_safetensors(src: str | Path, out: str | Path) -> Path:
 # The Generator
 
 
-class DalleSampler:
+class DalleSampler(PerImageSeeds):
     """Caption -> images: encode the caption once, sample image tokens (top-k, per-image seed), detokenize.
 
     ``guidance`` is min-dalle's ``supercondition_factor`` (the same formula as classifier-free guidance:
@@ -556,12 +556,6 @@ class DalleSampler:
             cond[i, : len(tokens)] = tokens
             uncond[i, :2] = [tokens[0], tokens[-1]]
         return torch.from_numpy(cond), torch.from_numpy(uncond)
-
-    def generate(self, captions: Sequence[str], n_gen: int, seed: int, steps: int, guidance: float = 1.0) -> np.ndarray:
-        prompts = [c for c in captions for _ in range(n_gen)]
-        seeds = [s for c in captions for s in image_seeds(seed, c, n_gen)]
-        images = self.generate_with_seeds(prompts, seeds, steps, guidance)
-        return images.reshape(len(captions), n_gen, *images.shape[1:])
 
     @torch.no_grad()
     def generate_with_seeds(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 0,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotFoundError
-from ..seeding import image_seeds
+from .base import PerImageSeeds
 from .hub import check_weights_safe, model_hash
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def load_pipeline(path: str | Path, allow_pickle: bool = False):
         raise ModelNotFoundError(f"{path}: could not load the diffusers pipeline ({first})") from None
 
 
-class DiffusersGenerator:
+class DiffusersGenerator(PerImageSeeds):
     """Caption -> images through a diffusers pipeline, one torch.Generator per image for batch-independence."""
 
     def __init__(self, pipe, name: str, path: str | Path | None = None, device: str = "cpu", batch_size: int = 64):
@@ -88,12 +88,6 @@ class DiffusersGenerator:
 
     def identity(self) -> dict:
         return {"name": self.name, "hash": self._hash}
-
-    def generate(self, captions: Sequence[str], n_gen: int, seed: int, steps: int, guidance: float = 1.0) -> np.ndarray:
-        prompts = [c for c in captions for _ in range(n_gen)]
-        seeds = [s for c in captions for s in image_seeds(seed, c, n_gen)]
-        images = self.generate_with_seeds(prompts, seeds, steps, guidance)
-        return images.reshape(len(captions), n_gen, *images.shape[1:])
 
     @torch.no_grad()
     def generate_with_seeds(self, prompts: Sequence[str], seeds: Sequence[int], steps: int,

@@ -36,7 +36,7 @@ from PIL import Image
 
 from ..config import Config
 from ..errors import AuditError, UsageError
-from ..seeding import image_seeds
+from .base import PerImageSeeds
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class HTTPTargetConfig(Config):
     max_response_bytes: int = 256 * 2**20
 
 
-class HTTPGenerator:
+class HTTPGenerator(PerImageSeeds):
     """A ``Generator`` over a remote ``/sdapi/v1/txt2img`` service."""
 
     family = "http"
@@ -128,10 +128,8 @@ class HTTPGenerator:
     # -- protocol --------------------------------------------------------------------------------------------
 
     def generate(self, captions: Sequence[str], n_gen: int, seed: int, steps: int, guidance: float = 1.0) -> np.ndarray:
-        prompts = [c for c in captions for _ in range(n_gen)]
-        seeds = [s for c in captions for s in image_seeds(seed, c, n_gen)]
         try:
-            images = self.generate_with_seeds(prompts, seeds, steps, guidance)
+            return super().generate(captions, n_gen, seed, steps, guidance)
         except GenerationFailed as exc:
             by_caption = {i // n_gen: msg for i, msg in sorted(exc.errors.items())}
             refused = {c for c in by_caption
@@ -140,7 +138,6 @@ class HTTPGenerator:
             raise GenerationFailed(
                 f"{self.url}: {len(by_caption)} of {len(captions)} captions got no images ({first})",
                 exc.images.reshape(len(captions), n_gen, *exc.images.shape[1:]), by_caption, refused) from None
-        return images.reshape(len(captions), n_gen, *images.shape[1:])
 
     def generate_with_seeds(self, prompts: Sequence[str], seeds: Sequence[int], steps: int,
                             guidance: float = 1.0) -> np.ndarray:
