@@ -137,3 +137,23 @@ def test_the_bundled_toy_heads_are_found_for_the_bundled_toy_target(home):
     heads = load_heads(find_heads(toy), target=toy)  # manifest and every ONNX file's sha256 verified
     assert heads.attacks == ["I-P", "I-S", "II-P", "II-S", "III-X", "III-T", "IV", "blind"]
     assert heads.default_attack == "IV" and heads.warnings == []
+
+
+def test_a_steep_calibration_slope_does_not_fail_the_onnx_parity_check(tmp_path):
+    """Scores in a narrow range get a steep Platt slope; float rounding of the score then moves the probability by
+    up to slope / 4 times as much. The check allows that, and still checks the score itself tightly."""
+    import torch
+
+    from audit.attacks.export import export_head
+    from audit.attacks.nets import MLP, ScoringHead
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(256, 800)).astype(np.float32)
+    head = ScoringHead(MLP(800, (256, 128), 0.0), x.mean(0), x.std(0))
+    with torch.no_grad():
+        s = head.score(torch.from_numpy(x))
+        slope = 4.0 / float(s.std())  # scores spread over about one probability unit, as calibration does...
+        head.platt[:] = torch.tensor([slope * 1e3, -slope * 1e3 * float(s.median())])  # ...then 1000x steeper
+    parity = export_head(head, x, tmp_path / "h.onnx")
+    assert parity["rows_checked"] == 256 and parity["max_abs_diff_score"] <= 1e-4
+    assert parity["max_abs_diff_probability"] > 1e-5  # what the old fixed tolerance refused

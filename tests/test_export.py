@@ -149,23 +149,67 @@ def test_non_ddim_target_is_refused_before_exporting(tmp_path, tiny_world):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
 
 
-@pytest.mark.slow
-def test_ldm_target_exports_and_generates_like_the_torch_path(tmp_path):
-    """The paper's LDM family (LDMBert text encoder, `1 / scale * latents`, guidance when != 1)."""
+@pytest.fixture(scope="module")
+def ldm_export(tmp_path_factory):
+    """The paper's LDM family (LDMBert text encoder, `1 / scale * latents`, guidance when != 1), exported."""
     from audit.export.components import export_target
-    from audit.runtime import OnnxGenerator
     from audit.targets.diffusion import DiffusersGenerator
     from audit.targets.tiny import build_tiny_ldm
 
-    folder = build_tiny_ldm(tmp_path / "ldm")
+    root = tmp_path_factory.mktemp("ldm")
+    folder = build_tiny_ldm(root / "ldm")
     torch_gen = DiffusersGenerator.from_folder(folder, name="tiny-ldm")
-    export_target(torch_gen, tmp_path / "export", ExportConfig(target=str(folder)))
-    onnx_gen = OnnxGenerator(tmp_path / "export")
+    export_target(torch_gen, root / "export", ExportConfig(target=str(folder)))
+    return {"torch": torch_gen, "export": root / "export", "folder": folder}
+
+
+@pytest.mark.slow
+def test_ldm_target_exports_and_generates_like_the_torch_path(ldm_export):
+    from audit.runtime import OnnxGenerator
+
+    torch_gen = ldm_export["torch"]
+    onnx_gen = OnnxGenerator(ldm_export["export"])
     assert onnx_gen.identity() == torch_gen.identity() and onnx_gen.resolution == torch_gen.resolution
     for guidance in (1.0, 0.5):  # LDM guides at any scale != 1, also below 1
         a = torch_gen.generate(["a red circle", "two blue squares"], 1, 3, 3, guidance)
         b = onnx_gen.generate(["a red circle", "two blue squares"], 1, 3, 3, guidance)
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd", "ldm"])
+def test_features_train_check_run_through_an_exported_target(family, tiny_export, ldm_export, tiny_world, tmp_path,
+                                                            monkeypatch):
+    """The user's path on a compiled target: `features --target EXPORT` (images as the torch path makes them),
+    `train`, then `check --target EXPORT` with the heads. SD: the bundle with its compiled CLIP and BLIP; LDM: an
+    exported target alone, with the torch CLIP and BLIP beside it."""
+    from audit import api
+    from audit.features import FeatureStore
+    from audit.targets import load_target
+    from audit.toy import scenes
+
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
+    if family == "sd":
+        target, torch_target, models = str(tiny_export["path"]), str(tiny_world["target"]), {}
+    else:
+        target, torch_target = str(ldm_export["export"]), str(ldm_export["folder"])
+        models = {"embedder": str(tiny_world["clip"]), "captioner": str(tiny_world["blip"])}
+    images, captions = scenes.scene_images(7, "members", 6)
+    data = scenes.write_imagefolder(tmp_path / "data", images, captions, [True, False] * 3)
+    summary = api.featurize(target, data, tmp_path / "store.h5", n_gen=1, steps=2, batch_size=3, quiet=True,
+                            **models)
+    assert summary["ok"] == 6 and summary["target"]["hash"] == load_target(torch_target).identity()["hash"]
+    stored = FeatureStore.open(tmp_path / "store.h5").read()
+    want = load_target(torch_target).generate(captions, 1, 0, 2)
+    assert np.abs(stored["gen_pixels"].astype(int) - want.astype(int)).max() <= 2
+    api.train(tmp_path / "store.h5", tmp_path / "heads", attacks="II-S", epochs=2, register=False, quiet=True)
+    first = sorted(data.glob("*.png"))[0]
+    opts = [x for k, v in models.items() for x in (f"--{k}", v)]
+    result = CliRunner().invoke(app, ["check", str(first), "--caption", captions[0], "--target", target, "--heads",
+                                      str(tmp_path / "heads"), "--json", *opts])
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["status"] == "ok" and 0.0 <= verdict["probability"] <= 1.0
 
 
 def test_fp16_graph_exports_from_a_copy_and_runs_with_cast_inputs(tmp_path, tiny_world):

@@ -87,9 +87,13 @@ def export_head(head: ScoringHead, example: np.ndarray, path: str | Path, check:
     score_diff = float(np.max(np.abs(o_score - t_score))) if len(rows) else 0.0
     prob_diff = float(np.max(np.abs(o_prob - t_prob))) if len(rows) else 0.0
     score_tol = SCORE_RTOL * max(1.0, float(np.max(np.abs(t_score))) if len(rows) else 1.0)
-    if prob_diff > PROB_ATOL or score_diff > score_tol:
+    # P = sigmoid(a s + b) moves by at most |a| / 4 per unit of score: a steep Platt slope (scores in a narrow
+    # range) turns float rounding of the score into a larger, equally harmless, probability difference.
+    slope = abs(float(head.platt[0]))
+    prob_tol = PROB_ATOL + 0.25 * slope * score_diff
+    if prob_diff > prob_tol or score_diff > score_tol:
         raise ArtifactError(
             f"{path}: ONNX head disagrees with torch (max |d score| {score_diff:.2e} > {score_tol:.1e} or "
-            f"max |d probability| {prob_diff:.2e} > {PROB_ATOL:.0e})"
+            f"max |d probability| {prob_diff:.2e} > {prob_tol:.1e})"
         )
     return {"rows_checked": int(len(rows)), "max_abs_diff_score": score_diff, "max_abs_diff_probability": prob_diff}
