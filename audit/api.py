@@ -108,7 +108,7 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
     if report is not None:
         from .auditor import write_scan_html
 
-        summary["report"] = write_scan_html(out, report)
+        summary["report"] = write_scan_html(out, report, generate=auditor.regenerate)
     return summary
 
 

@@ -99,6 +99,12 @@ class Auditor:
             verdicts.append(v)
         return verdicts
 
+    def regenerate(self, captions: list[str]) -> np.ndarray:
+        """The images this auditor's scoring generated from ``captions`` (same seed and settings), uint8
+        [N, n_gen, H, W, 3]: generation is seeded per image, so they are made again exactly."""
+        c = self.config
+        return np.asarray(self.backends.generator.generate(captions, c.n_gen, c.seed, c.steps, c.guidance))
+
     def check(self, image: str | Path, caption: str | None = None, pixels: np.ndarray | None = None) -> Verdict:
         """Score one image. Without ``caption``: a ``.txt`` file beside the image, else the captioner's caption.
         ``pixels``: the image already decoded (uint8 [H, W, 3])."""
@@ -161,12 +167,13 @@ def image_row(image: str | Path, caption: str | None = None) -> Row:
     return row
 
 
-def write_scan_html(results: str | Path, out_html: str | Path) -> str | None:
-    """The HTML report of a scan's results, when this installation has the report module; else None (logged)."""
+def write_scan_html(results: str | Path, out_html: str | Path, generate=None) -> str | None:
+    """The HTML report of a scan's results, when this installation has the report module; else None (logged).
+    ``generate`` (``Auditor.regenerate``) puts the generated images beside the gallery's queries."""
     try:
         from .report.html import write_scan_report
     except ImportError:
         log.warning("HTML reports are not available in this installation; %s was not written", out_html)
         return None
-    write_scan_report(results, out_html)
+    write_scan_report(results, out_html, generate=generate)
     return str(out_html)

@@ -23,7 +23,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -92,10 +92,13 @@ def write_evaluate_report(evaluation: Mapping | str | os.PathLike, out_html: str
 
 def write_scan_report(results: Iterable[Mapping] | str | os.PathLike, out_html: str | os.PathLike,
                       store: str | os.PathLike | None = None, title: str | None = None, top_k: int = 6,
-                      images_root: str | os.PathLike | None = None) -> Path:
+                      images_root: str | os.PathLike | None = None,
+                      generate: Callable[[list[str]], np.ndarray] | None = None) -> Path:
     """Write the scan report from the scan's result rows (a list of dicts, or the JSONL file).
 
     ``store``: a feature store holding the scanned rows (by id), for the generated images beside each query.
+    ``generate``: captions -> uint8 [N, n_gen, H, W, 3] with the scan's seed and settings (``Auditor.regenerate``):
+    without a store, the gallery's rows are generated again, which gives the very images they were scored on.
     ``images_root``: where relative ``image`` paths in the rows live (default: as written, then beside the JSONL).
     """
     if isinstance(results, (str, os.PathLike)):
@@ -132,7 +135,7 @@ def write_scan_report(results: Iterable[Mapping] | str | os.PathLike, out_html: 
         rows_by_id = {i: r for i, r in zip(ids, scored)}
         parts.append(_gallery_section(ids, np.array([float(r["probability"]) for r in scored]),
                                       float(scored[0].get("threshold") or 0.5), attack, store, top_k,
-                                      rows_by_id=rows_by_id, images_root=images_root))
+                                      rows_by_id=rows_by_id, images_root=images_root, generate=generate))
     parts.append(_section("Rows that could not be scored", _error_table([r for r in rows if r.get("status") != "ok"])))
     return _write(out_html, parts)
 
@@ -282,14 +285,35 @@ def _query_image(row: Mapping | None, images_root) -> np.ndarray | None:
     return None
 
 
+def _regenerated_images(chosen: Sequence[str], rows_by_id: Mapping | None, images_root, generate
+                        ) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    """(query pixels, generated pixels, caption) of the chosen rows, generating their images again."""
+    picked = []
+    for rid in dict.fromkeys(chosen):
+        row = (rows_by_id or {}).get(rid)
+        query = _query_image(row, images_root)
+        if query is not None and row.get("caption"):
+            picked.append((rid, query, str(row["caption"])))
+    if not picked:
+        return {}
+    try:
+        gens = np.asarray(generate([c for _, _, c in picked]))
+    except Exception as exc:  # a report must not fail a finished scan (a service gone since, ...)
+        log.warning("report: cannot generate the gallery's images again (%s); showing query images only", exc)
+        return {}
+    return {rid: (query, gens[j], caption) for j, (rid, query, caption) in enumerate(picked)}
+
+
 def _gallery_section(ids: Sequence[str], probs: np.ndarray, threshold: float, attack: str | None, store,
                      top_k: int, labels: Mapping[str, int] | None = None, rows_by_id: Mapping | None = None,
-                     images_root=None) -> str:
+                     images_root=None, generate=None) -> str:
     order = np.argsort(-np.asarray(probs), kind="stable")
     k = min(top_k, len(order) // 2 if len(order) > 1 else len(order))
     top, bottom = list(order[:k]), list(order[::-1][:k])
     chosen = [ids[i] for i in top + bottom]
     pixels = _store_images(store, chosen)
+    if not pixels and generate is not None:
+        pixels = _regenerated_images(chosen, rows_by_id, images_root, generate)
     body = ""
     for heading, picks in (("Most member-like", top), ("Least member-like", bottom)):
         cards = "".join(_card(ids[i], float(probs[i]), threshold, pixels.get(ids[i]),
@@ -297,7 +321,8 @@ def _gallery_section(ids: Sequence[str], probs: np.ndarray, threshold: float, at
                               rows_by_id.get(ids[i]) if rows_by_id else None, images_root) for i in picks)
         body += f"<h3>{heading}</h3><div class=gallery>{cards}</div>"
     note = ("Query image, then the images the target generated from its caption." if pixels else
-            "Query images only: pass the feature store to show the generated images beside them.")
+            "Query images only: pass the feature store (or write the report with `audit scan --report`, which "
+            "generates them again) to show the generated images beside them.")
     return _section(f"Images ({html.escape(str(attack))})", f"<p class=note>{note}</p>{body}")
 
 
