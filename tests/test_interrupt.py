@@ -183,7 +183,6 @@ def heads(tiny_world, tmp_path_factory):
 
 @pytest.mark.slow
 def test_scan_killed_then_resumed_equals_uninterrupted(heads, scan_folder, tmp_path):
-    from audit import api
     from audit.report.jsonl import read_jsonl
 
     out = tmp_path / "killed.jsonl"
@@ -193,8 +192,11 @@ def test_scan_killed_then_resumed_equals_uninterrupted(heads, scan_folder, tmp_p
     killed_at = len(read_jsonl(out)[0])
     assert 2 <= killed_at < 16
     subprocess.run([*cmd, "--resume", "--quiet"], check=True, env=ENV, timeout=300, capture_output=True)
+    # The uninterrupted run as another subprocess of the same command: same thread count and environment, so
+    # scores may be compared to float precision (across thread counts generation differs in the last bits, which
+    # a steep calibration of these 3-epoch heads amplifies).
     ref = tmp_path / "ref.jsonl"
-    api.scan(scan_folder, ref, heads=heads["heads"], batch_size=1, quiet=True, **heads["kw"])
+    subprocess.run([*cmd[:6], str(ref), *cmd[7:], "--quiet"], check=True, env=ENV, timeout=300, capture_output=True)
     got, want = read_jsonl(out)[0], read_jsonl(ref)[0]
     assert [r["id"] for r in got] == [r["id"] for r in want] == sorted(r["id"] for r in want)  # none lost or twice
     for g, w in zip(got, want):
