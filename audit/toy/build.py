@@ -55,6 +55,7 @@ class ToyBuildConfig(Config):
     finetune_steps: int = 2000
     finetune_batch: int = 300  # every member in every step
     finetune_lr: float = 3e-4
+    finetune_t_min: int = 0  # fine-tune on timesteps >= this only (see train_denoiser)
     clip_steps: int = 1000
     clip_batch: int = 512
     clip_lr: float = 1e-3
@@ -70,7 +71,10 @@ class ToyBuildConfig(Config):
         return cls(
             seed=seed, n_public=512, n_members=8, n_nonmembers=16, n_heldout=64,
             vae_steps=300, vae_batch=64, vae_lr=2e-3, pretrain_steps=300, pretrain_batch=64, pretrain_lr=1e-3,
-            finetune_steps=400, finetune_batch=8, finetune_lr=1e-3,
+            # Measured on this CPU from the same pre-trained quick target: 400 steps at lr 1e-3 on every timestep
+            # gave member/non-member AUC 0.26, 800 at 3e-3 0.36, 400 at 1e-3 on t >= 300 0.45, and 800 at 3e-3 on
+            # t >= 300 1.00 (member MSE 0.024 vs 0.122) in 77 s.
+            finetune_steps=800, finetune_batch=8, finetune_lr=3e-3, finetune_t_min=300,
             clip_steps=100, clip_batch=64, blip_steps=100, blip_batch=64, eval_steps=25,
             sizes=ToyModelSizes(unet_channels=(32, 64), vae_channels=(16, 32, 32), clip_layers=2).to_dict(),
         )
@@ -110,7 +114,8 @@ def build_world(out: Path, cfg: ToyBuildConfig, device: str = "cpu") -> dict:
     times["pretrain"] = timer()
     lat_members = encode_latents(pipe.vae, members[0], device)
     losses["finetune"] = train_denoiser(pipe, lat_members, members[1], cfg.finetune_steps, cfg.finetune_batch,
-                                        cfg.finetune_lr, cfg.seed + 2, device, phase="finetune")
+                                        cfg.finetune_lr, cfg.seed + 2, device, phase="finetune",
+                                        t_min=cfg.finetune_t_min)
     times["finetune"] = timer()
 
     clip, clip_proc = build_clip(clip_tok, sizes, cfg.seed)

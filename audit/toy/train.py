@@ -98,8 +98,11 @@ def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
 
 
 def train_denoiser(pipe, latents, captions: list[str], steps: int, batch: int, lr: float, seed: int, device,
-                   caption_dropout: float = 0.0, phase: str = "unet") -> float:
-    """Epsilon-prediction loss on text encoder + UNet together."""
+                   caption_dropout: float = 0.0, phase: str = "unet", t_min: int = 0) -> float:
+    """Epsilon-prediction loss on text encoder + UNet together, timesteps drawn from [t_min, T).
+
+    A ``t_min`` > 0 trains only the noisier steps, where the image is mostly gone and the caption has to say which
+    one it was: what makes a small target memorise its members by caption in few steps (the quick build)."""
     mean, std = latents
     unet, text_encoder, sched_noise = pipe.unet.to(device), pipe.text_encoder.to(device), pipe.scheduler
     unet.train()
@@ -121,7 +124,7 @@ def train_denoiser(pipe, latents, captions: list[str], steps: int, batch: int, l
             drop = torch.rand(len(idx), generator=dgen, device=device) < caption_dropout
             ids = torch.where(drop[:, None], empty.expand_as(ids), ids)
         noise = torch.randn(z0.shape, generator=dgen, device=device)
-        t = torch.randint(0, len(alphas), (len(idx),), generator=dgen, device=device)
+        t = torch.randint(t_min, len(alphas), (len(idx),), generator=dgen, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         cond = text_encoder(ids)[0]
