@@ -11,7 +11,8 @@ Pipelines (CI logs, ``2> file``) get no bar noise; people at a terminal see ``fe
             bar.update(len(batch))
 
 Set ``AUDIT_PROGRESS=1`` to force bars on (e.g. under ``script`` or in a notebook), ``AUDIT_PROGRESS=0`` to force
-them off.
+them off. ``AUDIT_PROGRESS_INTERVAL`` is the least number of seconds between redraws (default 0.5; 0 draws every
+update, for logs that must show each committed batch).
 """
 
 from __future__ import annotations
@@ -48,9 +49,13 @@ def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc
     ``initial`` is the count already done (a resumed run), so the rate and ETA count only this run's work.
     """
     stream = stream if stream is not None else sys.stderr
+    try:
+        interval = max(0.0, float(os.environ.get("AUDIT_PROGRESS_INTERVAL", "0.5")))
+    except ValueError:
+        interval = 0.5
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, file=stream,
-                disable=not enabled(quiet, stream), dynamic_ncols=True, mininterval=0.5, smoothing=0.1,
-                leave=True)
+                disable=not enabled(quiet, stream), dynamic_ncols=True, mininterval=interval, miniters=1,
+                smoothing=0.1, leave=True)
 
 
 def silence_libraries(verbose: bool = False) -> None:

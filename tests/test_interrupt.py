@@ -21,7 +21,9 @@ import pytest
 
 from audit.features.store import KEYS, FeatureStore
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "AUDIT_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+# Every committed batch redrawn at once (AUDIT_PROGRESS_INTERVAL=0): the kill lands right after the count it waits for.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "AUDIT_PROGRESS": "1", "AUDIT_PROGRESS_INTERVAL": "0",
+       "PYTHONUNBUFFERED": "1"}
 
 WRITER = textwrap.dedent("""
     import sys
@@ -126,16 +128,6 @@ def _committed(desc, total):
     return ready_after
 
 
-@pytest.fixture(scope="module")
-def aux_folder(tmp_path_factory):
-    from audit.toy import scenes
-
-    folder = tmp_path_factory.mktemp("aux")
-    images, captions = scenes.scene_images(5, "members", 4)
-    scenes.write_imagefolder(folder, images, captions, [True, False, True, False])
-    return folder
-
-
 def _features_cmd(tiny_world, data, out, *extra):
     return [sys.executable, "-m", "audit.cli", "features", "--target", str(tiny_world["target"]),
             "--embedder", str(tiny_world["clip"]), "--captioner", str(tiny_world["blip"]), "--data", str(data),
@@ -143,29 +135,27 @@ def _features_cmd(tiny_world, data, out, *extra):
 
 
 @pytest.mark.slow
-def test_features_killed_then_resumed_equals_uninterrupted(tiny_world, aux_folder, tmp_path):
-    from audit import api
-
+def test_features_killed_then_resumed_equals_uninterrupted(tiny_world, scan_folder, tmp_path):
     out = tmp_path / "killed.h5"
-    _run_until(_features_cmd(tiny_world, aux_folder, out), _committed("features", 4)(2))
+    _run_until(_features_cmd(tiny_world, scan_folder, out), _committed("features", 16)(2))
     killed_at = FeatureStore.open(out).n_committed
-    assert 2 <= killed_at < 4
-    subprocess.run(_features_cmd(tiny_world, aux_folder, out, "--resume", "--quiet"), check=True, env=ENV,
+    assert 2 <= killed_at < 16
+    subprocess.run(_features_cmd(tiny_world, scan_folder, out, "--resume", "--quiet"), check=True, env=ENV,
                    timeout=300, capture_output=True)
-    ref = tmp_path / "ref.h5"  # the uninterrupted run, in this process (same code path, same thread count)
-    api.featurize(str(tiny_world["target"]), aux_folder, ref, embedder=str(tiny_world["clip"]),
-                  captioner=str(tiny_world["blip"]), n_gen=1, steps=2, batch_size=1, seed=4, quiet=True)
+    ref = tmp_path / "ref.h5"  # the uninterrupted run: the same command, uninterrupted
+    subprocess.run(_features_cmd(tiny_world, scan_folder, ref, "--quiet"), check=True, env=ENV, timeout=300,
+                   capture_output=True)
     (want, want_manifest), (got, got_manifest) = _store_arrays(ref), _store_arrays(out)
     for key in KEYS:
         assert np.array_equal(got[key], want[key]), key
-    assert len(set(got["ids"])) == len(got["ids"]) == 4
+    assert len(set(got["ids"])) == len(got["ids"]) == 16
     assert {k: v for k, v in got_manifest.items() if k != "created"} == \
         {k: v for k, v in want_manifest.items() if k != "created"}
 
 
 @pytest.fixture(scope="module")
 def scan_folder(tmp_path_factory):
-    """Scanning is fast (no store, tiny heads): 16 rows so a kill after 2 lands well before the end."""
+    """16 rows: tiny models featurise and scan fast, and a kill after 2 must land well before the end."""
     from audit.toy import scenes
 
     folder = tmp_path_factory.mktemp("scan")
