@@ -195,6 +195,9 @@ def test_dalle_mini_exports_and_runs_features_to_check_on_the_onnx_path(hub_cach
     assert step["inputs"]["kv_cache"]["dynamic_axes"] == {"2": "batch"}
     assert all(g["validation"]["passed"] for g in info["graphs"].values())
 
+    again = CliRunner().invoke(app, ["export", "--target", str(bundle), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 2 and "compiled already" in again.stderr and "Traceback" not in again.output
+
     onnx, torch_path = load_target(str(bundle)), load_target("dalle-mini")
     assert isinstance(onnx, OnnxDalleGenerator) and onnx.identity() == torch_path.identity()
     for guidance in (1.0, 4.0):  # the supercondition mix runs on the graphs' logits as on the torch ones

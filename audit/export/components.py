@@ -127,12 +127,14 @@ def _exportable_target(generator) -> tuple:
     """(pipeline, family settings), or a one-line error saying why this target cannot be exported."""
     from ..runtime.scheduler import check_scheduler_config
 
-    if getattr(generator, "family", None) == "dalle" and hasattr(generator, "decoder"):
+    from ..targets.dalle import DalleGenerator
+
+    if isinstance(generator, DalleGenerator):  # the torch modules; an already exported DALL-E has graphs instead
         return None, {"pipeline": "dalle"}
     pipe = getattr(generator, "pipe", None)
     if pipe is None:
-        raise UsageError(f"target {generator.name!r} is neither a local diffusers pipeline nor a DALL-E model; only "
-                         "those can be exported")
+        raise UsageError(f"target {generator.name!r} is neither a local diffusers pipeline nor a DALL-E model in "
+                         "PyTorch; only those can be exported (an export folder is compiled already)")
     if type(pipe.scheduler).__name__ != "DDIMScheduler":
         raise UsageError(f"target {generator.name!r} samples with {type(pipe.scheduler).__name__}; the runtime "
                          "reproduces DDIM only (audit this target on the torch path)")

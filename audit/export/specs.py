@@ -377,17 +377,21 @@ class BlipDecoderStepSpec(ExportSpec):
 # --- DALL-E target -------------------------------------------------------------------------------------------------
 # The port in audit.targets.dalle was written for this: the decoder step takes and returns its KV cache as one tensor.
 
-class DalleEncoderSpec(ExportSpec):
-    name = "encoder"
-    inputs = {"text_tokens": {0: "batch"}}
-    outputs = {"encoder_state": {0: "batch"}}
+class _DalleSpec(ExportSpec):
+    """One of the port's modules, exported as it is; ``config`` (a ``DalleConfig``) sizes the example inputs."""
 
-    def __init__(self, encoder, config):
-        super().__init__(encoder)
+    def __init__(self, model: nn.Module, config):
+        super().__init__(model)
         self.config = config
 
     def module(self):
         return self.model
+
+
+class DalleEncoderSpec(_DalleSpec):
+    name = "encoder"
+    inputs = {"text_tokens": {0: "batch"}}
+    outputs = {"encoder_state": {0: "batch"}}
 
     def example_inputs(self, batch=2, seed=0):
         c = self.config
@@ -396,7 +400,7 @@ class DalleEncoderSpec(ExportSpec):
         return {"text_tokens": tokens}
 
 
-class DalleDecoderStepSpec(ExportSpec):
+class DalleDecoderStepSpec(_DalleSpec):
     """One sampling step: previous token and position in, logits and the updated KV cache out."""
 
     name = "decoder_step"
@@ -404,13 +408,6 @@ class DalleDecoderStepSpec(ExportSpec):
               "attention_mask": {0: "batch"}, "kv_cache": {2: "batch"}}
     outputs = {"logits": {0: "batch"}, "kv_cache_out": {2: "batch"}}
     atol = 1e-3  # logits; what must hold is the sampled tokens, checked end to end against the torch path
-
-    def __init__(self, decoder, config):
-        super().__init__(decoder)
-        self.config = config
-
-    def module(self):
-        return self.model
 
     def example_inputs(self, batch=2, seed=0, position=1):
         c = self.config
@@ -427,18 +424,11 @@ class DalleDecoderStepSpec(ExportSpec):
         return [self.example_inputs(1, position=0), self.example_inputs(3, position=self.config.image_token_count - 1)]
 
 
-class DalleDetokenizerSpec(ExportSpec):
+class DalleDetokenizerSpec(_DalleSpec):
     name = "detokenizer"
     inputs = {"tokens": {0: "batch"}}
     outputs = {"pixels": {0: "batch"}}
     atol = 1e-2  # pixels in [0, 255]; rounded to uint8 afterwards
-
-    def __init__(self, detokenizer, config):
-        super().__init__(detokenizer)
-        self.config = config
-
-    def module(self):
-        return self.model
 
     def example_inputs(self, batch=2, seed=0):
         return {"tokens": _Seeded(seed + batch).randint(0, self.model.vocab_count, batch,
