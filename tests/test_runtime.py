@@ -80,6 +80,41 @@ def test_cpu_sessions_get_explicit_threads_and_cuda_fails_clearly(tmp_path):
         Graph(tmp_path / "bad.onnx")
 
 
+def _onnx_graph(path, lead: list, width: int = 3):
+    """y = x @ w + 1 over inputs/outputs whose first dims are ``lead`` (named axes are dynamic)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(width * width, dtype=np.float32).reshape(width, width) / 7, "w")
+    one = numpy_helper.from_array(np.ones(width, np.float32), "one")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "one"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, width])], [w, one])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_cpu_graphs_split_their_batch_over_single_thread_replicas(tmp_path):
+    path = _onnx_graph(tmp_path / "batch.onnx", ["batch"])
+    two = Graph(path, RuntimeOptions(intra_op_threads=2))
+    one = Graph(path, RuntimeOptions(intra_op_threads=2, replicas=1))
+    assert len(two.replicas) == 2 and len(one.replicas) == 1
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    for rows in (5, 2, 1, 0):  # an uneven split, one row each, too small to split, empty
+        np.testing.assert_array_equal(two.run(x=x[:rows])["y"], one.run(x=x[:rows])["y"])
+    np.testing.assert_allclose(two.run(x=x)["y"], x @ (np.arange(9, dtype=np.float32).reshape(3, 3) / 7) + 1,
+                               rtol=1e-6)
+    # Not split: a graph whose first axis is not a shared batch (like DALL-E's cache, led by its layers), a graph
+    # over the size limit, one thread, or an explicit replicas=1.
+    layers = _onnx_graph(tmp_path / "layers.onnx", [2, "batch"])
+    assert len(Graph(layers, RuntimeOptions(intra_op_threads=2)).replicas) == 1
+    assert len(Graph(path, RuntimeOptions(intra_op_threads=2, replicate_below_mib=0)).replicas) == 1
+    assert len(Graph(path, RuntimeOptions(intra_op_threads=1)).replicas) == 1
+    assert RuntimeOptions(device="cuda", intra_op_threads=4).replicas_for(1) == 1
+    assert RuntimeOptions(intra_op_threads=4, replicas=3).replicas_for(2**40) == 3
+
+
 # --- against the session's export of tiny_world (see conftest.tiny_export) ------------------------------------------
 
 
@@ -130,6 +165,11 @@ def test_generation_is_independent_of_batching_and_duplicates(onnx_models):
     np.testing.assert_array_equal(together[0], together[2])
     small_batches = OnnxGenerator(g.folder.path, batch_size=3).generate(CAPTIONS, 2, 1, 3)
     np.testing.assert_array_equal(small_batches, together[:2])
+    # The CPU replicas (two one-thread sessions on halves of each batch) change no bit of the images.
+    one_session = OnnxGenerator(g.folder.path, RuntimeOptions(intra_op_threads=2, replicas=1))
+    assert len(one_session.unet.replicas) == 1 and len(OnnxGenerator(
+        g.folder.path, RuntimeOptions(intra_op_threads=2)).unet.replicas) == 2
+    np.testing.assert_array_equal(one_session.generate(CAPTIONS, 2, 1, 3), together[:2])
     assert g.generate([], 2, 1, 3).shape == (0, 2, 32, 32, 3)
     with pytest.raises(UsageError, match="n_gen and steps must be >= 1"):
         g.generate(CAPTIONS, 0, 1, 3)

@@ -73,7 +73,8 @@ def check_export_options(device: str, precision: str) -> None:
 def _session_factory(device: str):
     from ..runtime.session import Graph, RuntimeOptions
 
-    options = RuntimeOptions(device=device, tensorrt=False)  # validate what the graph computes, not TensorRT's
+    # Validate what the graph computes (not TensorRT's), in one session
+    options = RuntimeOptions(device=device, tensorrt=False, replicas=1)
     return lambda path: Graph(path, options).session
 
 
