@@ -13,8 +13,8 @@ from audit.export import ExportConfig, export_all
 from audit.manifest import read_manifest
 from audit.registry import TARGETS, parse_model_ref
 
-GRAPHS = {"target": {"text_encoder", "unet", "vae_decoder"}, "embedder": {"image_encoder", "text_encoder"},
-          "captioner": {"vision_encoder", "decoder_step"}}
+GRAPHS = {"target": {"text_encoder", "unet_context", "unet", "vae_decoder"},
+          "embedder": {"image_encoder", "text_encoder"}, "captioner": {"vision_encoder", "decoder_step"}}
 
 
 @pytest.mark.slow
@@ -24,7 +24,7 @@ def test_cli_export_reports_components_and_end_to_end_checks(tiny_export):
         assert name in out
     assert "captions equal" in out
     assert f"--target {tiny_export['path']}" in out
-    assert "export: 100%" in tiny_export["stderr"] and "8/8" in tiny_export["stderr"]  # 7 graphs + end-to-end
+    assert "export: 100%" in tiny_export["stderr"] and "9/9" in tiny_export["stderr"]  # 8 graphs + end-to-end
 
 
 @pytest.mark.slow
@@ -56,8 +56,16 @@ def test_decoder_step_has_a_kv_cache_and_unet_a_per_sample_timestep(tiny_export)
     cap = json.loads((root / "captioner" / "export.json").read_text())["graphs"]["decoder_step"]
     assert cap["inputs"]["past_key.0"]["dynamic_axes"] == {"0": "batch", "2": "past"}
     assert "present_value.1" in cap["outputs"]
-    unet = json.loads((root / "target" / "export.json").read_text())["graphs"]["unet"]
-    assert unet["inputs"]["timestep"]["shape"] == ["batch"]
+    graphs = json.loads((root / "target" / "export.json").read_text())["graphs"]
+    assert graphs["unet"]["inputs"]["timestep"]["shape"] == ["batch"]
+    # The UNet step takes each cross-attention's keys (transposed) and values, which unet_context computes once
+    # per generation from the text encoder's states: the tiny UNet has 4 cross-attentions, heads of 8 and 16.
+    cross = [f"cross_{kind}.{i}" for i in range(4) for kind in ("key", "value")]
+    assert graphs["unet"]["input_names"] == ["sample", "timestep", *cross]
+    assert graphs["unet_context"]["input_names"] == ["encoder_hidden_states"]
+    assert graphs["unet_context"]["output_names"] == cross
+    assert graphs["unet"]["inputs"]["cross_key.3"]["shape"] == ["batch", 8, 16, 77]
+    assert graphs["unet"]["inputs"]["cross_value.3"]["shape"] == ["batch", 8, 77, 16]
 
 
 @pytest.mark.slow

@@ -176,6 +176,37 @@ def test_generation_is_independent_of_batching_and_duplicates(onnx_models):
 
 
 @pytest.mark.slow
+def test_a_whole_unet_graph_generates_the_same_images_as_the_split_one(onnx_models, torch_models, tmp_path):
+    """A UNet exported whole (folders from before the cross-attention split, and UNets whose attention the split
+    does not cover) takes encoder_hidden_states at every step, and gives the same images."""
+    from audit.export import specs
+    from audit.export.convert import export_spec
+
+    g, pipe = onnx_models[0], torch_models[0].pipe
+    assert specs.cross_attentions(pipe.unet) and g.unet_context is not None
+    whole = tmp_path / "target"
+    shutil.copytree(g.folder.path, whole)
+    spec = specs.UNetSpec(pipe.unet, g.latent_size, g.text_max_length, pipe.text_encoder.config.hidden_size)
+    info = json.loads((whole / "export.json").read_text())
+    (whole / "unet_context.onnx").unlink()
+    del info["graphs"]["unet_context"]
+    info["graphs"]["unet"] = export_spec(spec, whole)
+    (whole / "export.json").write_text(json.dumps(info))
+    legacy = OnnxGenerator(whole)
+    assert legacy.unet_context is None and "encoder_hidden_states" in legacy.unet.input_types
+    for guidance in (1.0, 4.0):
+        a, b = g.generate(CAPTIONS, 2, 3, 3, guidance), legacy.generate(CAPTIONS, 2, 3, 3, guidance)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    # An attention the step's processor would not reproduce keeps the UNet whole.
+    attn = specs.cross_attentions(pipe.unet)[0]
+    attn.residual_connection = True
+    try:
+        assert specs.cross_attentions(pipe.unet) is None
+    finally:
+        attn.residual_connection = False
+
+
+@pytest.mark.slow
 def test_greedy_captions_equal_generate_tokens(onnx_models, torch_models, tiny_world):
     from transformers import BlipForConditionalGeneration, BlipProcessor
 

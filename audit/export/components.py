@@ -3,7 +3,8 @@
 Layout of ``audit export --out DIR``::
 
     DIR/manifest.json, DIR/export.json          the bundle: which components, made for which target
-    DIR/target/     text_encoder.onnx unet.onnx vae_decoder.onnx tokenizer/ scheduler/ manifest.json export.json
+    DIR/target/     text_encoder.onnx unet_context.onnx unet.onnx vae_decoder.onnx tokenizer/ scheduler/
+                    manifest.json export.json
     DIR/embedder/   image_encoder.onnx text_encoder.onnx processor/ manifest.json export.json
     DIR/captioner/  vision_encoder.onnx decoder_step.onnx processor/ manifest.json export.json
 
@@ -159,21 +160,39 @@ def _exportable_captioner(captioner) -> tuple:
     return model, processor, _generation_settings(model)
 
 
+def _latent_size(generator, pipe, fam: dict) -> int:
+    scale = 8 if fam["pipeline"] == "LDMTextToImagePipeline" else int(getattr(pipe, "vae_scale_factor", 8))
+    return int(generator.resolution) // scale
+
+
+def target_specs(generator) -> list:
+    """The graphs of an exportable target: text encoder, UNet (as a context graph computing the cross-attention
+    keys/values once plus a step taking them, where its attention allows) and VAE decoder; DALL-E's three."""
+    pipe, fam = _exportable_target(generator)
+    if fam["pipeline"] == "dalle":
+        c = generator.config
+        return [specs.DalleEncoderSpec(generator.encoder, c), specs.DalleDecoderStepSpec(generator.decoder, c),
+                specs.DalleDetokenizerSpec(generator.detokenizer, c)]
+    latent = _latent_size(generator, pipe, fam)
+    text = fam["text_encoder"]
+    text_dim = int(text.config.hidden_size if hasattr(text.config, "hidden_size") else text.config.d_model)
+    length, steps = fam["text_max_length"], pipe.scheduler.config.num_train_timesteps
+    if specs.cross_attentions(pipe.unet):
+        unet = [specs.UNetContextSpec(pipe.unet, length, text_dim),
+                specs.UNetStepSpec(pipe.unet, latent, length, text_dim, steps)]
+    else:
+        unet = [specs.UNetSpec(pipe.unet, latent, length, text_dim, steps)]
+    return [specs.TextEncoderSpec(text, length, len(pipe.tokenizer)), *unet,
+            specs.VaeDecoderSpec(fam["vae"], latent, reciprocal=fam["latent_scale"] == "multiply_reciprocal")]
+
+
 def export_target(generator, folder: Path, cfg: ExportConfig, bar=None) -> dict:
     pipe, fam = _exportable_target(generator)
     if fam["pipeline"] == "dalle":
         return export_dalle_target(generator, folder, cfg, bar)
     folder.mkdir(parents=True)
-    scale = 8 if fam["pipeline"] == "LDMTextToImagePipeline" else int(getattr(pipe, "vae_scale_factor", 8))
-    latent = int(generator.resolution) // scale
-    text_dim = int(fam["text_encoder"].config.hidden_size if hasattr(fam["text_encoder"].config, "hidden_size")
-                   else fam["text_encoder"].config.d_model)
-    vae_spec = specs.VaeDecoderSpec(fam["vae"], latent, reciprocal=fam["latent_scale"] == "multiply_reciprocal")
-    graphs = _export_graphs([
-        specs.TextEncoderSpec(fam["text_encoder"], fam["text_max_length"], len(pipe.tokenizer)),
-        specs.UNetSpec(pipe.unet, latent, fam["text_max_length"], text_dim, pipe.scheduler.config.num_train_timesteps),
-        vae_spec,
-    ], folder, cfg, bar)
+    latent = _latent_size(generator, pipe, fam)
+    graphs = _export_graphs(target_specs(generator), folder, cfg, bar)
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
     pipe.scheduler.save_config(folder / "scheduler")
     settings = {"pipeline": fam["pipeline"], "resolution": int(generator.resolution), "latent_size": latent,
@@ -193,9 +212,7 @@ def export_dalle_target(generator, folder: Path, cfg: ExportConfig, bar=None) ->
 
     c = generator.config
     folder.mkdir(parents=True)
-    graphs = _export_graphs([specs.DalleEncoderSpec(generator.encoder, c),
-                             specs.DalleDecoderStepSpec(generator.decoder, c),
-                             specs.DalleDetokenizerSpec(generator.detokenizer, c)], folder, cfg, bar)
+    graphs = _export_graphs(target_specs(generator), folder, cfg, bar)
     (folder / "tokenizer").mkdir()
     for name in dalle.tokenizer_files(c):
         shutil.copyfile(generator._path / name, folder / "tokenizer" / name)
@@ -210,15 +227,18 @@ def export_dalle_target(generator, folder: Path, cfg: ExportConfig, bar=None) ->
 
 # --- embedder ------------------------------------------------------------------------------------------------------
 
+def embedder_specs(embedder) -> list:
+    model, processor = _exportable_embedder(embedder)
+    tok = processor.tokenizer
+    return [specs.ClipImageSpec(model), specs.ClipTextSpec(model, int(tok.eos_token_id), int(tok.pad_token_id or 0))]
+
+
 def export_embedder(embedder, folder: Path, cfg: ExportConfig, target_identity: dict, bar=None) -> dict:
     from ..kernels.preprocess import ImageTransform
 
     model, processor = _exportable_embedder(embedder)
     folder.mkdir(parents=True)
-    tok = processor.tokenizer
-    graphs = _export_graphs([specs.ClipImageSpec(model),
-                             specs.ClipTextSpec(model, int(tok.eos_token_id), int(tok.pad_token_id or 0))],
-                            folder, cfg, bar)
+    graphs = _export_graphs(embedder_specs(embedder), folder, cfg, bar)
     processor.save_pretrained(folder / "processor")
     transform = ImageTransform.from_processor_config(processor.image_processor.to_dict(), f"{embedder.name} processor")
     settings = {"dim": int(embedder.dim), "processor": "processor", "image_transform": transform.to_dict()}
@@ -242,12 +262,17 @@ def _generation_settings(blip) -> dict:
             "head_dim": int(tc.hidden_size) // int(tc.num_attention_heads)}
 
 
+def captioner_specs(captioner) -> list:
+    model = _exportable_captioner(captioner)[0]
+    return [specs.BlipVisionSpec(model), specs.BlipDecoderStepSpec(model)]
+
+
 def export_captioner(captioner, folder: Path, cfg: ExportConfig, target_identity: dict, bar=None) -> dict:
     from ..kernels.preprocess import ImageTransform
 
     model, processor, generation = _exportable_captioner(captioner)
     folder.mkdir(parents=True)
-    graphs = _export_graphs([specs.BlipVisionSpec(model), specs.BlipDecoderStepSpec(model)], folder, cfg, bar)
+    graphs = _export_graphs(captioner_specs(captioner), folder, cfg, bar)
     processor.save_pretrained(folder / "processor")
     transform = ImageTransform.from_processor_config(processor.image_processor.to_dict(),
                                                      f"{captioner.name} processor")
@@ -303,7 +328,8 @@ def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, 
         err_t = float(np.abs(e.embed_texts(texts) - embedder.embed_texts(texts)).max())
         checks["embedder"] = {"max_abs_image": err_i, "max_abs_text": err_t}
         if max(err_i, err_t) > limits["embedding"]:
-            raise ArtifactError(f"{folder / 'embedder'}: embeddings differ from the torch path by {max(err_i, err_t):.3g}")
+            raise ArtifactError(f"{folder / 'embedder'}: embeddings differ from the torch path by "
+                                f"{max(err_i, err_t):.3g}")
     if captioner is not None:
         c = OnnxCaptioner(folder / "captioner", opts)
         ours, theirs = c.caption(images, max_new_tokens=12), captioner.caption(images, max_new_tokens=12)
@@ -335,12 +361,12 @@ def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
     embedder = load_embedder(cfg.embedder, device=cfg.device, allow_pickle=cfg.allow_pickle)
     captioner = load_captioner(cfg.captioner, device=cfg.device, allow_pickle=cfg.allow_pickle)
     # Everything that can be refused is refused before minutes of tracing.
-    _exportable_target(generator), _exportable_embedder(embedder), _exportable_captioner(captioner)
+    n_graphs = sum(len(f(m)) for f, m in ((target_specs, generator), (embedder_specs, embedder),
+                                         (captioner_specs, captioner)))
     # Build in a sibling folder and rename at the end: an interrupted export never looks like a finished one.
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    n_graphs = 3 + 2 + 2  # target (text encoder, UNet, VAE; or DALL-E encoder, step, detokenizer), CLIP, BLIP
     try:
         with exact_fp32(), progress(total=n_graphs + 1, desc="export", unit="step", quiet=quiet) as bar:
             target_id = export_target(generator, tmp / "target", cfg, bar)

@@ -24,7 +24,8 @@ def _features(out) -> torch.Tensor:
 
 
 class ExportSpec:
-    """One ONNX graph. Subclasses set ``name``, ``inputs``/``outputs`` (ordered: name -> dynamic axes) and tolerances."""
+    """One ONNX graph. Subclasses set ``name``, ``inputs``/``outputs`` (ordered: name -> dynamic axes) and
+    tolerances."""
 
     name: str = ""
     inputs: dict[str, Axes] = {}
@@ -116,7 +117,8 @@ class UNetSpec(ExportSpec):
 
     def __init__(self, unet, latent_size: int, text_length: int, text_dim: int, train_steps: int = 1000):
         super().__init__(unet)
-        self.latent_size, self.text_length, self.text_dim, self.train_steps = latent_size, text_length, text_dim, train_steps
+        self.latent_size, self.text_length, self.text_dim = latent_size, text_length, text_dim
+        self.train_steps = train_steps
         self.channels = int(unet.config.in_channels)
 
     def module(self):
@@ -127,6 +129,114 @@ class UNetSpec(ExportSpec):
         s = self.latent_size
         return {"sample": r.randn(batch, self.channels, s, s), "timestep": r.randint(0, self.train_steps, batch),
                 "encoder_hidden_states": r.randn(batch, self.text_length, self.text_dim)}
+
+
+# --- the UNet with its cross-attention keys/values computed once per image, not once per step --------------------
+#
+# The text conditioning is the same at every denoising step, so each cross-attention's key and value projections
+# (and their reshapes into heads) need not run again at each step: ``unet_context`` computes them once, already in
+# the layout the step multiplies with (K^T scaled by 1/sqrt(head_dim), V by heads), and the ``unet`` step takes
+# them as inputs. The toy UNet spends ~7% of each step there. TensorRT's Stable Diffusion pipelines do the same.
+
+def cross_attentions(unet) -> list | None:
+    """The UNet's cross-attention modules when all are plain scaled dot-product attention over projected text
+    (Stable Diffusion and LDM UNets), else None: the UNet is then exported whole."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    mods = [m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    for m in mods:
+        head_dim = m.to_k.out_features // m.heads
+        extras = (m.norm_cross, m.group_norm, m.spatial_norm, m.norm_q, m.norm_k, getattr(m, "add_k_proj", None))
+        if (any(x is not None for x in extras) or m.residual_connection or m.rescale_output_factor != 1.0
+                or type(m.processor) not in (AttnProcessor, AttnProcessor2_0)
+                or not math.isclose(m.scale, head_dim**-0.5, rel_tol=1e-6)):
+            return None
+    return mods or None
+
+
+class _CrossKV:
+    """An attention processor over given keys (K^T, pre-scaled) and values: diffusers' arithmetic otherwise."""
+
+    def __init__(self, key_t: torch.Tensor, value: torch.Tensor):
+        self.key_t, self.value = key_t, value
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **kw):
+        b, t, _ = hidden_states.shape
+        q = attn.to_q(hidden_states).view(b, t, attn.heads, -1).transpose(1, 2)
+        h = torch.matmul(torch.softmax(torch.matmul(q, self.key_t), dim=-1), self.value)
+        return attn.to_out[1](attn.to_out[0](h.transpose(1, 2).reshape(b, t, -1)))
+
+
+class _UNetContext(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.mods = nn.ModuleList(cross_attentions(unet))
+
+    def forward(self, encoder_hidden_states):
+        b, n, _ = encoder_hidden_states.shape
+        out = []
+        for m in self.mods:
+            k = m.to_k(encoder_hidden_states).view(b, n, m.heads, -1)
+            v = m.to_v(encoder_hidden_states).view(b, n, m.heads, -1)
+            out += [k.permute(0, 2, 3, 1) * m.scale, v.transpose(1, 2)]
+        return tuple(out)
+
+
+class _UNetStep(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.mods = cross_attentions(unet)  # a plain list: the modules are registered under self.unet
+
+    def forward(self, sample, timestep, *cross):
+        saved = [m.processor for m in self.mods]
+        try:
+            for i, m in enumerate(self.mods):
+                m.processor = _CrossKV(cross[2 * i], cross[2 * i + 1])
+            # The processors ignore encoder_hidden_states; the blocks only need a tensor of the right batch.
+            unused = sample.new_zeros(sample.shape[0], 1, self.unet.config.cross_attention_dim)
+            return self.unet(sample, timestep, encoder_hidden_states=unused, return_dict=False)[0]
+        finally:
+            for m, p in zip(self.mods, saved):
+                m.processor = p
+
+
+def _cross_names(unet) -> list[str]:
+    return [f"cross_{kind}.{i}" for i in range(len(cross_attentions(unet))) for kind in ("key", "value")]
+
+
+class UNetContextSpec(ExportSpec):
+    name = "unet_context"
+
+    def __init__(self, unet, text_length: int, text_dim: int):
+        super().__init__(unet)
+        self.text_length, self.text_dim = text_length, text_dim
+        self.inputs = {"encoder_hidden_states": {0: "batch"}}
+        self.outputs = {name: {0: "batch"} for name in _cross_names(unet)}
+
+    def module(self):
+        return _UNetContext(self.model)
+
+    def example_inputs(self, batch=2, seed=0):
+        return {"encoder_hidden_states": _Seeded(seed + batch).randn(batch, self.text_length, self.text_dim)}
+
+
+class UNetStepSpec(UNetSpec):
+    """The UNet over precomputed cross-attention keys/values (from ``unet_context``)."""
+
+    def __init__(self, unet, latent_size: int, text_length: int, text_dim: int, train_steps: int = 1000):
+        super().__init__(unet, latent_size, text_length, text_dim, train_steps)
+        self.inputs = {"sample": {0: "batch"}, "timestep": {0: "batch"},
+                       **{name: {0: "batch"} for name in _cross_names(unet)}}
+
+    def module(self):
+        return _UNetStep(self.model)
+
+    def example_inputs(self, batch=2, seed=0):
+        feeds = super().example_inputs(batch, seed)
+        with torch.no_grad():  # the context graph's outputs for random text states, on the model's device/dtype
+            cross = _UNetContext(self.model)(feeds.pop("encoder_hidden_states").to(next(self.model.parameters())))
+        return {**feeds, **dict(zip(_cross_names(self.model), cross))}
 
 
 class _VaeDecoder(nn.Module):

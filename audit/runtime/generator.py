@@ -58,6 +58,9 @@ class OnnxGenerator:
         self.schedule = DdimSchedule.from_file(folder.file(s["scheduler"]))
         self.text_encoder = Graph(folder.graph("text_encoder"), self.options)
         self.unet = Graph(folder.graph("unet"), self.options)
+        # Exports since the cross-attention split: keys/values from unet_context once per batch, then the steps.
+        has_context = "unet_context" in folder.info.get("graphs", {})
+        self.unet_context = Graph(folder.graph("unet_context"), self.options) if has_context else None
         self.vae_decoder = Graph(folder.graph("vae_decoder"), self.options)
         self._uncond: np.ndarray | None = None
 
@@ -111,10 +114,11 @@ class OnnxGenerator:
         else:
             context = cond
         sched = self.schedule
+        text = self.unet_context.run(encoder_hidden_states=context) if self.unet_context else {
+            "encoder_hidden_states": context}
         for t, coeffs in plan:
             sample = np.concatenate([x, x]) if guidance is not None else x
-            eps = self.unet.run(sample=sample, timestep=np.full(len(sample), t, np.int64),
-                                encoder_hidden_states=context)["noise_pred"]
+            eps = self.unet.run(sample=sample, timestep=np.full(len(sample), t, np.int64), **text)["noise_pred"]
             x = cfg_ddim_step(eps, x, coeffs, guidance, sched.prediction_type, sched.clip_range,
                               backend=self.kernel_backend)
         images = self.vae_decoder.run(latents=x)["images"]
