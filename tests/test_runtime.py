@@ -115,6 +115,15 @@ def test_cpu_graphs_split_their_batch_over_single_thread_replicas(tmp_path):
     assert RuntimeOptions(intra_op_threads=4, replicas=3).replicas_for(2**40) == 3
 
 
+def test_replicas_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AUDIT_REPLICAS", "1")
+    assert RuntimeOptions(intra_op_threads=2).replicas_for(1) == 1
+    assert RuntimeOptions(intra_op_threads=2, replicas=2).replicas_for(1) == 2  # an explicit option wins
+    monkeypatch.setenv("AUDIT_REPLICAS", "two")
+    with pytest.raises(UsageError, match="AUDIT_REPLICAS must be a positive integer, got 'two'"):
+        RuntimeOptions(intra_op_threads=2).replicas_for(1)
+
+
 # --- against the session's export of tiny_world (see conftest.tiny_export) ------------------------------------------
 
 

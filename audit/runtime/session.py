@@ -50,26 +50,29 @@ class RuntimeOptions(Config):
     # with N threads synchronises its pool on each of ~500 small ops of the toy UNet; N sessions of one thread
     # never wait for each other (UNet 90 vs 105 ms at batch 64 on 2 cores, VAE 120 vs 134, outputs bit-identical).
     # Each replica holds its own copy of the weights (and onnxruntime's pre-packed forms), so 0 (auto) replicates
-    # only graphs under ``replicate_below_mib`` on disk; 1 turns it off.
+    # only graphs under ``replicate_below_mib`` on disk; 1 turns it off; 0 reads $AUDIT_REPLICAS if set.
     replicas: int = 0
     replicate_below_mib: int = 256
 
     def threads(self) -> int:
-        if self.intra_op_threads > 0:
-            return self.intra_op_threads
-        env = os.environ.get("AUDIT_THREADS", "")
-        if env:
-            if not env.isdigit() or int(env) < 1:
-                raise UsageError(f"AUDIT_THREADS must be a positive integer, got {env!r}")
-            return int(env)
-        return usable_cores()
+        return self.intra_op_threads if self.intra_op_threads > 0 else _env_count("AUDIT_THREADS") or usable_cores()
 
     def replicas_for(self, graph_bytes: int) -> int:
+        """Sessions for a splittable graph of this size: ``replicas``, else $AUDIT_REPLICAS, else automatic."""
         if self.device != "cpu":
             return 1
-        if self.replicas > 0:
-            return min(self.replicas, self.threads())
+        chosen = self.replicas if self.replicas > 0 else _env_count("AUDIT_REPLICAS")
+        if chosen:
+            return min(chosen, self.threads())
         return self.threads() if graph_bytes < self.replicate_below_mib * 2**20 else 1
+
+
+def _env_count(name: str) -> int:
+    """A positive integer from the environment, 0 when unset; a usage error naming the variable otherwise."""
+    env = os.environ.get(name, "")
+    if env and (not env.isdigit() or int(env) < 1):
+        raise UsageError(f"{name} must be a positive integer, got {env!r}")
+    return int(env) if env else 0
 
 
 def available_providers() -> list[str]:
