@@ -276,9 +276,14 @@ def _ensure_export(world: Path, export: Path | None) -> tuple[Path, float | None
     from audit.manifest import weights_hash
 
     if export is None:
-        # The layout tag changes whenever the export's graphs do (split: UNet context + step), so a cache made by an
-        # older audit is not benchmarked as this one.
-        export = Path(tempfile.gettempdir()) / "audit-bench" / f"{weights_hash(world / 'target')}-split"
+        # Keyed by the weights and by the export code: a cache made by another version of audit/export is not
+        # benchmarked as this one's graphs.
+        import hashlib
+
+        import audit.export
+
+        code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(audit.export.__file__).parent.glob("*.py"))))
+        export = Path(tempfile.gettempdir()) / "audit-bench" / f"{weights_hash(world / 'target')}-{code.hexdigest()[:8]}"
     if (export / "export.json").is_file():
         return export, None
     t = time.perf_counter()

@@ -34,7 +34,7 @@ def test_every_graph_met_its_tolerance_and_records_its_interface(tiny_export):
         info = json.loads((root / component / "export.json").read_text())
         assert set(info["graphs"]) == names
         for name, g in info["graphs"].items():
-            assert g["opset"] == 18 and g["precision"] == "fp32"
+            assert g["opset"] == 20 and g["precision"] == "fp32"
             v = g["validation"]
             assert v["passed"] and 0 <= v["max_abs_err"] <= g["tolerance"]["atol"] + 10 * g["tolerance"]["rtol"]
             assert len(v["inputs"]) == 2  # validated on other batch sizes than the traced one

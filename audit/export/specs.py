@@ -8,7 +8,9 @@ tolerance the graph must meet against PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import types
 from typing import Any
 
 import torch
@@ -99,13 +101,40 @@ class TextEncoderSpec(ExportSpec):
         return {"input_ids": _Seeded(seed + batch).randint(0, self.vocab_size, batch, self.max_length)}
 
 
+def _geglu_as_two_gemms(self, hidden_states, *args, **kwargs):
+    """diffusers' GEGLU (one Linear to 2n, chunk, value * gelu(gate)) as two 2-D Linears: onnxruntime then runs
+    each as one Gemm with its bias, where the 3-D MatMul + Add + Split took 9% of the toy UNet step."""
+    w, b = self.proj.weight, self.proj.bias
+    n = w.shape[0] // 2
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    value = F.linear(flat, w[:n], None if b is None else b[:n])
+    gate = F.linear(flat, w[n:], None if b is None else b[n:])
+    return (value * F.gelu(gate)).reshape(*hidden_states.shape[:-1], n)
+
+
+@contextlib.contextmanager
+def _export_forms(unet):
+    """The UNet with the export-friendly forms of its GEGLUs, for the duration of one forward."""
+    from diffusers.models.activations import GEGLU
+
+    gegl = [m for m in unet.modules() if type(m) is GEGLU]
+    for m in gegl:
+        m.forward = types.MethodType(_geglu_as_two_gemms, m)
+    try:
+        yield
+    finally:
+        for m in gegl:
+            del m.forward
+
+
 class _UNet(nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
     def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        with _export_forms(self.unet):
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
 class UNetSpec(ExportSpec):
@@ -195,7 +224,8 @@ class _UNetStep(nn.Module):
                 m.processor = _CrossKV(cross[2 * i], cross[2 * i + 1])
             # The processors ignore encoder_hidden_states; the blocks only need a tensor of the right batch.
             unused = sample.new_zeros(sample.shape[0], 1, self.unet.config.cross_attention_dim)
-            return self.unet(sample, timestep, encoder_hidden_states=unused, return_dict=False)[0]
+            with _export_forms(self.unet):
+                return self.unet(sample, timestep, encoder_hidden_states=unused, return_dict=False)[0]
         finally:
             for m, p in zip(self.mods, saved):
                 m.processor = p
