@@ -282,8 +282,9 @@ def _ensure_export(world: Path, export: Path | None) -> tuple[Path, float | None
 
         import audit.export
 
-        code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(audit.export.__file__).parent.glob("*.py"))))
-        export = Path(tempfile.gettempdir()) / "audit-bench" / f"{weights_hash(world / 'target')}-{code.hexdigest()[:8]}"
+        sources = sorted(Path(audit.export.__file__).parent.glob("*.py"))
+        code = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:8]
+        export = Path(tempfile.gettempdir()) / "audit-bench" / f"{weights_hash(world / 'target')}-{code}"
     if (export / "export.json").is_file():
         return export, None
     t = time.perf_counter()
