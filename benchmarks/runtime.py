@@ -379,6 +379,12 @@ def main() -> None:
     if args.repeats > 1:
         print("queries/s of every run: " + "; ".join(f"{k} {', '.join(format(v['queries_per_s'], '.2f') for v in vs)}"
                                                      for k, vs in results["all_runs"].items()))
+        # Runs of one round ran minutes apart at most: their ratio is the least disturbed by the machine's drift.
+        pairs = [r["queries_per_s"] / e_["queries_per_s"]
+                 for r, e_ in zip(results["all_runs"]["runtime"], results["all_runs"]["eager"])]
+        results["same_round_ratios"] = pairs
+        print(f"runtime / eager in each round: {', '.join(f'{x:.2f}' for x in pairs)} (median "
+              f"{float(np.median(pairs)):.2f}x)")
     print(f"\noutputs agree: generated images within {agreement['images_max_abs_uint8']} uint8 levels, image "
           f"embeddings within {agreement['image_emb_max_abs']:.1e}, text embeddings within "
           f"{agreement['text_emb_max_abs']:.1e} (text differs where a caption differs)")
