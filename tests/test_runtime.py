@@ -115,6 +115,21 @@ def test_cpu_graphs_split_their_batch_over_single_thread_replicas(tmp_path):
     assert RuntimeOptions(intra_op_threads=4, replicas=3).replicas_for(2**40) == 3
 
 
+def test_replicas_keep_working_in_a_forked_child(tmp_path):
+    import multiprocessing
+
+    graph = Graph(_onnx_graph(tmp_path / "batch.onnx", ["batch"]), RuntimeOptions(intra_op_threads=2))
+    x = np.ones((4, 3), np.float32)
+    expected = graph.run(x=x)["y"]  # the parent's thread pool now exists; a fork copies none of its threads
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=lambda: send.send(graph.run(x=x)["y"]))  # fork: the target is not pickled
+    child.start()
+    assert receive.poll(60), "the forked child's run did not finish (its thread pool is the parent's, threadless)"
+    np.testing.assert_array_equal(receive.recv(), expected)
+    child.join(10)
+
+
 def test_replicas_from_the_environment(monkeypatch):
     monkeypatch.setenv("AUDIT_REPLICAS", "1")
     assert RuntimeOptions(intra_op_threads=2).replicas_for(1) == 1
