@@ -319,12 +319,15 @@ def demo(
                                            "temporary folder, removed afterwards)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON (for pipelines)."),
+    backend: str = typer.Option("onnx", "--backend", help="onnx: compile the models with `audit export` first and "
+                                "run on onnxruntime; torch: PyTorch eager."),
 ) -> None:
-    """The whole audit on the bundled toy world: aux data, features, train, evaluate, check; prints a table."""
+    """The whole audit on the bundled toy world: aux data, (export,) features, train, evaluate, check; prints a
+    table."""
     from . import api
     from .demo import format_results
 
-    result = run(lambda: api.demo(workdir, quiet=quiet))
+    result = run(lambda: api.demo(workdir, quiet=quiet, backend=backend))
     if json_out:
         return _echo_json(result)
     typer.echo(format_results(result))

@@ -38,6 +38,12 @@ class DemoConfig(Config):
     # torch threads for generating, captioning and embedding. One: torch's two-thread default collapses when the
     # other core is busy (ENV.md measured a UNet step going from 0.5 s to 3.3 s), one thread does not. 0: default.
     threads: int = 1
+    # onnx: compile the target, CLIP and BLIP with `audit export` first (a minute on 2 cores), then featurise and
+    # check on onnxruntime, the tool's default path for real audits; torch: PyTorch eager throughout.
+    backend: str = "onnx"
+
+
+BACKENDS = ("onnx", "torch")
 
 
 def _models(world_dir: Path | None) -> tuple[str, str, str, Path]:
@@ -78,12 +84,15 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
     cleanup = workdir is None
     work = Path(tempfile.mkdtemp(prefix="audit-demo-")) if cleanup else Path(workdir)
     if not cleanup:
-        taken = [p.name for p in (work / "aux", work / "check", work / "features.h5", work / "heads") if p.exists()]
+        taken = [p.name for p in (work / "aux", work / "check", work / "export", work / "features.h5", work / "heads")
+                 if p.exists()]
         if taken:
             raise UsageError(f"{work}: already holds {', '.join(taken)} from an earlier demo; use another --workdir "
                              "or delete them")
     if cfg.threads < 0 or cfg.train_threads < 0:
         raise UsageError("threads must be >= 0")
+    if cfg.backend not in BACKENDS:
+        raise UsageError(f"unknown demo backend {cfg.backend!r}; valid backends are {', '.join(BACKENDS)}")
     times: dict[str, float] = {}
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -102,6 +111,11 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
         check_dir = scenes.write_imagefolder(work / "check", np.concatenate([m_img, n_img]), m_cap + n_cap,
                                              [True] * len(m_cap) + [False] * len(n_cap), prefix="heldout")
         lap("data")
+        if cfg.backend == "onnx":
+            compiled = work / "export"
+            api.export(target, compiled, embedder=embedder, captioner=captioner, quiet=quiet)
+            target, embedder, captioner = str(compiled), str(compiled / "embedder"), str(compiled / "captioner")
+            lap("export")
         store = work / "features.h5"
         feats = api.featurize(target, aux, store, embedder=embedder, captioner=captioner, n_gen=cfg.n_gen,
                               steps=cfg.steps, seed=cfg.seed, batch_size=cfg.batch_size, quiet=quiet)
@@ -140,7 +154,8 @@ def format_results(result: dict) -> str:
     ev = result["evaluation"]
     lines = [
         f"toy world audit: {cfg['n_members']} members + {cfg['n_nonmembers']} non-members of the auxiliary set, "
-        f"n_gen {cfg['n_gen']}, {cfg['steps']} denoising steps; target {result['models']['target']['name']}",
+        f"n_gen {cfg['n_gen']}, {cfg['steps']} denoising steps; target {result['models']['target']['name']} on "
+        + ("onnxruntime (compiled by audit export)" if cfg.get("backend") == "onnx" else "PyTorch eager"),
         "",
         "attacks on the test split (accuracy at the validation threshold):",
         format_table(ev),
@@ -166,5 +181,6 @@ def format_results(result: dict) -> str:
     lines += ["", "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
               + f"; total {result['total_seconds']:.0f} s"]
     if result.get("workdir"):
-        lines.append(f"files: {result['workdir']} (features.h5, heads/, evaluate.json + ROC plot)")
+        lines.append(f"files: {result['workdir']} (features.h5, heads/, evaluate.json + ROC plot"
+                     + (", export/)" if result["config"].get("backend") == "onnx" else ")"))
     return "\n".join(lines)

@@ -25,11 +25,19 @@ def small_world(tiny_world, tmp_path):
     return world
 
 
-def test_demo_pipeline_reports_only_what_it_computed(small_world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_demo_pipeline_reports_only_what_it_computed(small_world, tmp_path, monkeypatch, backend):
     monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
     work = tmp_path / "work"
     result = api.demo(work, quiet=True, world_dir=small_world, n_members=8, n_nonmembers=8, n_check=1, n_gen=1,
-                      steps=2, batch_size=8, epochs=2, attacks="II-S,IV")
+                      steps=2, batch_size=8, epochs=2, attacks="II-S,IV", backend=backend)
+    # onnx (the default) compiles the models first and featurises and checks on onnxruntime, under the same
+    # identity as the torch models, so its store and heads are interchangeable with the torch path's.
+    assert ("export" in result["seconds"]) == (backend == "onnx") == (work / "export" / "export.json").is_file()
+    from audit.targets import load_target
+
+    assert result["models"]["target"] == load_target(str(small_world / "target")).identity()
+    assert ("onnxruntime" in format_results(result)) == (backend == "onnx")
     # The aux set holds the requested rows, and the held-out checks are none of them.
     aux_meta = [json.loads(line) for line in (work / "aux" / "metadata.jsonl").read_text().splitlines()]
     assert sum(r["member"] for r in aux_meta) == 8 and len(aux_meta) == 16
@@ -48,10 +56,12 @@ def test_demo_pipeline_reports_only_what_it_computed(small_world, tmp_path, monk
     assert not (tmp_path / "home" / "heads").exists()  # the demo does not register its heads for the user
 
 
-def test_demo_refuses_a_used_workdir(small_world, tmp_path):
+def test_demo_refuses_a_used_workdir_and_an_unknown_backend(small_world, tmp_path):
     (tmp_path / "features.h5").write_bytes(b"")
     with pytest.raises(Exception, match="already holds features.h5"):
         api.demo(tmp_path, quiet=True, world_dir=small_world, n_members=8, n_nonmembers=8)
+    with pytest.raises(Exception, match="unknown demo backend 'tensorrt'; valid backends are onnx, torch"):
+        api.demo(tmp_path / "other", quiet=True, world_dir=small_world, backend="tensorrt")
 
 
 @pytest.mark.slow
