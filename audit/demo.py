@@ -1,6 +1,7 @@
 """`audit demo`: the whole audit on the bundled toy world, end to end, with every number computed here.
 
-Steps: an auxiliary ImageFolder of known members and non-members (the same distribution) -> features -> heads
+Steps: an auxiliary ImageFolder of known members and non-members (the same distribution) -> the models compiled
+to ONNX (``backend="onnx"``, the default) -> features -> heads
 (train/validation/test split) -> evaluation on the test split -> verdicts on a few held-out toy images that are in
 no split of the auxiliary set. The settings below were chosen to finish in under five minutes on two CPU cores.
 """
