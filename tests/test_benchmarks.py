@@ -1,0 +1,32 @@
+"""benchmarks/runtime.py runs end to end (tiny models, a few queries): the script the README's speed figures come
+from must not rot. Its figures themselves are not asserted: speed is measured by running it, not by tests."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "runtime.py"
+
+
+@pytest.mark.slow
+def test_runtime_benchmark_runs_both_paths_side_by_side(tiny_world, tiny_export, tmp_path):
+    world = tmp_path / "world"
+    world.mkdir()
+    for name in ("target", "clip", "blip"):
+        (world / name).symlink_to(tiny_world[name], target_is_directory=True)
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--world", str(world), "--export", str(tiny_export["path"]),
+                           "--queries", "4", "--batch-size", "2", "--steps", "2", "--repeats", "2", "--passes", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for path in ("eager", "runtime", "runtime-lowmem", "runtime-1session"):
+        assert result[path]["queries_per_s"] > 0 and result[path]["peak_rss_work_mib"] > 0
+        assert len(result["all_runs"][path]) == 2
+    # The two paths computed the same thing: images from the same seeds within the runtime's stated tolerance.
+    assert result["agreement"]["images_max_abs_uint8"] <= 2
+    assert len(result["same_round_ratios"]) == 2 and "median" in proc.stdout
+    assert result["flops"]["unet_gflop_per_call"] > 0 and 0 < result["flops"]["unet_onnx_fraction"]
