@@ -85,13 +85,14 @@ def _onnx_graph(path, lead: list, width: int = 3):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from audit.kernels._backends import make_model
+
     w = numpy_helper.from_array(np.arange(width * width, dtype=np.float32).reshape(width, width) / 7, "w")
     one = numpy_helper.from_array(np.ones(width, np.float32), "one")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "one"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, width])], [w, one])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "one"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, width])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, width])], [w, one], name="g")
+    onnx.save(model, str(path))
     return path
 
 

@@ -131,16 +131,17 @@ class Graph:
             raise ArtifactError(f"{self.path}: graph inputs {missing} were not given")
         cast = {k: np.ascontiguousarray(v, dtype=t) for k, t in self.input_types.items() for v in (feeds[k],)}
         # Splittable graphs have a batch axis first on every input (the others never get replicas).
-        n = min(len(self.replicas), len(next(iter(cast.values())))) if len(self.replicas) > 1 else 1
-        outs = self._run_split(cast, n) if n >= 2 else self.session.run(self.output_names, cast)
+        rows = len(next(iter(cast.values()))) if len(self.replicas) > 1 else 1
+        n = min(len(self.replicas), rows)
+        outs = self._run_split(cast, rows, n) if n >= 2 else self.session.run(self.output_names, cast)
         return {k: (o.astype(np.float32) if o.dtype == np.float16 else o) for k, o in zip(self.output_names, outs)}
 
-    def _run_split(self, cast: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
+    def _run_split(self, cast: dict[str, np.ndarray], rows: int, n: int) -> list[np.ndarray]:
         from concurrent.futures import ThreadPoolExecutor
 
         if self._pool is None or self._pool[0] != os.getpid():  # a forked child has none of the parent's threads
             self._pool = (os.getpid(), ThreadPoolExecutor(len(self.replicas), thread_name_prefix="audit-graph"))
-        bounds = np.linspace(0, len(next(iter(cast.values()))), n + 1).astype(int)
+        bounds = np.linspace(0, rows, n + 1).astype(int)
         parts = [{k: v[a:b] for k, v in cast.items()} for a, b in zip(bounds[:-1], bounds[1:])]
         results = list(self._pool[1].map(lambda job: job[0].run(self.output_names, job[1]), zip(self.replicas, parts)))
         return [np.concatenate(group) for group in zip(*results)]
