@@ -60,19 +60,25 @@ def __getattr__(name: str):
 def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str | None = None,
               captioner: str | None = None, n_gen: int = 2, steps: int = 25, guidance: float = 1.0, seed: int = 0,
               batch_size: int = 8, caption_tokens: int = 30, resume: bool = False, quiet: bool = False,
-              device: str = "cpu", allow_pickle: bool = False, on_batch=None) -> dict:
-    """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses)."""
+              device: str = "cpu", allow_pickle: bool = False, on_batch=None, tier: str = "black-box",
+              graybox_timesteps=None) -> dict:
+    """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses).
+
+    ``tier``: ``black-box`` (generate, caption, embed), ``gray-box`` (the target's own denoising errors; a local
+    diffusion target only) or ``all``; ``graybox_timesteps`` overrides the gray-box timesteps."""
     from .errors import InputError
     from .features.compute import Backends, FeaturesConfig, compute_store
+    from .tiers import GRAY_BOX
 
+    extra = {"graybox_timesteps": tuple(graybox_timesteps)} if graybox_timesteps else {}
     cfg = FeaturesConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", n_gen=n_gen,
                          steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                         caption_tokens=caption_tokens).validate()
+                         caption_tokens=caption_tokens, tier=tier, **extra).validate()
     if Path(out).exists() and not resume:
         raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
     if not Path(data).is_dir():
         raise InputError(f"{data}: not a folder" + (" (it is a file)" if Path(data).exists() else ""))
-    backends = Backends.load(str(target), embedder, captioner, device, allow_pickle)
+    backends = Backends.load(str(target), embedder, captioner, device, allow_pickle, graybox=GRAY_BOX in cfg.tiers)
     return compute_store(data, out, backends, cfg, resume=resume, quiet=quiet, on_batch=on_batch)
 
 
@@ -108,7 +114,7 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
     if report is not None:
         from .auditor import write_scan_html
 
-        summary["report"] = write_scan_html(out, report, generate=auditor.regenerate)
+        summary["report"] = write_scan_html(out, report, generate=auditor.regenerate if auditor.generates else None)
     return summary
 
 
@@ -124,18 +130,24 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
     """Train the attack heads (and the blind baseline) on a feature store; write ONNX heads + heads.json to
     ``out`` and, with ``register``, register them for the store's target so check/scan find them.
 
+    ``attacks``: a comma-separated subset, or None / ``"all"`` for every attack whose features the store holds
+    (with a ``config``, None keeps its attacks).
     ``options`` override fields of ``audit.attacks.TrainConfig`` (epochs, lr, patience, ...).
     Returns ``{"heads": out, "registered": path or None, "info": heads.json dict}``.
     """
     import dataclasses
 
     from .attacks import TrainConfig, parse_attacks, register_heads, train_heads
+    from .attacks.inputs import available_attacks
     from .attacks.train import file_sha256
     from .errors import ArtifactError
     from .features.store import FeatureStore
 
     cfg = config or TrainConfig()
-    if attacks is not None:
+    fs = FeatureStore.open(store)
+    if (attacks is None and config is None) or (isinstance(attacks, str) and attacks.strip().lower() == "all"):
+        cfg = dataclasses.replace(cfg, attacks=available_attacks(fs.keys))
+    elif attacks is not None:
         cfg = dataclasses.replace(cfg, attacks=parse_attacks(attacks if isinstance(attacks, str) else ",".join(attacks)))
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
@@ -143,7 +155,6 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
     if unknown:
         raise UsageError(f"unknown training option(s) {unknown}")
     cfg = dataclasses.replace(cfg, **options).validate()
-    fs = FeatureStore.open(store)
     if not fs.complete:
         raise ArtifactError(f"{store}: feature store is incomplete ({fs.n_committed} of {fs.n_rows} rows); finish it "
                             "with `audit features ... --resume` before training")

@@ -18,6 +18,7 @@ import numpy as np
 from .errors import InputError, UsageError
 from .features.compute import Backends, FeaturesConfig, featurize_rows
 from .imagefolder import CaptionError, Row, clean_caption, read_caption_file, read_imagefolder
+from .tiers import BLACK_BOX, GRAY_BOX, parse_tier, tier_name
 from .verdict import Verdict, decide
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,17 @@ class Auditor:
             raise UsageError(f"attack {self.attack!r} is not in {self.heads.path}; it has: "
                              f"{', '.join(self.heads.attacks)}")
         trained = ((self.heads.info.get("manifest") or {}).get("feature_store") or {}).get("config") or {}
-        settings = {k: trained[k] for k in ("n_gen", "steps", "guidance", "seed", "pixel_size", "caption_tokens")
-                    if k in trained}
+        settings = {k: trained[k] for k in ("n_gen", "steps", "guidance", "seed", "pixel_size", "caption_tokens",
+                                            "graybox_timesteps") if k in trained}
+        if "graybox_timesteps" in settings:
+            settings["graybox_timesteps"] = tuple(settings["graybox_timesteps"])
+        # Compute the tiers the heads read, no more: heads of gray-box attacks only never generate an image.
+        tiers = self.heads.tiers or parse_tier(trained.get("tier", BLACK_BOX))
+        settings["tier"] = tier_name(tiers)
+        if GRAY_BOX in tiers:
+            self.backends.denoiser()  # a target without gray-box access fails here, in one line
+        self.graybox_attacks = tuple(dict.fromkeys(
+            a.removesuffix("-score") for a in self.heads.attacks if self.heads.tier(a) == GRAY_BOX))
         unknown = sorted(set(overrides) - {"n_gen", "steps", "guidance", "seed"})
         if unknown:
             raise TypeError(f"unexpected argument(s) {unknown}")
@@ -67,7 +77,12 @@ class Auditor:
 
     def describe(self) -> dict:
         return {"target": self.backends.generator.identity(), "heads": self.heads_path, "attack": self.attack,
-                "features": self.config.for_store()}
+                "tier": self.heads.tier(self.attack), "features": self.config.for_store()}
+
+    @property
+    def generates(self) -> bool:
+        """Whether scoring generates images (the heads read black-box features)."""
+        return BLACK_BOX in self.config.tiers
 
     # ------------------------------------------------------------------------------------------------ scoring
 
@@ -75,7 +90,7 @@ class Auditor:
         """One Verdict per row, in order; rows that cannot be scored get their status and error, never an exception."""
         if not rows:
             return []
-        batch = featurize_rows(rows, self.backends, self.config, images)
+        batch = featurize_rows(rows, self.backends, self.config, images, graybox_attacks=self.graybox_attacks)
         ok = [i for i, r in enumerate(rows) if r.ok]
         preds = self.heads.predict({k: v[ok] for k, v in batch.items()}) if ok else {}
         verdicts = []
@@ -89,9 +104,10 @@ class Auditor:
                 for attack, p in preds.items():
                     prob, thr = float(p["probability"][j]), float(p["threshold"])
                     v.scores[attack] = {"score": float(p["score"][j]), "probability": prob, "threshold": thr,
-                                        "verdict": decide(prob, thr)}
+                                        "verdict": decide(prob, thr), "tier": p["tier"]}
                 chosen = v.scores[self.attack]
                 v.attack, v.probability, v.threshold = self.attack, chosen["probability"], chosen["threshold"]
+                v.tier = chosen["tier"]
                 v.verdict = chosen["verdict"]
                 if row.caption_source == "captioner":
                     v.warnings.append(CAPTIONER_WARNING.format(caption=row.caption))

@@ -112,7 +112,8 @@ def train_cmd(
     store: Path = typer.Argument(..., help="Feature store (.h5) written by `audit features` on auxiliary data."),
     out: Path = typer.Option(..., "--out", help="Heads folder to write: one ONNX head per attack + heads.json."),
     attacks: str = typer.Option("all", "--attacks", help="Comma-separated subset of I-P,I-S,II-P,II-S,III-X,III-T,"
-                                "IV; the blind baseline is always trained too."),
+                                "IV (black-box) and loss,PIA,SecMI and their -score forms (gray-box); default: every "
+                                "attack whose features the store holds. The blind baseline is always trained too."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/validation/test split and of training."),
     epochs: int = typer.Option(200, "--epochs", help="Most epochs per head (early stopping on validation loss)."),
     register: bool = typer.Option(True, "--register/--no-register",
@@ -129,11 +130,12 @@ def train_cmd(
     if json_out:
         return _echo_json(res)
     info = res["info"]
-    typer.echo(f"{'attack':<7} {'val AUC':>8} {'val acc':>8} {'threshold':>10} {'epochs':>7}")
+    typer.echo(f"{'attack':<11} {'tier':<9} {'val AUC':>8} {'val acc':>8} {'threshold':>10} {'epochs':>7}")
     for name, e in info["attacks"].items():
         v = e["validation"]
         auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
-        typer.echo(f"{name:<7} {auc:>8} {v['accuracy']:>8.3f} {e['threshold']:>10.3f} {e['training']['epochs_run']:>7}")
+        typer.echo(f"{name:<11} {e.get('tier', '-'):<9} {auc:>8} {v['accuracy']:>8.3f} {e['threshold']:>10.3f} "
+                   f"{e['training']['epochs_run']:>7}")
     counts = info["split"]["counts"]
     typer.echo("split (members/non-members): " + ", ".join(f"{s} {c['members']}/{c['nonmembers']}"
                                                            for s, c in counts.items()))
@@ -210,31 +212,53 @@ def features(
     caption_tokens: int = typer.Option(30, "--caption-tokens", help="Most tokens per caption of a generated image."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
     captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
+    tier: str = typer.Option("black-box", "--tier", help="black-box (generate, caption, embed), gray-box (the "
+                             "target's own denoising errors: loss, PIA, SecMI; local diffusion targets) or all."),
+    graybox_timesteps: Optional[str] = typer.Option(None, "--graybox-timesteps", help="Gray-box: comma-separated "
+                                                    "timesteps at which each attack's error is read (default "
+                                                    "100,200,300,400)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted store."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
 ) -> None:
-    """Generate, caption and embed for every row of an ImageFolder: the features every attack reads."""
+    """The features the attacks read, for every row of an ImageFolder: generated images, their captions and
+    embeddings (black-box tier) and/or the target's denoising errors on each image (gray-box tier)."""
     from . import api
 
     s = run(lambda: api.featurize(target, data, out, embedder=embedder, captioner=captioner, n_gen=n_gen,
                                   steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                   caption_tokens=caption_tokens, resume=resume,
-                                  quiet=quiet, device=device, allow_pickle=allow_pickle))
+                                  quiet=quiet, device=device, allow_pickle=allow_pickle, tier=tier,
+                                  graybox_timesteps=_int_list(graybox_timesteps, "--graybox-timesteps")))
     if json_out:
         return _echo_json(s)
     failed = ", ".join(f"{n} {k}" for k, n in sorted(s["status"].items()) if k != "ok")
+    evals = ", ".join(f"{t} {n}" for t, n in s["unet_evaluations_per_query"].items())
     typer.echo(f"wrote {s['rows']} rows to {s['out']} ({s['ok']} ok{'; ' + failed if failed else ''}) in "
-               f"{s['seconds']:.1f} s; embedder {s['embedder']['name']}, captioner {s['captioner']['name']}")
+               f"{s['seconds']:.1f} s; tiers {', '.join(s['tiers'])} (UNet evaluations per query: {evals}); "
+               f"embedder {s['embedder']['name']}, captioner {s['captioner']['name']}")
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
+    """``"100,200"`` -> (100, 200); a usage error naming the option otherwise."""
+    from .errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        return run(lambda: (_ for _ in ()).throw(UsageError(f"{option}: expected comma-separated integers, got "
+                                                             f"{text!r}")))
 
 
 def _verdict_line(v) -> str:
     if v.status != "ok":
         return f"{v.image}: not scored ({v.status}): {v.error}"
     return (f"{v.image}: {v.verdict} (P(member) {v.probability:.3f}, threshold {v.threshold:.3f}, attack "
-            f"{v.attack})")
+            f"{v.attack}, {v.tier})")
 
 
 @app.command()
@@ -266,7 +290,7 @@ def check(
         typer.echo(_verdict_line(v))
         source = " (written by the captioner)" if v.caption_source == "captioner" else ""
         typer.echo(f"caption{source}: {v.caption}")
-        typer.echo("scores: " + ", ".join(f"{a} {s['probability']:.3f}" for a, s in v.scores.items()))
+        typer.echo("scores: " + ", ".join(f"{a} ({s['tier']}) {s['probability']:.3f}" for a, s in v.scores.items()))
         typer.echo(f"heads: {v.heads}")
         for w in v.warnings:
             typer.echo(f"warning: {w}", err=True)
@@ -304,8 +328,8 @@ def scan(
             raise typer.Exit(3)
         return
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s["counts"].items()))
-    typer.echo(f"scanned {s['rows']} rows of {folder} ({counts}) with attack {s['attack']} in {s['seconds']:.1f} s; "
-               f"results in {s['out']}")
+    typer.echo(f"scanned {s['rows']} rows of {folder} ({counts}) with attack {s['attack']} ({s['tier']}) in "
+               f"{s['seconds']:.1f} s; results in {s['out']}")
     typer.echo(f"heads: {s['heads']}")
     if report is not None:
         typer.echo(f"report: {s['report']}" if s.get("report") else "report: skipped (no HTML report module)")

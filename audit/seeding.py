@@ -18,3 +18,9 @@ def image_seeds(seed: int, caption: str, n_gen: int) -> list[int]:
     images whatever its file name, its batch, or whether the run was resumed.
     """
     return [derive_seed("gen", seed, caption, j) for j in range(n_gen)]
+
+
+def query_seed(seed: int, caption: str, pixels: bytes, purpose: str) -> int:
+    """Seed of the noise a gray-box attack draws for one query image: it depends on the run seed, the caption and
+    the image's pixels (as the target sees them) only, so a query gets the same noise in any batch or file name."""
+    return derive_seed("graybox", purpose, seed, caption, hashlib.sha256(pixels).hexdigest())

@@ -16,8 +16,9 @@ class Verdict:
 
     ``verdict`` is ``member`` when ``probability >= threshold`` of the chosen ``attack`` (the heads' default, attack
     IV when trained), ``non-member`` otherwise, and None when the row could not be scored (``status`` says why,
-    ``error`` is a one-line message). ``scores`` holds every attack's ``score`` (the head's raw logit),
-    ``probability`` (calibrated on validation data), ``threshold`` (fitted on validation data) and ``verdict``.
+    ``error`` is a one-line message). ``tier`` is that attack's access tier (``black-box`` or ``gray-box``).
+    ``scores`` holds every attack's ``score`` (the head's raw logit), ``probability`` (calibrated on validation
+    data), ``threshold`` (fitted on validation data), ``verdict`` and ``tier``.
     """
 
     image: str
@@ -29,6 +30,7 @@ class Verdict:
     probability: float | None = None
     threshold: float | None = None
     attack: str | None = None
+    tier: str | None = None  # access tier of ``attack``
     scores: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None

@@ -67,6 +67,7 @@ def evaluate_heads(batch: Mapping[str, np.ndarray], heads: Heads, store_manifest
                 "tpr": float(hit[y == 1].mean()) if (y == 1).any() else float("nan"),
                 "fpr": float(hit[y == 0].mean()) if (y == 0).any() else float("nan"),
             }
+        m["tier"] = heads.tier(attack)
         out_attacks[attack] = m
         curves[attack] = (y, np.asarray(p["probability"], np.float64))
     result = {
@@ -104,12 +105,12 @@ def _fmt(m) -> str:
 def format_table(result: dict) -> str:
     """The evaluation as a text table: one row per attack, the blind baseline last, then the test-set size."""
     cols = ("accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")
-    head = ("attack", "accuracy", "AUC", "TPR@1%FPR", "TPR@0.1%FPR")
-    lines = [f"{head[0]:<7} " + " ".join(f"{h:>20}" for h in head[1:])]
+    head = ("attack", "tier", "accuracy", "AUC", "TPR@1%FPR", "TPR@0.1%FPR")
+    lines = [f"{head[0]:<11} {head[1]:<9} " + " ".join(f"{h:>20}" for h in head[2:])]
     names = [a for a in result["attacks"] if a != "blind"] + [a for a in result["attacks"] if a == "blind"]
     for a in names:
         m = result["attacks"][a]
-        lines.append(f"{a:<7} " + " ".join(f"{_fmt(m.get(c)):>20}" for c in cols))
+        lines.append(f"{a:<11} {m.get('tier') or '-':<9} " + " ".join(f"{_fmt(m.get(c)):>20}" for c in cols))
     n_neg = result.get("n_test_nonmembers") or 0
     lines.append(
         f"test split: {result['n_test']} rows ({result.get('n_test_members')} members, {n_neg} non-members); "

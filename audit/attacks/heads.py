@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import ArtifactError, InputError
 from ..manifest import check_manifest
 from .export import ort_session, run_session
-from .inputs import build_inputs, input_signature
+from .inputs import build_inputs, input_signature, tier_of, tiers_of
 from .train import HEADS_FILE, read_heads_json
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,15 @@ class Heads:
 
     def threshold(self, attack: str) -> float:
         return float(self.info["attacks"][attack]["threshold"])
+
+    def tier(self, attack: str) -> str:
+        """The attack's access tier (heads.json records it; heads trained before tiers existed are black-box)."""
+        return self.info["attacks"][attack].get("tier") or tier_of(attack)
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """The tiers whose features these heads read (the blind baseline reads only the query side)."""
+        return tiers_of(self.attacks)
 
     def check_compatible(self, target: dict | None = None, embedder: dict | None = None,
                          captioner: dict | None = None) -> None:
@@ -93,7 +102,8 @@ class Heads:
                 raise InputError(f"attack {attack}: input shape {list(x.shape[1:])} != {want} the head was "
                                  f"trained on ({self.path})")
             score, prob = run_session(self._session(attack), x)
-            out[attack] = {"score": score, "probability": prob, "threshold": self.threshold(attack)}
+            out[attack] = {"score": score, "probability": prob, "threshold": self.threshold(attack),
+                           "tier": self.tier(attack)}
         return out
 
     def __repr__(self) -> str:

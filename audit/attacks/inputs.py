@@ -5,7 +5,14 @@ Every input is invariant to the order of the ``n_gen`` generated images (means, 
 here looks at labels or at other rows: a single query is featurised exactly as it would be in a batch.
 
 A batch is the dict ``FeatureStore.read()`` returns: ``query_pixels`` uint8 [N,P,P,3], ``gen_pixels`` uint8
-[N,G,P,P,3], ``query_img_emb`` [N,D], ``gen_img_emb`` [N,G,D], ``caption_emb`` [N,D], ``gen_caption_emb`` [N,G,D].
+[N,G,P,P,3], ``query_img_emb`` [N,D], ``gen_img_emb`` [N,G,D], ``caption_emb`` [N,D], ``gen_caption_emb`` [N,G,D]
+(black-box tier), and ``graybox_loss``, ``graybox_pia``, ``graybox_secmi`` float32 [N,K], each attack's error at
+the K gray-box timesteps (gray-box tier; see ``features.graybox``).
+
+Every attack names its access tier (``audit.tiers``). Each gray-box attack comes twice: ``PIA`` is a head (MLP) over
+the log of its per-timestep error vector; ``PIA-score`` is the paper's untrained single score, minus the log of the
+mean error over the timesteps (lower error = more member-like), which the same machinery standardises, calibrates
+and thresholds on validation data like any head.
 """
 
 from __future__ import annotations
@@ -16,15 +23,19 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import InputError, UnknownNameError
+from ..tiers import BLACK_BOX, GRAY_BOX
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
     name: str
-    kind: str  # "pixel" (CNN over [N, G, C, P, P]) or "semantic" (MLP over [N, F])
+    # "pixel" (CNN over [N, G, C, P, P]), "semantic" (MLP over [N, F]) or "score" (no trainable weights: the
+    # single column of [N, 1] is the score, standardised and calibrated like a head's)
+    kind: str
     build: Callable[[Mapping[str, np.ndarray]], np.ndarray]
     needs: tuple[str, ...]  # batch keys it reads
     description: str
+    tier: str = BLACK_BOX
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -103,6 +114,43 @@ def attack_blind(b: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([q, c, np.sum(q * c, axis=1, keepdims=True)], axis=1)
 
 
+# Error vectors are positive with a long tail: their logs are closer to Gaussian for the head's standardisation.
+_LOG_FLOOR = 1e-12
+
+
+def _log_errors(b: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(b[key], dtype=np.float64), _LOG_FLOOR)).astype(np.float32)
+
+
+def _graybox_head(key: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    return lambda b: _log_errors(b, key)
+
+
+def _graybox_score(key: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    def build(b: Mapping[str, np.ndarray]) -> np.ndarray:
+        mean = np.asarray(b[key], dtype=np.float64).mean(axis=1, keepdims=True)
+        return (-np.log(np.maximum(mean, _LOG_FLOOR))).astype(np.float32)
+
+    return build
+
+
+def _graybox_specs() -> tuple[AttackSpec, ...]:
+    what = {
+        "loss": ("graybox_loss", "denoising loss ||eps_theta(x_t, t) - eps||^2 at fresh seeded noise eps"),
+        "PIA": ("graybox_pia", "PIA (Kong et al. 2023): ||eps_theta(x_t, t) - eps_theta(x_0, 0)||_4^4 with "
+                               "x_t built from eps_theta(x_0, 0)"),
+        "SecMI": ("graybox_secmi", "SecMI (Duan et al. 2023): ||x_s - denoise(invert(x_s))||^2 along a DDIM "
+                                   "inversion of x_0"),
+    }
+    out = []
+    for name, (key, desc) in what.items():
+        out.append(AttackSpec(name, "semantic", _graybox_head(key), (key,),
+                              f"{desc}: log error at each timestep -> MLP", GRAY_BOX))
+        out.append(AttackSpec(f"{name}-score", "score", _graybox_score(key), (key,),
+                              f"{desc}: minus the log of its mean over the timesteps, untrained", GRAY_BOX))
+    return tuple(out)
+
+
 _SEMANTIC_ALL = ("query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb")
 
 ATTACKS: dict[str, AttackSpec] = {
@@ -120,6 +168,7 @@ ATTACKS: dict[str, AttackSpec] = {
         AttackSpec("III-T", "semantic", attack_iii_t, ("caption_emb", "gen_caption_emb"),
                    "caption vs captions of the generated images, text embeddings -> MLP (faithfulness)"),
         AttackSpec("IV", "semantic", attack_iv, _SEMANTIC_ALL, "I-S, II-S, III-X and III-T inputs together -> MLP"),
+        *_graybox_specs(),
         AttackSpec("blind", "semantic", attack_blind, ("query_img_emb", "caption_emb"),
                    "query-side only (query image and caption embeddings, their cosine): the distribution-shift "
                    "baseline"),
@@ -128,6 +177,25 @@ ATTACKS: dict[str, AttackSpec] = {
 
 # The paper's attacks, in its order; `blind` is trained alongside whenever any attack is.
 PAPER_ATTACKS = ("I-P", "I-S", "II-P", "II-S", "III-X", "III-T", "IV")
+GRAYBOX_ATTACKS = ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score")
+
+
+def tier_of(attack: str) -> str:
+    return get_attack(attack).tier
+
+
+def available_attacks(batch: Mapping[str, object]) -> tuple[str, ...]:
+    """Every attack whose features ``batch`` (a feature batch, or the names of a store's datasets) holds, in
+    registry order, the blind baseline last."""
+    keys = set(batch)
+    names = [n for n, s in ATTACKS.items() if n != "blind" and set(s.needs) <= keys]
+    return (*names, "blind")
+
+
+def tiers_of(attacks) -> tuple[str, ...]:
+    """The tiers whose features ``attacks`` read (the blind baseline reads only query-side features)."""
+    used = {tier_of(a) for a in attacks if a != "blind"}
+    return tuple(t for t in (BLACK_BOX, GRAY_BOX) if t in used)
 
 
 def get_attack(name: str) -> AttackSpec:
@@ -157,7 +225,9 @@ def build_inputs(batch: Mapping[str, np.ndarray], attack: str) -> np.ndarray:
     spec = get_attack(attack)
     missing = [k for k in spec.needs if k not in batch]
     if missing:
-        raise InputError(f"attack {attack}: the feature batch lacks {missing} (has {sorted(batch)})")
+        hint = (f"; compute them with `audit features --tier {spec.tier}` (or --tier all)"
+                if all(k.startswith("graybox_") or k.startswith("gen_") for k in missing) else "")
+        raise InputError(f"attack {attack} ({spec.tier}): the feature batch lacks {missing}{hint}")
     return np.ascontiguousarray(spec.build(batch), dtype=np.float32)
 
 
@@ -172,4 +242,7 @@ def input_signature(batch: Mapping[str, np.ndarray]) -> dict:
     if "gen_pixels" in batch:
         sig["n_gen"] = int(np.shape(batch["gen_pixels"])[1])
         sig["pixel_size"] = int(np.shape(batch["gen_pixels"])[2])
+    for key in ("graybox_loss", "graybox_pia", "graybox_secmi"):
+        if key in batch:
+            sig["graybox_timesteps"] = int(np.shape(batch[key])[1])
     return sig

@@ -51,6 +51,13 @@ class PixelCNN(nn.Module):
         return self.head(f.reshape(n, g, -1).mean(dim=1)).squeeze(-1)
 
 
+class FixedScore(nn.Module):
+    """An untrained score (a gray-box attack's paper statistic): the input's single column, as it is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 1]
+        return x[:, 0]
+
+
 class ScoringHead(nn.Module):
     """standardise -> network -> (score, probability). ``mean``/``std`` broadcast over the input's feature axes."""
 
@@ -72,17 +79,19 @@ class ScoringHead(nn.Module):
 
 def build_net(kind: str, input_shape: tuple[int, ...], mlp_hidden: tuple[int, ...], cnn_channels: tuple[int, ...],
               cnn_hidden: int, dropout: float) -> nn.Module:
-    """``input_shape`` excludes the batch axis: (F,) for semantic, (G, C, P, P) for pixel heads."""
+    """``input_shape`` excludes the batch axis: (F,) for semantic, (1,) for score, (G, C, P, P) for pixel heads."""
     if kind == "semantic":
         return MLP(int(input_shape[0]), tuple(mlp_hidden), dropout)
     if kind == "pixel":
         return PixelCNN(int(input_shape[1]), tuple(cnn_channels), int(cnn_hidden), dropout)
+    if kind == "score":
+        return FixedScore()
     raise ValueError(f"unknown head kind {kind!r}")
 
 
 def standardisation(kind: str, x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature (semantic) or per-channel (pixel) mean/std of the training split only."""
-    if kind == "semantic":
+    """Per-feature (semantic, score) or per-channel (pixel) mean/std of the training split only."""
+    if kind in ("semantic", "score"):
         mean, std = x_train.mean(0), x_train.std(0)
     else:  # [N, G, C, P, P] -> per channel, shaped to broadcast over [G, C, P, P]
         mean = x_train.mean(axis=(0, 1, 3, 4)).reshape(1, -1, 1, 1)

@@ -126,11 +126,17 @@ def _fit_network(kind: str, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray
     mean, std = standardisation(kind, x_tr)
     net = build_net(kind, x_tr.shape[1:], cfg.mlp_hidden, cfg.cnn_channels, cfg.cnn_hidden, cfg.dropout)
     head = ScoringHead(net, mean, std)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr.astype(np.float32))
     xv, yv = torch.from_numpy(x_va), torch.from_numpy(y_va.astype(np.float32))
     # Weight classes equally so an unbalanced auxiliary set does not push every score towards the majority.
     pos_weight = torch.tensor(float((y_tr == 0).sum()) / max(1.0, float((y_tr == 1).sum())))
+    if not any(p.requires_grad for p in head.parameters()):
+        # An untrained score (kind "score"): nothing to fit; calibration and thresholds still come from validation.
+        head.eval()
+        with torch.no_grad():
+            va_loss = float(F.binary_cross_entropy_with_logits(head.score(xv), yv, pos_weight=pos_weight))
+        return head, {"epochs_run": 0, "best_epoch": 0, "best_validation_loss": va_loss, "train_loss_at_best": None}
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
     best_loss, best_state, best_epoch, since = float("inf"), copy.deepcopy(head.state_dict()), 0, 0
     history = []
@@ -188,6 +194,7 @@ def fit_attack(attack: str, x: np.ndarray, y: np.ndarray, split: Mapping[str, np
         "file": file,
         "sha256": hashlib.sha256((out_dir / file).read_bytes()).hexdigest(),
         "kind": spec.kind,
+        "tier": spec.tier,
         "description": spec.description,
         "input": {"name": "x", "dtype": "float32", "shape": [None, *map(int, x.shape[1:])]},
         "outputs": ["score", "probability"],

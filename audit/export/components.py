@@ -3,8 +3,8 @@
 Layout of ``audit export --out DIR``::
 
     DIR/manifest.json, DIR/export.json          the bundle: which components, made for which target
-    DIR/target/     text_encoder.onnx unet_context.onnx unet.onnx vae_decoder.onnx tokenizer/ scheduler/
-                    manifest.json export.json
+    DIR/target/     text_encoder.onnx unet_context.onnx unet.onnx vae_decoder.onnx vae_encoder.onnx tokenizer/
+                    scheduler/ manifest.json export.json
     DIR/embedder/   image_encoder.onnx text_encoder.onnx processor/ manifest.json export.json
     DIR/captioner/  vision_encoder.onnx decoder_step.onnx processor/ manifest.json export.json
 
@@ -167,7 +167,8 @@ def _latent_size(generator, pipe, fam: dict) -> int:
 
 def target_specs(generator) -> list:
     """The graphs of an exportable target: text encoder, UNet (as a context graph computing the cross-attention
-    keys/values once plus a step taking them, where its attention allows) and VAE decoder; DALL-E's three."""
+    keys/values once plus a step taking them, where its attention allows), VAE decoder and the VAE encoder the
+    gray-box attacks read; DALL-E's three."""
     pipe, fam = _exportable_target(generator)
     if fam["pipeline"] == "dalle":
         c = generator.config
@@ -183,7 +184,8 @@ def target_specs(generator) -> list:
     else:
         unet = [specs.UNetSpec(pipe.unet, latent, length, text_dim, steps)]
     return [specs.TextEncoderSpec(text, length, len(pipe.tokenizer)), *unet,
-            specs.VaeDecoderSpec(fam["vae"], latent, reciprocal=fam["latent_scale"] == "multiply_reciprocal")]
+            specs.VaeDecoderSpec(fam["vae"], latent, reciprocal=fam["latent_scale"] == "multiply_reciprocal"),
+            specs.VaeEncoderSpec(fam["vae"], int(generator.resolution))]
 
 
 def export_target(generator, folder: Path, cfg: ExportConfig, bar=None) -> dict:

@@ -302,6 +302,27 @@ class VaeDecoderSpec(ExportSpec):
         return {"latents": _Seeded(seed + batch).randn(batch, self.channels, self.latent_size, self.latent_size)}
 
 
+class VaeEncoderSpec(ExportSpec):
+    """Images in [0, 1] -> latents (posterior mean x scaling factor): the gray-box attacks' image encoder."""
+
+    name = "vae_encoder"
+    inputs = {"images": {0: "batch"}}
+    outputs = {"latents": {0: "batch"}}
+
+    def __init__(self, vae, resolution: int):
+        super().__init__(vae)
+        self.resolution = resolution
+
+    def module(self):
+        from ..targets.denoiser import VaeEncoder
+
+        return VaeEncoder(self.model)
+
+    def example_inputs(self, batch=2, seed=0):
+        r = self.resolution
+        return {"images": torch.rand(batch, 3, r, r, generator=_Seeded(seed + batch).g)}
+
+
 # --- CLIP embedder -------------------------------------------------------------------------------------------------
 
 class _ClipImage(nn.Module):

@@ -1,9 +1,11 @@
-"""Per-query features over the backend protocols (generate, caption, embed): what every attack reads.
+"""Per-query features over the backend protocols (generate, caption, embed; the denoiser): what every attack reads.
 
-For each row with image ``x`` and caption ``c``: ``n_gen`` images generated from ``c`` with content-derived seeds,
-a caption of each generated image by the captioner, embedder image embeddings of ``x`` and the generated images,
-embedder text embeddings of ``c`` and of the generated images' captions, and ``x`` and the generated images as
-small pixel arrays. Only ``targets.base`` protocols are used, so torch and ONNX backends plug in unchanged.
+For each row with image ``x`` and caption ``c``, always: embedder embeddings of ``x`` and ``c`` and ``x`` as a small
+pixel array (the blind baseline's and the reports' inputs). Black-box tier: ``n_gen`` images generated from ``c``
+with content-derived seeds, a caption of each by the captioner, their image embeddings, the text embeddings of their
+captions, and the generated images as small pixel arrays. Gray-box tier: each gray-box attack's error vector
+(``features.graybox``) from the target's own VAE encoder and UNet. Only ``targets.base`` protocols are used, so
+torch and ONNX backends plug in unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from ..errors import UsageError
 from ..imagefolder import Row, load_row_image, read_imagefolder
 from ..manifest import make_manifest
 from ..progress import progress
+from ..tiers import BLACK_BOX, GRAY_BOX, parse_tier
+from . import graybox
 from .store import KIND, FeatureStore, FeatureWriter, empty_batch
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,14 @@ class FeaturesConfig(Config):
     pixel_size: int = PIXEL_SIZE
     caption_tokens: int = 30  # most new tokens of each caption the captioner writes
     missing_caption: str = "no_caption"  # "no_caption": the row fails; "captioner": caption the query image
+    tier: str = BLACK_BOX  # --tier: black-box, gray-box or all
+    # Gray-box: the timesteps (of the target's training schedule, 0-999 for SD) at which each attack's error is
+    # read; SecMI's DDIM inversion takes one step per timestep, from 0.
+    graybox_timesteps: tuple = graybox.DEFAULT_TIMESTEPS
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return parse_tier(self.tier)
 
     def validate(self) -> "FeaturesConfig":
         for name in ("n_gen", "steps", "batch_size", "caption_tokens"):
@@ -60,15 +72,30 @@ class FeaturesConfig(Config):
         if self.missing_caption not in MISSING_CAPTION_MODES:
             raise UsageError(f"missing_caption must be one of {', '.join(MISSING_CAPTION_MODES)}, "
                              f"got {self.missing_caption!r}")
+        if GRAY_BOX in self.tiers:
+            self.graybox_timesteps = graybox.check_timesteps(self.graybox_timesteps)
         return self
 
     def for_store(self) -> dict:
         """The config as recorded in a store. Model specs are recorded as identities (name + weights hash) beside
-        it, so ``toy`` and the bundled folder it names count as the same target."""
+        it, so ``toy`` and the bundled folder it names count as the same target. A black-box store records no
+        gray-box settings, so its manifest is what it was before the gray-box tier (and older stores resume)."""
         d = self.to_dict()
         for key in ("target", "embedder", "captioner"):
             d.pop(key)
+        if GRAY_BOX not in self.tiers:
+            d.pop("tier")
+            d.pop("graybox_timesteps")
         return d
+
+    def unet_evaluations(self, guided: bool = False) -> dict[str, int]:
+        """UNet evaluations per query of each tier computed (guided generation evaluates the UNet twice a step)."""
+        out = {}
+        if BLACK_BOX in self.tiers:
+            out[BLACK_BOX] = self.n_gen * self.steps * (2 if guided else 1)
+        if GRAY_BOX in self.tiers:
+            out[GRAY_BOX] = graybox.unet_evaluations(tuple(graybox.DATASETS), len(self.graybox_timesteps))
+        return out
 
 
 @dataclasses.dataclass
@@ -78,17 +105,32 @@ class Backends:
     generator: object
     embedder: object
     captioner: object
+    _denoiser: object = None
+
+    def denoiser(self):
+        """The target's gray-box access (loaded once), or a one-line error for targets without local weights."""
+        if self._denoiser is None:
+            from ..targets.denoiser import denoiser_for
+
+            self._denoiser = denoiser_for(self.generator)
+        return self._denoiser
 
     @classmethod
     def load(cls, target: str, embedder: str | None = None, captioner: str | None = None, device: str = "cpu",
-             allow_pickle: bool = False) -> "Backends":
+             allow_pickle: bool = False, graybox: bool = False) -> "Backends":
+        """The three models; with ``graybox`` the target's gray-box access too, checked before the embedder and
+        captioner load (a target without one fails first, in one line)."""
         from ..targets.builtin import default_models, load_captioner, load_embedder, load_target
+        from ..targets.denoiser import denoiser_for
 
         default_e, default_c = default_models(target)
+        generator = load_target(target, device=device, allow_pickle=allow_pickle)
+        denoiser = denoiser_for(generator) if graybox else None
         return cls(
-            load_target(target, device=device, allow_pickle=allow_pickle),
+            generator,
             load_embedder(embedder or default_e, device=device, allow_pickle=allow_pickle),
             load_captioner(captioner or default_c, device=device, allow_pickle=allow_pickle),
+            denoiser,
         )
 
     def identities(self) -> dict:
@@ -139,15 +181,18 @@ def _generate(rows: Sequence[Row], ok: list[int], backends: Backends, cfg: Featu
 
 
 def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
-                   images: dict[int, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                   images: dict[int, np.ndarray] | None = None,
+                   graybox_attacks: Sequence[str] = tuple(graybox.DATASETS)) -> dict[str, np.ndarray]:
     """Features of a batch of rows, one output row per input row; failed rows are zeros with status and error.
 
     ``rows`` are updated in place: a row whose image cannot be read becomes ``unreadable`` (or ``too_large``); a row
     without a caption becomes ``no_caption`` or, with ``cfg.missing_caption == "captioner"``, gets the captioner's caption of its
     image (``caption_source = "captioner"``). ``images`` may hold already decoded images by row position.
+    ``graybox_attacks``: the gray-box error vectors to compute (the others stay zero); a store computes all.
     """
     g, p = cfg.n_gen, cfg.pixel_size
-    out = empty_batch(len(rows), g, p, backends.embedder.dim)
+    tiers = cfg.tiers
+    out = empty_batch(len(rows), g, p, backends.embedder.dim, tiers, len(cfg.graybox_timesteps))
     queries: dict[int, np.ndarray] = {}
     for i, row in enumerate(rows):
         if not row.ok:
@@ -172,26 +217,18 @@ def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
                 queries.pop(i)
 
     ok = sorted(queries)
-    gen = _generate(rows, ok, backends, cfg) if ok else None
+    if BLACK_BOX in tiers:
+        _black_box(rows, ok, queries, backends, cfg, caption, out)
+    else:
+        _query_side(rows, ok, queries, backends, cfg, out)
     ok = [i for i in ok if rows[i].ok]
-    if ok:
-        captions = [rows[i].caption for i in ok]
-        if gen.shape[:2] != (len(ok), g) or gen.dtype != np.uint8:
-            raise RuntimeError(f"generator returned {gen.dtype} {gen.shape}, expected uint8 [{len(ok)}, {g}, H, W, 3]")
-        flat = gen.reshape(-1, *gen.shape[2:])
-        gen_captions = [" ".join(str(t).split()) for t in caption(flat)]
-        # One embed call per distinct image size: query and generated images together when they match.
-        img_emb = np.asarray(_by_shape([queries[i] for i in ok] + list(flat), backends.embedder.embed_images),
-                             dtype=np.float32)
-        txt_emb = np.asarray(backends.embedder.embed_texts(captions + gen_captions), dtype=np.float32)
-        n = len(ok)
-        out["query_img_emb"][ok] = img_emb[:n]
-        out["gen_img_emb"][ok] = img_emb[n:].reshape(n, g, -1)
-        out["caption_emb"][ok] = txt_emb[:n]
-        out["gen_caption_emb"][ok] = txt_emb[n:].reshape(n, g, -1)
-        out["gen_captions"][ok] = np.asarray(gen_captions, dtype=object).reshape(n, g)
-        out["query_pixels"][ok] = np.stack([resize_pixels(queries[i], p) for i in ok])
-        out["gen_pixels"][ok] = np.stack([resize_pixels(im, p) for im in flat]).reshape(n, g, p, p, 3)
+    if GRAY_BOX in tiers and ok and graybox_attacks:
+        d = backends.denoiser()
+        pixels = np.stack([resize_pixels(queries[i], d.resolution) for i in ok])
+        errors, _ = graybox.graybox_errors(d, pixels, [rows[i].caption for i in ok], cfg.graybox_timesteps,
+                                           cfg.seed, graybox_attacks)
+        for key, value in errors.items():
+            out[key][ok] = value
 
     for i, row in enumerate(rows):
         out["ids"][i] = row.id
@@ -201,6 +238,44 @@ def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
         out["caption_source"][i] = row.caption_source or ""
         out["member"][i] = -1 if row.member is None else int(bool(row.member))
     return out
+
+
+def _black_box(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray], backends: Backends,
+               cfg: FeaturesConfig, caption: Callable, out: dict[str, np.ndarray]) -> None:
+    """The black-box tier's features (and the query side) of the rows ``ok``, into ``out``."""
+    g, p = cfg.n_gen, cfg.pixel_size
+    gen = _generate(rows, ok, backends, cfg) if ok else None
+    ok = [i for i in ok if rows[i].ok]
+    if not ok:
+        return
+    captions = [rows[i].caption for i in ok]
+    if gen.shape[:2] != (len(ok), g) or gen.dtype != np.uint8:
+        raise RuntimeError(f"generator returned {gen.dtype} {gen.shape}, expected uint8 [{len(ok)}, {g}, H, W, 3]")
+    flat = gen.reshape(-1, *gen.shape[2:])
+    gen_captions = [" ".join(str(t).split()) for t in caption(flat)]
+    # One embed call per distinct image size: query and generated images together when they match.
+    img_emb = np.asarray(_by_shape([queries[i] for i in ok] + list(flat), backends.embedder.embed_images),
+                         dtype=np.float32)
+    txt_emb = np.asarray(backends.embedder.embed_texts(captions + gen_captions), dtype=np.float32)
+    n = len(ok)
+    out["query_img_emb"][ok] = img_emb[:n]
+    out["gen_img_emb"][ok] = img_emb[n:].reshape(n, g, -1)
+    out["caption_emb"][ok] = txt_emb[:n]
+    out["gen_caption_emb"][ok] = txt_emb[n:].reshape(n, g, -1)
+    out["gen_captions"][ok] = np.asarray(gen_captions, dtype=object).reshape(n, g)
+    out["query_pixels"][ok] = np.stack([resize_pixels(queries[i], p) for i in ok])
+    out["gen_pixels"][ok] = np.stack([resize_pixels(im, p) for im in flat]).reshape(n, g, p, p, 3)
+
+
+def _query_side(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray], backends: Backends,
+                cfg: FeaturesConfig, out: dict[str, np.ndarray]) -> None:
+    """Without the black-box tier: only the query-side features (the blind baseline's) of the rows ``ok``."""
+    if not ok:
+        return
+    out["query_img_emb"][ok] = np.asarray(_by_shape([queries[i] for i in ok], backends.embedder.embed_images),
+                                          dtype=np.float32)
+    out["caption_emb"][ok] = np.asarray(backends.embedder.embed_texts([rows[i].caption for i in ok]), np.float32)
+    out["query_pixels"][ok] = np.stack([resize_pixels(queries[i], cfg.pixel_size) for i in ok])
 
 
 def rows_hash(rows: Sequence[Row]) -> str:
@@ -222,11 +297,17 @@ def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: Fe
     out = Path(out)
     if out.exists() and not resume:
         raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
+    if GRAY_BOX in cfg.tiers:
+        # A target without gray-box access fails here, in one line, before any row is read.
+        d = backends.denoiser()
+        graybox.check_timesteps(cfg.graybox_timesteps, len(d.alphas_cumprod))
     rows = read_imagefolder(data, require_caption=cfg.missing_caption == "no_caption")
+    guided = bool(getattr(backends.generator, "guided", lambda g: g > 1.0)(cfg.guidance))
     manifest = make_manifest(
         KIND, cfg.for_store(), backends.generator.identity(),
         embedder=backends.embedder.identity(), captioner=backends.captioner.identity(),
         n_rows=len(rows), rows_hash=rows_hash(rows), data=str(Path(data).resolve()),
+        tiers=list(cfg.tiers), unet_evaluations_per_query=cfg.unet_evaluations(guided),
     )
     if resume and out.exists():
         writer = FeatureWriter.resume(out, manifest)
@@ -234,7 +315,7 @@ def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: Fe
             log.info("%s: resuming after %d of %d rows", out, writer.n_committed, len(rows))
     else:
         writer = FeatureWriter.create(out, manifest, cfg.n_gen, cfg.pixel_size, backends.embedder.dim,
-                                      chunk_rows=cfg.batch_size)
+                                      chunk_rows=cfg.batch_size, n_timesteps=len(cfg.graybox_timesteps))
     start_time = time.perf_counter()
     bs = cfg.batch_size
     # Batches are fixed slices of the row order, so a resumed run computes exactly the batches a clean run would.
@@ -249,6 +330,7 @@ def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: Fe
     counts = FeatureStore.open(out).status_counts()
     summary = {"out": str(out), "rows": len(rows), "ok": counts.get("ok", 0), "status": counts,
                "seconds": round(time.perf_counter() - start_time, 2), "target": manifest["target"],
-               "embedder": manifest["embedder"], "captioner": manifest["captioner"]}
+               "embedder": manifest["embedder"], "captioner": manifest["captioner"], "tiers": manifest["tiers"],
+               "unet_evaluations_per_query": manifest["unet_evaluations_per_query"]}
     log.info("features: %s", summary)
     return summary

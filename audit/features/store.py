@@ -4,13 +4,17 @@ Layout (one row per input row, in the ImageFolder's sorted order; failed rows ke
 
     ids, status, error, caption, caption_source     utf-8 str [N]
     member                                          int8 [N]      1 member, 0 non-member, -1 unknown
-    gen_captions                                    utf-8 str [N, G]
     query_pixels                                    uint8 [N, P, P, 3]
-    gen_pixels                                      uint8 [N, G, P, P, 3]
     query_img_emb, caption_emb                      float32 [N, D]
+  black-box tier:
+    gen_captions                                    utf-8 str [N, G]
+    gen_pixels                                      uint8 [N, G, P, P, 3]
     gen_img_emb, gen_caption_emb                    float32 [N, G, D]
+  gray-box tier (``features.graybox``):
+    graybox_loss, graybox_pia, graybox_secmi        float32 [N, K]  each attack's error at the K timesteps
 
-Root attributes: ``manifest`` (JSON, see ``audit.manifest``) and ``n_committed``. A batch is committed by writing
+Root attributes: ``manifest`` (JSON, see ``audit.manifest``; ``tiers`` names the tiers it holds, a store without
+it is black-box) and ``n_committed``. A batch is committed by writing
 its arrays, then raising ``n_committed`` last; the file is open only while a batch is written. A run killed
 mid-write leaves rows past ``n_committed`` that no reader sees and that ``--resume`` truncates and redoes.
 """
@@ -27,39 +31,55 @@ import numpy as np
 
 from ..errors import ArtifactError, UsageError
 from ..manifest import check_manifest
+from ..tiers import BLACK_BOX, GRAY_BOX, TIERS
 
 log = logging.getLogger(__name__)
 
 KIND = "features"
 STR_KEYS = ("ids", "status", "error", "caption", "caption_source")
-ARRAY_KEYS = ("member", "gen_captions", "query_pixels", "gen_pixels", "query_img_emb", "gen_img_emb", "caption_emb",
-              "gen_caption_emb")
-KEYS = STR_KEYS + ARRAY_KEYS
+COMMON_KEYS = ("member", "query_pixels", "query_img_emb", "caption_emb")
+TIER_KEYS = {BLACK_BOX: ("gen_captions", "gen_pixels", "gen_img_emb", "gen_caption_emb"),
+             GRAY_BOX: ("graybox_loss", "graybox_pia", "graybox_secmi")}
+ARRAY_KEYS = COMMON_KEYS + TIER_KEYS[BLACK_BOX]
+KEYS = STR_KEYS + ARRAY_KEYS  # a black-box store's datasets
 # Rows per HDF5 chunk along axis 0: small enough that a resumed run rewrites little, large enough to compress.
 CHUNK_ROWS = 32
 
 
-def row_shapes(n_gen: int, pixel_size: int, dim: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Per-row shape and dtype of every dataset."""
+def store_keys(tiers: tuple[str, ...] = (BLACK_BOX,)) -> tuple[str, ...]:
+    """The datasets of a store holding ``tiers``."""
+    return STR_KEYS + COMMON_KEYS + tuple(k for t in TIERS if t in tiers for k in TIER_KEYS[t])
+
+
+def row_shapes(n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (BLACK_BOX,),
+               n_timesteps: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Per-row shape and dtype of every dataset of a store holding ``tiers``."""
     s = h5py.string_dtype("utf-8")
     p = pixel_size
-    return {
+    shapes = {
         "ids": ((), s), "status": ((), s), "error": ((), s), "caption": ((), s), "caption_source": ((), s),
         "member": ((), np.int8),
-        "gen_captions": ((n_gen,), s),
         "query_pixels": ((p, p, 3), np.uint8),
-        "gen_pixels": ((n_gen, p, p, 3), np.uint8),
         "query_img_emb": ((dim,), np.float32),
-        "gen_img_emb": ((n_gen, dim), np.float32),
         "caption_emb": ((dim,), np.float32),
-        "gen_caption_emb": ((n_gen, dim), np.float32),
     }
+    if BLACK_BOX in tiers:
+        shapes.update({
+            "gen_captions": ((n_gen,), s),
+            "gen_pixels": ((n_gen, p, p, 3), np.uint8),
+            "gen_img_emb": ((n_gen, dim), np.float32),
+            "gen_caption_emb": ((n_gen, dim), np.float32),
+        })
+    if GRAY_BOX in tiers:
+        shapes.update({key: ((n_timesteps,), np.float32) for key in TIER_KEYS[GRAY_BOX]})
+    return shapes
 
 
-def empty_batch(n: int, n_gen: int, pixel_size: int, dim: int) -> dict[str, np.ndarray]:
+def empty_batch(n: int, n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (BLACK_BOX,),
+                n_timesteps: int = 0) -> dict[str, np.ndarray]:
     """A batch of ``n`` rows filled with the values failed rows keep: empty strings, zeros, member -1."""
     out = {}
-    for key, (shape, dtype) in row_shapes(n_gen, pixel_size, dim).items():
+    for key, (shape, dtype) in row_shapes(n_gen, pixel_size, dim, tiers, n_timesteps).items():
         if dtype is np.int8:
             out[key] = np.full((n, *shape), -1, np.int8)
         elif isinstance(dtype, np.dtype) and dtype.kind == "O":
@@ -97,6 +117,7 @@ class FeatureStore:
         self.manifest = manifest
         self.n_committed = n_committed
         self._shapes = shapes
+        self.keys = tuple(shapes)
 
     @classmethod
     def open(cls, path: str | Path, target: dict | None = None) -> "FeatureStore":
@@ -105,11 +126,12 @@ class FeatureStore:
         with _open(path, "r") as f:
             manifest = _read_manifest(f, path)
             check_manifest(manifest, KIND, str(path), target)
-            missing = [k for k in KEYS if k not in f]
+            keys = store_keys(store_tiers(manifest))
+            missing = [k for k in keys if k not in f]
             if missing:
                 raise ArtifactError(f"{path}: feature store lacks dataset(s) {missing}")
             n = int(f.attrs.get("n_committed", 0))
-            shapes = {k: f[k].shape for k in KEYS}
+            shapes = {k: f[k].shape for k in keys}
         short = [k for k, s in shapes.items() if s[0] < n]
         if short:
             raise ArtifactError(f"{path}: dataset(s) {short} hold fewer rows than the {n} committed; the store is "
@@ -126,8 +148,18 @@ class FeatureStore:
         return self.n_committed >= self.n_rows
 
     @property
+    def tiers(self) -> tuple[str, ...]:
+        return store_tiers(self.manifest)
+
+    @property
     def n_gen(self) -> int:
-        return int(self._shapes["gen_img_emb"][1])
+        """Generated images per row (0 in a store without the black-box tier)."""
+        return int(self._shapes["gen_img_emb"][1]) if "gen_img_emb" in self._shapes else 0
+
+    @property
+    def n_timesteps(self) -> int:
+        """Gray-box timesteps per row (0 in a store without the gray-box tier)."""
+        return int(self._shapes["graybox_loss"][1]) if "graybox_loss" in self._shapes else 0
 
     @property
     def dim(self) -> int:
@@ -140,8 +172,10 @@ class FeatureStore:
     def __len__(self) -> int:
         return self.n_committed
 
-    def read(self, ok_only: bool = True, keys: tuple[str, ...] = KEYS) -> dict[str, np.ndarray]:
-        """Committed rows as numpy arrays (strings as ``str`` arrays); ``ok_only`` keeps rows with status ok."""
+    def read(self, ok_only: bool = True, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Committed rows as numpy arrays (strings as ``str`` arrays); ``ok_only`` keeps rows with status ok.
+        ``keys``: the datasets to read (default: all the store holds)."""
+        keys = self.keys if keys is None else keys
         if not self.complete:
             log.warning("%s: store is incomplete (%d of %d rows); run `audit features ... --resume` to finish it",
                         self.path, self.n_committed, self.n_rows)
@@ -166,6 +200,16 @@ class FeatureStore:
         return {str(v): int(c) for v, c in zip(values, counts)}
 
 
+def store_tiers(manifest: dict) -> tuple[str, ...]:
+    """The tiers a store's manifest says it holds (stores made before the gray-box tier hold black-box only)."""
+    tiers = tuple(manifest.get("tiers") or (BLACK_BOX,))
+    unknown = [t for t in tiers if t not in TIERS]
+    if unknown:
+        raise ArtifactError(f"feature store manifest names unknown tier(s) {unknown}; valid tiers are "
+                            f"{', '.join(TIERS)}")
+    return tiers
+
+
 def _differences(old: dict, new: dict) -> list[str]:
     """What makes a stored manifest incompatible with the run asking to extend it (empty when compatible)."""
     diffs = []
@@ -178,6 +222,9 @@ def _differences(old: dict, new: dict) -> list[str]:
         if a.get("hash") != b.get("hash"):
             diffs.append(f"{key}: store was made with {a.get('name')!r} (weights {a.get('hash')}), this run uses "
                          f"{b.get('name')!r} (weights {b.get('hash')})")
+    if store_tiers(old) != store_tiers(new):
+        diffs.append(f"tiers: store has {', '.join(store_tiers(old))}, this run computes "
+                     f"{', '.join(store_tiers(new))}")
     for key in ("n_rows", "rows_hash"):
         if old.get(key) != new.get(key):
             diffs.append(f"{key}: store has {old.get(key)!r}, this run's data has {new.get(key)!r} (the input folder "
@@ -196,7 +243,7 @@ class FeatureWriter:
 
     @classmethod
     def create(cls, path: str | Path, manifest: dict, n_gen: int, pixel_size: int, dim: int,
-               chunk_rows: int = CHUNK_ROWS) -> "FeatureWriter":
+               chunk_rows: int = CHUNK_ROWS, n_timesteps: int = 0) -> "FeatureWriter":
         """``chunk_rows`` should equal the rows per ``append``: then an append only ever writes fresh chunks, and a
         kill mid-append cannot damage a chunk holding committed rows (a compressed chunk shared with the next batch
         is read back and rewritten, and a kill during that rewrite left committed rows unreadable)."""
@@ -204,7 +251,7 @@ class FeatureWriter:
         if path.exists():
             raise UsageError(f"{path}: feature store already exists; pass --resume to continue it, or delete it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        shapes = row_shapes(n_gen, pixel_size, dim)
+        shapes = row_shapes(n_gen, pixel_size, dim, store_tiers(manifest), n_timesteps)
         tmp = path.with_name(f".{path.name}.creating")
         with h5py.File(tmp, "w") as f:
             for key, (shape, dtype) in shapes.items():
@@ -228,11 +275,11 @@ class FeatureWriter:
                              + ". Rerun with the store's settings, or delete it to start over")
         n = store.n_committed
         with _open(path, "a") as f:
-            for key in KEYS:
+            for key in store.keys:
                 if f[key].shape[0] != n:
                     log.info("%s: dropping %d uncommitted row(s) of %s", path, f[key].shape[0] - n, key)
                     f[key].resize(n, axis=0)
-        shapes = row_shapes(store.n_gen, store.pixel_size, store.dim)
+        shapes = row_shapes(store.n_gen, store.pixel_size, store.dim, store.tiers, store.n_timesteps)
         # Keep the original manifest (creation time included): a resumed store equals an uninterrupted one.
         return cls(path, store.manifest, n, shapes)
 
@@ -250,7 +297,7 @@ class FeatureWriter:
                 raise ValueError(f"batch {key!r} has shape {np.shape(batch[key])}, expected {(n, *shape)}")
         start = self.n_committed
         with _open(self.path, "a") as f:
-            for key in KEYS:
+            for key in self._shapes:
                 ds = f[key]
                 ds.resize(start + n, axis=0)
                 value = batch[key]

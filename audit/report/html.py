@@ -108,8 +108,10 @@ def write_scan_report(results: Iterable[Mapping] | str | os.PathLike, out_html: 
         rows = [dict(r) for r in results]
     scored = [r for r in rows if r.get("status") == "ok" and r.get("probability") is not None]
     attack = Counter(r.get("attack") for r in scored).most_common(1)[0][0] if scored else None
+    tier = next((r.get("tier") for r in scored if r.get("attack") == attack and r.get("tier")), None)
     facts = {
-        "target": _first(rows, "target"), "heads": _first(rows, "heads"), "attack": attack,
+        "target": _first(rows, "target"), "heads": _first(rows, "heads"),
+        "attack": f"{attack} ({tier})" if tier else attack,
         "rows": len(rows), "scored": len(scored),
         "members": sum(r.get("verdict") == "member" for r in scored),
     }
@@ -260,7 +262,9 @@ def _store_images(store: str | os.PathLike | None,
             idx = sorted({where[i] for i in ids if i in where})
             if not idx:
                 return {}
-            q, g = f["query_pixels"][idx], f["gen_pixels"][idx]
+            q = f["query_pixels"][idx]
+            # A gray-box store holds no generated images: the gallery shows the queries alone.
+            g = f["gen_pixels"][idx] if "gen_pixels" in f else np.zeros((len(idx), 0), np.uint8)
             captions = [str(c) for c in f["caption"].asstr()[idx]]
     except (OSError, KeyError) as exc:
         log.warning("%s: cannot read images for the report (%s)", store, exc)
@@ -320,9 +324,13 @@ def _gallery_section(ids: Sequence[str], probs: np.ndarray, threshold: float, at
                               labels.get(ids[i]) if labels else None,
                               rows_by_id.get(ids[i]) if rows_by_id else None, images_root) for i in picks)
         body += f"<h3>{heading}</h3><div class=gallery>{cards}</div>"
-    note = ("Query image, then the images the target generated from its caption." if pixels else
-            "Query images only: pass the feature store (or write the report with `audit scan --report`, which "
-            "generates them again) to show the generated images beside them.")
+    if pixels and all(len(v[1]) == 0 for v in pixels.values()):
+        note = "Query images (the attacks' store holds no generated images: gray-box attacks read none)."
+    elif pixels:
+        note = "Query image, then the images the target generated from its caption."
+    else:
+        note = ("Query images only: pass the feature store (or write the report with `audit scan --report`, which "
+                "generates them again) to show the generated images beside them.")
     return _section(f"Images ({html.escape(str(attack))})", f"<p class=note>{note}</p>{body}")
 
 
@@ -374,13 +382,13 @@ def _metrics_table(evaluation: Mapping) -> str:
     attacks = evaluation.get("attacks") or {}
     cols = [("accuracy", "accuracy"), ("auc", "AUC"), ("tpr_at_1pct_fpr", "TPR @ 1% FPR"),
             ("tpr_at_0_1pct_fpr", "TPR @ 0.1% FPR")]
-    head = "<tr><th>attack</th>" + "".join(f"<th>{c}</th>" for _, c in cols) + "<th>n test</th></tr>"
+    head = "<tr><th>attack</th><th>tier</th>" + "".join(f"<th>{c}</th>" for _, c in cols) + "<th>n test</th></tr>"
     body = ""
     for name, m in attacks.items():
         cls = " class=blind" if name == "blind" else (" class=default" if name == evaluation.get("default_attack")
                                                       else "")
         cells = "".join(f"<td>{_fmt_metric(m.get(k))}</td>" for k, _ in cols)
-        body += (f"<tr{cls}><td>{html.escape(name)}</td>{cells}"
+        body += (f"<tr{cls}><td>{html.escape(name)}</td><td>{html.escape(str(m.get('tier') or '–'))}</td>{cells}"
                  f"<td>{_num_int(m.get('n_test', evaluation.get('n_test')))}</td></tr>")
     note = ("<p class=note>Accuracy at the threshold fitted on the validation split; brackets: bootstrap 95% "
             "intervals. <i>blind</i> sees no generated image: if it separates members from non-members, the two "

@@ -67,6 +67,12 @@ class OnnxGenerator:
     def identity(self) -> dict:
         return dict(self._identity)
 
+    def denoiser(self):
+        """Gray-box access through this export's graphs (``runtime.denoiser``)."""
+        from .denoiser import OnnxDenoiser
+
+        return OnnxDenoiser(self)
+
     def guided(self, guidance: float) -> bool:
         """Whether the pipeline this target came from would run classifier-free guidance at this scale."""
         if self.cfg_rule == "greater_than_one":

@@ -1,7 +1,8 @@
-"""The small backend interface every attack runs over: generate, embed, caption.
+"""The small backend interface every attack runs over: generate, embed, caption (black-box), and a diffusion
+target's own denoiser (gray-box).
 
-Torch implementations live beside each family (``targets/diffusion.py``, ``models/``); the compiled ones in
-``runtime/``. Attacks never see which one they got.
+Torch implementations live beside each family (``targets/diffusion.py``, ``targets/denoiser.py``, ``models/``); the
+compiled ones in ``runtime/``. Attacks never see which one they got.
 """
 
 from __future__ import annotations
@@ -53,6 +54,30 @@ class Captioner(Protocol):
 
     def caption(self, images: np.ndarray, max_new_tokens: int = 30) -> list[str]:
         """uint8 [N, H, W, 3] -> one caption per image."""
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """Gray-box access to a latent diffusion target whose weights are local: its VAE encoder, its text
+    conditioning and one UNet evaluation at a time. Arrays are float32 numpy; the arithmetic of the attacks
+    (``features.graybox``) is shared by every implementation."""
+
+    name: str
+    resolution: int  # the pixel size the VAE encoder takes
+    alphas_cumprod: np.ndarray  # float32 [T]: the training noise schedule
+    prediction_type: str  # what the UNet predicts: "epsilon", "v_prediction" or "sample"
+
+    def identity(self) -> dict: ...
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, R, R, 3] -> latents [N, C, s, s]: the VAE posterior mean times the latent scaling factor."""
+
+    def text_context(self, captions: Sequence[str]) -> object:
+        """Conditioning for ``captions`` (one row each), as ``predict`` takes it."""
+
+    def predict(self, latents: np.ndarray, timesteps: np.ndarray, context: object, rows: np.ndarray) -> np.ndarray:
+        """The UNet output for latents [M, C, s, s] at int64 timesteps [M], latent i conditioned on context row
+        ``rows[i]`` (no classifier-free guidance)."""
 
 
 class PerImageSeeds:

@@ -89,6 +89,12 @@ class DiffusersGenerator(PerImageSeeds):
     def identity(self) -> dict:
         return {"name": self.name, "hash": self._hash}
 
+    def denoiser(self):
+        """Gray-box access to this pipeline's VAE encoder, text encoder and UNet (``targets.denoiser``)."""
+        from .denoiser import DiffusersDenoiser
+
+        return DiffusersDenoiser(self)
+
     @torch.no_grad()
     def generate_with_seeds(self, prompts: Sequence[str], seeds: Sequence[int], steps: int,
                             guidance: float = 1.0) -> np.ndarray:
