@@ -45,7 +45,15 @@ def test_rq1_table_is_the_mean_of_the_cells(quick_run):
         want = np.mean([r["metrics"][attack]["auc"]["value"] for r in main])
         assert nums["rq1"][attack]["auc"]["mean"] == pytest.approx(want)
     text = (quick_run["out"] / "RESULTS.md").read_text()
-    assert f"| II-S | {nums['rq1']['II-S']['accuracy']['mean']:.3f}" in text
+    assert f"| II-S | black-box | {nums['rq1']['II-S']['accuracy']['mean']:.3f}" in text
+    # The gray-box rows come from the gray-box cells of the same seeds, beside the black-box ones.
+    gray = [r for name, r in cells.items() if name.startswith("gray_seed")]
+    assert len(gray) == len(nums["config"]["seeds"])
+    for attack in nums["graybox_attacks"]:
+        want = np.mean([r["metrics"][attack]["auc"]["value"] for r in gray])
+        assert nums["rq1"][attack]["auc"]["mean"] == pytest.approx(want)
+        assert f"| {attack} | gray-box | {nums['rq1'][attack]['accuracy']['mean']:.3f}" in text
+    assert [r["test"]["ids"] for r in gray] == [r["test"]["ids"] for r in main]
 
 
 def test_every_research_question_has_its_settings(quick_run):
@@ -57,6 +65,8 @@ def test_every_research_question_has_its_settings(quick_run):
     assert set(nums["caption"]) == {"given", "blip"} and set(nums["embedder"]) == {"toy-clip", "clip2"}
     assert set(nums["defence"]) == {"none", *cfg["defences"]} and set(nums["defence_transfer"]) == set(cfg["defences"])
     assert list(nums["rq3"]) == ["untuned", "weak", "strong"]
+    assert all(set(cfg["graybox_attacks"]) <= set(agg) and "IV" not in agg and "II-S" in agg
+               for agg in nums["rq3"].values())
     # Fine-tuning lengths are what the models record; the untuned control is the bundled target itself.
     assert [nums["models"][f"rq3-{k}"]["recipe"]["finetune_steps"] for k in ("weak", "strong")] == \
         list(cfg["rq3_finetune_steps"])
@@ -65,22 +75,28 @@ def test_every_research_question_has_its_settings(quick_run):
         assert fid["members"]["fd"] >= 0 and fid["nonmembers"]["fd"] >= 0
     cost = nums["defence_cost"]["downscale:2"]
     assert 5 < cost["psnr_db"] < 100
-    curve = nums["setlevel"]["bundle"]["II-S"]
-    assert [r["k"] for r in curve] == list(cfg["set_ks"])
-    assert all(r["fpr"] is None or 0 <= r["fpr"] <= 1 for r in curve)
+    for attack in ("II-S", *cfg["graybox_attacks"]):
+        curve = nums["setlevel"]["bundle"][attack]
+        assert [r["k"] for r in curve] == list(cfg["set_ks"])
+        assert all(r["fpr"] is None or 0 <= r["fpr"] <= 1 for r in curve)
+    assert all(cfg["graybox_set_attack"] in nums["setlevel"][f"rq3-{k}"] for k in ("untuned", "weak", "strong"))
 
 
 def test_stores_are_shared_between_questions(quick_run):
     nums, work = quick_run["nums"], quick_run["work"]
     stores = sorted(p.name for p in (work / "stores").glob("*.h5"))
     # base (n_gen 2, used for n_gen 1 and 2, the reference, aux fractions), one extra steps store, BLIP captions,
-    # second CLIP, one defence, and three RQ3 targets x one seed.
-    assert len(stores) == 8, stores
+    # second CLIP, one defence, and three RQ3 targets x one seed; then the gray-box stores: the bundled target and
+    # the three RQ3 targets x one seed.
+    assert len(stores) == 12, stores
     from audit.features.store import FeatureStore
 
     base = [p for p in stores if p.startswith("base-")]
     assert len(base) == 1 and FeatureStore.open(work / "stores" / base[0]).n_gen == 2
-    assert nums["run"]["stages"]["features"]["tasks"] == 8
+    gray = [FeatureStore.open(work / "stores" / p) for p in stores if "gray" in p]
+    assert len(gray) == 4 and all(fs.tiers == ("gray-box",) and fs.n_gen == 0 for fs in gray)
+    assert all(fs.n_timesteps == len(nums["config"]["graybox_timesteps"]) for fs in gray)
+    assert nums["run"]["stages"]["features"]["tasks"] == 12
 
 
 def test_replayed_images_are_the_targets_own(quick_run):

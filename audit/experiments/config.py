@@ -22,6 +22,11 @@ class ExperimentConfig(Config):
     steps: int = 20
     batch_size: int = 32  # captions per generate call
     attacks: tuple = ("I-P", "I-S", "II-P", "II-S", "III-X", "III-T", "IV")
+    # Gray-box tier (RQ1, RQ3, set-level): its attacks, read at these timesteps, from stores of their own (the
+    # black-box stores stay as they were); the RQ3 targets' set-level test runs graybox_set_attack beside IV.
+    graybox_attacks: tuple = ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score")
+    graybox_timesteps: tuple = (100, 200, 300, 400)
+    graybox_set_attack: str = "PIA"
     # RQ1/RQ3 seeds: seed s generates the images (features seed s) and draws the split and head initialisation.
     seeds: tuple = (0, 1, 2)
     # RQ4/RQ5: split/head seeds, on the seed-0 images.
@@ -64,7 +69,8 @@ class ExperimentConfig(Config):
     def quick(cls) -> "ExperimentConfig":
         """Tiny settings that exercise every stage in well under two minutes (numbers are meaningless)."""
         return cls(
-            n_members=12, n_nonmembers=12, n_gen=1, steps=2, batch_size=12, attacks=("II-S",), seeds=(0,),
+            n_members=12, n_nonmembers=12, n_gen=1, steps=2, batch_size=12, attacks=("II-S",),
+            graybox_attacks=("PIA-score", "PIA"), graybox_timesteps=(100, 200), seeds=(0,),
             ablation_seeds=(0,), epochs=2, patience=2, n_boot=20, aux_fractions=(0.5, 1.0), steps_grid=(2, 3),
             n_gen_grid=(1, 2), clip2_public=64, clip2_steps=3, clip2_batch=16, rq3_members=8, rq3_nonmembers=8,
             rq3_finetune_steps=(1, 2), rq3_batch=4, defences=("downscale:2",), set_ks=(1, 2), set_trials=20,
@@ -76,6 +82,21 @@ class ExperimentConfig(Config):
         from ..defences import parse_defence
 
         parse_attacks(",".join(self.attacks))
+        from ..attacks.inputs import tier_of
+        from ..features.graybox import check_timesteps
+        from ..tiers import BLACK_BOX, GRAY_BOX
+
+        if self.graybox_attacks:
+            parse_attacks(",".join(self.graybox_attacks))
+            check_timesteps(self.graybox_timesteps)
+            if self.graybox_set_attack not in self.graybox_attacks:
+                raise UsageError(f"graybox_set_attack {self.graybox_set_attack!r} is not one of graybox_attacks "
+                                 f"{self.graybox_attacks}")
+        wrong = [a for a in self.attacks if tier_of(a) != BLACK_BOX] + [
+            a for a in self.graybox_attacks if tier_of(a) != GRAY_BOX]
+        if wrong:
+            raise UsageError(f"attacks {wrong} are listed under the other tier (attacks: black-box, "
+                             "graybox_attacks: gray-box)")
         for spec in self.defences:
             parse_defence(spec)
         if self.n_gen not in self.n_gen_grid or self.steps not in self.steps_grid:

@@ -97,6 +97,8 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
             name = f"store {label}"
             rows = _rows(spec.data)
             gen_cost = 0 if spec.replay else rows * spec.n_gen * spec.steps * SEC_PER_IMAGE_STEP
+            if spec.tier == "gray-box":
+                gen_cost = rows * 4 * len(spec.graybox_timesteps) * SEC_PER_IMAGE_STEP
             tasks[name] = Task(name, "audit.experiments.stores:build_store", (spec.to_dict(), str(work)),
                                deps=tuple(deps), cost=gen_cost + rows * 0.02, stage="features")
             producer[path] = name
@@ -121,13 +123,23 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
                          steps=cfg.steps, seed=0, defence=d, replay=str(base.path(work)))
                 for d in cfg.defences}
     rq3_stores: dict[str, dict[int, StoreSpec]] = {}
+    rq3_gray: dict[str, dict[int, StoreSpec]] = {}
+    # Gray-box stores hold only the query side and the gray-box errors; seed s draws the loss attack's noise.
+    gray = {"tier": "gray-box", "graybox_timesteps": tuple(cfg.graybox_timesteps), "n_gen": cfg.n_gen,
+            "steps": cfg.steps}
+    gray_seeded = ({s: store(f"gray seed{s}", data=data["aux"], seed=s, **gray) for s in cfg.seeds}
+                   if cfg.graybox_attacks else {})
     for label, model_task in rq3_targets.items():
         target = models[f"rq3-{label}"]["path"] if model_task else "toy"
         prov = {"target": models[f"rq3-{label}"]["recipe"]} if model_task else {}
-        rq3_stores[label] = {s: store(f"rq3-{label} seed{s}", deps=(model_task,) if model_task else (),
+        deps = (model_task,) if model_task else ()
+        rq3_stores[label] = {s: store(f"rq3-{label} seed{s}", deps=deps,
                                       data=data["rq3"], target=target, n_gen=cfg.n_gen, steps=cfg.steps, seed=s,
                                       provenance=prov)
                              for s in cfg.seeds}
+        if cfg.graybox_attacks:
+            rq3_gray[label] = {s: store(f"rq3-{label} gray seed{s}", deps=deps, data=data["rq3"], target=target,
+                                        seed=s, provenance=prov, **gray) for s in cfg.seeds}
 
     # ---------------------------------------------------------------- cells
     train = {"epochs": cfg.epochs, "patience": cfg.patience}
@@ -135,10 +147,11 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
     cell_by_key: dict[str, CellSpec] = {}
 
     def cell(label: str, st: StoreSpec, seed: int, n_gen: int | None = None, deps: tuple = (), **kw) -> str:
+        attacks = tuple(cfg.graybox_attacks if st.tier == "gray-box" else cfg.attacks)
         spec = CellSpec(name=label.replace(" ", "_"), store=str(st.path(work)), n_gen=n_gen or 0, seed=seed,
-                        attacks=tuple(cfg.attacks), train=train, n_boot=cfg.n_boot, **kw)
+                        attacks=attacks, train=train, n_boot=cfg.n_boot, **kw)
         # n_gen equal to the store's is the whole store: one spec, so one cell, whichever way it was asked for.
-        if spec.n_gen == st.n_gen:
+        if spec.n_gen == st.n_gen or st.tier == "gray-box":
             spec = dataclasses.replace(spec, n_gen=0)
         spec = cell_by_key.setdefault(spec.key(), spec)
         cells[label] = spec
@@ -173,9 +186,14 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
                     deps=(f"cell {cells[ref[s]].folder(work).name}",)) for s in cfg.ablation_seeds}
     tables["rq3"] = {label: {s: cell(f"rq3-{label} seed{s}", st[s], s) for s in cfg.seeds}
                      for label, st in rq3_stores.items()}
+    # The gray-box rows of RQ1 and RQ3: the same seeds, so the same split of the same ids as the black-box cells.
+    tables["rq1_gray"] = {s: cell(f"gray seed{s}", st, s) for s, st in gray_seeded.items()}
+    tables["rq3_gray"] = {label: {s: cell(f"rq3-{label} gray seed{s}", st[s], s) for s in cfg.seeds}
+                          for label, st in rq3_gray.items()}
     tables["stores"] = {"seeded": {s: _label(stores, sp) for s, sp in seeded.items()},
                         "defended": {d: _label(stores, sp) for d, sp in defended.items()},
                         "rq3": {lab: {s: _label(stores, sp) for s, sp in d.items()} for lab, d in rq3_stores.items()},
+                        "gray": {s: _label(stores, sp) for s, sp in gray_seeded.items()},
                         "steps": {st: _label(stores, sp) for st, sp in by_steps.items()},
                         "caption": "blip-caption", "embedder": "clip2", "base": "base"}
     return Plan(list(tasks.values()), stores, cells, models, data, tables)

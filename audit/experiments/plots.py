@@ -61,16 +61,19 @@ def _lines(ax, table: dict, attacks: list[str], metric: str, xlabel: str, log_x:
 def write_plots(nums: dict, out: Path) -> dict[str, str]:
     plt = _plt()
     attacks = nums["attacks"]
+    both = nums.get("both_tiers") or attacks  # RQ1/RQ3: black-box and gray-box attacks
     files = {}
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    wide = max(15, len(both) * 1.1)
+    fig, axes = plt.subplots(3, 1, figsize=(wide, 10)) if len(both) > len(attacks) else plt.subplots(1, 3, figsize=(15, 4))
     for ax, m, t in zip(axes, ("accuracy", "auc", "tpr_at_1pct_fpr"), ("accuracy", "AUC", "TPR at 1% FPR")):
-        _bars(ax, {"bundled toy target": nums["rq1"]}, attacks, m, f"RQ1/RQ2: {t} (mean ± std over seeds)")
+        _bars(ax, {"bundled toy target": nums["rq1"]}, both, m, f"RQ1/RQ2: {t} (mean ± std over seeds)")
     files["rq1"] = _save(fig, out / "rq1_attacks.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+    rq3_both = [a for a in both if all(a in agg for agg in nums["rq3"].values())]
+    fig, axes = plt.subplots(2, 1, figsize=(wide, 8)) if len(rq3_both) > len(attacks) else plt.subplots(1, 2, figsize=(14, 4))
     for ax, m in zip(axes, ("auc", "tpr_at_1pct_fpr")):
-        _bars(ax, nums["rq3"], attacks, m, f"RQ3: {m.replace('_', ' ')} by memorisation strength")
+        _bars(ax, nums["rq3"], rq3_both, m, f"RQ3: {m.replace('_', ' ')} by memorisation strength")
     files["rq3"] = _save(fig, out / "rq3_memorisation.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
@@ -103,16 +106,20 @@ def write_plots(nums: dict, out: Path) -> dict[str, str]:
     axes[0].plot([r["k"] for r in curve], [r["fpr"] for r in curve], marker="x", linestyle=":", color="black",
                  label=f"{att} FPR")
     axes[0].set_title("Set-level power, bundled target (each attack)", fontsize=10)
+    gray_att = nums.get("set_graybox_attack")
     for i, (name, d) in enumerate((k, v) for k, v in nums["setlevel"].items() if k.startswith("rq3")):
-        if att not in d:
-            continue
         c = f"C{i}"
-        pts = [(r["k"], r["power"], r["fpr"]) for r in d[att]]
-        axes[1].plot([p[0] for p in pts if p[1] is not None], [p[1] for p in pts if p[1] is not None], marker="o",
-                     color=c, label=f"{name} power")
-        axes[1].plot([p[0] for p in pts if p[2] is not None], [p[2] for p in pts if p[2] is not None], marker="x",
-                     linestyle=":", color=c, label=f"{name} FPR")
-    axes[1].set_title(f"Set-level power and FPR by memorisation strength, attack {att}", fontsize=10)
+        for a, line in ((att, "-"), (gray_att, "--")):
+            if not a or a not in d:
+                continue
+            pts = [(r["k"], r["power"], r["fpr"]) for r in d[a]]
+            axes[1].plot([p[0] for p in pts if p[1] is not None], [p[1] for p in pts if p[1] is not None],
+                         marker="o", linestyle=line, color=c, label=f"{name} {a} power")
+            if a == att:
+                axes[1].plot([p[0] for p in pts if p[2] is not None], [p[2] for p in pts if p[2] is not None],
+                             marker="x", linestyle=":", color=c, label=f"{name} {a} FPR")
+    title = f"attack {att}" + (f" (solid) and {gray_att} (dashed)" if gray_att else "")
+    axes[1].set_title(f"Set-level power and FPR by memorisation strength, {title}", fontsize=10)
     for ax in axes:
         ax.axhline(nums["config"]["set_alpha"], color="red", linewidth=0.6, linestyle=":")
         ax.set_xlabel("images in the set (k)")

@@ -30,11 +30,17 @@ def _auc(agg: dict, a: str) -> float:
     return agg[a]["auc"]["mean"] if a in agg else float("nan")
 
 
-def _metric_table(agg: dict, attacks: list[str]) -> list[str]:
-    lines = ["| attack | accuracy | AUC | TPR at 1% FPR |", "|---|---|---|---|"]
+def _metric_table(agg: dict, attacks: list[str], tiers: dict[str, str]) -> list[str]:
+    lines = ["| attack | tier | accuracy | AUC | TPR at 1% FPR |", "|---|---|---|---|---|"]
     for a in attacks:
-        lines.append(f"| {a} | {_ms(agg[a]['accuracy'])} | {_ms(agg[a]['auc'])} | {_ms(agg[a]['tpr_at_1pct_fpr'])} |")
+        lines.append(f"| {a} | {tiers.get(a, 'black-box')} | {_ms(agg[a]['accuracy'])} | {_ms(agg[a]['auc'])} | "
+                     f"{_ms(agg[a]['tpr_at_1pct_fpr'])} |")
     return lines
+
+
+def _table_attacks(n: dict) -> list[str]:
+    """The attacks of the RQ1 and RQ3 tables: both tiers (older numbers: the black-box attacks)."""
+    return n.get("both_tiers") or n["attacks"]
 
 
 def _grid_table(table: dict, attacks: list[str], first: str, metric: str = "auc", fmt=str) -> list[str]:
@@ -76,6 +82,21 @@ def findings(n: dict) -> list[str]:
         bp, bs = max(_auc(rq1, a) for a in px), max(_auc(rq1, a) for a in sem)
         out.append(f"Pixel heads (best AUC {bp:.3f}) {'beat' if bp > bs else 'trail'} semantic heads "
                    f"(best {bs:.3f}) on this 32x32 toy world.")
+    gray = [a for a in n.get("graybox_attacks") or [] if a in rq1]
+    if gray:
+        best_g = max(gray, key=lambda a: _auc(rq1, a))
+        evals = n["unet_evaluations_per_query"]
+        line = (f"Gray-box tier (the target's own denoising error on the query image; "
+                f"{evals['gray-box']} UNet evaluations per query for all three attacks, vs {evals['black-box']} "
+                f"denoising steps of the black-box features): best {best_g} (AUC {_ms(rq1[best_g]['auc'])}, TPR at "
+                f"1% FPR {_ms(rq1[best_g]['tpr_at_1pct_fpr'])})")
+        if "IV" in rq1:
+            line += (", " + ("at or above" if _auc(rq1, best_g) >= _auc(rq1, "IV") else "below")
+                     + f" IV ({_auc(rq1, 'IV'):.3f})")
+        scores = [a for a in gray if a.endswith("-score")]
+        if scores:
+            line += "; untrained scores: " + ", ".join(f"{a} {_auc(rq1, a):.3f}" for a in scores)
+        out.append(line + ".")
     blind = rq1.get("blind")
     if blind:
         flagged = [s for s, b in n["rq1_blind"].items() if b and b.get("distribution_shift_warning")]
@@ -85,11 +106,16 @@ def findings(n: dict) -> list[str]:
     rq3 = n["rq3"]
     if rq3:
         labels = list(rq3)
-        best3 = {lab: max(_auc(rq3[lab], a) for a in attacks) for lab in labels}
-        mono = all(best3[labels[i]] <= best3[labels[i + 1]] + 1e-9 for i in range(len(labels) - 1))
-        out.append("RQ3: best AUC by fine-tuning length " + ", ".join(f"{lab} {best3[lab]:.3f}" for lab in labels)
-                   + (" — the best AUC rises with fine-tuning length (memorisation)." if mono else
-                      " — not monotone in fine-tuning length."))
+        for tier, names in (("black-box", attacks), ("gray-box", [a for a in n.get("graybox_attacks") or []])):
+            names = [a for a in names if all(a in rq3[lab] for lab in labels)]
+            if not names:
+                continue
+            best3 = {lab: max(_auc(rq3[lab], a) for a in names) for lab in labels}
+            mono = all(best3[labels[i]] <= best3[labels[i + 1]] + 1e-9 for i in range(len(labels) - 1))
+            out.append(f"RQ3 ({tier}): best AUC by fine-tuning length "
+                       + ", ".join(f"{lab} {best3[lab]:.3f}" for lab in labels)
+                       + (" — the best AUC rises with fine-tuning length (memorisation)." if mono else
+                          " — not monotone in fine-tuning length."))
     aux = n["aux"]
     fr = list(aux)
     if len(fr) > 1:
@@ -140,15 +166,15 @@ def findings(n: dict) -> list[str]:
                + ("— member captions give images closer to the real ones, as in the paper." if
                   fid["members"]["fd"] < fid["nonmembers"]["fd"] else "— the paper's direction does not hold."))
     sl = n["setlevel"]
-    att = n["set_attack"]
-    for name in ("bundle", *[k for k in sl if k.startswith("rq3")]):
-        curve = sl[name].get(att)
-        if not curve:
-            continue
-        pw = ", ".join(f"k={r['k']} {_f(r['power'], 2)}" for r in curve)
-        fpr = max((r["fpr"] for r in curve if r["fpr"] is not None), default=float("nan"))
-        out.append(f"Set-level ({name}, {att}): power {pw}; largest false-positive rate on non-member sets "
-                   f"{fpr:.3f} at α = {n['config']['set_alpha']}.")
+    for att in (n["set_attack"], n.get("set_graybox_attack")):
+        for name in ("bundle", *[k for k in sl if k.startswith("rq3")]):
+            curve = sl[name].get(att) if att else None
+            if not curve:
+                continue
+            pw = ", ".join(f"k={r['k']} {_f(r['power'], 2)}" for r in curve)
+            fpr = max((r["fpr"] for r in curve if r["fpr"] is not None), default=float("nan"))
+            out.append(f"Set-level ({name}, {att}): power {pw}; largest false-positive rate on non-member sets "
+                       f"{fpr:.3f} at α = {n['config']['set_alpha']}.")
     return out
 
 
@@ -185,7 +211,12 @@ def write_results(n: dict, path: Path) -> None:
           f"1/{counts['test']['nonmembers']}"
           + (", so TPR at 1% FPR is the TPR at FPR 0." if counts["test"]["nonmembers"] < 100 else "."),
           f"- **Features**: n_gen {cfg['n_gen']}, {cfg['steps']} DDIM steps, no guidance; embedder toy-clip, "
-          "captioner toy-blip (greedy).",
+          "captioner toy-blip (greedy)."
+          + (f" Gray-box (`audit features --tier gray-box`, stores of their own): the errors of loss, PIA and "
+             f"SecMI at timesteps {', '.join(map(str, cfg['graybox_timesteps']))}, conditioned on the caption "
+             f"without guidance ({n['unet_evaluations_per_query']['gray-box']} UNet evaluations per query); seed s "
+             "draws the loss attack's noise; the same split seeds, so the same test rows as the black-box cells."
+             if n.get("graybox_attacks") else ""),
           f"- **Heads**: `audit.attacks.train_heads` with at most {cfg['epochs']} epochs, patience {cfg['patience']}, "
           f"other `TrainConfig` defaults; bootstrap CIs from {cfg['n_boot']} resamples (in experiment.json).",
           f"- **Seeds**: RQ1/RQ3 use seeds {', '.join(map(str, cfg['seeds']))}; seed s draws the generated images "
@@ -198,8 +229,13 @@ def write_results(n: dict, path: Path) -> None:
           "(exact at 32x32) instead of regenerating them.", ""]
 
     L += ["## RQ1/RQ2: attacks on the bundled target", "", f"![RQ1](./{n['plots']['rq1']})", ""]
-    L += _metric_table(rq1, attacks) + ["", f"Seeds {_seeds(rq1)}. `blind` sees only the query image and caption "
-                                            "embeddings (no generated image): the distribution-shift baseline.", ""]
+    both = _table_attacks(n)
+    tiers = n.get("tiers") or {}
+    L += _metric_table(rq1, both, tiers) + [
+        "", f"Seeds {_seeds(rq1)}. `blind` sees only the query image and caption embeddings (no generated image): "
+        "the distribution-shift baseline. Gray-box rows read the target's own denoising error on the query image "
+        "(see [attacks and tiers](attacks.md)); `X-score` is attack X's untrained statistic, `X` a head over its "
+        "per-timestep errors.", ""]
     fid = n["fid"]
     L += ["## The FID table's analogue", "",
           "Fréchet distance in toy-CLIP image-embedding space between the generated images (seed 0, all n_gen images "
@@ -225,13 +261,15 @@ def write_results(n: dict, path: Path) -> None:
           f"{cfg['rq3_finetune_steps'][1]} steps (batch {cfg['rq3_batch']}, lr {cfg['rq3_lr']}; "
           f"{m['rq3-weak']['epochs']:.0f} and {m['rq3-strong']['epochs']:.0f} epochs) on them. Seeds "
           f"{', '.join(map(str, cfg['seeds']))} as in RQ1.", "", f"![RQ3](./{n['plots']['rq3']})", "",
-          "| target | single-score pixel AUC at build | " + " | ".join(attacks) + " |",
-          "|---" * (len(attacks) + 2) + "|"]
+          "| target | single-score pixel AUC at build | " + " | ".join(both) + " |",
+          "|---" * (len(both) + 2) + "|"]
     for lab, agg in n["rq3"].items():
         gap = m.get(f"rq3-{lab}", {}).get("membership_gap", {}).get("auc")
-        L.append(f"| {lab} | {_f(gap)} | " + " | ".join(_ms(agg[a]["auc"]) for a in attacks) + " |")
+        L.append(f"| {lab} | {_f(gap)} | " + " | ".join(_ms(agg[a]["auc"]) if a in agg else "–" for a in both)
+                 + " |")
     L += ["", "(AUC, mean ± std over seeds.) TPR at 1% FPR:", ""]
-    L += _grid_table(n["rq3"], attacks, "target", "tpr_at_1pct_fpr") + [""]
+    L += _grid_table(n["rq3"], [a for a in both if all(a in agg for agg in n["rq3"].values())], "target",
+                     "tpr_at_1pct_fpr") + [""]
 
     L += ["## RQ4: ablations", "", f"![RQ4 grids](./{n['plots']['rq4_grids']})", "",
           f"![RQ4 caption and embedder](./{n['plots']['rq4_sources']})", "",

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..attacks.inputs import tier_of
 from ..config import atomic_write_text
 from ..errors import UsageError
+from ..features import graybox
 from . import analysis
 from .cells import RESULT
 from .config import ExperimentConfig
@@ -49,12 +51,24 @@ def compute_numbers(cfg: ExperimentConfig, plan: Plan, work: Path, done: dict) -
     from .stores import read_store
 
     attacks = list(cfg.attacks) + ["blind"]
+    gray = list(cfg.graybox_attacks)
     t = plan.tables
-    nums: dict = {"attacks": attacks}
-    nums["rq1"] = _table(plan, work, {"bundle": t["rq1"]}, attacks)["bundle"]
+    # RQ1 and RQ3 list both tiers (black-box attacks, then gray-box, then the blind baseline); the ablations,
+    # defences and FID analogue are about generated images, so black-box only.
+    nums: dict = {"attacks": attacks, "graybox_attacks": gray, "both_tiers": list(cfg.attacks) + gray + ["blind"]}
+    nums["tiers"] = {a: tier_of(a) for a in nums["both_tiers"]}
+    nums["rq1"] = _with_gray(_table(plan, work, {"bundle": t["rq1"]}, attacks)["bundle"],
+                             _agg(plan, work, t["rq1_gray"], gray) if gray else None, gray)
     nums["rq1_blind"] = {s: _load(plan, work, lab)["blind_baseline"] for s, lab in t["rq1"].items()}
     for key in ("n_gen", "steps", "aux", "caption", "embedder", "defence", "defence_transfer", "rq3"):
         nums[key] = _table(plan, work, t[key], attacks)
+    for label, by_seed in t["rq3_gray"].items():
+        nums["rq3"][label] = _with_gray(nums["rq3"][label], _agg(plan, work, by_seed, gray), gray)
+    nums["unet_evaluations_per_query"] = {
+        "black-box": cfg.n_gen * cfg.steps,
+        "gray-box": graybox.unet_evaluations(tuple(graybox.DATASETS), len(cfg.graybox_timesteps)),
+        "gray-box by attack": {a: graybox.unet_evaluations((a,), len(cfg.graybox_timesteps))
+                               for a in graybox.DATASETS}}
 
     def store_batch(label: str, n_gen: int | None = None) -> dict:
         return read_store(plan.stores[label].path(work), n_gen)[0]
@@ -81,9 +95,15 @@ def compute_numbers(cfg: ExperimentConfig, plan: Plan, work: Path, done: dict) -
                     for s, lab in by_seed.items()]
         return analysis.mean_curves(per_seed)
 
-    nums["setlevel"] = {"bundle": {a: curves(t["rq1"], a) for a in attacks}}
+    nums["setlevel"] = {"bundle": {**{a: curves(t["rq1"], a) for a in attacks if a != "blind"},
+                                   **{a: curves(t["rq1_gray"], a) for a in gray},
+                                   "blind": curves(t["rq1"], "blind")}}
+    nums["set_graybox_attack"] = cfg.graybox_set_attack if gray else None
     for label, by_seed in t["rq3"].items():
         nums["setlevel"][f"rq3-{label}"] = {main_attack: curves(by_seed, main_attack)}
+        if gray:
+            nums["setlevel"][f"rq3-{label}"][cfg.graybox_set_attack] = curves(t["rq3_gray"][label],
+                                                                               cfg.graybox_set_attack)
     for d, by_seed in t["defence"].items():
         if d != "none":
             nums["setlevel"][f"defence {d}"] = {main_attack: curves(by_seed, main_attack)}
@@ -96,6 +116,19 @@ def compute_numbers(cfg: ExperimentConfig, plan: Plan, work: Path, done: dict) -
         **{f"rq3-{lab}": done_result(done, f"model rq3-{lab}") for lab in ("weak", "strong")},
     }
     return nums
+
+
+def _with_gray(black: dict, gray_agg: dict | None, gray: list[str]) -> dict:
+    """A table row set of black-box cells with the gray-box attacks of the matching gray-box cells inserted
+    before the blind baseline (the black-box cells' counts and seeds are kept: the splits are the same)."""
+    if not gray_agg:
+        return black
+    out = {k: v for k, v in black.items() if k != "blind"}
+    out.update({a: gray_agg[a] for a in gray})
+    out["blind"] = black["blind"]
+    for k in ("_counts", "_seeds"):
+        out[k] = black[k]
+    return out
 
 
 def done_result(done: dict, name: str) -> dict:

@@ -38,6 +38,8 @@ class StoreSpec(Config):
     missing_caption: str = "no_caption"
     defence: str = "none"
     replay: str = ""  # path of the store whose generated images are served instead of querying the target
+    tier: str = "black-box"  # `audit features --tier`
+    graybox_timesteps: tuple = ()  # gray-box stores: the timesteps each attack's error is read at
     # Configs of models trained by the experiment (their folders are named by these hashes), so a changed
     # recipe never reuses an old model's store.
     provenance: dict = dataclasses.field(default_factory=dict)
@@ -45,6 +47,10 @@ class StoreSpec(Config):
     def key(self) -> str:
         d = self.to_dict()
         d.pop("name")
+        if d["tier"] == "black-box":
+            # Black-box stores keep the keys they had before the gray-box tier, so cached ones stay valid.
+            d.pop("tier")
+            d.pop("graybox_timesteps")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def path(self, workdir: Path) -> Path:
@@ -118,8 +124,10 @@ def build_store(spec: dict, workdir: str) -> dict:
     if s.defence != "none":
         generator = DefendedGenerator(generator, parse_defence(s.defence))
     backends = Backends(generator, load_embedder(s.embedder), load_captioner(s.captioner))
+    extra = {"graybox_timesteps": tuple(s.graybox_timesteps)} if s.graybox_timesteps else {}
     cfg = FeaturesConfig(target=s.target, embedder=s.embedder, captioner=s.captioner, n_gen=s.n_gen, steps=s.steps,
-                         seed=s.seed, batch_size=s.batch_size, missing_caption=s.missing_caption).validate()
+                         seed=s.seed, batch_size=s.batch_size, missing_caption=s.missing_caption, tier=s.tier,
+                         **extra).validate()
     summary = compute_store(s.data, out, backends, cfg, resume=out.exists(), quiet=True)
     if summary["ok"] < summary["rows"]:
         raise ArtifactError(f"{out}: {summary['rows'] - summary['ok']} rows failed ({summary['status']})")
@@ -133,7 +141,7 @@ def read_store(path: str | Path, n_gen: int | None = None) -> tuple[dict[str, np
 
     fs = FeatureStore.open(path)
     batch = fs.read(ok_only=True)
-    if n_gen is not None:
+    if n_gen is not None and fs.n_gen:
         if n_gen > fs.n_gen:
             raise UsageError(f"{path}: holds {fs.n_gen} generated images per row, asked for {n_gen}")
         for key in ("gen_pixels", "gen_img_emb", "gen_caption_emb", "gen_captions"):

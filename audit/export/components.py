@@ -301,8 +301,24 @@ def _probe_images(resolution: int, n: int = 3) -> np.ndarray:
 
 # What the end-to-end checks demand: fp32 graphs reproduce the torch path; fp16 ones only approximate it (greedy
 # captions may flip at near-ties), so for them the numbers are recorded and only gross disagreement fails.
-_END_TO_END = {"fp32": {"image_max": 8, "image_mean": 0.5, "embedding": 1e-3, "captions_equal": True},
-               "fp16": {"image_max": 255, "image_mean": 3.0, "embedding": 3e-2, "captions_equal": False}}
+_END_TO_END = {"fp32": {"image_max": 8, "image_mean": 0.5, "embedding": 1e-3, "captions_equal": True,
+                        "graybox_rel": 1e-2},
+               "fp16": {"image_max": 255, "image_mean": 3.0, "embedding": 3e-2, "captions_equal": False,
+                        "graybox_rel": 0.5}}
+
+
+def _check_graybox(folder: Path, generator, compiled, images: np.ndarray, caption: str, limits: dict) -> dict:
+    """The gray-box attacks' error vectors through the compiled graphs against the torch path's."""
+    from ..features.graybox import DEFAULT_TIMESTEPS, graybox_errors
+
+    captions = [caption] * len(images)
+    theirs, _ = graybox_errors(generator.denoiser(), images, captions, DEFAULT_TIMESTEPS, 0)
+    ours, _ = graybox_errors(compiled.denoiser(), images, captions, DEFAULT_TIMESTEPS, 0)
+    rel = max(float(np.max(np.abs(ours[k] - theirs[k]) / np.maximum(np.abs(theirs[k]), 1e-12))) for k in ours)
+    if rel > limits["graybox_rel"]:
+        raise ArtifactError(f"{folder / 'target'}: gray-box errors differ from the torch path's by up to {rel:.2g} "
+                            f"(relative; tolerance {limits['graybox_rel']})")
+    return {"timesteps": list(DEFAULT_TIMESTEPS), "n_images": len(images), "max_rel_error": rel}
 
 
 def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, precision: str = "fp32") -> dict:
@@ -323,6 +339,8 @@ def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, 
         raise ArtifactError(f"{folder / 'target'}: generated images differ from the torch path by up to "
                             f"{int(diff.max())} levels (mean {diff.mean():.2f})")
     images = np.concatenate([_probe_images(g.resolution), torch_img[:, 0]])
+    if callable(getattr(g, "denoiser", None)):
+        checks["target"]["graybox"] = _check_graybox(folder, generator, g, images, caption, limits)
     if embedder is not None:
         e = OnnxEmbedder(folder / "embedder", opts)
         texts = [caption, "two green squares", ""]
