@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-from audit.attacks.inputs import ATTACKS, PAPER_ATTACKS, build_inputs, get_attack, parse_attacks
+from audit.attacks.inputs import (ATTACKS, GRAYBOX_ATTACKS, PAPER_ATTACKS, available_attacks, build_inputs,
+                                  get_attack, parse_attacks, tier_of)
 from audit.errors import InputError, UnknownNameError
+from audit.features.graybox import graybox_errors
 
 G = 3  # three generated images per query, so "sorted" and "pairwise" are not trivial
 
@@ -25,7 +27,9 @@ def tiny_batch(tiny_world):
     flat = gen_px.reshape(-1, *gen_px.shape[2:])
     gen_caps = cap.caption(flat, max_new_tokens=8)
     n = len(captions)
+    errors, _ = graybox_errors(gen.denoiser(), images, captions, (100, 300, 500), seed=0)
     return {
+        **errors,
         "ids": np.array([f"q{i}" for i in range(n)]),
         "member": np.array([1, 0, 1], np.int8),
         "query_pixels": images,
@@ -46,6 +50,8 @@ def _expected_shape(attack, n, d, p):
         return (n, G, 3, p, p)
     if attack == "II-P":
         return (n, G, 9, p, p)
+    if attack in GRAYBOX_ATTACKS:  # the error at each of the 3 timesteps, or the one untrained score
+        return (n, 1) if attack.endswith("-score") else (n, 3)
     return (n, sizes[attack])
 
 
@@ -88,10 +94,13 @@ def test_each_attack_reads_exactly_the_features_it_declares(tiny_batch, attack):
     spec = get_attack(attack)
     base = build_inputs(tiny_batch, attack)
     rng = np.random.default_rng(1)
-    for key in ("query_pixels", "gen_pixels", "query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb"):
+    for key in ("query_pixels", "gen_pixels", "query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb",
+                "graybox_loss", "graybox_pia", "graybox_secmi"):
         v = tiny_batch[key]
         other = (rng.integers(0, 256, v.shape).astype(v.dtype) if v.dtype == np.uint8
                  else rng.normal(size=v.shape).astype(v.dtype))
+        if key.startswith("graybox_"):  # errors are positive
+            other = np.abs(other)
         changed = build_inputs({**tiny_batch, key: other}, attack)
         if key in spec.needs:
             assert not np.allclose(changed, base), f"{attack} ignores {key}"
@@ -134,6 +143,26 @@ def test_reconstruction_and_faithfulness_cosines_are_those_of_the_embeddings(tin
 def test_iv_is_the_concatenation_of_the_semantic_attacks(tiny_batch):
     parts = [build_inputs(tiny_batch, a) for a in ("I-S", "II-S", "III-X", "III-T")]
     np.testing.assert_array_equal(build_inputs(tiny_batch, "IV"), np.concatenate(parts, 1))
+
+
+def test_graybox_inputs_are_log_errors_and_scores_minus_log_mean_error(tiny_batch):
+    for attack, key in (("loss", "graybox_loss"), ("PIA", "graybox_pia"), ("SecMI", "graybox_secmi")):
+        e = tiny_batch[key].astype(np.float64)
+        np.testing.assert_allclose(build_inputs(tiny_batch, attack), np.log(e), rtol=1e-6)
+        # Lower error = more member-like: the untrained score is high for members.
+        np.testing.assert_allclose(build_inputs(tiny_batch, f"{attack}-score")[:, 0], -np.log(e.mean(1)), rtol=1e-6)
+
+
+def test_every_attack_names_its_tier_and_a_store_trains_what_it_holds(tiny_batch):
+    assert {tier_of(a) for a in PAPER_ATTACKS + ("blind",)} == {"black-box"}
+    assert {tier_of(a) for a in GRAYBOX_ATTACKS} == {"gray-box"}
+    black = {k: v for k, v in tiny_batch.items() if not k.startswith("graybox_")}
+    gray = {k: v for k, v in tiny_batch.items() if not k.startswith("gen_")}
+    assert available_attacks(black) == PAPER_ATTACKS + ("blind",)
+    assert available_attacks(gray) == GRAYBOX_ATTACKS + ("blind",)
+    assert available_attacks(tiny_batch) == PAPER_ATTACKS + GRAYBOX_ATTACKS + ("blind",)
+    with pytest.raises(InputError, match=r"PIA \(gray-box\).*--tier gray-box"):
+        build_inputs(black, "PIA")
 
 
 def test_attack_names_are_checked_and_blind_is_always_trained():

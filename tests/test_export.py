@@ -13,7 +13,7 @@ from audit.export import ExportConfig, export_all
 from audit.manifest import read_manifest
 from audit.registry import TARGETS, parse_model_ref
 
-GRAPHS = {"target": {"text_encoder", "unet_context", "unet", "vae_decoder"},
+GRAPHS = {"target": {"text_encoder", "unet_context", "unet", "vae_decoder", "vae_encoder"},
           "embedder": {"image_encoder", "text_encoder"}, "captioner": {"vision_encoder", "decoder_step"}}
 
 
@@ -24,7 +24,7 @@ def test_cli_export_reports_components_and_end_to_end_checks(tiny_export):
         assert name in out
     assert "captions equal" in out
     assert f"--target {tiny_export['path']}" in out
-    assert "export: 100%" in tiny_export["stderr"] and "9/9" in tiny_export["stderr"]  # 8 graphs + end-to-end
+    assert "export: 100%" in tiny_export["stderr"] and "10/10" in tiny_export["stderr"]  # 9 graphs + end-to-end
 
 
 @pytest.mark.slow

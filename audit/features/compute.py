@@ -121,8 +121,10 @@ class Backends:
         """The three models; with ``graybox`` the target's gray-box access too, checked before the embedder and
         captioner load (a target without one fails first, in one line)."""
         from ..targets.builtin import default_models, load_captioner, load_embedder, load_target
-        from ..targets.denoiser import denoiser_for
+        from ..targets.denoiser import check_graybox_spec, denoiser_for
 
+        if graybox:
+            check_graybox_spec(target)
         default_e, default_c = default_models(target)
         generator = load_target(target, device=device, allow_pickle=allow_pickle)
         denoiser = denoiser_for(generator) if graybox else None

@@ -11,8 +11,10 @@ graybox_timesteps``) and ``z_t(e) = sqrt(a_t) z_0 + sqrt(1 - a_t) e``:
 - ``PIA`` (Kong et al. 2023, proximal initialisation): ``e_0 = eps(z_0, 0)``; ``mean(|eps(z_t(e_0), t_k) - e_0|^4)``,
   the paper's l4 distance (its code's ``lp=4``).
 - ``SecMI`` (Duan et al. 2023, as in PIA's ``SecMIAttacker``): a deterministic DDIM inversion ``z_0 -> z_{t_1} ->
-  ... -> z_{t_K}``, one step per timestep (``t_0 = 0``); then each ``z_{t_k}`` is denoised one DDIM step back to
-  ``t_{k-1}`` and ``mean((denoised - z_{t_{k-1}})^2)`` is error k.
+  ... -> z_{t_K}``, one step per timestep (``t_0 = 0``), step k with ``eps(z_{t_{k-1}}, t_{k-1})``; then each
+  ``z_{t_k}`` is denoised one DDIM step back to ``t_{k-1}`` with ``eps(z_{t_k}, t_k)`` and
+  ``mean((denoised - z_{t_{k-1}})^2)`` is error k. The inversion's next step uses that same evaluation, so SecMI
+  costs K + 1 UNet evaluations (PIA's code evaluates it twice), the first of them PIA's ``e_0``.
 
 Means are over the latent's elements (the papers sum; the mean divides by a constant). Every value depends on its
 row alone: UNet batches mix rows, but nothing is computed across them.
@@ -46,16 +48,11 @@ def check_timesteps(timesteps: Sequence[int], train_steps: int | None = None) ->
 
 
 def unet_evaluations(attacks: Sequence[str], n_timesteps: int) -> int:
-    """UNet evaluations per query for these gray-box attacks computed together (PIA and SecMI share eps(z_0, 0))."""
+    """UNet evaluations per query for these gray-box attacks computed together (PIA and SecMI share eps(z_0, 0)):
+    K for the loss, 1 + K for PIA, 1 + K for SecMI."""
     k = n_timesteps
-    n = k if "loss" in attacks else 0
-    if "PIA" in attacks or "SecMI" in attacks:
-        n += 1
-    if "PIA" in attacks:
-        n += k
-    if "SecMI" in attacks:
-        n += (k - 1) + k  # the inversion's other K - 1 steps, then K denoising steps
-    return n
+    shared = 1 if "PIA" in attacks or "SecMI" in attacks else 0
+    return shared + k * sum(a in attacks for a in ("loss", "PIA", "SecMI"))
 
 
 class _Unet:
@@ -138,19 +135,14 @@ def graybox_errors(denoiser, images: np.ndarray, captions: Sequence[str], timest
         pred = unet(_noised(z0[rep], e0_rep, a_rep), t_rep, rows[rep])
         out[DATASETS["PIA"]] = _mean_power(pred - e0_rep, 4).reshape(n, k)
     if "SecMI" in attacks:
-        # Inversion t_0 = 0 -> t_1 -> ... -> t_K, step k from eps at t_{k-1} (eps(z_0, 0) is PIA's e_0).
-        chain = [z0]
-        a_prev, e = np.full((n, 1, 1, 1), ac[0], np.float32), e0
+        # Inversion t_0 = 0 -> t_1 -> ... -> t_K; eps(z_{t_k}, t_k) both denoises z_{t_k} one step back and makes
+        # the next inversion step (eps(z_0, 0) is PIA's e_0).
+        a_prev, z, e = np.float32(ac[0]), z0, e0
+        errors = np.empty((n, k), np.float32)
         for j in range(k):
-            a_next = np.full((n, 1, 1, 1), a[j], np.float32)
-            chain.append(_ddim(chain[-1], e, a_prev, a_next))
-            if j + 1 < k:
-                e = unet(chain[-1], np.full(n, ts[j], np.int64), rows)
-            a_prev = a_next
-        inverted = np.stack(chain[1:], axis=1)  # [N, K, ...]: z_{t_1} .. z_{t_K}
-        targets = np.stack(chain[:-1], axis=1)  # z_{t_0} .. z_{t_{K-1}}
-        back = np.concatenate([[ac[0]], a[:-1]]).astype(np.float32)
-        pred = unet(flat(inverted), t_rep, rows[rep])
-        denoised = _ddim(flat(inverted), pred, a_rep, np.tile(back, n)[:, None, None, None])
-        out[DATASETS["SecMI"]] = _mean_power(denoised - flat(targets), 2).reshape(n, k)
+            z_next = _ddim(z, e, a_prev, a[j])
+            e = unet(z_next, np.full(n, ts[j], np.int64), rows)
+            errors[:, j] = _mean_power(_ddim(z_next, e, a[j], a_prev) - z, 2)
+            a_prev, z = a[j], z_next
+        out[DATASETS["SecMI"]] = errors
     return out, unet.calls

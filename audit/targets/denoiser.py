@@ -95,18 +95,45 @@ class DiffusersDenoiser:
         return np.concatenate(out)
 
 
+def _refusal(name: str, family: str | None) -> UsageError | None:
+    if family == "http":
+        return UsageError(f"target {name!r} is an HTTP service: gray-box attacks read the denoising error of the "
+                          "target's own weights (VAE encoder, UNet, text encoder); audit it with --tier black-box")
+    if family == "dalle":
+        return UsageError(f"target {name!r} is a token-based (DALL-E) generator: it has no VAE image encoder or "
+                          "denoising loss for gray-box attacks; audit it with --tier black-box")
+    return None
+
+
+def check_graybox_spec(spec: str) -> None:
+    """Refuse, before anything loads or connects, a target spec that cannot have gray-box access (an HTTP
+    service, a DALL-E model); other specs are checked once loaded (``denoiser_for``)."""
+    from ..registry import TARGETS, parse_model_ref
+    from .real import target_family
+
+    ref = parse_model_ref(spec, TARGETS)
+    family = {"http": "http"}.get(ref.kind)
+    if ref.kind == "registered":
+        family = TARGETS.get(ref.value).family
+    elif ref.kind == "folder":
+        family = target_family(ref.value)
+    elif ref.kind == "export":
+        from ..runtime.folder import ExportFolder
+
+        family = ExportFolder(ref.value).component_folder("target").info.get("family")
+    error = _refusal(spec, family)
+    if error is not None:
+        raise error
+
+
 def denoiser_for(generator):
     """The gray-box access to a loaded target, or a one-line error saying why this target has none."""
     make = getattr(generator, "denoiser", None)
     if callable(make):
         return make()
     name = getattr(generator, "name", type(generator).__name__)
-    family = getattr(generator, "family", None)
-    if family == "http":
-        raise UsageError(f"target {name!r} is an HTTP service: gray-box attacks read the denoising error of the "
-                         "target's own weights (VAE encoder, UNet, text encoder); audit it with --tier black-box")
-    if family == "dalle":
-        raise UsageError(f"target {name!r} is a token-based (DALL-E) generator: it has no VAE image encoder or "
-                         "denoising loss for gray-box attacks; audit it with --tier black-box")
+    error = _refusal(name, getattr(generator, "family", None))
+    if error is not None:
+        raise error
     raise UsageError(f"target {name!r} ({type(generator).__name__}) gives no access to its weights; gray-box attacks "
                      "need a local diffusers pipeline or an `audit export` folder of one; use --tier black-box")
