@@ -1,7 +1,9 @@
-"""benchmarks/runtime.py runs end to end (tiny models, a few queries): the script the README's speed figures come
-from must not rot. Its figures themselves are not asserted: speed is measured by running it, not by tests."""
+"""benchmarks/runtime.py and benchmarks/graybox.py run end to end (tiny models, a few queries): the scripts the
+README's speed figures come from must not rot. Their figures themselves are not asserted: speed is measured by
+running them, not by tests."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "runtime.py"
+GRAYBOX = SCRIPT.with_name("graybox.py")
 
 
 @pytest.mark.slow
@@ -30,3 +33,23 @@ def test_runtime_benchmark_runs_both_paths_side_by_side(tiny_world, tiny_export,
     assert result["agreement"]["images_max_abs_uint8"] <= 2
     assert len(result["same_round_ratios"]) == 2 and "median" in proc.stdout
     assert result["flops"]["unet_gflop_per_call"] > 0 and 0 < result["flops"]["unet_onnx_fraction"]
+
+
+@pytest.mark.slow
+def test_graybox_benchmark_times_both_tiers_and_reports_aucs(tiny_export, tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "AUDIT_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(GRAYBOX), "--export", str(tiny_export["path"]), "--queries", "2",
+                           "--rounds", "2", "--steps", "2", "--timesteps", "100,300", "--aux", "6", "--epochs", "2",
+                           "--fullsize", "--fullsize-tiny", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for part in ("toy", "fullsize"):
+        table = result[part]
+        assert table["black-box"]["unet_evaluations_per_query"] == 2 * 2
+        assert table["gray-box, all three"]["unet_evaluations_per_query"] == 3 * 2 + 1
+        assert all(len(t["all_rounds"]) == 2 and t["seconds_per_query"] > 0 for t in table.values())
+    assert set(result["toy_auc"]["black-box"]["auc"]) >= {"IV", "blind"}
+    assert set(result["toy_auc"]["gray-box"]["auc"]) >= {"PIA", "PIA-score", "SecMI", "loss", "blind"}
+    assert "RANDOM WEIGHTS (time only)" in proc.stdout and "| gray-box, PIA only |" in proc.stdout
