@@ -25,6 +25,7 @@ from ..errors import InputError, UsageError
 from ..manifest import make_manifest
 from ..seeding import derive_seed
 from . import calibration, metrics
+from .decision import VALIDATION_KEY, validation_record
 from .export import export_head, ort_session, run_session
 from .inputs import ATTACKS, PAPER_ATTACKS, build_inputs, get_attack, input_signature
 from .nets import ScoringHead, build_net, standardisation
@@ -193,6 +194,8 @@ def fit_attack(attack: str, x: np.ndarray, y: np.ndarray, split: Mapping[str, np
         "outputs": ["score", "probability"],
         "threshold": threshold,
         "thresholds": {"balanced_accuracy": threshold, "fpr_1pct": fpr1, "fpr_0_1pct": fpr01},
+        # Kept so that check/scan/evaluate fit the conformal thresholds of any --max-fpr without retraining.
+        VALIDATION_KEY: validation_record(val_probs, y[va]),
         "calibration": {"method": "platt", "a": a, "b": b, "fitted_on": "validation"},
         "standardisation": {"fitted_on": "train"},
         "validation": {
