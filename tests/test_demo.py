@@ -46,7 +46,7 @@ def test_demo_pipeline_reports_only_what_it_computed(small_world, tmp_path, monk
     # The evaluation printed is the one on disk, and re-evaluating the same store and heads gives it again.
     on_disk = json.loads((work / "evaluate.json").read_text())
     assert result["evaluation"]["attacks"] == on_disk["attacks"]
-    again = api.evaluate(work / "features.h5", work / "heads", seed=0)
+    again = api.evaluate(work / "features.h5", work / "heads", seed=0, max_fpr=result["config"]["max_fpr"])
     assert again["attacks"] == on_disk["attacks"]
     assert [c["truly_member"] for c in result["checks"]] == [True, False]
     assert all(c["status"] == "ok" and c["verdict"] in ("member", "non-member", "inconclusive")
