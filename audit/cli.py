@@ -133,7 +133,7 @@ def train_cmd(
     attacks: str = typer.Option("all", "--attacks", help="Comma-separated subset of I-P,I-S,II-P,II-S,III-X,III-T,"
                                 "IV; the blind baseline is always trained too."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/validation/test split and of training."),
-    epochs: int = typer.Option(200, "--epochs", help="Most epochs per head (early stopping on validation loss)."),
+    epochs: int = typer.Option(200, "--epochs", help="Most epochs per head (early stopping on rows held out of the training split)."),
     register: bool = typer.Option(True, "--register/--no-register",
                                   help="Register the heads for the store's target (in $AUDIT_HOME or ~/.cache/audit)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for fitting the (tiny) heads; 0: library default."),
