@@ -7,18 +7,24 @@ import json
 import math
 from typing import Any
 
-MEMBER, NON_MEMBER = "member", "non-member"
+MEMBER, NON_MEMBER, INCONCLUSIVE = "member", "non-member", "inconclusive"
+VERDICTS = (MEMBER, NON_MEMBER, INCONCLUSIVE)
 
 
 @dataclasses.dataclass
 class Verdict:
     """Was this image (with this caption) in the target's training data, according to the heads?
 
-    ``verdict`` is ``member`` when ``probability >= threshold`` of the chosen ``attack`` (the heads' default, attack
-    IV when trained), ``non-member`` otherwise, and None when the row could not be scored (``status`` says why,
-    ``error`` is a one-line message). ``tier`` is that attack's access tier (``black-box`` or ``gray-box``).
-    ``scores`` holds every attack's ``score`` (the head's raw logit), ``probability`` (calibrated on validation
-    data), ``threshold`` (fitted on validation data), ``verdict`` and ``tier``.
+    ``verdict`` is ``member``, ``non-member`` or ``inconclusive`` by the chosen ``attack``'s probability (the
+    heads' default, attack IV when trained) and the rule in ``decision`` (``audit.attacks.decision``): by default
+    ``member`` when ``probability >= threshold``, the split-conformal threshold at which at most ``max_fpr`` of
+    unseen non-members would be called members, ``non-member`` below the threshold at which at most ``max_miss``
+    of members would be missed, ``inconclusive`` between; ``threshold`` is None when the budget cannot be resolved
+    with the heads' validation rows (``decision["notes"]`` and ``warnings`` say so). None when the row could not
+    be scored (``status`` says why, ``error`` is a one-line message). ``scores`` holds every attack's ``score``
+    (the head's raw logit), ``probability`` (calibrated on validation data), ``threshold`` and
+    ``nonmember_threshold`` (the same rule fitted for that attack), ``verdict`` and ``tier``. ``tier`` is the
+    chosen attack's access tier (``black-box`` or ``gray-box``).
     """
 
     image: str
@@ -32,6 +38,9 @@ class Verdict:
     attack: str | None = None
     tier: str | None = None  # access tier of ``attack``
     scores: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # rule, max_fpr, max_miss, member/nonmember thresholds, validation FPR and miss rate, their resolutions,
+    # member_resolvable / nonmember_resolvable, notes (see audit.attacks.decision.Decision.to_dict)
+    decision: dict[str, Any] | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
     heads: str | None = None  # the heads folder whose ONNX heads scored this image
@@ -52,10 +61,6 @@ class Verdict:
     def from_dict(cls, data: dict[str, Any]) -> "Verdict":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def decide(probability: float, threshold: float) -> str:
-    return MEMBER if probability >= threshold else NON_MEMBER
 
 
 def finite(x: Any) -> float | None:

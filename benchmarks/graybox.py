@@ -181,6 +181,8 @@ def fullsize(args) -> dict:
 
 
 def main() -> None:
+    from audit.features.graybox import DEFAULT_TIMESTEPS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--queries", type=int, default=16, help="toy queries timed per round")
     p.add_argument("--rounds", type=int, default=3)
@@ -188,7 +190,7 @@ def main() -> None:
     p.add_argument("--n-gen", type=int, default=2)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--caption-tokens", type=int, default=30)
-    p.add_argument("--timesteps", type=lambda s: [int(v) for v in s.split(",")], default=[100, 200, 300, 400])
+    p.add_argument("--timesteps", type=lambda s: [int(v) for v in s.split(",")], default=list(DEFAULT_TIMESTEPS))
     p.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
     p.add_argument("--export", help="an `audit export` folder of the bundled toy world (default: made and cached)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")

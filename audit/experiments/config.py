@@ -6,6 +6,7 @@ import dataclasses
 
 from ..config import Config
 from ..errors import UsageError
+from ..features.graybox import DEFAULT_TIMESTEPS
 
 
 @dataclasses.dataclass
@@ -25,7 +26,7 @@ class ExperimentConfig(Config):
     # Gray-box tier (RQ1, RQ3, set-level): its attacks, read at these timesteps, from stores of their own (the
     # black-box stores stay as they were); the RQ3 targets' set-level test runs graybox_set_attack beside IV.
     graybox_attacks: tuple = ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score")
-    graybox_timesteps: tuple = (100, 200, 300, 400)
+    graybox_timesteps: tuple = DEFAULT_TIMESTEPS
     graybox_set_attack: str = "PIA"
     # RQ1/RQ3 seeds: seed s generates the images (features seed s) and draws the split and head initialisation.
     seeds: tuple = (0, 1, 2)

@@ -32,7 +32,7 @@ from ..seeding import query_seed
 # Attack -> store dataset; the order is the store's.
 DATASETS = {"loss": "graybox_loss", "PIA": "graybox_pia", "SecMI": "graybox_secmi"}
 MAX_TIMESTEPS = 32
-DEFAULT_TIMESTEPS = (100, 200, 300, 400)
+DEFAULT_TIMESTEPS = (100, 200, 300)
 
 
 def check_timesteps(timesteps: Sequence[int], train_steps: int | None = None) -> tuple[int, ...]:
