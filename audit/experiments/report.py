@@ -87,8 +87,8 @@ def findings(n: dict) -> list[str]:
         best_g = max(gray, key=lambda a: _auc(rq1, a))
         evals = n["unet_evaluations_per_query"]
         line = (f"Gray-box tier (the target's own denoising error on the query image; "
-                f"{evals['gray-box']} UNet evaluations per query for all three attacks, vs {evals['black-box']} "
-                f"denoising steps of the black-box features): best {best_g} (AUC {_ms(rq1[best_g]['auc'])}, TPR at "
+                f"{evals['gray-box']} UNet evaluations per query for all three attacks, vs n_gen x steps = "
+                f"{evals['black-box']} for the black-box features): best {best_g} (AUC {_ms(rq1[best_g]['auc'])}, TPR at "
                 f"1% FPR {_ms(rq1[best_g]['tpr_at_1pct_fpr'])})")
         if "IV" in rq1:
             line += (", " + ("at or above" if _auc(rq1, best_g) >= _auc(rq1, "IV") else "below")
