@@ -12,8 +12,8 @@ query and of the per-round ratio to IV.
 Parts:
 - toy (default): the bundled toy target at the study's settings (n_gen 2, 25 steps, no guidance), on the compiled
   runtime (its export is made once and cached under /tmp/audit-bench) or ``--backend torch``. With ``--aux N`` the
-  same run also featurises N members + N non-members of the toy world with both tiers, trains the heads and
-  reports test AUCs on one split (same ids, same seed): IV against the gray-box attacks.
+  same run also featurises N members + N non-members of the toy world with both tiers, trains IV's head and every
+  gray-box attack's and reports test AUCs on one split (same ids, same seed).
 - ``--fullsize``: SD-1.5's architecture with random weights (``audit.targets.fullsize``; or ``--fullsize-dir DIR``,
   a diffusers folder of it): time only, on the torch path (exporting it takes ~15 min and 15 GB), a few queries.
   Run it through /work/bin/heavy. Never read attack results off random weights: none are computed here.
@@ -140,7 +140,9 @@ def toy_auc(backends, args) -> dict:
         store = work / f"{tier}.h5"
         summary = compute_store(aux, store, backends, cfg, quiet=True)
         heads = work / f"heads-{tier}"
-        api.train(store, heads, register=False, quiet=True, epochs=args.epochs)
+        # IV against every gray-box attack (IV's own inputs are the other semantic attacks' together).
+        attacks = "IV" if tier == "black-box" else "all"
+        api.train(store, heads, attacks=attacks, register=False, quiet=True, epochs=args.epochs)
         h = load_heads(heads)
         fs = FeatureStore.open(store)
         batch = fs.read()
