@@ -57,21 +57,43 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _cluster(ray: str | None, workers: int, threads: int, device: str):
+    """The ClusterConfig of ``ray=ADDRESS``, or None to run on this machine (where --workers/--threads mean
+    nothing)."""
+    if ray is None:
+        if workers != 1 or threads:
+            raise UsageError("--workers and --threads apply to runs on a Ray cluster; add --ray ADDRESS (or local)")
+        return None
+    from .cluster import ClusterConfig
+
+    return ClusterConfig(address=str(ray), workers=workers, threads=threads, device=device).validate()
+
+
 def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str | None = None,
               captioner: str | None = None, n_gen: int = 2, steps: int = 25, guidance: float = 1.0, seed: int = 0,
               batch_size: int = 8, caption_tokens: int = 30, resume: bool = False, quiet: bool = False,
-              device: str = "cpu", allow_pickle: bool = False, on_batch=None) -> dict:
-    """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses)."""
+              device: str = "cpu", allow_pickle: bool = False, on_batch=None, ray: str | None = None,
+              workers: int = 1, threads: int = 0) -> dict:
+    """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses).
+
+    ``ray``: compute the batches on a Ray cluster (``local``, ``auto``, ``ray://HEAD:10001``) with ``workers``
+    actors of ``threads`` threads each (0: this machine's single-process setting); the store is the same."""
     from .errors import InputError
     from .features.compute import Backends, FeaturesConfig, compute_store
 
     cfg = FeaturesConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", n_gen=n_gen,
                          steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                          caption_tokens=caption_tokens).validate()
+    cluster = _cluster(ray, workers, threads, device)
     if Path(out).exists() and not resume:
         raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
     if not Path(data).is_dir():
         raise InputError(f"{data}: not a folder" + (" (it is a file)" if Path(data).exists() else ""))
+    if cluster is not None:
+        from .cluster import featurize_on_ray
+
+        return featurize_on_ray(data, out, cfg, cluster, allow_pickle=allow_pickle, resume=resume, quiet=quiet,
+                                on_batch=on_batch)
     backends = Backends.load(str(target), embedder, captioner, device, allow_pickle)
     return compute_store(data, out, backends, cfg, resume=resume, quiet=quiet, on_batch=on_batch)
 
@@ -93,22 +115,34 @@ def check(image: str | Path, caption: str | None = None, *, target: str, heads: 
 def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path | None = None,
          embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
          report: str | Path | None = None, resume: bool = False, batch_size: int = 8, quiet: bool = False,
-         device: str = "cpu", allow_pickle: bool = False) -> dict:
-    """Verdicts for every image of a folder, one JSONL line each (resumable); optionally an HTML report."""
-    from .auditor import Auditor
+         device: str = "cpu", allow_pickle: bool = False, ray: str | None = None, workers: int = 1,
+         threads: int = 0) -> dict:
+    """Verdicts for every image of a folder, one JSONL line each (resumable); optionally an HTML report.
+
+    ``ray``: score the batches on a Ray cluster, as ``featurize`` does; the results are the same lines. Its HTML
+    report shows the queries without their generated images (the driver holds no target to regenerate them)."""
+    from .auditor import Auditor, write_scan_html
     from .errors import InputError
 
+    cluster = _cluster(ray, workers, threads, device)
     if not Path(folder).is_dir():
         raise InputError(f"{folder}: not a folder" + (" (it is a file)" if Path(folder).exists() else ""))
     if Path(out).exists() and Path(out).stat().st_size > 0 and not resume:
         raise UsageError(f"{out}: already exists; pass --resume to continue it, or delete it")
-    auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
-                      batch_size=batch_size)
-    summary = auditor.scan(folder, out, resume=resume, quiet=quiet)
-    if report is not None:
-        from .auditor import write_scan_html
+    if cluster is not None:
+        from .cluster import scan_on_ray
 
-        summary["report"] = write_scan_html(out, report, generate=auditor.regenerate)
+        summary = scan_on_ray(folder, out, cluster, target=target, heads=heads, embedder=embedder,
+                              captioner=captioner, attack=attack, batch_size=batch_size, allow_pickle=allow_pickle,
+                              resume=resume, quiet=quiet)
+        generate = None
+    else:
+        auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
+                          batch_size=batch_size)
+        summary = auditor.scan(folder, out, resume=resume, quiet=quiet)
+        generate = auditor.regenerate
+    if report is not None:
+        summary["report"] = write_scan_html(out, report, generate=generate)
     return summary
 
 

@@ -195,6 +195,15 @@ _TARGET_HELP = "Registered name, diffusers folder, `audit export` folder, or htt
 _EMBEDDER_HELP = "Embedder: registered name or CLIP folder (default: the target's)."
 _CAPTIONER_HELP = "Captioner: registered name or BLIP folder (default: the target's)."
 _HEADS_HELP = "Heads folder from `audit train` (default: the heads registered for the target)."
+_RAY_HELP = ("Compute the batches on a Ray cluster: ray://HEAD:10001, auto, HOST:PORT, or local (a private cluster "
+             "on this machine, stopped afterwards); the output is the same. Needs pip install 'audit[ray]'.")
+_WORKERS_HELP = "With --ray: workers, each holding its own copy of the models (and with --device cuda one GPU)."
+_THREADS_HELP = "With --ray: CPU threads per worker (default: those this command uses on this machine)."
+
+
+def _on_ray(summary: dict) -> str:
+    ray = summary.get("ray")
+    return f" on Ray ({ray['workers']} worker{'s' if ray['workers'] > 1 else ''})" if ray else ""
 
 
 @app.command()
@@ -215,6 +224,9 @@ def features(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=_RAY_HELP),
+    workers: int = typer.Option(1, "--workers", help=_WORKERS_HELP),
+    threads: int = typer.Option(0, "--threads", help=_THREADS_HELP),
 ) -> None:
     """Generate, caption and embed for every row of an ImageFolder: the features every attack reads."""
     from . import api
@@ -222,12 +234,14 @@ def features(
     s = run(lambda: api.featurize(target, data, out, embedder=embedder, captioner=captioner, n_gen=n_gen,
                                   steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                   caption_tokens=caption_tokens, resume=resume,
-                                  quiet=quiet, device=device, allow_pickle=allow_pickle))
+                                  quiet=quiet, device=device, allow_pickle=allow_pickle, ray=ray, workers=workers,
+                                  threads=threads))
     if json_out:
         return _echo_json(s)
     failed = ", ".join(f"{n} {k}" for k, n in sorted(s["status"].items()) if k != "ok")
     typer.echo(f"wrote {s['rows']} rows to {s['out']} ({s['ok']} ok{'; ' + failed if failed else ''}) in "
-               f"{s['seconds']:.1f} s; embedder {s['embedder']['name']}, captioner {s['captioner']['name']}")
+               f"{s['seconds']:.1f} s{_on_ray(s)}; embedder {s['embedder']['name']}, captioner "
+               f"{s['captioner']['name']}")
 
 
 def _verdict_line(v) -> str:
@@ -291,21 +305,24 @@ def scan(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=_RAY_HELP),
+    workers: int = typer.Option(1, "--workers", help=_WORKERS_HELP),
+    threads: int = typer.Option(0, "--threads", help=_THREADS_HELP),
 ) -> None:
     """Score every image of a folder; results go to a JSONL file as they are computed."""
     from . import api
 
     s = run(lambda: api.scan(folder, out, target=target, heads=heads, embedder=embedder, captioner=captioner,
                              attack=attack, report=report, resume=resume, batch_size=batch_size, quiet=quiet,
-                             device=device, allow_pickle=allow_pickle))
+                             device=device, allow_pickle=allow_pickle, ray=ray, workers=workers, threads=threads))
     if json_out:
         _echo_json(s)
         if fail_on_member and s["counts"].get("member", 0):
             raise typer.Exit(3)
         return
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s["counts"].items()))
-    typer.echo(f"scanned {s['rows']} rows of {folder} ({counts}) with attack {s['attack']} in {s['seconds']:.1f} s; "
-               f"results in {s['out']}")
+    typer.echo(f"scanned {s['rows']} rows of {folder} ({counts}) with attack {s['attack']} in {s['seconds']:.1f} s"
+               f"{_on_ray(s)}; results in {s['out']}")
     typer.echo(f"heads: {s['heads']}")
     if report is not None:
         typer.echo(f"report: {s['report']}" if s.get("report") else "report: skipped (no HTML report module)")
