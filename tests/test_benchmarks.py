@@ -2,6 +2,7 @@
 from must not rot. Its figures themselves are not asserted: speed is measured by running it, not by tests."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,29 @@ def test_runtime_benchmark_runs_both_paths_side_by_side(tiny_world, tiny_export,
     assert result["agreement"]["images_max_abs_uint8"] <= 2
     assert len(result["same_round_ratios"]) == 2 and "median" in proc.stdout
     assert result["flops"]["unet_gflop_per_call"] > 0 and 0 < result["flops"]["unet_onnx_fraction"]
+
+
+SCALE = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_one_process_and_private_ray_clusters_side_by_side(tiny_world, tmp_path):
+    """benchmarks/scale.py on tiny settings, with `--ray local`: each Ray run starts and stops its own cluster."""
+    world = tmp_path / "world"
+    world.mkdir()
+    for name in ("target", "clip", "blip"):
+        (world / name).symlink_to(tiny_world[name], target_is_directory=True)
+    out = tmp_path / "scale.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(SCALE), "--world", str(world), "--queries", "8", "--batch-size", "2",
+                           "--steps", "2", "--n-gen", "1", "--json", str(out)], capture_output=True, text=True,
+                          timeout=900, env={**env, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for name in ("one process, 1 thread", "ray, 1 worker x 1 thread", "ray, 2 workers x 1 thread"):
+        r = result[name]
+        assert r["rows_per_s"] > 0 and r["driver_peak_rss_mib"] > 0
+        assert r["vs_one_process_1_thread"]["same_bits"], name  # the Ray stores are the one-process store
+    # Workers report with their batches: on these few fast batches the first actor up may compute them all.
+    assert 1 <= len(result["ray, 2 workers x 1 thread"]["worker_peak_rss_mib"]) <= 2
+    assert "Ray's overhead per row" in proc.stdout and "ray_overhead_ms_per_row" in result["ratios"]
