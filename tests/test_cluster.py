@@ -229,3 +229,17 @@ def test_shipped_bytes_decode_to_the_pixels_and_statuses_of_reading_the_files(tm
         assert (a.status, a.error) == (b.status, b.error), a.id
         assert (want is None and got is None) or np.array_equal(want, got), a.id
     assert sum(r.ok for r in rows) >= 10 and len({r.status for r in rows}) >= 5
+
+
+@pytest.mark.slow
+def test_features_on_ray_with_a_compiled_target_equal_one_machine(ray_cluster, tiny_export, folder, monkeypatch,
+                                                                   tmp_path):
+    """An `audit export` folder as the target: the workers load the onnxruntime graphs (and the export's compiled
+    embedder and captioner) once each, at the one-machine run's onnxruntime threads."""
+    monkeypatch.setenv("AUDIT_THREADS", "1")
+    target = str(tiny_export["path"])
+    ref, out = tmp_path / "ref.h5", tmp_path / "ray.h5"
+    api.featurize(target, folder, ref, quiet=True, **SETTINGS)
+    summary = api.featurize(target, folder, out, quiet=True, ray=ray_cluster.address, workers=2, **SETTINGS)
+    assert summary["ray"]["ort_threads"] == 1  # --threads unset: the driver's own setting, AUDIT_THREADS here
+    _assert_same_store(out, ref)
