@@ -3,4 +3,5 @@
 from .compute import Backends, FeaturesConfig, batch_slices, compute_store, featurize_rows
 from .store import KEYS, FeatureStore, FeatureWriter
 
-__all__ = ["Backends", "FeaturesConfig", "batch_slices", "compute_store", "featurize_rows", "KEYS", "FeatureStore", "FeatureWriter"]
+__all__ = ["Backends", "FeaturesConfig", "batch_slices", "compute_store", "featurize_rows", "KEYS", "FeatureStore",
+           "FeatureWriter"]
