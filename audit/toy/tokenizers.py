@@ -1,7 +1,8 @@
 """Tokenizers built offline, of the same classes the real models use.
 
 - CLIP: a byte-level BPE ``CLIPTokenizer`` made from the original CLIP merges that open_clip ships
-  (``bpe_simple_vocab_16e6.txt.gz``), trimmed to the merges that the toy vocabulary uses. BPE applies merges in
+  (``bpe_simple_vocab_16e6.txt.gz``), trimmed to the merges that the toy vocabulary uses (or whole, for the
+  full-size models of ``audit.targets.fullsize``). BPE applies merges in
   rank order, so keeping the used merges in their original order tokenises every toy word exactly as the full
   tokenizer would, while the embedding tables stay small (a few hundred rows instead of 49,408).
 - BLIP: a WordPiece ``BertTokenizerFast`` trained on the captions, with BLIP's ``[DEC]`` bos token.
@@ -73,17 +74,20 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
     return used
 
 
-def build_clip_tokenizer(out: Path, words: list[str] | None = None):
-    """Save a trimmed CLIP BPE tokenizer to ``out`` and return it loaded back with ``from_pretrained``."""
+def build_clip_tokenizer(out: Path, words: list[str] | None = None, full: bool = False):
+    """Save a CLIP BPE tokenizer to ``out`` and return it loaded back with ``from_pretrained``: trimmed to the
+    merges ``words`` use, or with ``full`` all 48,894 merges (OpenAI CLIP's 49,408-token vocabulary and ids)."""
     from transformers import CLIPTokenizer
 
-    words = words or toy_words()
     merges = _clip_merges()
-    ranks = {m: i for i, m in enumerate(merges)}
-    used: set[tuple[str, str]] = set()
-    for w in words:
-        used.update(_bpe(w, ranks))
-    kept = [m for m in merges if m in used]
+    if full:
+        kept = merges
+    else:
+        ranks = {m: i for i, m in enumerate(merges)}
+        used: set[tuple[str, str]] = set()
+        for w in words or toy_words():
+            used.update(_bpe(w, ranks))
+        kept = [m for m in merges if m in used]
     alphabet = list(_bytes_to_unicode().values())
     vocab_list = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in kept]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
