@@ -4,10 +4,11 @@ Each variant is the real command (`audit features ... --json`) in its own subpro
 settings, in this order: one process at 1 thread (the Ray workers' setting), `--ray ADDRESS --workers 1 --threads
 1`, `--ray ADDRESS --workers 2 --threads 1` (ADDRESS `local`: each Ray run starts and stops its own private
 cluster, as a user's command does), and with `--default-threads` one process at this machine's default threads.
-Per variant: the command's wall time, rows featurised per second once the models are loaded (Ray: after the first
-batch came back, when every actor has loaded), peak RSS of the driver process and of each worker. Then Ray's
-overhead per row against one process at the same thread count, and the ratios, all from this run. Every store is
-compared with the 1-thread one-process store (the same bits, or how far apart).
+Per variant (its fastest of `--repeats` interleaved rounds): the command's wall time, rows featurised per second
+after the first batch (which, on Ray, waits for the actors to start and load the models), peak RSS of the driver
+process and of each worker. Then, per round, Ray's overhead per row against one process at the same thread count
+and the ratios (their medians over the rounds). Every store is compared with the 1-thread one-process store (the
+same bits, or how far apart).
 
     python benchmarks/scale.py                               # bundled toy target, 48 toy queries
     python benchmarks/scale.py --world DIR --queries 8 --steps 2 --n-gen 1 --json scale.json
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,9 +40,10 @@ def child(argv: list[str], peak_file: str) -> None:
     from audit.cli import app
 
     try:
-        app(argv, standalone_mode=False)
+        code = app(argv, standalone_mode=False)  # an error's exit code is returned, not raised, in this mode
     finally:
         Path(peak_file).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _queries(folder: Path, n: int) -> Path:
@@ -69,16 +72,15 @@ def _run(name: str, args, data: Path, tmp: Path) -> dict:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     ray = summary.get("ray")
-    rows = summary["rows"]
-    if ray:  # steady state: the rows after the first batch, over the time after it
-        steady_rows, steady_s = rows - min(rows, args.batch_size), summary["seconds"] - ray["first_batch_seconds"]
-        workers = sorted(w["peak_rss_mib"] for w in ray["worker_stats"])
-    else:
-        steady_rows, steady_s, workers = rows, summary["seconds"], []
-    return {"wall_s": round(wall, 2), "featurise_s": summary["seconds"],
+    # Steady state, the same for every variant: the rows after the first batch, over the time after it (the first
+    # batch of a Ray run waits for its actors to start and load the models).
+    rows, first = summary["rows"], summary["first_batch_seconds"]
+    steady_rows, steady_s = rows - min(rows, args.batch_size), summary["seconds"] - first
+    return {"wall_s": round(wall, 2), "featurise_s": summary["seconds"], "first_batch_s": first,
             "rows_per_s": steady_rows / steady_s if steady_s > 0 and steady_rows else float("nan"),
-            "driver_peak_rss_mib": round(float(peak.read_text()), 1), "worker_peak_rss_mib": workers,
-            "first_batch_s": ray["first_batch_seconds"] if ray else None, "store": str(out)}
+            "driver_peak_rss_mib": round(float(peak.read_text()), 1),
+            "worker_peak_rss_mib": sorted(w["peak_rss_mib"] for w in ray["worker_stats"]) if ray else [],
+            "store": str(out)}
 
 
 def _compare(a: str, b: str) -> dict:
@@ -106,6 +108,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--default-threads", action="store_true", help="also run one process at this machine's default "
                    "threads, and say how far its outputs are from the 1-thread run's")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of all variants, interleaved")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args()
@@ -114,51 +117,68 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     print(f"target {args.world or args.target}; {args.queries} queries, {args.batch_size} a batch, n_gen {args.n_gen}, "
-          f"{args.steps} steps; Ray at {args.ray}; machine {os.cpu_count()} cores, load {load:.1f}")
+          f"{args.steps} steps; Ray at {args.ray}; {args.repeats} round(s); machine {os.cpu_count()} cores, load "
+          f"{load:.1f}")
+    if args.default_threads:
+        VARIANTS[DEFAULT_THREADS] = ([], {})
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = _queries(tmp / "queries", args.queries)
         (tmp / "stores").mkdir()
-        if args.default_threads:
-            VARIANTS[DEFAULT_THREADS] = ([], {})
-        results = {name: _run(name, args, data, tmp / "stores") for name in VARIANTS}
-        base = results["one process, 1 thread"]["store"]
-        for r in results.values():
-            r["vs_one_process_1_thread"] = _compare(r["store"], base)
-        for r in results.values():
-            r.pop("store")
-    print(f"\n{'':32}{'wall s':>8}{'rows/s':>9}{'driver MiB':>12}{'workers MiB':>16}{'same store':>12}")
+        for _ in range(args.repeats):  # interleaved: a change of the machine's load hits every variant
+            runs = {name: _run(name, args, data, tmp / "stores") for name in VARIANTS}
+            for r in runs.values():
+                r["vs_one_process_1_thread"] = _compare(r["store"], runs["one process, 1 thread"]["store"])
+            for r in runs.values():
+                Path(r.pop("store")).unlink()
+            rounds.append({"runs": runs, "ratios": _ratios(runs)})
+    # Each variant's fastest run (the least disturbed on a shared machine); ratios only within a round.
+    results = {name: max((r["runs"][name] for r in rounds), key=lambda x: x["rows_per_s"]) for name in VARIANTS}
+    print(f"\n{'fastest of the rounds':32}{'wall s':>8}{'rows/s':>9}{'driver MiB':>12}{'workers MiB':>16}"
+          f"{'same store':>12}")
     for name, r in results.items():
         workers = ", ".join(f"{m:.0f}" for m in r["worker_peak_rss_mib"]) or "-"
         print(f"{name:32}{r['wall_s']:>8.1f}{r['rows_per_s']:>9.2f}{r['driver_peak_rss_mib']:>12.0f}{workers:>16}"
-              f"{'yes' if r['vs_one_process_1_thread']['same_bits'] else 'NO':>12}")
+              f"{'yes' if all(x['runs'][name]['vs_one_process_1_thread']['same_bits'] for x in rounds) else 'NO':>12}")
     if DEFAULT_THREADS in results:
         d = results[DEFAULT_THREADS]["vs_one_process_1_thread"]
         print(f"at the default threads the store is {'the same bits' if d['same_bits'] else 'not the same bits'}: "
               f"generated pixels within {d['pixels_max_abs_uint8']} uint8 levels, embeddings within "
               f"{d['embeddings_max_abs']:.1e}, captions of generated images "
               f"{'equal' if d['gen_captions_equal'] else 'DIFFERENT'}")
-    one, r1, r2 = (results[k] for k in ("one process, 1 thread", "ray, 1 worker x 1 thread",
-                                        "ray, 2 workers x 1 thread"))
-    overhead_ms = (1 / r1["rows_per_s"] - 1 / one["rows_per_s"]) * 1e3
-    ratios = {"ray_1_worker_over_one_process": r1["rows_per_s"] / one["rows_per_s"],
-              "ray_2_workers_over_one_process": r2["rows_per_s"] / one["rows_per_s"],
-              "ray_2_workers_over_1_worker": r2["rows_per_s"] / r1["rows_per_s"],
-              "ray_overhead_ms_per_row": overhead_ms,
-              "ray_startup_s_1_worker": r1["wall_s"] - r1["featurise_s"] + r1["first_batch_s"]}
-    print(f"\nRay's overhead per row (1 worker vs one process, both 1 thread): {overhead_ms:+.1f} ms "
-          f"({ratios['ray_1_worker_over_one_process']:.2f}x the rows/s); 2 workers: "
-          f"{ratios['ray_2_workers_over_one_process']:.2f}x one process, {ratios['ray_2_workers_over_1_worker']:.2f}x "
-          f"1 worker. Before its first batch, a Ray command spent {ratios['ray_startup_s_1_worker']:.1f} s (cluster "
-          f"start, actor start, model loading), one process {one['wall_s'] - one['featurise_s']:.1f} s (imports, "
-          "model loading).")
-    results["ratios"] = ratios
+    print()
+    for k, r in enumerate(rounds, 1):
+        x = r["ratios"]
+        print(f"round {k}: Ray's overhead per row (1 worker vs one process, both 1 thread) "
+              f"{x['ray_overhead_ms_per_row']:+.1f} ms ({x['ray_1_worker_over_one_process']:.2f}x the rows/s); 2 "
+              f"workers {x['ray_2_workers_over_one_process']:.2f}x one process, {x['ray_2_workers_over_1_worker']:.2f}x "
+              f"1 worker; before the first batch: Ray {x['before_first_batch_s_ray_1_worker']:.1f} s (cluster and "
+              f"actor start, model loading), one process {x['before_first_batch_s_one_process']:.1f} s (imports, "
+              "model loading)")
+    if len(rounds) > 1:
+        med = {k: statistics.median(r["ratios"][k] for r in rounds) for k in rounds[0]["ratios"]}
+        print("medians over the rounds: " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
+    results["rounds"] = rounds
     results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                            if k not in ("json", "child")}
     results["load_average"] = [load, os.getloadavg()[0]]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
+
+def _ratios(runs: dict) -> dict:
+    one, r1, r2 = (runs[k] for k in ("one process, 1 thread", "ray, 1 worker x 1 thread", "ray, 2 workers x 1 thread"))
+
+    def before_first(r):  # process start to the first committed batch
+        return r["wall_s"] - r["featurise_s"] + r["first_batch_s"]
+
+    return {"ray_overhead_ms_per_row": (1 / r1["rows_per_s"] - 1 / one["rows_per_s"]) * 1e3,
+            "ray_1_worker_over_one_process": r1["rows_per_s"] / one["rows_per_s"],
+            "ray_2_workers_over_one_process": r2["rows_per_s"] / one["rows_per_s"],
+            "ray_2_workers_over_1_worker": r2["rows_per_s"] / r1["rows_per_s"],
+            "before_first_batch_s_ray_1_worker": before_first(r1),
+            "before_first_batch_s_one_process": before_first(one)}
 
 if __name__ == "__main__":
     main()

@@ -56,4 +56,4 @@ def test_scale_benchmark_runs_one_process_and_private_ray_clusters_side_by_side(
         assert r["vs_one_process_1_thread"]["same_bits"], name  # the Ray stores are the one-process store
     # Workers report with their batches: on these few fast batches the first actor up may compute them all.
     assert 1 <= len(result["ray, 2 workers x 1 thread"]["worker_peak_rss_mib"]) <= 2
-    assert "Ray's overhead per row" in proc.stdout and "ray_overhead_ms_per_row" in result["ratios"]
+    assert "Ray's overhead per row" in proc.stdout and "ray_overhead_ms_per_row" in result["rounds"][0]["ratios"]

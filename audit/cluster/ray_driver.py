@@ -246,8 +246,7 @@ class ClusterRun:
     def describe(self) -> dict:
         return {"address": self.cluster.address, "workers": self.cluster.workers, "device": self.cluster.device,
                 "torch_threads": self.spec.torch_threads, "ort_threads": self.spec.ort_threads,
-                "first_batch_seconds": None if self.first_batch_seconds is None else
-                round(self.first_batch_seconds, 2), "worker_stats": list(self.workers.values())}
+                "worker_stats": list(self.workers.values())}
 
 
 # ----------------------------------------------------------------------------------------------------- commands
@@ -293,7 +292,8 @@ def featurize_on_ray(data: str | Path, out: str | Path, cfg, cluster: ClusterCon
                 bar.update(b - a)
                 if on_batch is not None:
                     on_batch(writer.n_committed)
-    summary = store_summary(out, writer.manifest, run.seconds if run else 0.0)
+    summary = store_summary(out, writer.manifest, run.seconds if run else 0.0,
+                            run.first_batch_seconds if run else None)
     summary["ray"] = run.describe() if run else None
     return summary
 

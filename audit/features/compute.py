@@ -246,12 +246,14 @@ def open_store(out: Path, manifest: dict, cfg: FeaturesConfig, dim: int, resume:
     return FeatureWriter.create(out, manifest, cfg.n_gen, cfg.pixel_size, dim, chunk_rows=cfg.batch_size)
 
 
-def store_summary(out: Path, manifest: dict, seconds: float) -> dict:
-    """What ``audit features`` reports about a finished store."""
+def store_summary(out: Path, manifest: dict, seconds: float, first_batch_seconds: float | None = None) -> dict:
+    """What ``audit features`` reports about a finished store (``seconds``: featurising, models loaded; and until
+    the first batch was committed, None when this run committed none)."""
     counts = FeatureStore.open(out).status_counts()
     summary = {"out": str(out), "rows": manifest["n_rows"], "ok": counts.get("ok", 0), "status": counts,
                "seconds": round(seconds, 2), "target": manifest["target"], "embedder": manifest["embedder"],
-               "captioner": manifest["captioner"]}
+               "captioner": manifest["captioner"],
+               "first_batch_seconds": None if first_batch_seconds is None else round(first_batch_seconds, 2)}
     log.info("features: %s", summary)
     return summary
 
@@ -269,11 +271,12 @@ def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: Fe
     rows = read_rows(data, cfg)
     manifest = store_manifest(cfg, backends.identities(), rows, data)
     writer = open_store(out, manifest, cfg, backends.embedder.dim, resume)
-    start_time = time.perf_counter()
+    start_time, first = time.perf_counter(), None
     with progress(total=len(rows), desc="features", unit="row", quiet=quiet, initial=writer.n_committed) as bar:
         for start, stop in batch_slices(len(rows), cfg.batch_size, writer.n_committed):
             writer.append(featurize_rows(rows[start:stop], backends, cfg))
+            first = first or time.perf_counter() - start_time
             bar.update(stop - start)
             if on_batch is not None:
                 on_batch(writer.n_committed)
-    return store_summary(out, writer.manifest, time.perf_counter() - start_time)
+    return store_summary(out, writer.manifest, time.perf_counter() - start_time, first)
