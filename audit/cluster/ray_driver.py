@@ -301,9 +301,10 @@ def featurize_on_ray(data: str | Path, out: str | Path, cfg, cluster: ClusterCon
 def scan_on_ray(folder: str | Path, out: str | Path, cluster: ClusterConfig, *, target: str,
                 heads: str | Path | None = None, embedder: str | None = None, captioner: str | None = None,
                 attack: str | None = None, batch_size: int = 8, allow_pickle: bool = False, resume: bool = False,
-                quiet: bool = False) -> dict:
-    """``Auditor.scan`` on a Ray cluster: the same JSONL, line for line, at the same thread counts."""
-    from ..auditor import check_resumable, pending_slices, write_verdicts
+                quiet: bool = False, **rule) -> dict:
+    """``Auditor.scan`` on a Ray cluster: the same JSONL, line for line, at the same thread counts. ``rule``: the
+    Auditor's verdict rule (``max_fpr``, ``decision``, ``max_miss``)."""
+    from ..auditor import check_resumable, pending_slices, scan_counts, write_verdicts
     from ..imagefolder import read_imagefolder
     from ..progress import progress
     from ..report.jsonl import JsonlWriter, read_jsonl
@@ -316,7 +317,8 @@ def scan_on_ray(folder: str | Path, out: str | Path, cluster: ClusterConfig, *, 
     out = Path(out)
     records = read_jsonl(out)[0] if resume else []
     spec = worker_spec("scan", cluster, target, embedder, captioner, allow_pickle,
-                       heads=str(heads) if heads is not None else None, attack=attack, batch_size=batch_size)
+                       heads=str(heads) if heads is not None else None, attack=attack, batch_size=batch_size,
+                       rule=rule)
     counts: Counter = Counter()
     described = None
     with JsonlWriter(out, resume=resume, key="id") as writer:
@@ -332,5 +334,5 @@ def scan_on_ray(folder: str | Path, out: str | Path, cluster: ClusterConfig, *, 
                     described = result["describe"]
                     check_resumable(out, records, described)
                 bar.update(write_verdicts(writer, result["verdicts"], counts))
-    return {"out": str(out), "rows": len(rows), "counts": {k: v for k, v in counts.items() if v},
+    return {"out": str(out), "rows": len(rows), "counts": scan_counts(counts),
             "seconds": round(run.seconds, 2), **described, "ray": run.describe()}

@@ -50,6 +50,7 @@ class WorkerSpec:
     heads: str | None = None  # scan: the Auditor's arguments
     attack: str | None = None
     batch_size: int = 8
+    rule: dict = dataclasses.field(default_factory=dict)  # the verdict rule: max_fpr, decision, max_miss
 
 
 def node_name() -> str:
@@ -206,7 +207,8 @@ class ScanWorker(BatchWorker):
         from ..auditor import Auditor
 
         self.auditor = Auditor(spec.target, spec.heads, spec.embedder, spec.captioner, spec.attack,
-                               device=spec.device, allow_pickle=spec.allow_pickle, batch_size=spec.batch_size)
+                               device=spec.device, allow_pickle=spec.allow_pickle, batch_size=spec.batch_size,
+                               **spec.rule)
 
     def compute(self, rows: list[Row], images: ShippedImages) -> dict:
         return {"verdicts": [v.to_dict() for v in self.auditor.score_rows(rows, images)],
