@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+import ray
 import torch
 from typer.testing import CliRunner
 
@@ -105,10 +106,15 @@ def test_features_on_ray_equal_one_machine_with_a_worker_node_lost_midway(ray_cl
             lost["after"] = n_committed
 
     out = tmp_path / "ray.h5"
+    # Both workers up before the first batch (Ray Data's own setting; the command starts with whichever is up):
+    # otherwise the first to load may compute all these tiny batches before the other one starts.
+    context = ray.data.DataContext.get_current()
+    waited, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 300
     try:
         summary = api.featurize(str(tiny_world["target"]), folder, out, quiet=True, ray=ray_cluster.address,
                                 workers=2, threads=1, on_batch=lose_a_node, **_models(tiny_world), **SETTINGS)
     finally:
+        context.wait_for_min_actors_s = waited
         ray_cluster.add_node(**ray_cluster.node_args)  # the next tests get two worker nodes again
         ray_cluster.wait_for_nodes()
     assert 4 <= lost["after"] < N_ROWS
