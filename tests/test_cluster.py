@@ -249,3 +249,20 @@ def test_features_on_ray_with_a_compiled_target_equal_one_machine(ray_cluster, t
     summary = api.featurize(target, folder, out, quiet=True, ray=ray_cluster.address, workers=2, **SETTINGS)
     assert summary["ray"]["ort_threads"] == 1  # --threads unset: the driver's own setting, AUDIT_THREADS here
     _assert_same_store(out, ref)
+
+
+def test_a_worker_with_other_weights_stops_the_run_naming_both_nodes():
+    """Every result names the models that computed it; one node with a stale copy ends the run (one machine
+    cannot hold two copies at one path, so the results are written as two nodes would send them)."""
+    from audit.cluster.ray_driver import ClusterConfig, ClusterRun
+    from audit.cluster.workers import WorkerSpec
+
+    run = ClusterRun(None, ClusterConfig(), WorkerSpec(kind="features", target="/models/t"), "identities")
+    ids = {"target": {"name": "t", "hash": "aaaa"}, "embedder": {"name": "e", "hash": "bbbb"}}
+    run._record({"node": "n1 (node 1)", "pid": 1, "peak_rss_mib": 900.0, "identities": ids})
+    run._record({"node": "n1 (node 1)", "pid": 1, "peak_rss_mib": 950.0, "identities": ids})
+    with pytest.raises(ClusterError, match=r"the worker on n2 \(node 2\) has another target than the one on n1 "
+                                           r"\(node 1\) \(.*'cccc'.* vs .*'aaaa'.*\)"):
+        run._record({"node": "n2 (node 2)", "pid": 2, "peak_rss_mib": 900.0,
+                     "identities": {**ids, "target": {"name": "t", "hash": "cccc"}}})
+    assert run.describe()["worker_stats"] == [{"node": "n1 (node 1)", "pid": 1, "batches": 2, "peak_rss_mib": 950.0}]

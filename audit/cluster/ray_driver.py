@@ -225,19 +225,20 @@ class ClusterRun:
     def _record(self, result: dict) -> None:
         if "error" in result:
             raise ClusterError(result["error"]["message"], result["error"]["exit_code"])
+        models = result[self.models_key]
+        if self._models is None:
+            self._models = (result["node"], models)
+        elif models != self._models[1]:
+            node, first = self._models
+            key = next(k for k in sorted(set(models) | set(first)) if models.get(k) != first.get(k))
+            raise ClusterError(f"the worker on {result['node']} has another {key} than the one on {node} "
+                               f"({models.get(key)} vs {first.get(key)}); every node needs the same models")
         if self.first_batch_seconds is None:
             self.first_batch_seconds = time.perf_counter() - self.started
         key = (result["node"], result["pid"])
         seen = self.workers.setdefault(key, {"node": result["node"], "pid": result["pid"], "batches": 0})
         seen["batches"] += 1
         seen["peak_rss_mib"] = round(result["peak_rss_mib"], 1)
-        models = result[self.models_key]
-        if self._models is None:
-            self._models = (result["node"], models)
-        elif models != self._models[1]:
-            raise ClusterError(f"the worker on {result['node']} loaded other models than the one on "
-                               f"{self._models[0]} ({models} vs {self._models[1]}); every node needs the same "
-                               "model folders")
 
     @property
     def seconds(self) -> float:
