@@ -152,7 +152,8 @@ def main() -> None:
         x = r["ratios"]
         print(f"round {k}: Ray's overhead per row (1 worker vs one process, both 1 thread) "
               f"{x['ray_overhead_ms_per_row']:+.1f} ms ({x['ray_1_worker_over_one_process']:.2f}x the rows/s); 2 "
-              f"workers {x['ray_2_workers_over_one_process']:.2f}x one process, {x['ray_2_workers_over_1_worker']:.2f}x "
+              f"workers {x['ray_2_workers_over_one_process']:.2f}x one process, "
+              f"{x['ray_2_workers_over_1_worker']:.2f}x "
               f"1 worker; before the first batch: Ray {x['before_first_batch_s_ray_1_worker']:.1f} s (cluster and "
               f"actor start, model loading), one process {x['before_first_batch_s_one_process']:.1f} s (imports, "
               "model loading)")
