@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[cpu,test]'
+	$(BIN)/pip install -e '.[cpu,test,ray]'
 	touch $@
 
 install: $(BIN)/.installed

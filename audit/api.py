@@ -57,15 +57,29 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _cluster(ray: str | None, workers: int, threads: int, device: str):
+    """The ClusterConfig of ``ray=ADDRESS``, or None to run on this machine (where --workers/--threads mean
+    nothing)."""
+    if ray is None:
+        if workers != 1 or threads:
+            raise UsageError("--workers and --threads apply to runs on a Ray cluster; add --ray ADDRESS (or local)")
+        return None
+    from .cluster import ClusterConfig
+
+    return ClusterConfig(address=str(ray), workers=workers, threads=threads, device=device).validate()
+
+
 def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str | None = None,
               captioner: str | None = None, n_gen: int = 2, steps: int = 25, guidance: float = 1.0, seed: int = 0,
               batch_size: int = 8, caption_tokens: int = 30, resume: bool = False, quiet: bool = False,
-              device: str = "cpu", allow_pickle: bool = False, on_batch=None, tier: str = "black-box",
-              graybox_timesteps=None) -> dict:
+              device: str = "cpu", allow_pickle: bool = False, on_batch=None, ray: str | None = None,
+              workers: int = 1, threads: int = 0, tier: str = "black-box", graybox_timesteps=None) -> dict:
     """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses).
 
     ``tier``: ``black-box`` (generate, caption, embed), ``gray-box`` (the target's own denoising errors; a local
-    diffusion target only) or ``all``; ``graybox_timesteps`` overrides the gray-box timesteps."""
+    diffusion target only) or ``all``; ``graybox_timesteps`` overrides the gray-box timesteps.
+    ``ray``: compute the batches on a Ray cluster (``local``, ``auto``, ``ray://HEAD:10001``) with ``workers``
+    actors of ``threads`` threads each (0: this machine's single-process setting); the store is the same."""
     from .errors import InputError
     from .features.compute import Backends, FeaturesConfig, compute_store
     from .tiers import GRAY_BOX
@@ -74,10 +88,20 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
     cfg = FeaturesConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", n_gen=n_gen,
                          steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                          caption_tokens=caption_tokens, tier=tier, **extra).validate()
+    cluster = _cluster(ray, workers, threads, device)
     if Path(out).exists() and not resume:
         raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
     if not Path(data).is_dir():
         raise InputError(f"{data}: not a folder" + (" (it is a file)" if Path(data).exists() else ""))
+    if cluster is not None:
+        from .cluster import featurize_on_ray
+
+        if GRAY_BOX in cfg.tiers:
+            from .targets.denoiser import check_graybox_spec
+
+            check_graybox_spec(str(target))  # an HTTP or DALL-E target fails here, not in every worker
+        return featurize_on_ray(data, out, cfg, cluster, allow_pickle=allow_pickle, resume=resume, quiet=quiet,
+                                on_batch=on_batch)
     backends = Backends.load(str(target), embedder, captioner, device, allow_pickle, graybox=GRAY_BOX in cfg.tiers)
     return compute_store(data, out, backends, cfg, resume=resume, quiet=quiet, on_batch=on_batch)
 
@@ -106,25 +130,37 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
          embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
          report: str | Path | None = None, resume: bool = False, batch_size: int = 8, quiet: bool = False,
          device: str = "cpu", allow_pickle: bool = False, max_fpr: float = 0.01, decision: str = "budget",
-         max_miss: float | None = None) -> dict:
+         max_miss: float | None = None, ray: str | None = None, workers: int = 1, threads: int = 0) -> dict:
     """Verdicts for every image of a folder, one JSONL line each (resumable); optionally an HTML report.
-    ``max_fpr``, ``decision``, ``max_miss``: the verdict rule, as for ``check``."""
+    ``max_fpr``, ``decision``, ``max_miss``: the verdict rule, as for ``check``.
+
+    ``ray``: score the batches on a Ray cluster, as ``featurize`` does; the results are the same lines. Its HTML
+    report shows the queries without their generated images (the driver holds no target to regenerate them)."""
     from .attacks.decision import check_budget
-    from .auditor import Auditor
+    from .auditor import Auditor, write_scan_html
     from .errors import InputError
 
     check_budget(max_fpr, max_miss, decision)
+    cluster = _cluster(ray, workers, threads, device)
     if not Path(folder).is_dir():
         raise InputError(f"{folder}: not a folder" + (" (it is a file)" if Path(folder).exists() else ""))
     if Path(out).exists() and Path(out).stat().st_size > 0 and not resume:
         raise UsageError(f"{out}: already exists; pass --resume to continue it, or delete it")
-    auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
-                      batch_size=batch_size, max_fpr=max_fpr, decision=decision, max_miss=max_miss)
-    summary = auditor.scan(folder, out, resume=resume, quiet=quiet)
-    if report is not None:
-        from .auditor import write_scan_html
+    rule = dict(max_fpr=max_fpr, decision=decision, max_miss=max_miss)
+    if cluster is not None:
+        from .cluster import scan_on_ray
 
-        summary["report"] = write_scan_html(out, report, generate=auditor.regenerate if auditor.generates else None)
+        summary = scan_on_ray(folder, out, cluster, target=target, heads=heads, embedder=embedder,
+                              captioner=captioner, attack=attack, batch_size=batch_size, allow_pickle=allow_pickle,
+                              resume=resume, quiet=quiet, **rule)
+        generate = None
+    else:
+        auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
+                          batch_size=batch_size, **rule)
+        summary = auditor.scan(folder, out, resume=resume, quiet=quiet)
+        generate = auditor.regenerate if auditor.generates else None
+    if report is not None:
+        summary["report"] = write_scan_html(out, report, generate=generate)
     return summary
 
 

@@ -11,12 +11,12 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Container, Iterable, Sequence
 
 import numpy as np
 
 from .errors import InputError, UsageError
-from .features.compute import Backends, FeaturesConfig, featurize_rows
+from .features.compute import Backends, FeaturesConfig, batch_slices, featurize_rows
 from .imagefolder import CaptionError, Row, clean_caption, read_caption_file, read_imagefolder
 from .tiers import BLACK_BOX, GRAY_BOX, parse_tier, tier_name
 from .verdict import VERDICTS, Verdict
@@ -137,49 +137,73 @@ class Auditor:
         return self.score_rows([image_row(image, caption)], None if pixels is None else {0: pixels})[0]
 
     def scan(self, folder: str | Path, out: str | Path, resume: bool = False, quiet: bool = False) -> dict:
-        """Score every image of a folder into a JSONL file (one line per row, flushed per row); see ``scan``."""
+        """Score every image of a folder into a JSONL file (one line per row, flushed per row); see ``scan``.
+
+        Rows are scored in the fixed slices of ``batch_slices`` (as ``audit features`` computes them), so a resumed
+        scan, or one on a cluster, scores each row in the batch an uninterrupted scan would: a slice that a kill cut
+        short is scored again whole and only its missing rows are written."""
         from .progress import progress
         from .report.jsonl import JsonlWriter, read_jsonl
 
         rows = read_imagefolder(folder)
         out = Path(out)
         if resume:
-            self._check_resumable(out, read_jsonl(out)[0])
+            check_resumable(out, read_jsonl(out)[0], self.describe())
         started = time.perf_counter()
         counts: Counter = Counter()
         with JsonlWriter(out, resume=resume, key="id") as writer:
-            todo = [r for r in rows if r.id not in writer]
-            counts["skipped (already in the results)"] = len(rows) - len(todo)
-            with progress(total=len(rows), desc="scan", unit="image", quiet=quiet,
-                          initial=len(rows) - len(todo)) as bar:
-                for start in range(0, len(todo), self.config.batch_size):
-                    chunk = todo[start:start + self.config.batch_size]
-                    for v in self.score_rows(chunk):
-                        writer.write(v.to_dict())
-                        counts[v.verdict or v.status] += 1
-                    bar.update(len(chunk))
-        # The three verdicts always (0 included: "no member" is part of the answer), statuses when they occur.
-        counts_out = {k: counts[k] for k in VERDICTS} | {k: v for k, v in counts.items() if v and k not in VERDICTS}
-        return {"out": str(out), "rows": len(rows), "counts": counts_out,
+            skipped = sum(r.id in writer for r in rows)
+            counts["skipped (already in the results)"] = skipped
+            with progress(total=len(rows), desc="scan", unit="image", quiet=quiet, initial=skipped) as bar:
+                for start, stop in pending_slices(rows, self.config.batch_size, writer):
+                    bar.update(write_verdicts(writer, [v.to_dict() for v in self.score_rows(rows[start:stop])],
+                                              counts))
+        return {"out": str(out), "rows": len(rows), "counts": scan_counts(counts),
                 "seconds": round(time.perf_counter() - started, 2), **self.describe()}
 
-    def _check_resumable(self, out: Path, records: Iterable[dict]) -> None:
-        """Refuse to extend a results file written with another target, heads, attack or verdict rule (naming the
-        difference): one file holds verdicts of one rule."""
-        first = next((r for r in records if r.get("status") == "ok"), None)
-        if first is None:
-            return
-        mine_rule = self.decision.to_dict()
-        theirs_rule = first.get("decision") or {}
-        for key, mine, theirs in (
-                ("target", self.target_name, first.get("target")), ("heads", self.heads_path, first.get("heads")),
-                ("attack", self.attack, first.get("attack")),
-                ("decision rule", mine_rule["rule"], theirs_rule.get("rule", "balanced")),
-                ("max-fpr", mine_rule["max_fpr"], theirs_rule.get("max_fpr")),
-                ("max-miss", mine_rule["max_miss"], theirs_rule.get("max_miss"))):
-            if theirs is not None and theirs != mine:
-                raise UsageError(f"{out}: cannot resume, its rows were scored with {key} {theirs!r}, this run uses "
-                                 f"{mine!r}; pass the same options, or write to a new file")
+
+def pending_slices(rows: Sequence[Row], batch_size: int, done: Container[str]) -> list[tuple[int, int]]:
+    """The fixed batches (``batch_slices``) of ``rows`` that hold a row whose id is not in ``done``."""
+    return [(a, b) for a, b in batch_slices(len(rows), batch_size) if any(r.id not in done for r in rows[a:b])]
+
+
+def write_verdicts(writer, verdicts: Iterable[dict], counts: Counter) -> int:
+    """Append a scored batch's verdicts (as dicts) to the results, skipping rows already there; counts verdicts
+    (or statuses) and returns how many rows were written."""
+    written = 0
+    for v in verdicts:
+        if v["id"] in writer:
+            continue
+        writer.write(v)
+        counts[v["verdict"] or v["status"]] += 1
+        written += 1
+    return written
+
+
+def scan_counts(counts: Counter) -> dict:
+    """A scan summary's counts: the three verdicts always (0 included: "no member" is part of the answer),
+    statuses when they occur."""
+    return {k: counts[k] for k in VERDICTS} | {k: v for k, v in counts.items() if v and k not in VERDICTS}
+
+
+def check_resumable(out: Path, records: Iterable[dict], described: dict) -> None:
+    """Refuse to extend a results file written with another target, heads, attack or verdict rule (naming the
+    difference): one file holds verdicts of one rule. ``described`` is ``Auditor.describe()`` of the run asking
+    to extend it."""
+    first = next((r for r in records if r.get("status") == "ok"), None)
+    if first is None:
+        return
+    mine_rule = described["decision"]
+    theirs_rule = first.get("decision") or {}
+    for key, mine, theirs in (
+            ("target", described["target"]["name"], first.get("target")),
+            ("heads", described["heads"], first.get("heads")), ("attack", described["attack"], first.get("attack")),
+            ("decision rule", mine_rule["rule"], theirs_rule.get("rule", "balanced")),
+            ("max-fpr", mine_rule["max_fpr"], theirs_rule.get("max_fpr")),
+            ("max-miss", mine_rule["max_miss"], theirs_rule.get("max_miss"))):
+        if theirs is not None and theirs != mine:
+            raise UsageError(f"{out}: cannot resume, its rows were scored with {key} {theirs!r}, this run uses "
+                             f"{mine!r}; pass the same options, or write to a new file")
 
 
 def image_row(image: str | Path, caption: str | None = None) -> Row:

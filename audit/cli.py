@@ -220,6 +220,15 @@ _TARGET_HELP = "Registered name, diffusers folder, `audit export` folder, or htt
 _EMBEDDER_HELP = "Embedder: registered name or CLIP folder (default: the target's)."
 _CAPTIONER_HELP = "Captioner: registered name or BLIP folder (default: the target's)."
 _HEADS_HELP = "Heads folder from `audit train` (default: the heads registered for the target)."
+_RAY_HELP = ("Compute the batches on a Ray cluster: ray://HEAD:10001, auto, HOST:PORT, or local (a private cluster "
+             "on this machine, stopped afterwards); the output is the same. Needs pip install 'audit[ray]'.")
+_WORKERS_HELP = "With --ray: workers, each holding its own copy of the models (and with --device cuda one GPU)."
+_THREADS_HELP = "With --ray: CPU threads per worker (default: those this command uses on this machine)."
+
+
+def _on_ray(summary: dict) -> str:
+    ray = summary.get("ray")
+    return f" on Ray ({ray['workers']} worker{'s' if ray['workers'] > 1 else ''})" if ray else ""
 
 
 @app.command()
@@ -245,6 +254,9 @@ def features(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=_RAY_HELP),
+    workers: int = typer.Option(1, "--workers", help=_WORKERS_HELP),
+    threads: int = typer.Option(0, "--threads", help=_THREADS_HELP),
 ) -> None:
     """The features the attacks read, for every row of an ImageFolder: generated images, their captions and
     embeddings (black-box tier) and/or the target's denoising errors on each image (gray-box tier)."""
@@ -253,15 +265,16 @@ def features(
     s = run(lambda: api.featurize(target, data, out, embedder=embedder, captioner=captioner, n_gen=n_gen,
                                   steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                   caption_tokens=caption_tokens, resume=resume,
-                                  quiet=quiet, device=device, allow_pickle=allow_pickle, tier=tier,
+                                  quiet=quiet, device=device, allow_pickle=allow_pickle, ray=ray, workers=workers,
+                                  threads=threads, tier=tier,
                                   graybox_timesteps=_int_list(graybox_timesteps, "--graybox-timesteps")))
     if json_out:
         return _echo_json(s)
     failed = ", ".join(f"{n} {k}" for k, n in sorted(s["status"].items()) if k != "ok")
     evals = ", ".join(f"{t} {n}" for t, n in s["unet_evaluations_per_query"].items())
     typer.echo(f"wrote {s['rows']} rows to {s['out']} ({s['ok']} ok{'; ' + failed if failed else ''}) in "
-               f"{s['seconds']:.1f} s; tiers {', '.join(s['tiers'])} (UNet evaluations per query: {evals}); "
-               f"embedder {s['embedder']['name']}, captioner {s['captioner']['name']}")
+               f"{s['seconds']:.1f} s{_on_ray(s)}; tiers {', '.join(s['tiers'])} (UNet evaluations per query: "
+               f"{evals}); embedder {s['embedder']['name']}, captioner {s['captioner']['name']}")
 
 
 def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
@@ -358,6 +371,9 @@ def scan(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=_RAY_HELP),
+    workers: int = typer.Option(1, "--workers", help=_WORKERS_HELP),
+    threads: int = typer.Option(0, "--threads", help=_THREADS_HELP),
 ) -> None:
     """Score every image of a folder; results go to a JSONL file as they are computed."""
     from . import api
@@ -365,7 +381,7 @@ def scan(
     s = run(lambda: api.scan(folder, out, target=target, heads=heads, embedder=embedder, captioner=captioner,
                              attack=attack, report=report, resume=resume, batch_size=batch_size, quiet=quiet,
                              device=device, allow_pickle=allow_pickle, max_fpr=max_fpr, decision=decision,
-                             max_miss=max_miss))
+                             max_miss=max_miss, ray=ray, workers=workers, threads=threads))
     if json_out:
         _echo_json(s)
         if fail_on_member and s["counts"].get("member", 0):
@@ -373,7 +389,7 @@ def scan(
         return
     counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items())
     typer.echo(f"scanned {s['rows']} rows of {folder} ({counts}) with attack {s['attack']} ({s['tier']}) in "
-               f"{s['seconds']:.1f} s; results in {s['out']}")
+               f"{s['seconds']:.1f} s{_on_ray(s)}; results in {s['out']}")
     typer.echo(_rule_line(s.get("decision")))
     for note in (s.get("decision") or {}).get("notes") or []:
         typer.echo(f"warning: {note}", err=True)

@@ -33,3 +33,12 @@ class ModelNotFoundError(AuditError):
 
 class UnsafeWeightsError(AuditError):
     """Only pickle weights were found and the user did not pass --allow-pickle."""
+
+
+class ClusterError(AuditError):
+    """A Ray cluster that cannot be reached or lacks what the run needs, or a worker that failed there: the message
+    names the node (and the batch's rows) and the worker's own one-line error; the exit code is that error's."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -25,6 +25,7 @@ Hidden files and folders (names starting with ``.``) are skipped, as the Hugging
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -130,19 +131,21 @@ def read_caption_file(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------------ images
 
-def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None) -> np.ndarray:
     """Decode any common image to uint8 RGB [H, W, 3]; raise ImageError with a one-line reason otherwise.
 
     The pixel limit is checked on the header before any pixel is decoded, so a decompression bomb costs nothing.
     EXIF orientation is applied (as viewers show the image); transparency is composited onto white; 16-bit and
-    float images are scaled to 8 bits; CMYK and palette images are converted to RGB.
+    float images are scaled to 8 bits; CMYK and palette images are converted to RGB. ``data``: the file's bytes
+    as ``read_image_bytes`` read them elsewhere (a cluster worker decodes what the driver read); messages still
+    name ``path``, and the pixels and errors are those of decoding the file itself.
     """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             # PIL warns between its own limit and twice it; our limit is enforced below instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(path if data is None else io.BytesIO(data))
         with im:
             w, h = im.size
             if w * h > max_pixels:
@@ -155,14 +158,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             return _to_rgb(im)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        if _size(path) == 0:
+        if (_size(path) if data is None else len(data)) == 0:
             raise ImageError(f"{path}: empty file") from None
         raise ImageError(f"{path}: not a readable image (unknown format or not an image)") from None
     except Image.DecompressionBombError as exc:
@@ -171,8 +168,38 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except MemoryError:
         raise ImageError(f"{path}: out of memory while decoding", "too_large") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageError(f"{path}: corrupt or truncated image ({reason})") from None
+        raise _file_error(path, exc) from None
+
+
+def _file_error(path: Path, exc: BaseException) -> ImageError:
+    """The ImageError for a file that could not be opened or read (or, for other errors, decoded)."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageError(f"{path}: file not found")
+    if isinstance(exc, PermissionError):
+        return ImageError(f"{path}: permission denied")
+    if isinstance(exc, IsADirectoryError):
+        return ImageError(f"{path}: is a directory, not an image")
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ImageError(f"{path}: corrupt or truncated image ({reason})")
+
+
+# Files above this size are decoded where they lie before their bytes are read whole: a huge file that is no image
+# (or too large an image) is refused from its header, as ``load_image`` refuses it, instead of being shipped.
+MAX_SHIPPED_BYTES = 256 * 1024 * 1024
+
+
+def read_image_bytes(path: str | Path, max_pixels: int = MAX_PIXELS) -> bytes:
+    """The bytes of an image file, for ``load_image(path, data=...)`` on another machine; ImageError with the
+    message ``load_image(path)`` gives when the file cannot be read."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_SHIPPED_BYTES:
+            load_image(path, max_pixels)
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise _file_error(path, exc) from None
 
 
 def _size(path: Path) -> int | None:

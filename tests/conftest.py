@@ -36,3 +36,28 @@ def tiny_export(tiny_world, tmp_path_factory):
     assert result.exit_code == 0, result.output
     return {"path": out, "info": json.loads((out / "export.json").read_text()), "output": result.stdout,
             "stderr": result.stderr}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster on this machine for every test that needs one (a start costs seconds): a head that holds
+    the drivers and the read step but no CPUs for workers, and two worker nodes of 2 CPUs. This process is
+    connected to it; subprocesses connect with ``--ray ADDRESS``. Shut down by its own handle, never `ray stop`."""
+    import logging
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    store = 96 * 2**20
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                            "object_store_memory": store})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, object_store_memory=store)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
+    cluster.node_args = {"num_cpus": 2, "object_store_memory": store}  # for tests that replace a node they removed
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -72,3 +72,29 @@ def test_verdict_budget_benchmark_runs_on_a_store(tmp_path):
     # 6 validation non-members: at 0.2 k = 0, nominal 1/7; at 0.5 k = 2, nominal 3/7.
     assert rows["II-S", 0.2]["nominal"] == pytest.approx(1 / 7) and rows["II-S", 0.5]["nominal"] == pytest.approx(3 / 7)
     assert all(0 <= r["fpr_mean"] <= 1 and r["splits"] == 2 for r in rows.values())
+
+
+SCALE = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_one_process_and_private_ray_clusters_side_by_side(tiny_world, tmp_path):
+    """benchmarks/scale.py on tiny settings, with `--ray local`: each Ray run starts and stops its own cluster."""
+    world = tmp_path / "world"
+    world.mkdir()
+    for name in ("target", "clip", "blip"):
+        (world / name).symlink_to(tiny_world[name], target_is_directory=True)
+    out = tmp_path / "scale.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(SCALE), "--world", str(world), "--queries", "8", "--batch-size", "2",
+                           "--steps", "2", "--n-gen", "1", "--json", str(out)], capture_output=True, text=True,
+                          timeout=900, env={**env, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for name in ("one process, 1 thread", "ray, 1 worker x 1 thread", "ray, 2 workers x 1 thread"):
+        r = result[name]
+        assert r["rows_per_s"] > 0 and r["driver_peak_rss_mib"] > 0
+        assert r["vs_one_process_1_thread"]["same_bits"], name  # the Ray stores are the one-process store
+    # Workers report with their batches: on these few fast batches the first actor up may compute them all.
+    assert 1 <= len(result["ray, 2 workers x 1 thread"]["worker_peak_rss_mib"]) <= 2
+    assert "Ray's overhead per row" in proc.stdout and "ray_overhead_ms_per_row" in result["rounds"][0]["ratios"]

@@ -6,24 +6,17 @@ half-written HDF5 chunk); the CLI tests kill `audit features` / `audit scan` sub
 
 from __future__ import annotations
 
-import os
 import random
-import re
-import signal
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 
 import numpy as np
 import pytest
 
 from audit.features.store import KEYS, FeatureStore
+from processes import ENV, committed as _committed, run_until as _run_until
 
-# Every committed batch redrawn at once (AUDIT_PROGRESS_INTERVAL=0): the kill lands right after the count it waits for.
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "AUDIT_PROGRESS": "1", "AUDIT_PROGRESS_INTERVAL": "0",
-       "PYTHONUNBUFFERED": "1"}
 
 WRITER = textwrap.dedent("""
     import sys
@@ -55,30 +48,6 @@ WRITER = textwrap.dedent("""
             w.append(batch(i))
             print("committed", w.n_committed, file=sys.stderr, flush=True)
 """)
-
-
-def _run_until(cmd, ready, timeout=240.0, extra_delay=0.0):
-    """Start ``cmd``; SIGKILL it once ``ready(stderr_so_far)`` holds (plus ``extra_delay`` s). Returns stderr."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    buf = bytearray()
-
-    def pump():
-        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
-            buf.extend(chunk)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready(buf.decode("utf-8", "replace")):
-        time.sleep(0.05)
-    time.sleep(extra_delay)
-    finished_early = proc.poll() is not None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    reader.join(5)
-    text = buf.decode("utf-8", "replace")
-    assert not finished_early, f"the run ended before it could be killed:\n{text[-2000:]}"
-    return text
 
 
 def _store_arrays(path):
@@ -113,19 +82,6 @@ def test_store_writer_killed_mid_write_resumes_exactly(tmp_path):
             rows = slice(16 * i, 16 * (i + 1))
             assert np.array_equal(got["gen_pixels"][rows], want["gen_pixels"]), (trial, i)
             assert np.array_equal(got["query_img_emb"][rows], want["query_img_emb"]), (trial, i)
-
-
-def _committed(desc, total):
-    """A stderr predicate: the ``desc`` progress bar shows at least ``k`` of ``total`` rows done."""
-
-    def ready_after(k):
-        def ready(text):
-            done = [int(m) for m in re.findall(rf"{desc}: *\d+%\|[^|]*\| *(\d+)/{total} \[", text)]
-            return bool(done) and max(done) >= k
-
-        return ready
-
-    return ready_after
 
 
 def _features_cmd(tiny_world, data, out, *extra):

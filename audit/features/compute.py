@@ -29,7 +29,7 @@ from ..manifest import make_manifest
 from ..progress import progress
 from ..tiers import BLACK_BOX, GRAY_BOX, parse_tier
 from . import graybox
-from .store import KIND, FeatureStore, FeatureWriter, empty_batch
+from .store import KIND, FeatureStore, FeatureWriter, empty_batch, store_tiers
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ class FeaturesConfig(Config):
             d.pop("graybox_timesteps")
         return d
 
-    def unet_evaluations(self, guided: bool = False) -> dict[str, int]:
-        """UNet evaluations per query of each tier computed (guided generation evaluates the UNet twice a step)."""
+    def unet_evaluations(self) -> dict[str, int]:
+        """UNet evaluations per query of each tier computed (guidance above 1 evaluates the UNet twice a step)."""
         out = {}
         if BLACK_BOX in self.tiers:
-            out[BLACK_BOX] = self.n_gen * self.steps * (2 if guided else 1)
+            out[BLACK_BOX] = self.n_gen * self.steps * (2 if self.guidance > 1.0 else 1)
         if GRAY_BOX in self.tiers:
             out[GRAY_BOX] = graybox.unet_evaluations(tuple(graybox.DATASETS), len(self.graybox_timesteps))
         return out
@@ -289,6 +289,55 @@ def rows_hash(rows: Sequence[Row]) -> str:
     return h.hexdigest()[:16]
 
 
+def batch_slices(n_rows: int, batch_size: int, start: int = 0) -> list[tuple[int, int]]:
+    """The batches of a run as (start, stop) row ranges: fixed slices of the row order (batch k holds rows
+    k*batch_size up to (k+1)*batch_size), from ``start`` on; a ``start`` inside a slice begins with its rest.
+
+    Every path that computes rows (one machine, a resumed run, a cluster's workers) forms these same batches: a
+    row's outputs depend on its batch only through float rounding (a batched matmul sums in another order), so
+    the same batches give the same bits."""
+    bounds = [start, *range((start // batch_size + 1) * batch_size, n_rows, batch_size), n_rows]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if a < b]
+
+
+def read_rows(data: str | Path, cfg: FeaturesConfig) -> list[Row]:
+    """The rows a feature store holds, in its order: rows without a caption fail unless the captioner writes one."""
+    return read_imagefolder(data, require_caption=cfg.missing_caption == "no_caption")
+
+
+def store_manifest(cfg: FeaturesConfig, identities: dict, rows: Sequence[Row], data: str | Path) -> dict:
+    """The manifest of the store ``cfg`` makes from ``rows`` with the models of ``identities``
+    (``Backends.identities()``); ``--resume`` compares it with the stored one."""
+    return make_manifest(KIND, cfg.for_store(), identities["target"], embedder=identities["embedder"],
+                         captioner=identities["captioner"], n_rows=len(rows), rows_hash=rows_hash(rows),
+                         data=str(Path(data).resolve()), tiers=list(cfg.tiers),
+                         unet_evaluations_per_query=cfg.unet_evaluations())
+
+
+def open_store(out: Path, manifest: dict, cfg: FeaturesConfig, dim: int, resume: bool) -> FeatureWriter:
+    """The writer of a new store, or of the store a resumed run continues (refused when made differently)."""
+    if resume and out.exists():
+        writer = FeatureWriter.resume(out, manifest)
+        if writer.n_committed:
+            log.info("%s: resuming after %d of %d rows", out, writer.n_committed, writer.n_rows)
+        return writer
+    return FeatureWriter.create(out, manifest, cfg.n_gen, cfg.pixel_size, dim, chunk_rows=cfg.batch_size,
+                                n_timesteps=len(cfg.graybox_timesteps))
+
+
+def store_summary(out: Path, manifest: dict, seconds: float, first_batch_seconds: float | None = None) -> dict:
+    """What ``audit features`` reports about a finished store (``seconds``: featurising, models loaded; and until
+    the first batch was committed, None when this run committed none)."""
+    counts = FeatureStore.open(out).status_counts()
+    summary = {"out": str(out), "rows": manifest["n_rows"], "ok": counts.get("ok", 0), "status": counts,
+               "seconds": round(seconds, 2), "target": manifest["target"], "embedder": manifest["embedder"],
+               "captioner": manifest["captioner"], "tiers": list(store_tiers(manifest)),
+               "unet_evaluations_per_query": manifest.get("unet_evaluations_per_query", {}),
+               "first_batch_seconds": None if first_batch_seconds is None else round(first_batch_seconds, 2)}
+    log.info("features: %s", summary)
+    return summary
+
+
 def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: FeaturesConfig, resume: bool = False,
                   quiet: bool = False, on_batch: Callable[[int], None] | None = None) -> dict:
     """Featurise every row of an ImageFolder into the store at ``out``; returns a summary.
@@ -303,36 +352,15 @@ def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: Fe
         # A target without gray-box access fails here, in one line, before any row is read.
         d = backends.denoiser()
         graybox.check_timesteps(cfg.graybox_timesteps, len(d.alphas_cumprod))
-    rows = read_imagefolder(data, require_caption=cfg.missing_caption == "no_caption")
-    guided = bool(getattr(backends.generator, "guided", lambda g: g > 1.0)(cfg.guidance))
-    manifest = make_manifest(
-        KIND, cfg.for_store(), backends.generator.identity(),
-        embedder=backends.embedder.identity(), captioner=backends.captioner.identity(),
-        n_rows=len(rows), rows_hash=rows_hash(rows), data=str(Path(data).resolve()),
-        tiers=list(cfg.tiers), unet_evaluations_per_query=cfg.unet_evaluations(guided),
-    )
-    if resume and out.exists():
-        writer = FeatureWriter.resume(out, manifest)
-        if writer.n_committed:
-            log.info("%s: resuming after %d of %d rows", out, writer.n_committed, len(rows))
-    else:
-        writer = FeatureWriter.create(out, manifest, cfg.n_gen, cfg.pixel_size, backends.embedder.dim,
-                                      chunk_rows=cfg.batch_size, n_timesteps=len(cfg.graybox_timesteps))
-    start_time = time.perf_counter()
-    bs = cfg.batch_size
-    # Batches are fixed slices of the row order, so a resumed run computes exactly the batches a clean run would.
+    rows = read_rows(data, cfg)
+    manifest = store_manifest(cfg, backends.identities(), rows, data)
+    writer = open_store(out, manifest, cfg, backends.embedder.dim, resume)
+    start_time, first = time.perf_counter(), None
     with progress(total=len(rows), desc="features", unit="row", quiet=quiet, initial=writer.n_committed) as bar:
-        while writer.n_committed < len(rows):
-            start = writer.n_committed
-            batch_rows = rows[start:start + bs - (start % bs)]
-            writer.append(featurize_rows(batch_rows, backends, cfg))
-            bar.update(len(batch_rows))
+        for start, stop in batch_slices(len(rows), cfg.batch_size, writer.n_committed):
+            writer.append(featurize_rows(rows[start:stop], backends, cfg))
+            first = first or time.perf_counter() - start_time
+            bar.update(stop - start)
             if on_batch is not None:
                 on_batch(writer.n_committed)
-    counts = FeatureStore.open(out).status_counts()
-    summary = {"out": str(out), "rows": len(rows), "ok": counts.get("ok", 0), "status": counts,
-               "seconds": round(time.perf_counter() - start_time, 2), "target": manifest["target"],
-               "embedder": manifest["embedder"], "captioner": manifest["captioner"], "tiers": manifest["tiers"],
-               "unet_evaluations_per_query": manifest["unet_evaluations_per_query"]}
-    log.info("features: %s", summary)
-    return summary
+    return store_summary(out, writer.manifest, time.perf_counter() - start_time, first)

@@ -232,6 +232,14 @@ def _differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
+def refuse_different(path: Path, stored: dict, manifest: dict) -> None:
+    """UsageError naming every difference when a run with ``manifest`` may not extend the store of ``stored``."""
+    diffs = _differences(stored, manifest)
+    if diffs:
+        raise UsageError(f"{path}: cannot resume, the store was made differently: " + "; ".join(diffs)
+                         + ". Rerun with the store's settings, or delete it to start over")
+
+
 class FeatureWriter:
     """Appends committed batches to a store. Create with ``create`` or ``resume``."""
 
@@ -269,10 +277,7 @@ class FeatureWriter:
         """Continue a store made by the same config, models and data; drop rows written but never committed."""
         path = Path(path)
         store = FeatureStore.open(path)
-        diffs = _differences(store.manifest, manifest)
-        if diffs:
-            raise UsageError(f"{path}: cannot resume, the store was made differently: " + "; ".join(diffs)
-                             + ". Rerun with the store's settings, or delete it to start over")
+        refuse_different(path, store.manifest, manifest)
         n = store.n_committed
         with _open(path, "a") as f:
             for key in store.keys:
