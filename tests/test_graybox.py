@@ -205,8 +205,11 @@ def test_train_and_evaluate_report_graybox_attacks_with_tiers_cis_and_the_blind_
     assert info["input_signature"] == {"embedding_dim": 64, "graybox_timesteps": 3}
     out = tmp_path / "ev.json"
     r = CliRunner().invoke(app, ["evaluate", str(gray_store), "--heads", str(heads), "--json", str(out),
-                                 "--bootstrap", "50"])
+                                 "--bootstrap", "50", "--report", str(tmp_path / "ev.html")])
     assert r.exit_code == 0, r.output
+    page = (tmp_path / "ev.html").read_text()
+    assert "<th>tier</th>" in page and "<td>PIA-score</td><td>gray-box</td>" in page
+    assert "gray-box attacks read none" in page  # the gallery shows the queries alone: no generated images
     ev = json.loads(out.read_text())
     assert set(ev["attacks"]) == {"loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score", "blind"}
     for name, m in ev["attacks"].items():
