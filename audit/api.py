@@ -59,21 +59,37 @@ def __getattr__(name: str):
 
 def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str | None = None,
               captioner: str | None = None, n_gen: int = 2, steps: int = 25, guidance: float = 1.0, seed: int = 0,
-              batch_size: int = 8, caption_tokens: int = 30, resume: bool = False, quiet: bool = False,
-              device: str = "cpu", allow_pickle: bool = False, on_batch=None) -> dict:
-    """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses)."""
-    from .errors import InputError
-    from .features.compute import Backends, FeaturesConfig, compute_store
+              batch_size: int | str = 8, caption_tokens: int = 30, pixel_size: int = 32, resume: bool = False,
+              quiet: bool = False, device: str = "cpu", allow_pickle: bool = False, on_batch=None) -> dict:
+    """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses).
 
+    ``batch_size="auto"`` picks the largest batch that fits in the memory available (compiled targets; see
+    ``audit.runtime.memory``), or, resuming, the batch size the store was begun with."""
+    import dataclasses
+
+    from .errors import InputError
+    from .features.compute import Backends, FeaturesConfig, compute_store, resolve_batch_size
+
+    auto = batch_size == "auto"
     cfg = FeaturesConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", n_gen=n_gen,
-                         steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                         caption_tokens=caption_tokens).validate()
+                         steps=steps, guidance=guidance, seed=seed, batch_size=8 if auto else _count(batch_size),
+                         caption_tokens=caption_tokens, pixel_size=pixel_size).validate()
     if Path(out).exists() and not resume:
         raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
     if not Path(data).is_dir():
         raise InputError(f"{data}: not a folder" + (" (it is a file)" if Path(data).exists() else ""))
     backends = Backends.load(str(target), embedder, captioner, device, allow_pickle)
+    if auto:
+        cfg = dataclasses.replace(cfg, batch_size=resolve_batch_size(backends, cfg, out if resume else None))
     return compute_store(data, out, backends, cfg, resume=resume, quiet=quiet, on_batch=on_batch)
+
+
+def _count(value: int | str) -> int:
+    """--batch-size: a positive integer (or ``auto``, handled by the caller)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--batch-size must be a positive integer or auto, got {value!r}") from None
 
 
 def check(image: str | Path, caption: str | None = None, *, target: str, heads: str | Path | None = None,

@@ -74,8 +74,9 @@ def check_export_options(device: str, precision: str) -> None:
 def _session_factory(device: str):
     from ..runtime.session import Graph, RuntimeOptions
 
-    # Validate what the graph computes (not TensorRT's), in one session
-    options = RuntimeOptions(device=device, tensorrt=False, replicas=1)
+    # Validate what the graph computes (not TensorRT's), in one session; without the arena, so that each call's
+    # peak memory is its own (runtime.memory)
+    options = RuntimeOptions(device=device, tensorrt=False, replicas=1, memory_arena=False)
     return lambda path: Graph(path, options).session
 
 

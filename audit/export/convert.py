@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError
-from .specs import ExportSpec
+from .specs import ONNX_TRANSLATIONS, ExportSpec
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def export_spec(spec: ExportSpec, folder: Path, device: str = "cpu", precision: 
         program = torch.onnx.export(module, tuple(example[k] for k in spec.inputs), dynamo=True,
                                     dynamic_shapes=dynamic_shapes, input_names=list(spec.inputs),
                                     output_names=list(spec.outputs), opset_version=opset, optimize=True,
-                                    verbose=False)
+                                    custom_translation_table=ONNX_TRANSLATIONS, verbose=False)
     if program is None:
         raise ArtifactError(f"{path}: the ONNX exporter returned no program for {spec.name}")
     program.save(str(path))
@@ -135,19 +135,23 @@ def _describe(t: torch.Tensor, axes: dict[int, str]) -> dict:
 
 def validate_spec(spec: ExportSpec, folder: Path, record: dict, session_factory, device: str = "cpu",
                   precision: str = "fp32", module: torch.nn.Module | None = None) -> dict:
-    """Run the graph and PyTorch on inputs of other sizes than traced; every output within tolerance or raise."""
+    """Run the graph and PyTorch on inputs of other sizes than traced; every output within tolerance or raise.
+    On the CPU each graph call's peak memory is measured too (``record["memory"]``, see ``runtime.memory``)."""
+    from ..runtime.memory import linear_fit, measure_peak
+
     path = folder / record["file"]
     session = session_factory(path)
     module = module if module is not None else prepare_module(spec, device, precision)
     tol = record["tolerance"]
     worst = 0.0
-    runs = []
+    runs, rows, peaks = [], [], []
     for feeds in spec.validation_inputs():
         feeds = _cast(feeds, device, precision)
+        # The graph first: its peak is then measured before PyTorch's freed buffers sit in the heap.
+        got, peak, _ = measure_peak(lambda: session.run(None, {k: v.cpu().numpy() for k, v in feeds.items()}))
         with torch.no_grad():
             expected = module(*(feeds[k] for k in spec.inputs))
         expected = expected if isinstance(expected, (tuple, list)) else (expected,)
-        got = session.run(None, {k: v.cpu().numpy() for k, v in feeds.items()})
         for name, e, g in zip(spec.outputs, expected, got):
             e = e.float().cpu().numpy()
             g = np.asarray(g, np.float32)
@@ -161,5 +165,22 @@ def validate_spec(spec: ExportSpec, folder: Path, record: dict, session_factory,
                     f"(tolerance atol {tol['atol']}, rtol {tol['rtol']}) on inputs "
                     f"{ {k: tuple(v.shape) for k, v in feeds.items()} }")
             worst = max(worst, float(err.max()) if err.size else 0.0)
-        runs.append({k: list(v.shape) for k, v in feeds.items() if k in list(spec.inputs)[:1]})
-    return {**record, "validation": {"max_abs_err": worst, "passed": True, "inputs": runs, "device": device}}
+        first = next(iter(spec.inputs))
+        runs.append({first: list(feeds[first].shape)})
+        rows.append(_rows(feeds, spec))
+        peaks.append(peak)
+    out = {**record, "validation": {"max_abs_err": worst, "passed": True, "inputs": runs, "device": device}}
+    if device == "cpu" and None not in peaks:
+        order = sorted(range(len(rows)), key=rows.__getitem__)
+        out["memory"] = {"rows": [rows[i] for i in order], "peak_mib": [round(peaks[i] / 2**20, 1) for i in order],
+                         **linear_fit([rows[i] for i in order], [peaks[i] for i in order])}
+    return out
+
+
+def _rows(feeds: dict[str, torch.Tensor], spec: ExportSpec) -> int:
+    """The batch of a validation call: the size of the axis its inputs name ``batch``."""
+    for name, axes in spec.inputs.items():
+        for axis, dim in axes.items():
+            if dim == "batch":
+                return int(feeds[name].shape[axis])
+    return 1

@@ -212,16 +212,32 @@ def rows_hash(rows: Sequence[Row]) -> str:
     return h.hexdigest()[:16]
 
 
+def resolve_batch_size(backends: Backends, cfg: FeaturesConfig, resuming: str | Path | None = None) -> int:
+    """``--batch-size auto``: the batch size a store being resumed was begun with, else the largest that fits."""
+    from ..runtime.memory import auto_batch_size
+
+    if resuming is not None and Path(resuming).exists():
+        recorded = FeatureStore.open(resuming).manifest.get("config", {}).get("batch_size")
+        if recorded:
+            return int(recorded)
+    chosen = auto_batch_size(backends, cfg.n_gen, cfg.guidance)
+    log.info("--batch-size auto: %d captions per batch", chosen)
+    return chosen
+
+
 def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: FeaturesConfig, resume: bool = False,
                   quiet: bool = False, on_batch: Callable[[int], None] | None = None) -> dict:
     """Featurise every row of an ImageFolder into the store at ``out``; returns a summary.
 
     ``on_batch(n_committed)`` is called after each committed batch (progress hooks; tests use it to interrupt).
     """
+    from ..runtime.memory import check_batch_fits
+
     cfg.validate()
     out = Path(out)
     if out.exists() and not resume:
         raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
+    check_batch_fits(backends, cfg.batch_size, cfg.n_gen, cfg.guidance)
     rows = read_imagefolder(data, require_caption=cfg.missing_caption == "no_caption")
     manifest = make_manifest(
         KIND, cfg.for_store(), backends.generator.identity(),

@@ -43,6 +43,16 @@ class OnnxCaptioner:
     def identity(self) -> dict:
         return dict(self._identity)
 
+    def peak_bytes(self, n_images: int) -> tuple[int, str] | None:
+        """(bytes, graph) of captioning ``n_images`` in one call: the vision encoder's outputs (the decoder's cross
+        keys/values) stay alive through the decoding steps; None when the export has no measurements."""
+        from .memory import graph_need
+
+        rows = min(self.batch_size, n_images)
+        graphs = self.folder.info.get("graphs", {})
+        vision, step = graph_need(graphs.get("vision_encoder"), rows), graph_need(graphs.get("decoder_step"), rows)
+        return None if vision is None or step is None else (vision + step, "captioner/vision_encoder+decoder_step")
+
     def caption(self, images: np.ndarray, max_new_tokens: int = 30) -> list[str]:
         ids = self.generate_ids(images, max_new_tokens)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

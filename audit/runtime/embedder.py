@@ -35,6 +35,14 @@ class OnnxEmbedder:
     def identity(self) -> dict:
         return dict(self._identity)
 
+    def peak_bytes(self, n_images: int) -> tuple[int, str] | None:
+        """(bytes, graph) of embedding ``n_images`` images or texts in one call; None without measurements."""
+        from .memory import largest_need
+
+        rows = min(self.batch_size, n_images)
+        found = largest_need(self.folder.info.get("graphs", {}), {"image_encoder": rows, "text_encoder": rows})
+        return None if found is None else (found[0], f"embedder/{found[1]}")
+
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.dim), np.float32)

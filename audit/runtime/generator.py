@@ -24,6 +24,10 @@ from .session import Graph, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
+# Most output pixels per VAE decoder call: its activations are full resolution (a 512 px image needs ~1.2 GiB of
+# them), so large images are decoded a few at a time (SD 512 px: 1, LDM 256 px: 4, the 32 px toy: 256 a call).
+DECODE_PIXELS = 512 * 512
+
 
 def initial_latents(seeds: Sequence[int], channels: int, size: int) -> np.ndarray:
     """float32 [len(seeds), C, s, s]: image i's noise from its own CPU torch.Generator, as diffusers draws it."""
@@ -121,5 +125,28 @@ class OnnxGenerator:
             eps = self.unet.run(sample=sample, timestep=np.full(len(sample), t, np.int64), **text)["noise_pred"]
             x = cfg_ddim_step(eps, x, coeffs, guidance, sched.prediction_type, sched.clip_range,
                               backend=self.kernel_backend)
-        images = self.vae_decoder.run(latents=x)["images"]
+        step = self.decode_rows()
+        images = np.concatenate([self.vae_decoder.run(latents=x[i : i + step])["images"]
+                                 for i in range(0, len(x), step)])
         return np.clip(np.round(images.transpose(0, 2, 3, 1) * 255), 0, 255).astype(np.uint8)
+
+    def decode_rows(self) -> int:
+        return max(1, DECODE_PIXELS // (self.resolution * self.resolution))
+
+    def peak_bytes(self, n_images: int, guidance: float = 1.0) -> tuple[int, str] | None:
+        """(bytes, graph) of the most demanding graph call while generating ``n_images`` in one ``generate``
+        (from the export's measurements, ``runtime.memory``); None when the export has none."""
+        from .memory import largest_need
+
+        rows = min(self.batch_size, n_images)
+        unet = rows * (2 if self.guided(guidance) else 1)
+        graphs = self.folder.info.get("graphs", {})
+        found = largest_need(graphs, {"text_encoder": min(n_images, self.batch_size) + 1, "unet": unet,
+                                      "vae_decoder": min(rows, self.decode_rows())})
+        context = largest_need(graphs, {"unet_context": unet}) if self.unet_context else (0, "")
+        if found is None or context is None:
+            return None
+        # The cross-attention keys/values from unet_context stay alive through the UNet steps.
+        if found[1] == "unet":
+            return found[0] + context[0], "target/unet"
+        return found[0], f"target/{found[1]}"

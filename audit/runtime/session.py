@@ -35,9 +35,13 @@ class RuntimeOptions(Config):
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     tensorrt: bool = True  # with --device cuda, use TensorRT first when onnxruntime offers it
-    # onnxruntime's CPU memory arena: ~10% faster on the toy benchmark, but it keeps its high-water mark (peak RSS
-    # +55% there). $AUDIT_MEMORY_ARENA=0 turns it off.
+    # onnxruntime's CPU memory arena: ~10% faster on the toy benchmark (many small tensors), but each session keeps
+    # its own high-water mark for good, so the peaks of all graphs add up instead of the largest counting. At SD's
+    # shape one UNet step at batch 4 kept 7.8 GiB and the VAE decoder 2.5 GiB per 512 px image. So only graphs
+    # under ``arena_below_mib`` on disk use it (the toy's); larger ones allocate per call and free at its end.
+    # False, or $AUDIT_MEMORY_ARENA=0, turns it off everywhere.
     memory_arena: bool = True
+    arena_below_mib: int = 256
     # Idle intra-op threads spin by default in onnxruntime. On a shared machine that burns the cores other work
     # needs: with the load of a few other processes on two cores, not spinning made the toy benchmark ~1.7x faster.
     spin: bool = False
@@ -118,7 +122,8 @@ class Graph:
         if n > 1 and not _splits_on_batch(self.path):
             n = 1
         per = max(1, options.threads() // n)  # a batch too small to split runs on the first replica
-        self.replicas = [_session(self.path, options, per) for _ in range(n)]
+        arena = options.memory_arena and _graph_bytes(self.path) < options.arena_below_mib * 2**20
+        self.replicas = [_session(self.path, options, per, arena) for _ in range(n)]
         self.session = self.replicas[0]
         self.input_types = {i.name: _NP_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -147,7 +152,7 @@ class Graph:
         return [np.concatenate(group) for group in zip(*results)]
 
 
-def _session(path: Path, options: RuntimeOptions, threads: int):
+def _session(path: Path, options: RuntimeOptions, threads: int, arena: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -156,7 +161,7 @@ def _session(path: Path, options: RuntimeOptions, threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    so.enable_cpu_mem_arena = options.memory_arena and os.environ.get("AUDIT_MEMORY_ARENA", "1") != "0"
+    so.enable_cpu_mem_arena = arena and os.environ.get("AUDIT_MEMORY_ARENA", "1") != "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
     try:
         return ort.InferenceSession(str(path), so, providers=providers_for(options))
