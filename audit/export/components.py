@@ -16,6 +16,7 @@ against PyTorch right after export; then each component is checked end to end ag
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -300,33 +301,46 @@ def _probe_images(resolution: int, n: int = 3) -> np.ndarray:
 
 # What the end-to-end checks demand: fp32 graphs reproduce the torch path; fp16 ones only approximate it (greedy
 # captions may flip at near-ties), so for them the numbers are recorded and only gross disagreement fails.
+_PROBE_CAPTION = "a red circle on a blue background"
 _END_TO_END = {"fp32": {"image_max": 8, "image_mean": 0.5, "embedding": 1e-3, "captions_equal": True},
                "fp16": {"image_max": 255, "image_mean": 3.0, "embedding": 3e-2, "captions_equal": False}}
 
 
-def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, precision: str = "fp32") -> dict:
-    """The exported components against the torch backends they came from; raises when they disagree."""
-    from ..runtime import OnnxCaptioner, OnnxEmbedder, onnx_generator
+def check_target_end_to_end(folder: Path, torch_img: np.ndarray, device: str,
+                            precision: str = "fp32") -> tuple[dict, np.ndarray]:
+    """The exported target's images of ``_PROBE_CAPTION`` (seed 0, 2 steps) against the torch path's
+    ``torch_img``; returns the check and probe images (structured ones and the generated one) for the embedder's and
+    captioner's checks."""
+    from ..runtime import onnx_generator
+    from ..runtime.session import RuntimeOptions
+
+    limits = _END_TO_END[precision]
+    g = onnx_generator(folder / "target", RuntimeOptions(device=device, tensorrt=False))
+    onnx_img = g.generate([_PROBE_CAPTION], 1, 0, 2)
+    diff = np.abs(torch_img.astype(np.int16) - onnx_img.astype(np.int16))
+    check = {"steps": 2, "max_abs_uint8": int(diff.max()), "mean_abs_uint8": float(diff.mean())}
+    if diff.max() > limits["image_max"] or diff.mean() > limits["image_mean"]:
+        raise ArtifactError(f"{folder / 'target'}: generated images differ from the torch path by up to "
+                            f"{int(diff.max())} levels (mean {diff.mean():.2f})")
+    return check, np.concatenate([_probe_images(g.resolution), torch_img[:, 0]])
+
+
+def check_models_end_to_end(folder: Path, images: np.ndarray, embedder, captioner, device: str,
+                            precision: str = "fp32") -> dict:
+    """The exported embedder's embeddings and captioner's greedy captions of ``images`` against the torch path's;
+    one compiled component is loaded at a time."""
+    from ..runtime import OnnxCaptioner, OnnxEmbedder
     from ..runtime.session import RuntimeOptions
 
     limits = _END_TO_END[precision]
     opts = RuntimeOptions(device=device, tensorrt=False)
     checks = {}
-    g = onnx_generator(folder / "target", opts)
-    caption = "a red circle on a blue background"
-    torch_img = generator.generate([caption], 1, 0, 2)
-    onnx_img = g.generate([caption], 1, 0, 2)
-    diff = np.abs(torch_img.astype(np.int16) - onnx_img.astype(np.int16))
-    checks["target"] = {"steps": 2, "max_abs_uint8": int(diff.max()), "mean_abs_uint8": float(diff.mean())}
-    if diff.max() > limits["image_max"] or diff.mean() > limits["image_mean"]:
-        raise ArtifactError(f"{folder / 'target'}: generated images differ from the torch path by up to "
-                            f"{int(diff.max())} levels (mean {diff.mean():.2f})")
-    images = np.concatenate([_probe_images(g.resolution), torch_img[:, 0]])
     if embedder is not None:
         e = OnnxEmbedder(folder / "embedder", opts)
-        texts = [caption, "two green squares", ""]
+        texts = [_PROBE_CAPTION, "two green squares", ""]
         err_i = float(np.abs(e.embed_images(images) - embedder.embed_images(images)).max())
         err_t = float(np.abs(e.embed_texts(texts) - embedder.embed_texts(texts)).max())
+        del e
         checks["embedder"] = {"max_abs_image": err_i, "max_abs_text": err_t}
         if max(err_i, err_t) > limits["embedding"]:
             raise ArtifactError(f"{folder / 'embedder'}: embeddings differ from the torch path by "
@@ -334,6 +348,7 @@ def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, 
     if captioner is not None:
         c = OnnxCaptioner(folder / "captioner", opts)
         ours, theirs = c.caption(images, max_new_tokens=12), captioner.caption(images, max_new_tokens=12)
+        del c
         checks["captioner"] = {"captions_equal": ours == theirs, "n_images": len(images), "max_new_tokens": 12}
         if ours != theirs:
             if limits["captions_equal"]:
@@ -358,12 +373,15 @@ def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
     emb_spec, cap_spec = default_models(cfg.target)
     cfg = dataclasses.replace(cfg, embedder=cfg.embedder or emb_spec, captioner=cfg.captioner or cap_spec)
     start = time.perf_counter()
-    generator = load_target(cfg.target, device=cfg.device, allow_pickle=cfg.allow_pickle)
-    embedder = load_embedder(cfg.embedder, device=cfg.device, allow_pickle=cfg.allow_pickle)
-    captioner = load_captioner(cfg.captioner, device=cfg.device, allow_pickle=cfg.allow_pickle)
+    load = {"device": cfg.device, "allow_pickle": cfg.allow_pickle}
+    generator = load_target(cfg.target, **load)
+    embedder, captioner = load_embedder(cfg.embedder, **load), load_captioner(cfg.captioner, **load)
     # Everything that can be refused is refused before minutes of tracing.
     n_graphs = sum(len(f(m)) for f, m in ((target_specs, generator), (embedder_specs, embedder),
                                          (captioner_specs, captioner)))
+    # Only one model is held at a time from here on (at SD's size the embedder and captioner are 2.6 GB and the
+    # target 4.2 GB, beside the compiled graphs being validated): the two are loaded again when their turn comes.
+    del embedder, captioner
     # Build in a sibling folder and rename at the end: an interrupted export never looks like a finished one.
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -371,11 +389,21 @@ def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
     try:
         with exact_fp32(), progress(total=n_graphs + 1, desc="export", unit="step", quiet=quiet) as bar:
             target_id = export_target(generator, tmp / "target", cfg, bar)
-            ids = {"target": target_id,
-                   "embedder": export_embedder(embedder, tmp / "embedder", cfg, target_id, bar),
-                   "captioner": export_captioner(captioner, tmp / "captioner", cfg, target_id, bar)}
+            bar.set_postfix_str("end-to-end check: target")
+            torch_images = generator.generate([_PROBE_CAPTION], 1, 0, 2)
+            del generator  # before the compiled target loads: the two are the largest things held here
+            gc.collect()
+            target_check, probes = check_target_end_to_end(tmp, torch_images, cfg.device, cfg.precision)
+            embedder = load_embedder(cfg.embedder, **load)
+            ids = {"target": target_id, "embedder": export_embedder(embedder, tmp / "embedder", cfg, target_id, bar)}
+            emb_check = check_models_end_to_end(tmp, probes, embedder, None, cfg.device, cfg.precision)
+            del embedder
+            gc.collect()
+            captioner = load_captioner(cfg.captioner, **load)
+            ids["captioner"] = export_captioner(captioner, tmp / "captioner", cfg, target_id, bar)
             bar.set_postfix_str("end-to-end check")
-            checks = check_end_to_end(tmp, generator, embedder, captioner, cfg.device, cfg.precision)
+            checks = {"target": target_check, **emb_check,
+                      **check_models_end_to_end(tmp, probes, None, captioner, cfg.device, cfg.precision)}
             bar.update(1)
         info = {"components": {k: {"path": k, "identity": v} for k, v in ids.items()},
                 "end_to_end": checks, "export_seconds": round(time.perf_counter() - start, 1)}
