@@ -94,32 +94,42 @@ def _count(value: int | str) -> int:
 
 def check(image: str | Path, caption: str | None = None, *, target: str, heads: str | Path | None = None,
           embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
-          device: str = "cpu", allow_pickle: bool = False):
-    """The Verdict for one image (with its caption; without one the captioner writes it)."""
+          device: str = "cpu", allow_pickle: bool = False, max_fpr: float = 0.01, decision: str = "budget",
+          max_miss: float | None = None):
+    """The Verdict for one image (with its caption; without one the captioner writes it): ``member``,
+    ``non-member`` or ``inconclusive`` at the false-positive budget ``max_fpr`` (``decision="balanced"``: the
+    two-way rule); see ``audit.attacks.decision``."""
+    from .attacks.decision import check_budget
     from .auditor import Auditor, image_row
     from .imagefolder import load_image
 
     # Bad arguments and unreadable images fail before any model loads.
+    check_budget(max_fpr, max_miss, decision)
     image_row(image, caption)
     pixels = load_image(image)
-    auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle)
+    auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
+                      max_fpr=max_fpr, decision=decision, max_miss=max_miss)
     return auditor.check(image, caption, pixels=pixels)
 
 
 def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path | None = None,
          embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
          report: str | Path | None = None, resume: bool = False, batch_size: int = 8, quiet: bool = False,
-         device: str = "cpu", allow_pickle: bool = False) -> dict:
-    """Verdicts for every image of a folder, one JSONL line each (resumable); optionally an HTML report."""
+         device: str = "cpu", allow_pickle: bool = False, max_fpr: float = 0.01, decision: str = "budget",
+         max_miss: float | None = None) -> dict:
+    """Verdicts for every image of a folder, one JSONL line each (resumable); optionally an HTML report.
+    ``max_fpr``, ``decision``, ``max_miss``: the verdict rule, as for ``check``."""
+    from .attacks.decision import check_budget
     from .auditor import Auditor
     from .errors import InputError
 
+    check_budget(max_fpr, max_miss, decision)
     if not Path(folder).is_dir():
         raise InputError(f"{folder}: not a folder" + (" (it is a file)" if Path(folder).exists() else ""))
     if Path(out).exists() and Path(out).stat().st_size > 0 and not resume:
         raise UsageError(f"{out}: already exists; pass --resume to continue it, or delete it")
     auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
-                      batch_size=batch_size)
+                      batch_size=batch_size, max_fpr=max_fpr, decision=decision, max_miss=max_miss)
     summary = auditor.scan(folder, out, resume=resume, quiet=quiet)
     if report is not None:
         from .auditor import write_scan_html
@@ -171,8 +181,11 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
 
 def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str | Path | None = None,
              plot: str | Path | None = None, n_boot: int = 1000, seed: int = 0,
-             report: str | Path | None = None) -> dict:
-    """Metrics of each attack on the heads' test split of ``store``, with bootstrap 95% CIs.
+             report: str | Path | None = None, max_fpr: float = 0.01, decision: str = "budget",
+             max_miss: float | None = None) -> dict:
+    """Metrics of each attack on the heads' test split of ``store``, with bootstrap 95% CIs, and what its
+    verdicts at the budget ``max_fpr`` (or ``decision="balanced"``) do there: the fraction of rows decided, FPR,
+    precision and TPR of the decided verdicts (each attack's ``verdicts`` entry).
 
     ``heads`` defaults to the heads registered for the store's target. With ``json_out`` the result is written
     there and a ROC plot beside it (``plot`` overrides where). With ``report`` an HTML report is written there.
@@ -183,14 +196,17 @@ def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str |
     from .features.store import FeatureStore
     import json
 
+    from .attacks.decision import check_budget
+
     if n_boot < 0:
         raise UsageError(f"--bootstrap must be >= 0, got {n_boot}")
+    check_budget(max_fpr, max_miss, decision)
     fs = FeatureStore.open(store)
     h = resolve_heads(heads, fs.manifest.get("target"))
     if plot is None and json_out is not None:
         plot = Path(json_out).with_suffix(".png")
     result = evaluate_heads(fs.read(ok_only=True), h, fs.manifest, str(store), file_sha256(store), n_boot, seed,
-                            plot)
+                            plot, decision, max_fpr, max_miss)
     if json_out is not None:
         atomic_write_text(Path(json_out), json.dumps(result, indent=2) + "\n")
     if report is not None:
@@ -258,14 +274,16 @@ def experiment(out: str | Path = "docs", *, workdir: str | Path | None = None, q
 
 def set_test(scores, heads: str | Path | None = None, *, null=None, attack: str | None = None,
              store: str | Path | None = None, method: str = "permutation", n_resamples: int = 10_000,
-             seed: int = 0) -> dict:
+             seed: int = 0, alpha: float = 0.05) -> dict:
     """One-sided test that a set of one owner's images was trained on, from their per-image scores.
 
     ``scores``: the images' P(member) from ``attack`` of ``heads`` (e.g. the ``probability`` of each verdict of a
     scan). The null comes from held-out NON-members only: ``null`` if given, else the heads' test-split
     non-members (never fitted on) scored from the feature store the heads were trained on (or ``store``).
     ``method``: ``permutation`` (default), ``fisher`` or ``stouffer`` (see ``audit.attacks.setlevel``).
-    Returns ``{"p_value", "k", "statistic", "method", "n_null", "null_from"}``.
+    Returns ``{"p_value", "k", "statistic", "method", "n_null", "null_from", "verdict", "alpha", "min_p_value",
+    "reason"}``: ``verdict`` is ``member`` when p <= ``alpha``, else ``inconclusive`` (a set test has no
+    non-member verdict; ``reason`` says why, including when alpha is below the smallest p-value it can give).
     """
     import numpy as np
 
@@ -278,6 +296,6 @@ def set_test(scores, heads: str | Path | None = None, *, null=None, attack: str 
         null, source = heads_null_scores(heads, attack, str(store) if store else None)
     else:
         source = {"given": True, "n": int(np.size(null))}
-    result = _set_test(scores, null, method, n_resamples, seed)
+    result = _set_test(scores, null, method, n_resamples, seed, alpha)
     result["null_from"] = source
     return result

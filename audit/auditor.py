@@ -18,7 +18,7 @@ import numpy as np
 from .errors import InputError, UsageError
 from .features.compute import Backends, FeaturesConfig, featurize_rows
 from .imagefolder import CaptionError, Row, clean_caption, read_caption_file, read_imagefolder
-from .verdict import Verdict, decide
+from .verdict import VERDICTS, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +31,20 @@ class Auditor:
 
     ``heads`` is a heads folder, or None for the heads registered for the target (``audit train`` registers them;
     the bundled toy target ships with its own). ``attack`` picks the attack whose probability decides the verdict
-    (default: the heads' default, attack IV when trained). Feature settings (n_gen, steps, guidance, seed) come from
+    (default: the heads' default, attack IV when trained). ``decision`` (``budget``, the default, or ``balanced``),
+    ``max_fpr`` and ``max_miss`` (default: ``max_fpr``) set the verdict rule (``audit.attacks.decision``): at a
+    budget, thresholds are fitted on the heads' validation split when the Auditor is made. Feature settings (n_gen, steps, guidance, seed) come from
     the feature store the heads were trained on; pass them only to override (the heads may then not fit).
     """
 
     def __init__(self, target: str, heads: str | Path | None = None, embedder: str | None = None,
                  captioner: str | None = None, attack: str | None = None, device: str = "cpu",
                  allow_pickle: bool = False, batch_size: int = 8, backends: Backends | None = None,
-                 **overrides):
+                 max_fpr: float = 0.01, decision: str = "budget", max_miss: float | None = None, **overrides):
         from .attacks import resolve_heads
+        from .attacks.decision import check_budget
 
+        check_budget(max_fpr, max_miss, decision)  # before any model loads
         self.backends = backends or Backends.load(target, embedder, captioner, device, allow_pickle)
         ids = self.backends.identities()
         self.heads = resolve_heads(heads, ids["target"])
@@ -49,6 +53,8 @@ class Auditor:
         if self.attack not in self.heads.attacks:
             raise UsageError(f"attack {self.attack!r} is not in {self.heads.path}; it has: "
                              f"{', '.join(self.heads.attacks)}")
+        self.decisions = self.heads.decisions(decision, max_fpr, max_miss)
+        self.decision = self.decisions[self.attack]
         trained = ((self.heads.info.get("manifest") or {}).get("feature_store") or {}).get("config") or {}
         settings = {k: trained[k] for k in ("n_gen", "steps", "guidance", "seed", "pixel_size", "caption_tokens")
                     if k in trained}
@@ -67,7 +73,7 @@ class Auditor:
 
     def describe(self) -> dict:
         return {"target": self.backends.generator.identity(), "heads": self.heads_path, "attack": self.attack,
-                "features": self.config.for_store()}
+                "decision": self.decision.to_dict(), "features": self.config.for_store()}
 
     # ------------------------------------------------------------------------------------------------ scoring
 
@@ -87,12 +93,14 @@ class Auditor:
             if row.ok:
                 j = pos[i]
                 for attack, p in preds.items():
-                    prob, thr = float(p["probability"][j]), float(p["threshold"])
-                    v.scores[attack] = {"score": float(p["score"][j]), "probability": prob, "threshold": thr,
-                                        "verdict": decide(prob, thr)}
+                    prob, rule = float(p["probability"][j]), self.decisions[attack]
+                    v.scores[attack] = {"score": float(p["score"][j]), "probability": prob,
+                                        "threshold": rule.member_threshold,
+                                        "nonmember_threshold": rule.nonmember_threshold, "verdict": rule.decide(prob)}
                 chosen = v.scores[self.attack]
                 v.attack, v.probability, v.threshold = self.attack, chosen["probability"], chosen["threshold"]
-                v.verdict = chosen["verdict"]
+                v.verdict, v.decision = chosen["verdict"], self.decision.to_dict()
+                v.warnings.extend(self.decision.notes)
                 if row.caption_source == "captioner":
                     v.warnings.append(CAPTIONER_WARNING.format(caption=row.caption))
                 v.warnings.extend(self.heads.warnings)
@@ -132,16 +140,25 @@ class Auditor:
                         writer.write(v.to_dict())
                         counts[v.verdict or v.status] += 1
                     bar.update(len(chunk))
-        return {"out": str(out), "rows": len(rows), "counts": {k: v for k, v in counts.items() if v},
+        # The three verdicts always (0 included: "no member" is part of the answer), statuses when they occur.
+        counts_out = {k: counts[k] for k in VERDICTS} | {k: v for k, v in counts.items() if v and k not in VERDICTS}
+        return {"out": str(out), "rows": len(rows), "counts": counts_out,
                 "seconds": round(time.perf_counter() - started, 2), **self.describe()}
 
     def _check_resumable(self, out: Path, records: Iterable[dict]) -> None:
-        """Refuse to extend a results file written with another target, heads or attack (naming the difference)."""
+        """Refuse to extend a results file written with another target, heads, attack or verdict rule (naming the
+        difference): one file holds verdicts of one rule."""
         first = next((r for r in records if r.get("status") == "ok"), None)
         if first is None:
             return
-        for key, mine in (("target", self.target_name), ("heads", self.heads_path), ("attack", self.attack)):
-            theirs = first.get(key)
+        mine_rule = self.decision.to_dict()
+        theirs_rule = first.get("decision") or {}
+        for key, mine, theirs in (
+                ("target", self.target_name, first.get("target")), ("heads", self.heads_path, first.get("heads")),
+                ("attack", self.attack, first.get("attack")),
+                ("decision rule", mine_rule["rule"], theirs_rule.get("rule", "balanced")),
+                ("max-fpr", mine_rule["max_fpr"], theirs_rule.get("max_fpr")),
+                ("max-miss", mine_rule["max_miss"], theirs_rule.get("max_miss"))):
             if theirs is not None and theirs != mine:
                 raise UsageError(f"{out}: cannot resume, its rows were scored with {key} {theirs!r}, this run uses "
                                  f"{mine!r}; pass the same options, or write to a new file")

@@ -58,6 +58,25 @@ def _echo_json(obj) -> None:
     typer.echo(json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False))
 
 
+_MAX_FPR_HELP = ("False-positive budget: `member` only where at most this fraction of unseen non-members would be "
+                 "called members (split-conformal threshold on the heads' validation non-members).")
+_MAX_MISS_HELP = "Miss budget for `non-member` verdicts (fraction of members missed; default: --max-fpr)."
+_DECISION_HELP = ("budget: member / non-member / inconclusive at --max-fpr; balanced: two-way, the threshold "
+                  "maximising balanced accuracy on validation.")
+
+
+def _max_fpr_option():
+    return typer.Option(0.01, "--max-fpr", help=_MAX_FPR_HELP)
+
+
+def _max_miss_option():
+    return typer.Option(None, "--max-miss", help=_MAX_MISS_HELP)
+
+
+def _decision_option():
+    return typer.Option("budget", "--decision", help=_DECISION_HELP)
+
+
 @app.command()
 def targets(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List registered targets, embedders and captioners, and where each loads from."""
@@ -114,7 +133,7 @@ def train_cmd(
     attacks: str = typer.Option("all", "--attacks", help="Comma-separated subset of I-P,I-S,II-P,II-S,III-X,III-T,"
                                 "IV; the blind baseline is always trained too."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/validation/test split and of training."),
-    epochs: int = typer.Option(200, "--epochs", help="Most epochs per head (early stopping on validation loss)."),
+    epochs: int = typer.Option(200, "--epochs", help="Most epochs per head (early stopping on rows held out of the training split)."),
     register: bool = typer.Option(True, "--register/--no-register",
                                   help="Register the heads for the store's target (in $AUDIT_HOME or ~/.cache/audit)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for fitting the (tiny) heads; 0: library default."),
@@ -156,13 +175,17 @@ def evaluate_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML report (ROC, histograms, "
                                           "most and least member-like test images)."),
+    max_fpr: float = _max_fpr_option(),
+    max_miss: Optional[float] = _max_miss_option(),
+    decision: str = _decision_option(),
 ) -> None:
-    """Accuracy, AUC and TPR at 1% / 0.1% FPR per attack on the heads' test split, with bootstrap 95% CIs."""
+    """Accuracy, AUC and TPR at 1% / 0.1% FPR per attack on the heads' test split, with bootstrap 95% CIs, and
+    what the verdicts at --max-fpr do there (fraction decided, FPR, precision, TPR)."""
     from . import api
     from .attacks.evaluate import format_table
 
     result = run(lambda: api.evaluate(store, heads, json_out=json_out, plot=plot, n_boot=n_boot, seed=seed,
-                                      report=report))
+                                      report=report, max_fpr=max_fpr, decision=decision, max_miss=max_miss))
     typer.echo(format_table(result))
     for w in result["warnings"]:
         typer.echo(f"warning: {w}", err=True)
@@ -237,8 +260,17 @@ def features(
 def _verdict_line(v) -> str:
     if v.status != "ok":
         return f"{v.image}: not scored ({v.status}): {v.error}"
-    return (f"{v.image}: {v.verdict} (P(member) {v.probability:.3f}, threshold {v.threshold:.3f}, attack "
-            f"{v.attack})")
+    return f"{v.image}: {v.verdict} (P(member) {v.probability:.3f}, attack {v.attack})"
+
+
+def _rule_line(decision: dict | None) -> str:
+    """The verdict rule in one line, from a Verdict's (or a scan summary's) ``decision`` dict."""
+    from .attacks.decision import Decision
+
+    if not decision:
+        return "rule: unknown"
+    rule = Decision.from_dict(decision)
+    return f"rule ({rule.attack}): {rule.describe()}"
 
 
 @app.command()
@@ -252,25 +284,31 @@ def check(
     embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
     captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
-    fail_on_member: bool = typer.Option(False, "--fail-on-member", help="Exit with code 3 on a member verdict."),
+    fail_on_member: bool = typer.Option(False, "--fail-on-member", help="Exit with code 3 on a member verdict "
+                                        "(never on inconclusive)."),
+    max_fpr: float = _max_fpr_option(),
+    max_miss: Optional[float] = _max_miss_option(),
+    decision: str = _decision_option(),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
 ) -> None:
-    """Was this image (with this caption) in the target's training data?"""
+    """Was this image (with this caption) in the target's training data? member, non-member or inconclusive."""
     from . import api
     from .errors import InputError
 
     v = run(lambda: api.check(image, caption, target=target, heads=heads, embedder=embedder, captioner=captioner,
-                              attack=attack, device=device, allow_pickle=allow_pickle))
+                              attack=attack, device=device, allow_pickle=allow_pickle, max_fpr=max_fpr,
+                              decision=decision, max_miss=max_miss))
     if json_out:
         typer.echo(v.to_json(indent=2))
     if v.status != "ok":
         run(lambda: (_ for _ in ()).throw(InputError(v.error or v.status)))
     if not json_out:
         typer.echo(_verdict_line(v))
+        typer.echo(_rule_line(v.decision))
         source = " (written by the captioner)" if v.caption_source == "captioner" else ""
         typer.echo(f"caption{source}: {v.caption}")
-        typer.echo("scores: " + ", ".join(f"{a} {s['probability']:.3f}" for a, s in v.scores.items()))
+        typer.echo("scores: " + ", ".join(f"{a} {s['probability']:.3f} ({s['verdict']})" for a, s in v.scores.items()))
         typer.echo(f"heads: {v.heads}")
         for w in v.warnings:
             typer.echo(f"warning: {w}", err=True)
@@ -290,7 +328,11 @@ def scan(
     captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
     resume: bool = typer.Option(False, "--resume", help="Skip images already in --out."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per batch."),
-    fail_on_member: bool = typer.Option(False, "--fail-on-member", help="Exit with code 3 if any verdict is member."),
+    fail_on_member: bool = typer.Option(False, "--fail-on-member", help="Exit with code 3 if any verdict is member "
+                                        "(inconclusive never counts)."),
+    max_fpr: float = _max_fpr_option(),
+    max_miss: Optional[float] = _max_miss_option(),
+    decision: str = _decision_option(),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -301,15 +343,19 @@ def scan(
 
     s = run(lambda: api.scan(folder, out, target=target, heads=heads, embedder=embedder, captioner=captioner,
                              attack=attack, report=report, resume=resume, batch_size=batch_size, quiet=quiet,
-                             device=device, allow_pickle=allow_pickle))
+                             device=device, allow_pickle=allow_pickle, max_fpr=max_fpr, decision=decision,
+                             max_miss=max_miss))
     if json_out:
         _echo_json(s)
         if fail_on_member and s["counts"].get("member", 0):
             raise typer.Exit(3)
         return
-    counts = ", ".join(f"{n} {k}" for k, n in sorted(s["counts"].items()))
+    counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items())
     typer.echo(f"scanned {s['rows']} rows of {folder} ({counts}) with attack {s['attack']} in {s['seconds']:.1f} s; "
                f"results in {s['out']}")
+    typer.echo(_rule_line(s.get("decision")))
+    for note in (s.get("decision") or {}).get("notes") or []:
+        typer.echo(f"warning: {note}", err=True)
     typer.echo(f"heads: {s['heads']}")
     if report is not None:
         typer.echo(f"report: {s['report']}" if s.get("report") else "report: skipped (no HTML report module)")
@@ -325,13 +371,15 @@ def demo(
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON (for pipelines)."),
     backend: str = typer.Option("onnx", "--backend", help="onnx: compile the models with `audit export` first and "
                                 "run on onnxruntime; torch: PyTorch eager."),
+    max_fpr: float = typer.Option(0.05, "--max-fpr", help="False-positive budget of the demo's verdicts (its 50 "
+                                  "validation non-members cannot resolve budgets below 1/51)."),
 ) -> None:
     """The whole audit on the bundled toy world: aux data, (export,) features, train, evaluate, check; prints a
     table."""
     from . import api
     from .demo import format_results
 
-    result = run(lambda: api.demo(workdir, quiet=quiet, backend=backend))
+    result = run(lambda: api.demo(workdir, quiet=quiet, backend=backend, max_fpr=max_fpr))
     if json_out:
         return _echo_json(result)
     typer.echo(format_results(result))

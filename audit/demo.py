@@ -4,6 +4,10 @@ Steps: an auxiliary ImageFolder of known members and non-members (the same distr
 to ONNX (``backend="onnx"``, the default) -> features -> heads
 (train/validation/test split) -> evaluation on the test split -> verdicts on a few held-out toy images that are in
 no split of the auxiliary set. The settings below were chosen to finish in under five minutes on two CPU cores.
+
+The verdicts are three-way at a false-positive budget of 5%: the 200 + 200 auxiliary rows leave 50 validation
+non-members, and a split-conformal threshold needs at least 1/budget - 1 of them (99 for the 1% default of
+``check``/``scan``), so 1% cannot be resolved here; the printed report says so.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .attacks.decision import DEFAULT_MAX_FPR, check_budget
 from .config import Config
 from .errors import UsageError
 
@@ -42,6 +47,9 @@ class DemoConfig(Config):
     # onnx: compile the target, CLIP and BLIP with `audit export` first (a minute on 2 cores), then featurise and
     # check on onnxruntime, the tool's default path for real audits; torch: PyTorch eager throughout.
     backend: str = "onnx"
+    # The false-positive budget of the held-out verdicts and the evaluation's verdict table. 50 validation
+    # non-members resolve budgets down to 1/51; 0.05 leaves two of them above the member threshold.
+    max_fpr: float = 0.05
 
 
 BACKENDS = ("onnx", "torch")
@@ -92,6 +100,7 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
                              "or delete them")
     if cfg.threads < 0 or cfg.train_threads < 0:
         raise UsageError("threads must be >= 0")
+    check_budget(cfg.max_fpr)
     if cfg.backend not in BACKENDS:
         raise UsageError(f"unknown demo backend {cfg.backend!r}; valid backends are {', '.join(BACKENDS)}")
     times: dict[str, float] = {}
@@ -124,9 +133,12 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
         trained = api.train(store, work / "heads", attacks=cfg.attacks, seed=cfg.seed, register=False,
                             epochs=cfg.epochs, threads=cfg.train_threads)
         lap("train")
-        evaluation = api.evaluate(store, work / "heads", json_out=work / "evaluate.json", seed=cfg.seed)
+        evaluation = api.evaluate(store, work / "heads", json_out=work / "evaluate.json", seed=cfg.seed,
+                                  max_fpr=cfg.max_fpr)
         lap("evaluate")
-        auditor = Auditor(target, work / "heads", embedder, captioner, batch_size=cfg.batch_size)
+        auditor = Auditor(target, work / "heads", embedder, captioner, batch_size=cfg.batch_size,
+                          max_fpr=cfg.max_fpr)
+        default_budget = auditor.heads.decision(auditor.attack, max_fpr=DEFAULT_MAX_FPR)
         rows = read_imagefolder(check_dir)
         checks = [{**v.to_dict(), "truly_member": r.member} for v, r in zip(auditor.score_rows(rows), rows)]
         lap("check")
@@ -142,6 +154,9 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
         "default_attack": trained["info"].get("default_attack"),
         "evaluation": evaluation,
         "checks": checks,
+        "decision": auditor.decision.to_dict(),
+        # What the 1% default of check/scan would do with these heads (whether it can be resolved at all).
+        "default_budget": default_budget.to_dict(),
         "seconds": times,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -149,7 +164,9 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
 
 def format_results(result: dict) -> str:
     """The demo's printed report: settings, the per-attack table, the blind baseline, held-out verdicts, timings."""
+    from .attacks.decision import Decision
     from .attacks.evaluate import format_table
+    from .verdict import VERDICTS
 
     cfg = result["config"]
     ev = result["evaluation"]
@@ -158,7 +175,7 @@ def format_results(result: dict) -> str:
         f"n_gen {cfg['n_gen']}, {cfg['steps']} denoising steps; target {result['models']['target']['name']} on "
         + ("onnxruntime (compiled by audit export)" if cfg.get("backend") == "onnx" else "PyTorch eager"),
         "",
-        "attacks on the test split (accuracy at the validation threshold):",
+        "attacks on the test split (accuracy at the validation two-way threshold; verdicts at the budget below it):",
         format_table(ev),
     ]
     blind = ev.get("blind_baseline") or {}
@@ -169,15 +186,21 @@ def format_results(result: dict) -> str:
                      "auxiliary members and non-members do not differ in distribution by its test")
     for w in ev.get("warnings") or []:
         lines.append(f"warning: {w}")
-    lines += ["", f"held-out images (in no split of the auxiliary set), attack {result['default_attack']}:"]
+    rule = Decision.from_dict(result["decision"])
+    lines += ["", f"held-out images (in no split of the auxiliary set), attack {result['default_attack']}, verdicts at "
+                  f"{rule.describe()}:"]
+    for note in (result.get("default_budget") or {}).get("notes") or []:
+        lines.append(f"  (the 1% default of check/scan cannot be used here: {note})")
     for c in result["checks"]:
         truth = "member" if c["truly_member"] else "non-member"
         if c["status"] != "ok":
             lines.append(f"  {Path(c['image']).name}: truly {truth}; not scored ({c['status']}): {c['error']}")
             continue
-        mark = "right" if c["verdict"] == truth else "wrong"
-        lines.append(f"  {Path(c['image']).name}: truly {truth:<10} verdict {c['verdict']:<10} P(member) "
-                     f"{c['probability']:.3f} (threshold {c['threshold']:.3f}) {mark}")
+        mark = "undecided" if c["verdict"] == "inconclusive" else ("right" if c["verdict"] == truth else "wrong")
+        lines.append(f"  {Path(c['image']).name}: truly {truth:<10} verdict {c['verdict']:<12} P(member) "
+                     f"{c['probability']:.3f} {mark}")
+    counts = {v: sum(c.get("verdict") == v for c in result["checks"]) for v in VERDICTS}
+    lines.append("  " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     secs = result["seconds"]
     lines += ["", "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
               + f"; total {result['total_seconds']:.0f} s"]

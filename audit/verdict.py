@@ -7,17 +7,23 @@ import json
 import math
 from typing import Any
 
-MEMBER, NON_MEMBER = "member", "non-member"
+MEMBER, NON_MEMBER, INCONCLUSIVE = "member", "non-member", "inconclusive"
+VERDICTS = (MEMBER, NON_MEMBER, INCONCLUSIVE)
 
 
 @dataclasses.dataclass
 class Verdict:
     """Was this image (with this caption) in the target's training data, according to the heads?
 
-    ``verdict`` is ``member`` when ``probability >= threshold`` of the chosen ``attack`` (the heads' default, attack
-    IV when trained), ``non-member`` otherwise, and None when the row could not be scored (``status`` says why,
-    ``error`` is a one-line message). ``scores`` holds every attack's ``score`` (the head's raw logit),
-    ``probability`` (calibrated on validation data), ``threshold`` (fitted on validation data) and ``verdict``.
+    ``verdict`` is ``member``, ``non-member`` or ``inconclusive`` by the chosen ``attack``'s probability (the
+    heads' default, attack IV when trained) and the rule in ``decision`` (``audit.attacks.decision``): by default
+    ``member`` when ``probability >= threshold``, the split-conformal threshold at which at most ``max_fpr`` of
+    unseen non-members would be called members, ``non-member`` below the threshold at which at most ``max_miss``
+    of members would be missed, ``inconclusive`` between; ``threshold`` is None when the budget cannot be resolved
+    with the heads' validation rows (``decision["notes"]`` and ``warnings`` say so). None when the row could not
+    be scored (``status`` says why, ``error`` is a one-line message). ``scores`` holds every attack's ``score``
+    (the head's raw logit), ``probability`` (calibrated on validation data), ``threshold`` and
+    ``nonmember_threshold`` (the same rule fitted for that attack) and ``verdict``.
     """
 
     image: str
@@ -30,6 +36,9 @@ class Verdict:
     threshold: float | None = None
     attack: str | None = None
     scores: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # rule, max_fpr, max_miss, member/nonmember thresholds, validation FPR and miss rate, their resolutions,
+    # member_resolvable / nonmember_resolvable, notes (see audit.attacks.decision.Decision.to_dict)
+    decision: dict[str, Any] | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
     heads: str | None = None  # the heads folder whose ONNX heads scored this image
@@ -50,10 +59,6 @@ class Verdict:
     def from_dict(cls, data: dict[str, Any]) -> "Verdict":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def decide(probability: float, threshold: float) -> str:
-    return MEMBER if probability >= threshold else NON_MEMBER
 
 
 def finite(x: Any) -> float | None:

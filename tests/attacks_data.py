@@ -18,7 +18,8 @@ def _unit(x):
 
 
 def planted_batch(n_members: int = 40, n_nonmembers: int = 40, seed: int = 0, signal: bool = True,
-                  blind_signal: bool = False) -> dict[str, np.ndarray]:
+                  blind_signal: bool = False, strength: float = 1.0) -> dict[str, np.ndarray]:
+    """``strength`` in (0, 1] scales how much closer members' generated images sit (1: far apart classes)."""
     rng = np.random.default_rng(seed)
     n = n_members + n_nonmembers
     member = np.array([1] * n_members + [0] * n_nonmembers, np.int8)
@@ -30,7 +31,7 @@ def planted_batch(n_members: int = 40, n_nonmembers: int = 40, seed: int = 0, si
         q[m, 0] += 2.5  # members' query images differ in distribution from non-members'
     q = _unit(q)
     c = _unit(q + 0.3 * rng.normal(size=(n, DIM)))
-    spread = np.where(m, 0.25, 2.0)[:, None, None] if signal else np.full((n, 1, 1), 0.9)
+    spread = np.where(m, 2.0 - 1.75 * strength, 2.0)[:, None, None] if signal else np.full((n, 1, 1), 0.9)
     g = _unit(q[:, None] + spread * rng.normal(size=(n, N_GEN, DIM)))
     t = _unit(c[:, None] + spread * rng.normal(size=(n, N_GEN, DIM)))
     # Smooth query pixels (2x2 blocks); generated = query + noise, much less noise for members.
@@ -38,7 +39,7 @@ def planted_batch(n_members: int = 40, n_nonmembers: int = 40, seed: int = 0, si
     qp = np.repeat(np.repeat(base, 2, axis=1), 2, axis=2).astype(np.float64)
     if blind_signal:
         qp[m] += 30
-    noise = (np.where(m, 6.0, 50.0) if signal else np.full(n, 25.0))[:, None, None, None, None]
+    noise = (np.where(m, 50.0 - 44.0 * strength, 50.0) if signal else np.full(n, 25.0))[:, None, None, None, None]
     gp = qp[:, None] + noise * rng.normal(size=(n, N_GEN, PIX, PIX, 3))
     return {
         "ids": np.array([f"img{i:04d}.png" for i in range(n)]),

@@ -58,6 +58,59 @@ def test_evaluate_writes_json_with_cis_and_a_roc_plot(trained, store, tmp_path):
     assert "TPR@1%FPR" in result.output and "II-S" in result.output and f"written to {out}" in result.output
 
 
+def test_evaluate_reports_the_verdicts_at_the_budget_with_cis(trained, store, tmp_path):
+    """Each attack's `verdicts`: its rule fitted on validation, and on the test rows the fraction decided, FPR,
+    precision and TPR with bootstrap CIs, equal to what the rule does to the heads' test predictions."""
+    import numpy as np
+
+    from audit.attacks import load_heads
+    from audit.features import FeatureStore
+
+    _, heads, _ = trained
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["evaluate", str(store), "--heads", str(heads), "--json", str(out),
+                                 "--bootstrap", "200", "--max-fpr", "0.3"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["decision"] == {"rule": "budget", "max_fpr": 0.3, "max_miss": 0.3}
+    assert "verdicts at max-fpr 0.3" in result.output and "decided" in result.output
+    h = load_heads(heads)
+    batch = FeatureStore.open(store).read(ok_only=True)
+    rows = [batch["ids"].tolist().index(i) for i in h.info["split"]["test"]]
+    sub = {k: v[rows] for k, v in batch.items()}
+    y = sub["member"]
+    for attack, m in data["attacks"].items():
+        v = m["verdicts"]
+        assert v["rule"] == "budget" and v["n_validation_nonmembers"] == 6 and v["member_resolvable"]
+        verdicts = h.decision(attack, max_fpr=0.3).decide_all(h.predict(sub, [attack])[attack]["probability"])
+        expect = {"decided_fraction": (verdicts != "inconclusive").mean(),
+                  "fpr": (verdicts[y == 0] == "member").mean(), "tpr": (verdicts[y == 1] == "member").mean()}
+        for key, value in expect.items():
+            assert v[key]["value"] == pytest.approx(value), (attack, key)
+            lo, hi = v[key]["ci95"]
+            assert lo <= v[key]["value"] <= hi, (attack, key)
+        if (verdicts == "member").any():
+            assert v["precision"]["value"] == pytest.approx((y[verdicts == "member"] == 1).mean())
+        assert sum(v["counts"].values()) == 12 and v["counts"]["member"] == (verdicts == "member").sum()
+    assert data["attacks"]["II-S"]["verdicts"]["tpr"]["value"] > 0  # the planted signal reaches member verdicts
+    # The default 1% budget cannot be resolved with 6 validation non-members: nothing is decided, and it says so.
+    unresolved = runner.invoke(app, ["evaluate", str(store), "--heads", str(heads), "--json", str(out),
+                                     "--bootstrap", "50"])
+    data = json.loads(out.read_text())
+    assert "max-fpr 0.01 needs >= 99 validation non-members; these heads have 6" in unresolved.stderr
+    assert data["attacks"]["II-S"]["verdicts"]["decided_fraction"]["value"] == 0
+    assert data["attacks"]["II-S"]["verdicts"]["counts"]["inconclusive"] == 12
+    # --decision balanced: the two-way rule decides every row, as the accuracy column always did.
+    runner.invoke(app, ["evaluate", str(store), "--heads", str(heads), "--json", str(out), "--bootstrap", "50",
+                        "--decision", "balanced"])
+    m = json.loads(out.read_text())["attacks"]["II-S"]
+    assert m["verdicts"]["decided_fraction"]["value"] == 1.0
+    assert m["verdicts"]["tpr"]["value"] == pytest.approx(m["tpr_at_threshold"])
+    assert m["verdicts"]["accuracy_among_decided"]["value"] == pytest.approx(m["accuracy"]["value"])
+    bad = runner.invoke(app, ["evaluate", str(store), "--heads", str(heads), "--max-fpr", "0"])
+    assert bad.exit_code == 2 and "--max-fpr must be in (0, 1)" in bad.output
+
+
 def test_evaluate_without_heads_uses_the_registered_ones(trained, store, monkeypatch):
     _, heads, home = trained
     monkeypatch.setenv("AUDIT_HOME", str(home))

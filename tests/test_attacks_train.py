@@ -136,6 +136,31 @@ def test_changing_test_rows_changes_nothing_that_was_fitted(planted, trained, tm
     assert a["blind_baseline"]["test_auc"] != b["blind_baseline"]["test_auc"]
 
 
+def test_validation_rows_choose_no_weight_and_no_epoch(planted, trained, tmp_path):
+    """The conformal thresholds need validation rows exchangeable with unseen ones: nothing that picks the network
+    (weights, standardisation, early stopping) may see them; only calibration and thresholds may."""
+    out_a, a = trained
+    val_rows = np.isin(planted["ids"], a["split"]["validation"])
+    rng = np.random.default_rng(11)
+    noisy = dict(planted)
+    for k in ("query_pixels", "gen_pixels", "query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb"):
+        v = planted[k].copy()
+        v[val_rows] = (rng.integers(0, 256, v[val_rows].shape) if v.dtype == np.uint8
+                       else rng.normal(size=v[val_rows].shape)).astype(v.dtype)
+        noisy[k] = v
+    b = _train(noisy, tmp_path / "b", attacks=("II-P",))
+    assert a["split"] == b["split"]
+    assert set(a["split"]["early_stop"]) < set(a["split"]["train"])
+    probe = _rows(planted, a["split"]["test"])
+    sa, sb = load_heads(out_a).predict(probe, ["II-P", "blind"]), load_heads(tmp_path / "b").predict(probe)
+    for attack in ("II-P", "blind"):
+        assert a["attacks"][attack]["training"] == {**b["attacks"][attack]["training"],
+                                                    "seconds": a["attacks"][attack]["training"]["seconds"]}
+        np.testing.assert_array_equal(sa[attack]["score"], sb[attack]["score"])  # the same network
+    # ... while calibration, fitted on validation, did see the change (the perturbation was real).
+    assert a["attacks"]["II-P"]["calibration"] != b["attacks"]["II-P"]["calibration"]
+
+
 def test_blind_baseline_warns_when_the_query_side_separates_the_classes(tmp_path):
     shifted = planted_batch(40, 40, seed=1, signal=False, blind_signal=True)
     info = _train(shifted, tmp_path / "h", attacks=("blind",))

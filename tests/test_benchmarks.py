@@ -30,3 +30,23 @@ def test_runtime_benchmark_runs_both_paths_side_by_side(tiny_world, tiny_export,
     assert result["agreement"]["images_max_abs_uint8"] <= 2
     assert len(result["same_round_ratios"]) == 2 and "median" in proc.stdout
     assert result["flops"]["unet_gflop_per_call"] > 0 and 0 < result["flops"]["unet_onnx_fraction"]
+
+
+@pytest.mark.slow
+def test_verdict_budget_benchmark_runs_on_a_store(tmp_path):
+    """benchmarks/verdict_budget.py (the source of docs/verdicts.md's marginal-FPR table) runs end to end."""
+    from attacks_data import planted_batch, write_store
+
+    store = write_store(planted_batch(24, 24, seed=4), tmp_path / "store.h5")
+    out = tmp_path / "budget.json"
+    script = SCRIPT.parent / "verdict_budget.py"
+    proc = subprocess.run([sys.executable, str(script), str(store), "--seeds", "2", "--budgets", "0.2,0.5",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["splits"] == 2 and result["validation"] == {"members": 6, "nonmembers": 6}
+    rows = {(r["attack"], r["budget"]): r for r in result["rows"]}
+    assert set(rows) == {(a, b) for a in ("II-S", "blind") for b in (0.2, 0.5)}
+    # 6 validation non-members: at 0.2 k = 0, nominal 1/7; at 0.5 k = 2, nominal 3/7.
+    assert rows["II-S", 0.2]["nominal"] == pytest.approx(1 / 7) and rows["II-S", 0.5]["nominal"] == pytest.approx(3 / 7)
+    assert all(0 <= r["fpr_mean"] <= 1 and r["splits"] == 2 for r in rows.values())

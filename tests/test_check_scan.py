@@ -17,10 +17,15 @@ from audit.features import FeaturesConfig, FeatureStore
 from audit.features.compute import Backends
 from audit.report.jsonl import read_jsonl
 from audit.toy import scenes
+from audit.auditor import image_row
+from audit.errors import UnknownNameError, UsageError
 from audit.verdict import Verdict
 
 FIELDS = {"image", "caption", "caption_source", "target", "status", "verdict", "probability", "threshold", "attack",
-          "scores", "warnings", "error", "heads"}
+          "scores", "warnings", "error", "heads", "decision"}
+DECISION_FIELDS = {"rule", "max_fpr", "max_miss", "member_threshold", "nonmember_threshold", "validation_fpr",
+                   "validation_miss", "fpr_resolution", "miss_resolution", "member_resolvable", "nonmember_resolvable",
+                   "n_validation_nonmembers", "n_validation_members", "notes"}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,14 @@ def test_check_json_has_every_field_and_matches_the_store(world):
     assert FIELDS <= set(v)
     assert v["status"] == "ok" and v["error"] is None and v["caption_source"] == "argument"
     assert v["attack"] == "IV" and set(v["scores"]) == {"II-S", "IV", "blind"}
-    assert v["verdict"] == ("member" if v["probability"] >= v["threshold"] else "non-member")
+    # These heads hold 1 validation row per class: the default 1% budget is unresolvable on both sides, so every
+    # verdict is inconclusive, and the verdict says why.
+    assert DECISION_FIELDS <= set(v["decision"]) and v["decision"]["rule"] == "budget"
+    assert v["decision"]["max_fpr"] == 0.01 and v["decision"]["member_resolvable"] is False
+    assert v["verdict"] == "inconclusive" and v["threshold"] is None
+    assert all(s["verdict"] == "inconclusive" for s in v["scores"].values())
+    note = "max-fpr 0.01 needs >= 99 validation non-members; these heads have 1"
+    assert note in v["decision"]["notes"][0] and any(note in w for w in v["warnings"])
     assert 0.0 <= v["probability"] <= 1.0 and v["heads"] == str(world["heads"].resolve())
     # The same features as `audit features` made for this row (the heads' n_gen/steps/seed), so the same probability.
     heads = load_heads(world["heads"])
@@ -78,7 +90,21 @@ def test_check_json_has_every_field_and_matches_the_store(world):
     expect = heads.predict({k: a[pos:pos + 1] for k, a in row.items()})
     for attack, s in v["scores"].items():
         assert s["probability"] == pytest.approx(float(expect[attack]["probability"][0]), abs=1e-4), attack
-        assert s["threshold"] == pytest.approx(expect[attack]["threshold"])
+    # --max-fpr 0.5 is resolvable with one validation non-member; the rule is the one fitted from heads.json.
+    r = _check(world, str(img), "--caption", world["captions"][2], "--heads", str(world["heads"]), "--json",
+               "--max-fpr", "0.5")
+    v = json.loads(r.stdout)
+    for attack, s in v["scores"].items():
+        rule = heads.decision(attack, max_fpr=0.5)
+        assert (s["threshold"], s["nonmember_threshold"]) == (rule.member_threshold, rule.nonmember_threshold)
+        assert s["verdict"] == rule.decide(s["probability"]) != "inconclusive"  # 1 row per class: regions meet
+    assert v["decision"]["member_resolvable"] and v["decision"]["notes"] == []
+    # --decision balanced: today's two-way rule at the balanced-accuracy threshold.
+    r = _check(world, str(img), "--caption", world["captions"][2], "--heads", str(world["heads"]), "--json",
+               "--decision", "balanced")
+    v = json.loads(r.stdout)
+    assert v["threshold"] == pytest.approx(heads.threshold("IV")) and v["decision"]["rule"] == "balanced"
+    assert v["verdict"] == ("member" if v["probability"] >= v["threshold"] else "non-member")
 
 
 def test_check_uses_registered_heads_and_the_captioner_when_no_caption(world):
@@ -95,11 +121,37 @@ def test_check_uses_registered_heads_and_the_captioner_when_no_caption(world):
     assert not any("captioner" in w for w in v["warnings"])
 
 
-def test_check_fail_on_member_exit_code_follows_the_verdict(world):
-    img = str(world["aux"] / "img_00000.png")
-    r = _check(world, img, "--caption", world["captions"][0], "--fail-on-member", "--json")
-    v = json.loads(r.stdout)
-    assert r.exit_code == (3 if v["verdict"] == "member" else 0), r.output
+def test_check_fail_on_member_fires_on_member_never_on_inconclusive(world):
+    t = world["tiny"]
+    backends = Backends.load(str(t["target"]), str(t["clip"]), str(t["blip"]))
+    rows = [api.Auditor(str(t["target"]), world["heads"], backends=backends, **kw).score_rows(
+        [image_row(world["aux"] / f"img_{i:05d}.png", world["captions"][i]) for i in range(6)])
+        for kw in ({}, {"decision": "balanced"})]
+    assert {v.verdict for v in rows[0]} == {"inconclusive"}
+    members = [i for i, v in enumerate(rows[1]) if v.verdict == "member"]
+    assert members, "precondition: the two-way rule calls some aux image a member"
+    img, caption = str(world["aux"] / f"img_{members[0]:05d}.png"), world["captions"][members[0]]
+    r = _check(world, img, "--caption", caption, "--fail-on-member", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["verdict"] == "inconclusive", r.output
+    r = _check(world, img, "--caption", caption, "--fail-on-member", "--decision", "balanced")
+    assert r.exit_code == 3 and f"{img}: member (P(member)" in r.stdout, r.output
+    assert "rule (IV): the two-way rule" in r.stdout
+    r = _check(world, img, "--caption", caption)
+    assert r.exit_code == 0 and f"{img}: inconclusive" in r.stdout
+    assert "no member verdict possible, no non-member verdict possible" in r.stdout
+    assert "needs >= 99 validation non-members" in r.stderr
+
+
+def test_heads_of_an_older_audit_are_refused_in_one_line(world, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(world["heads"], old)
+    info = json.loads((old / "heads.json").read_text())
+    for e in info["attacks"].values():
+        del e["validation_probabilities"]
+    (old / "heads.json").write_text(json.dumps(info))
+    r = _check(world, str(world["aux"] / "img_00000.png"), "--caption", "x", "--heads", str(old))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.stderr.count("\n") == 1 and "made by an older audit" in r.stderr and "audit train" in r.stderr
 
 
 def test_check_errors_are_one_line_with_exit_codes(world, tmp_path, monkeypatch):
@@ -129,6 +181,8 @@ def test_scan_writes_every_row_and_resumes_without_duplicates(world, tmp_path):
     r = CliRunner().invoke(app, [*args, "--report", str(tmp_path / "report.html")])
     assert r.exit_code == 0, r.output
     assert "scanned 8 rows" in r.stdout and "1 unreadable" in r.stdout
+    # The three verdicts are always counted; with 1 validation row per class nothing is decided at 1%.
+    assert "0 member, 0 non-member, 7 inconclusive" in r.stdout and "rule (IV): max-fpr 0.01" in r.stdout
     rows, _ = read_jsonl(out)
     assert [x["id"] for x in rows] == ["broken.png"] + [f"img_{i:05d}.png" for i in range(6)] + ["uncaptioned.png"]
     by_id = {x["id"]: x for x in rows}
@@ -146,6 +200,8 @@ def test_scan_writes_every_row_and_resumes_without_duplicates(world, tmp_path):
     assert r.exit_code == 2 and "--resume" in r.stderr
     data = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(data[:3]) + data[3][:20])  # killed mid-line after 3 rows
+    r = CliRunner().invoke(app, [*args, "--resume", "--max-fpr", "0.5"])
+    assert r.exit_code == 2 and "cannot resume" in r.stderr and "max-fpr" in r.stderr  # one rule per file
     r = CliRunner().invoke(app, [*args, "--resume", "--fail-on-member"])
     assert "3 skipped" in r.stdout
     resumed, _ = read_jsonl(out)
@@ -154,8 +210,11 @@ def test_scan_writes_every_row_and_resumes_without_duplicates(world, tmp_path):
         assert x["status"] == by_id[x["id"]]["status"] and x["verdict"] == by_id[x["id"]]["verdict"]
         if x["probability"] is not None:
             assert x["probability"] == pytest.approx(by_id[x["id"]]["probability"], abs=1e-4)
-    # --fail-on-member: exit 3 when a row scored in this run is a member.
-    assert r.exit_code == (3 if any(x["verdict"] == "member" for x in resumed[3:]) else 0), r.output
+    # --fail-on-member: inconclusive rows never fail the scan.
+    assert {x["verdict"] for x in resumed if x["status"] == "ok"} == {"inconclusive"}
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "report.html").read_text()
+    assert "verdict inconclusive</dt><dd>7" in page and "max-fpr 0.01" in page
 
 
 def test_auditor_api_scores_in_process(world):
@@ -166,6 +225,14 @@ def test_auditor_api_scores_in_process(world):
     v = auditor.check(world["aux"] / "img_00004.png", world["captions"][4])
     assert isinstance(v, Verdict) and v.status == "ok" and v.attack == "IV"
     assert Verdict.from_dict(json.loads(v.to_json())) == v
+    half = api.Auditor(str(t["target"]), world["heads"], backends=backends, max_fpr=0.5).check(
+        world["aux"] / "img_00004.png", world["captions"][4])
+    assert half.decision["max_fpr"] == 0.5 and half.verdict in ("member", "non-member")
+    assert Verdict.from_dict(json.loads(half.to_json())) == half
+    with pytest.raises(UsageError, match="--max-fpr must be in"):
+        api.Auditor(str(t["target"]), world["heads"], backends=backends, max_fpr=2)
+    with pytest.raises(UnknownNameError, match="valid rules are: budget, balanced"):
+        api.Auditor(str(t["target"]), world["heads"], backends=backends, decision="strict")
     other = api.Auditor(str(t["target"]), world["heads"], backends=backends, attack="II-S").check(
         world["aux"] / "img_00004.png", world["captions"][4])
     assert other.attack == "II-S" and other.probability == v.scores["II-S"]["probability"]

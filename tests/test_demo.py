@@ -46,11 +46,18 @@ def test_demo_pipeline_reports_only_what_it_computed(small_world, tmp_path, monk
     # The evaluation printed is the one on disk, and re-evaluating the same store and heads gives it again.
     on_disk = json.loads((work / "evaluate.json").read_text())
     assert result["evaluation"]["attacks"] == on_disk["attacks"]
-    again = api.evaluate(work / "features.h5", work / "heads", seed=0)
+    again = api.evaluate(work / "features.h5", work / "heads", seed=0, max_fpr=result["config"]["max_fpr"])
     assert again["attacks"] == on_disk["attacks"]
     assert [c["truly_member"] for c in result["checks"]] == [True, False]
-    assert all(c["status"] == "ok" and c["verdict"] in ("member", "non-member") for c in result["checks"])
+    assert all(c["status"] == "ok" and c["verdict"] in ("member", "non-member", "inconclusive")
+               for c in result["checks"])
+    # Two validation rows per class cannot resolve the demo's 5% budget (19 needed): the report says so, and
+    # that nothing was decided.
+    assert result["decision"]["max_fpr"] == 0.05 and not result["decision"]["member_resolvable"]
+    assert {c["verdict"] for c in result["checks"]} == {"inconclusive"}
     text = format_results(result)
+    assert "max-fpr 0.05: no member verdict possible" in text and "0 member, 0 non-member, 2 inconclusive" in text
+    assert "(the 1% default of check/scan cannot be used here: max-fpr 0.01 needs >= 99" in text
     iv = on_disk["attacks"]["IV"]["auc"]["value"]
     assert f"{iv:.3f}" in text and "blind" in text and "held-out" in text
     assert not (tmp_path / "home" / "heads").exists()  # the demo does not register its heads for the user
@@ -76,4 +83,7 @@ def test_full_demo_on_the_bundle_meets_the_targets(tmp_path, monkeypatch):
     assert ev["attacks"]["IV"]["auc"]["value"] >= 0.90
     assert ev["attacks"]["blind"]["auc"]["value"] <= 0.60
     assert "IV" in r.stdout and "blind" in r.stdout
+    # 50 validation non-members resolve the demo's 5% budget but not 1%, and the report says both.
+    assert ev["decision"]["max_fpr"] == 0.05 and ev["attacks"]["IV"]["verdicts"]["member_resolvable"]
+    assert "verdicts at max-fpr 0.05" in r.stdout and "max-fpr 0.01 needs >= 99 validation non-members" in r.stdout
     assert elapsed < 300, f"demo took {elapsed:.0f} s"

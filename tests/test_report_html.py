@@ -140,3 +140,48 @@ def test_long_captions_are_shortened_in_cards(tmp_path):
     rows[-2]["caption"] = "word " * 500
     page = write_scan_report(rows, tmp_path / "scan.html").read_text()
     assert "word " * 25 in page and "word " * 40 not in page and "…" in page
+
+
+def _rule(member_t=0.8, nonmember_t=0.3):
+    return {"rule": "budget", "attack": "IV", "max_fpr": 0.05, "max_miss": 0.05, "member_threshold": member_t,
+            "nonmember_threshold": nonmember_t, "validation_fpr": 0.04, "validation_miss": 0.02,
+            "fpr_resolution": 0.02, "miss_resolution": 0.02, "n_validation_nonmembers": 50,
+            "n_validation_members": 50, "member_resolvable": True, "nonmember_resolvable": True, "notes": []}
+
+
+def test_scan_report_counts_the_three_verdicts_and_names_the_rule(tmp_path):
+    from audit.attacks.decision import Decision
+
+    rows = _scan_rows(tmp_path)
+    rule = Decision.from_dict(_rule())
+    for r in rows[:-1]:
+        r["verdict"], r["decision"], r["threshold"] = rule.decide(r["probability"]), _rule(), 0.8
+        r["scores"]["IV"].update(threshold=0.8, nonmember_threshold=0.3)
+    page = write_scan_report(rows, tmp_path / "scan.html").read_text()
+    # p = 0, .2 | .4, .6 | .8, 1: two of each
+    for verdict in ("member", "non-member", "inconclusive"):
+        assert f"<dt>verdict {verdict}</dt><dd>2</dd>" in page, verdict
+    assert "<dt>rule</dt><dd>max-fpr 0.05</dd>" in page
+    cards = re.findall(r"P\(member\) ([0-9.]+) · ([a-z-]+)", page)
+    assert cards and all(rule.decide(float(p)) == v for p, v in cards)
+
+
+def test_evaluate_report_shows_what_the_verdicts_at_the_budget_do(tmp_path):
+    from audit.attacks.decision import Decision
+
+    ev = _evaluation()
+    ev["decision"] = {"rule": "budget", "max_fpr": 0.05, "max_miss": 0.05}
+    ev["attacks"]["II-S"]["verdicts"] = {**_rule(), "decided_fraction": {"value": 0.35, "ci95": [0.2, 0.5]},
+                                         "fpr": {"value": 0.05, "ci95": [0.0, 0.15]},
+                                         "precision": {"value": 0.875, "ci95": [0.6, 1.0]},
+                                         "tpr": {"value": 0.35, "ci95": [0.15, 0.55]},
+                                         "counts": {"member": 8, "non-member": 6, "inconclusive": 26}}
+    pred = _predictions()
+    pred.decisions = {a: Decision.from_dict({**_rule(0.7, 0.35), "attack": a}) for a in pred.probability}
+    page = write_evaluate_report(ev, tmp_path / "r.html", predictions=pred).read_text()
+    assert "Verdicts on the test split" in page and "Verdicts at max-fpr 0.05" in page
+    assert "0.350 <span class=ci>[0.200, 0.500]</span>" in page and "8 / 6 / 26" in page
+    # The gallery's verdicts are the three-way rule's, and an inconclusive card is neither right nor wrong.
+    cards = re.findall(r"P\(member\) ([0-9.]+) · ([a-z-]+)<span class='([a-z]*)'>", page)
+    assert cards and all(pred.decisions["II-S"].decide(float(p)) == v for p, v, _ in cards)
+    assert all((mark == "") == (v == "inconclusive") for _, v, mark in cards)

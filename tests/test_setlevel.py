@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from audit.attacks.setlevel import METHODS, combine, empirical_pvalues, power_curve, set_test
-from audit.errors import InputError, UnknownNameError
+from audit.errors import InputError, UnknownNameError, UsageError
 
 
 def test_empirical_pvalues_count_null_scores_at_least_as_large():
@@ -38,7 +38,7 @@ def test_result_fields_and_determinism():
     rng = np.random.default_rng(1)
     null, scores = rng.normal(size=100), rng.normal(1.0, 1.0, size=7)
     r = set_test(scores, null, seed=3)
-    assert set(r) == {"p_value", "k", "statistic", "method", "n_null"}
+    assert set(r) == {"p_value", "k", "statistic", "method", "n_null", "verdict", "alpha", "min_p_value", "reason"}
     assert r["k"] == 7 and r["n_null"] == 100 and r["method"] == "permutation"
     assert np.isclose(r["statistic"], scores.mean())
     assert set_test(scores, null, seed=3) == r
@@ -92,3 +92,28 @@ def test_bad_inputs_fail_clearly(scores, null, err, words):
 def test_unknown_method_lists_valid_ones():
     with pytest.raises(UnknownNameError, match="permutation, fisher, stouffer"):
         set_test([0.1], np.zeros(20), method="max")
+
+
+def test_set_verdicts_are_member_at_alpha_else_inconclusive_never_non_member():
+    rng = np.random.default_rng(6)
+    null = rng.normal(size=200)
+    member_like = set_test(null.max() + np.ones(5), null, alpha=0.01)
+    assert member_like["verdict"] == "member" and member_like["p_value"] <= 0.01 and member_like["alpha"] == 0.01
+    nonmember_like = set_test(null.min() - np.ones(5), null, alpha=0.01)
+    assert nonmember_like["verdict"] == "inconclusive" and "no non-member verdict" in nonmember_like["reason"]
+    # Non-member sets are called members at most alpha of the time (the test's level), over many sets.
+    calls = [set_test(rng.normal(size=5), null, n_resamples=200, seed=i, alpha=0.1)["verdict"] for i in range(300)]
+    assert calls.count("member") / 300 <= 0.1 + 3 * np.sqrt(0.1 * 0.9 / 300)
+    assert set(calls) <= {"member", "inconclusive"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_alpha_below_the_smallest_attainable_p_value_says_so(method):
+    # One image against 10 null scores: the smallest p-value is 1/11, so alpha 0.05 cannot be reached.
+    null = np.linspace(0, 1, 10)
+    r = set_test([5.0], null, method=method, n_resamples=1000, alpha=0.05)
+    assert r["verdict"] == "inconclusive" and r["min_p_value"] == pytest.approx(1 / 11, rel=1e-6)
+    assert "below the smallest p-value this test can give" in r["reason"]
+    assert set_test([5.0], null, method=method, n_resamples=1000, alpha=0.1)["verdict"] == "member"
+    with pytest.raises(UsageError, match="alpha"):
+        set_test([5.0], null, alpha=0)

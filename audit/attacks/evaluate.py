@@ -11,6 +11,7 @@ import numpy as np
 from ..errors import ArtifactError, InputError
 from ..manifest import check_manifest
 from . import metrics
+from .decision import DEFAULT_MAX_FPR, DEFAULT_RULE, rule_text
 from .heads import Heads
 from .train import _jsonable, _str_ids, ids_digest
 
@@ -36,8 +37,14 @@ def test_rows(batch: Mapping[str, np.ndarray], heads: Heads, store: str) -> np.n
 
 def evaluate_heads(batch: Mapping[str, np.ndarray], heads: Heads, store_manifest: dict | None, store: str,
                    store_sha256: str | None = None, n_boot: int = 1000, seed: int = 0,
-                   plot: str | Path | None = None) -> dict:
-    """Metrics of every attack of ``heads`` on its test split of ``batch`` (``{"attacks": {...}, "n_test": ...}``)."""
+                   plot: str | Path | None = None, rule: str = DEFAULT_RULE, max_fpr: float = DEFAULT_MAX_FPR,
+                   max_miss: float | None = None) -> dict:
+    """Metrics of every attack of ``heads`` on its test split of ``batch`` (``{"attacks": {...}, "n_test": ...}``).
+
+    Besides the threshold-free metrics, each attack's ``verdicts`` entry holds its verdict rule at this budget
+    (thresholds fitted on validation, see ``audit.attacks.decision``) and what that rule does on the test rows:
+    the fraction decided, FPR (member verdicts per test non-member), precision, TPR, miss rate, with CIs."""
+    decisions = heads.decisions(rule, max_fpr, max_miss)  # a bad budget fails before anything is scored
     if store_manifest is not None:
         check_manifest(store_manifest, "features", store, heads.target)
         heads.check_compatible(embedder=store_manifest.get("embedder"), captioner=store_manifest.get("captioner"))
@@ -67,11 +74,17 @@ def evaluate_heads(batch: Mapping[str, np.ndarray], heads: Heads, store_manifest
                 "tpr": float(hit[y == 1].mean()) if (y == 1).any() else float("nan"),
                 "fpr": float(hit[y == 0].mean()) if (y == 0).any() else float("nan"),
             }
+        d = decisions[attack]
+        m["verdicts"] = {**d.to_dict(), **metrics.verdict_metrics(y, p["probability"], d.member_threshold,
+                                                                 d.nonmember_threshold, n_boot, seed + 10 * k + 5)}
         out_attacks[attack] = m
         curves[attack] = (y, np.asarray(p["probability"], np.float64))
+    chosen = decisions[heads.default_attack]
+    warnings.extend(chosen.notes)
     result = {
         "attacks": out_attacks,
         "default_attack": heads.default_attack,
+        "decision": {"rule": chosen.rule, "max_fpr": chosen.max_fpr, "max_miss": chosen.max_miss},
         "n_test": int(len(y)),
         "n_test_members": int((y == 1).sum()),
         "n_test_nonmembers": int((y == 0).sum()),
@@ -101,6 +114,25 @@ def _fmt(m) -> str:
     return f"{m:.3f}"
 
 
+def format_verdicts_table(result: dict) -> list[str]:
+    """Lines: per attack, what its verdicts at the budget do on the test split (thresholds from validation)."""
+    if not any("verdicts" in m for m in result["attacks"].values()):
+        return []
+    cols = ("decided_fraction", "fpr", "precision", "tpr")
+    head = ("attack", "decided", "FPR", "precision", "TPR (member verdicts)")
+    lines = [f"verdicts at {rule_text(result.get('decision'))}, thresholds fitted on validation:",
+             f"{head[0]:<7} " + " ".join(f"{h:>20}" for h in head[1:]) + "   member/non-member/inconclusive"]
+    names = [a for a in result["attacks"] if a != "blind"] + [a for a in result["attacks"] if a == "blind"]
+    for a in names:
+        v = result["attacks"][a].get("verdicts")
+        if not v:
+            continue
+        c = v.get("counts") or {}
+        lines.append(f"{a:<7} " + " ".join(f"{_fmt(v.get(k)):>20}" for k in cols)
+                     + f"   {c.get('member', 0)}/{c.get('non-member', 0)}/{c.get('inconclusive', 0)}")
+    return lines
+
+
 def format_table(result: dict) -> str:
     """The evaluation as a text table: one row per attack, the blind baseline last, then the test-set size."""
     cols = ("accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")
@@ -110,6 +142,7 @@ def format_table(result: dict) -> str:
     for a in names:
         m = result["attacks"][a]
         lines.append(f"{a:<7} " + " ".join(f"{_fmt(m.get(c)):>20}" for c in cols))
+    lines += ["", *format_verdicts_table(result)]
     n_neg = result.get("n_test_nonmembers") or 0
     lines.append(
         f"test split: {result['n_test']} rows ({result.get('n_test_members')} members, {n_neg} non-members); "

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ArtifactError, InputError
 from ..manifest import check_manifest
+from .decision import DEFAULT_MAX_FPR, DEFAULT_RULE, VALIDATION_KEY, Decision, fit_decision
 from .export import ort_session, run_session
 from .inputs import build_inputs, input_signature
 from .train import HEADS_FILE, read_heads_json
@@ -55,6 +56,17 @@ class Heads:
 
     def threshold(self, attack: str) -> float:
         return float(self.info["attacks"][attack]["threshold"])
+
+    def decision(self, attack: str, rule: str = DEFAULT_RULE, max_fpr: float = DEFAULT_MAX_FPR,
+                 max_miss: float | None = None) -> Decision:
+        """The verdict rule of ``attack`` at this budget, fitted on the heads' validation probabilities."""
+        if attack not in self.info["attacks"]:
+            raise InputError(f"attack {attack!r} is not in {self.path}; it has: {', '.join(self.attacks)}")
+        return fit_decision(self.info["attacks"][attack], attack, rule, max_fpr, max_miss, str(self.path))
+
+    def decisions(self, rule: str = DEFAULT_RULE, max_fpr: float = DEFAULT_MAX_FPR,
+                  max_miss: float | None = None) -> dict[str, Decision]:
+        return {a: self.decision(a, rule, max_fpr, max_miss) for a in self.attacks}
 
     def check_compatible(self, target: dict | None = None, embedder: dict | None = None,
                          captioner: dict | None = None) -> None:
@@ -113,6 +125,10 @@ def load_heads(path: str | os.PathLike, target: dict | None = None, threads: int
     if "manifest" not in info or "attacks" not in info:
         raise ArtifactError(f"{folder / HEADS_FILE}: not a heads file (no manifest/attacks)")
     check_manifest(info["manifest"], "heads", str(folder), target)
+    old = [a for a, e in info["attacks"].items() if VALIDATION_KEY not in e]
+    if old:
+        raise ArtifactError(f"{folder}: heads made by an older audit (no validation probabilities for attack "
+                            f"{old[0]}, so no three-way verdicts); retrain them: `audit train STORE.h5 --out {folder}`")
     for attack, entry in info["attacks"].items():
         f = folder / entry["file"]
         if not f.is_file():

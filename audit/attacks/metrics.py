@@ -74,6 +74,8 @@ def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, stat: Callable[[np.ndar
     for i in range(n_boot):
         idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
         vals[i] = stat(y[idx], s[idx])
+    if not np.isfinite(vals).any():  # e.g. precision of a rule that never says member
+        return [float("nan"), float("nan")]
     lo, hi = np.nanpercentile(vals, [2.5, 97.5])
     return [float(lo), float(hi)]
 
@@ -106,6 +108,48 @@ def attack_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float, n_bo
         n_nonmembers=n_neg,
         fpr_resolution=(1.0 / n_neg) if n_neg else None,
     )
+    return out
+
+
+def _mean_where(x: np.ndarray, where: np.ndarray) -> float:
+    return float(x[where].mean()) if where.any() else float("nan")
+
+
+# Statistics of three-way verdicts, over (labels y, verdict codes v: 1 member, 0 non-member, -1 inconclusive).
+VERDICT_STATS = {
+    "decided_fraction": lambda y, v: float((v >= 0).mean()),
+    "member_fraction": lambda y, v: float((v == 1).mean()),
+    "nonmember_fraction": lambda y, v: float((v == 0).mean()),
+    "fpr": lambda y, v: _mean_where(v == 1, y == 0),  # member verdicts per non-member: what max_fpr bounds
+    "tpr": lambda y, v: _mean_where(v == 1, y == 1),
+    "miss_rate": lambda y, v: _mean_where(v == 0, y == 1),  # non-member verdicts per member: what max_miss bounds
+    "precision": lambda y, v: _mean_where(y == 1, v == 1),  # members among member verdicts
+    "npv": lambda y, v: _mean_where(y == 0, v == 0),  # non-members among non-member verdicts
+    "accuracy_among_decided": lambda y, v: _mean_where((v == 1) == (y == 1), v >= 0),
+}
+
+
+def verdict_codes(probs: np.ndarray, member_threshold: float | None, nonmember_threshold: float | None) -> np.ndarray:
+    """1 member (p >= member_threshold), 0 non-member (p < nonmember_threshold), -1 inconclusive; None: never."""
+    p = np.asarray(probs, np.float64)
+    v = np.full(len(p), -1, np.int8)
+    if nonmember_threshold is not None:
+        v[p < nonmember_threshold] = 0
+    if member_threshold is not None:
+        v[p >= member_threshold] = 1
+    return v
+
+
+def verdict_metrics(labels: np.ndarray, probs: np.ndarray, member_threshold: float | None,
+                    nonmember_threshold: float | None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """What three-way verdicts at these thresholds do on labelled rows: each of ``VERDICT_STATS`` as
+    ``{"value", "ci95"}`` (seeded stratified bootstrap), and the verdict counts."""
+    y = np.asarray(labels)
+    v = verdict_codes(probs, member_threshold, nonmember_threshold)
+    out: dict = {name: {"value": stat(y, v), "ci95": bootstrap_ci(y, v, stat, n_boot, seed + k)}
+                 for k, (name, stat) in enumerate(VERDICT_STATS.items())}
+    out["counts"] = {"member": int((v == 1).sum()), "non-member": int((v == 0).sum()),
+                     "inconclusive": int((v == -1).sum())}
     return out
 
 

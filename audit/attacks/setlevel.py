@@ -16,11 +16,20 @@ and Stouffer treat the images' p-values as independent, which they are not when 
 run over-confident as k grows); prefer the permutation test. Scores of the heads' validation split are not a valid
 null: early stopping and calibration were fitted on them, so their non-members score lower than unseen ones.
 ``power_curve`` measures how often a test rejects member sets (power) and non-member sets (false-positive rate).
+
+Verdicts at level ``alpha``: ``member`` when p <= alpha (a non-member set gets it with probability at most alpha),
+else ``inconclusive``. There is no ``non-member`` verdict for a set: the test only measures evidence of training,
+and a large p-value says the set's scores are not distinguishable from held-out non-members' by these heads, not
+that the set was left out (a weak attack gives large p-values to member sets too). When alpha lies below the
+smallest p-value the test can give (``min_p_value``: 1/(1 + n_resamples), and for the permutation test also
+1 / C(n_null + k, k); for Fisher/Stouffer the combination of k p-values of 1/(1 + n_null)), no set can be called a
+member, and ``reason`` says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +37,7 @@ from scipy import stats
 
 from ..config import Config
 from ..errors import InputError, UnknownNameError, UsageError
+from ..verdict import INCONCLUSIVE, MEMBER
 
 METHODS = ("permutation", "fisher", "stouffer")
 MIN_NULL = 10
@@ -96,19 +106,48 @@ def _test(s: np.ndarray, n: np.ndarray, cfg: SetTestConfig, rng: np.random.Gener
     return combine(empirical_pvalues(s, n), cfg.method)
 
 
+def min_p_value(k: int, n_null: int, cfg: SetTestConfig) -> float:
+    """The smallest p-value the test can give a set of k scores against n_null null scores."""
+    if cfg.method == "permutation":
+        # The observed set is one of C(n + k, k) equally likely k-subsets of the pool; Monte Carlo adds 1/(1 + R).
+        exact = math.exp(-(math.lgamma(n_null + k + 1) - math.lgamma(k + 1) - math.lgamma(n_null + 1)))
+        return max(1.0 / (1.0 + cfg.n_resamples), exact)
+    return combine(np.full(k, 1.0 / (1.0 + n_null)), cfg.method)[1]
+
+
+def set_verdict(p_value: float, alpha: float, floor: float) -> dict:
+    """``{"verdict", "alpha", "min_p_value", "reason"}`` of a set: member when p <= alpha, else inconclusive."""
+    if not 0 < alpha < 1:
+        raise UsageError(f"alpha must be in (0, 1), got {alpha}")
+    if p_value <= alpha:
+        return {"verdict": MEMBER, "alpha": alpha, "min_p_value": floor,
+                "reason": f"p = {p_value:.3g} <= alpha {alpha:g}: evidence that the set was trained on"}
+    if floor > alpha:
+        reason = (f"alpha {alpha:g} is below the smallest p-value this test can give ({floor:.3g}: more null scores, "
+                  "more images or more resamples are needed), so no set can be called a member")
+    else:
+        reason = (f"p = {p_value:.3g} > alpha {alpha:g}: no evidence of training at this level; a set test has no "
+                  "non-member verdict (a large p-value does not show the set was left out)")
+    return {"verdict": INCONCLUSIVE, "alpha": alpha, "min_p_value": floor, "reason": reason}
+
+
 def set_test(scores: Sequence[float], null: Sequence[float], method: str = "permutation", n_resamples: int = 10_000,
-             seed: int = 0) -> dict:
+             seed: int = 0, alpha: float = 0.05) -> dict:
     """One-sided test that the set with these per-image ``scores`` was trained on; ``null``: scores of held-out
     non-members (never fitted on).
 
-    Returns ``{"p_value", "k", "statistic", "method", "n_null"}``; a small p-value is evidence of training.
+    Returns ``{"p_value", "k", "statistic", "method", "n_null", "verdict", "alpha", "min_p_value", "reason"}``; a
+    small p-value is evidence of training; ``verdict`` is ``member`` when p <= ``alpha``, else ``inconclusive``.
     """
     cfg = SetTestConfig(method, n_resamples, seed).validate()
+    if not 0 < alpha < 1:
+        raise UsageError(f"alpha must be in (0, 1), got {alpha}")
     s, n = _scores(scores, "scores"), _scores(null, "null scores")
     if len(n) < MIN_NULL:
         raise InputError(f"set test: the null distribution needs at least {MIN_NULL} non-member scores, got {len(n)}")
     stat, p = _test(s, n, cfg, np.random.default_rng(cfg.seed))
-    return {"p_value": p, "k": int(len(s)), "statistic": stat, "method": cfg.method, "n_null": int(len(n))}
+    return {"p_value": p, "k": int(len(s)), "statistic": stat, "method": cfg.method, "n_null": int(len(n)),
+            **set_verdict(p, alpha, min_p_value(len(s), len(n), cfg))}
 
 
 def power_curve(member_scores, nonmember_scores, ks: Sequence[int] = (1, 5, 10, 20), alpha: float = 0.05,

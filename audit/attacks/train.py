@@ -25,6 +25,7 @@ from ..errors import InputError, UsageError
 from ..manifest import make_manifest
 from ..seeding import derive_seed
 from . import calibration, metrics
+from .decision import VALIDATION_KEY, validation_record
 from .export import export_head, ort_session, run_session
 from .inputs import ATTACKS, PAPER_ATTACKS, build_inputs, get_attack, input_signature
 from .nets import ScoringHead, build_net, standardisation
@@ -44,6 +45,10 @@ class TrainConfig(Config):
     seed: int = 0
     train_fraction: float = 0.5
     val_fraction: float = 0.25  # the rest is the test split
+    # Share of the training split held out for early stopping. Early stopping never looks at the validation split:
+    # the conformal thresholds (attacks/decision.py) bound the FPR on unseen rows only if nothing that chose the
+    # network saw the validation rows they are fitted on.
+    early_stop_fraction: float = 0.2
     epochs: int = 200
     patience: int = 20  # epochs without a better validation loss before stopping
     lr: float = 1e-3
@@ -74,6 +79,8 @@ class TrainConfig(Config):
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.early_stop_fraction < 1:
+            raise UsageError(f"early_stop_fraction must be in (0, 1), got {self.early_stop_fraction}")
         if not 0 <= self.dropout < 1:
             raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
         return self
@@ -119,9 +126,25 @@ def stratified_split(ids: list[str], labels: np.ndarray, seed: int, train_fracti
     return {s: np.array(sorted(v), dtype=np.int64) for s, v in out.items()}
 
 
+def early_stop_split(train: np.ndarray, labels: np.ndarray, ids: list[str], seed: int,
+                     fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, early-stopping rows) of the training split, stratified; like the split itself it depends on the
+    ids, labels and seed only. A class with a single training row keeps it for fitting."""
+    fit, stop = [], []
+    for cls in (1, 0):
+        rows = np.asarray([i for i in train if labels[i] == cls], dtype=np.int64)
+        rows = rows[np.argsort([ids[i] for i in rows], kind="stable")]
+        rows = rows[np.random.default_rng(derive_seed("early-stop", seed, cls)).permutation(len(rows))]
+        n_stop = min(max(1, int(round(fraction * len(rows)))), len(rows) - 1) if len(rows) > 1 else 0
+        stop += rows[:n_stop].tolist()
+        fit += rows[n_stop:].tolist()
+    return np.array(sorted(fit), dtype=np.int64), np.array(sorted(stop), dtype=np.int64)
+
+
 def _fit_network(kind: str, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray,
                  cfg: TrainConfig, seed: int) -> tuple[ScoringHead, dict]:
-    """AdamW on cross-entropy, early stopping on validation loss; returns the best-validation-loss head."""
+    """AdamW on cross-entropy, early stopping on the loss of (x_va, y_va) — the early-stopping rows held out of the
+    training split, never the validation split; returns the head of the best early-stopping loss."""
     torch.manual_seed(seed)
     mean, std = standardisation(kind, x_tr)
     net = build_net(kind, x_tr.shape[1:], cfg.mlp_hidden, cfg.cnn_channels, cfg.cnn_hidden, cfg.dropout)
@@ -162,17 +185,23 @@ def _fit_network(kind: str, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray
                 break
     head.load_state_dict(best_state)
     head.eval()
-    return head, {"epochs_run": len(history), "best_epoch": best_epoch, "best_validation_loss": best_loss,
+    return head, {"epochs_run": len(history), "best_epoch": best_epoch, "best_early_stop_loss": best_loss,
                   "train_loss_at_best": history[best_epoch - 1][0] if best_epoch else None}
 
 
 def fit_attack(attack: str, x: np.ndarray, y: np.ndarray, split: Mapping[str, np.ndarray], cfg: TrainConfig,
                out_dir: Path) -> dict:
-    """Train, calibrate, export and validate one head; returns its heads.json entry."""
+    """Train, calibrate, export and validate one head; returns its heads.json entry.
+
+    ``split`` holds ``train`` (``fit`` + ``early_stop``), ``validation`` and ``test`` row indices."""
     spec = get_attack(attack)
     tr, va = split["train"], split["validation"]
+    fit, stop = split["fit"], split["early_stop"]
+    if not len(stop):  # a training split of one row per class: stop on the training loss itself
+        stop = fit
     t0 = time.perf_counter()
-    head, training = _fit_network(spec.kind, x[tr], y[tr], x[va], y[va], cfg, derive_seed("head", cfg.seed, attack))
+    head, training = _fit_network(spec.kind, x[fit], y[fit], x[stop], y[stop], cfg,
+                                  derive_seed("head", cfg.seed, attack))
     with torch.no_grad():
         val_scores = head.score(torch.from_numpy(x[va])).numpy()
     a, b = calibration.fit_platt(val_scores, y[va])
@@ -193,6 +222,8 @@ def fit_attack(attack: str, x: np.ndarray, y: np.ndarray, split: Mapping[str, np
         "outputs": ["score", "probability"],
         "threshold": threshold,
         "thresholds": {"balanced_accuracy": threshold, "fpr_1pct": fpr1, "fpr_0_1pct": fpr01},
+        # Kept so that check/scan/evaluate fit the conformal thresholds of any --max-fpr without retraining.
+        VALIDATION_KEY: validation_record(val_probs, y[va]),
         "calibration": {"method": "platt", "a": a, "b": b, "fitted_on": "validation"},
         "standardisation": {"fitted_on": "train"},
         "validation": {
@@ -200,9 +231,9 @@ def fit_attack(attack: str, x: np.ndarray, y: np.ndarray, split: Mapping[str, np
             "auc": metrics.auc(y[va], val_probs),
             "accuracy": metrics.accuracy(y[va], val_probs, threshold),
             "balanced_accuracy": val_ba,
-            "loss": training["best_validation_loss"],
         },
-        "training": {**training, "n": int(len(tr)), "seconds": round(time.perf_counter() - t0, 2)},
+        "training": {**training, "n": int(len(fit)), "n_early_stop": int(len(split["early_stop"])),
+                     "seconds": round(time.perf_counter() - t0, 2)},
         "onnx_parity": parity,
     }
     log.info("%s: validation AUC %.3f, threshold %.3f, %d epochs (%.1f s)", attack, entry["validation"]["auc"],
@@ -287,6 +318,7 @@ def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: Train
         raise UsageError(f"{out_dir}: folder is not empty and holds no heads; choose an empty or new folder")
     rows, ids, y = labelled_rows(batch)
     split = stratified_split(ids, y, cfg.seed, cfg.train_fraction, cfg.val_fraction)
+    split["fit"], split["early_stop"] = early_stop_split(split["train"], y, ids, cfg.seed, cfg.early_stop_fraction)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # A half-retrained folder must not look valid: heads.json goes first and comes back last.
@@ -322,6 +354,7 @@ def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: Train
             "fractions": {"train": cfg.train_fraction, "validation": cfg.val_fraction,
                           "test": round(1 - cfg.train_fraction - cfg.val_fraction, 10)},
             **{s: [ids[i] for i in split[s]] for s in SPLITS},
+            "early_stop": [ids[i] for i in split["early_stop"]],  # held out of `train` for early stopping
             "ids_sha256": {s: ids_digest([ids[i] for i in split[s]]) for s in SPLITS},
             "counts": {s: {"members": int((y[split[s]] == 1).sum()), "nonmembers": int((y[split[s]] == 0).sum())}
                        for s in SPLITS},

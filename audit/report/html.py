@@ -5,11 +5,14 @@ string from the data (file names, captions, error messages) is HTML-escaped, sin
 know.
 
 - ``write_evaluate_report(evaluation, out_html, store=..., heads=...)``: the metrics table (blind baseline
-  included), ROC curves (linear and log FPR), score histograms of members and non-members per attack, and the
-  most and least member-like test images beside their generated images.
-- ``write_scan_report(results, out_html, store=...)``: status and verdict counts, histograms of P(member), the most
-  and least member-like images (beside their generated images when a feature store is given), and every row that
-  could not be scored with its reason.
+  included), what the verdicts at the evaluation's budget do on the test split (fraction decided, FPR, precision,
+  TPR, verdict counts), ROC curves (linear and log FPR), score histograms of members and non-members per attack
+  with the member and non-member thresholds, and the most and least member-like test images beside their
+  generated images.
+- ``write_scan_report(results, out_html, store=...)``: status and verdict counts (member / non-member /
+  inconclusive) and the rule that made them, histograms of P(member) with the thresholds, the most and least
+  member-like images (beside their generated images when a feature store is given), and every row that could not
+  be scored with its reason.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from PIL import Image
 from .. import __version__
 from ..config import atomic_write_text, read_json
 from ..errors import ArtifactError, InputError
+from ..verdict import VERDICTS
 from .jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,21 @@ class Predictions:
     ids: list[str]
     member: np.ndarray  # int 1/0
     probability: dict[str, np.ndarray]
-    threshold: dict[str, float]
+    threshold: dict[str, float]  # the two-way (balanced-accuracy) threshold
+    decisions: dict[str, Any] | None = None  # attack -> audit.attacks.decision.Decision: the three-way rule
+
+    def lines(self) -> dict[str, dict[str, float | None]]:
+        """Per attack, the thresholds the histograms draw."""
+        if not self.decisions:
+            return {a: {"member": t} for a, t in self.threshold.items()}
+        return {a: {"member": d.member_threshold, "non-member": d.nonmember_threshold}
+                for a, d in self.decisions.items()}
+
+    def verdicts(self, attack: str) -> list[str]:
+        p = self.probability[attack]
+        if self.decisions and attack in self.decisions:
+            return list(self.decisions[attack].decide_all(p))
+        return ["member" if x >= self.threshold[attack] else "non-member" for x in p]
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -67,7 +85,7 @@ def write_evaluate_report(evaluation: Mapping | str | os.PathLike, out_html: str
     notes: list[str] = []
     if predictions is None and store and heads:
         try:
-            predictions = evaluation_predictions(store, heads)
+            predictions = evaluation_predictions(store, heads, evaluation.get("decision"))
         except (ArtifactError, InputError, OSError) as exc:
             notes.append(f"ROC curves and images left out: {exc}")
     elif predictions is None:
@@ -76,16 +94,17 @@ def write_evaluate_report(evaluation: Mapping | str | os.PathLike, out_html: str
     parts = [_header(title or "audit evaluate", _evaluate_facts(evaluation))]
     parts.append(_warnings(list(evaluation.get("warnings") or []) + notes))
     parts.append(_section("Metrics on the test split", _metrics_table(evaluation)))
+    parts.append(_verdicts_section(evaluation))
     if predictions is not None:
         parts.append(_section("ROC curves", _img(_roc_png(predictions), "ROC curves", width=960)
                               + "<p class=note>Step curves on the test split; the dashed grey line is the blind "
                                 "baseline (no generated image). Right: log scale, where low-FPR behaviour shows."
                                 "</p>"))
         parts.append(_section("Score histograms", _img(_hist_png(predictions.probability, predictions.member,
-                                                                 predictions.threshold), "histograms", width=960)))
+                                                                 predictions.lines()), "histograms", width=960)))
         if default in predictions.probability:
             parts.append(_gallery_section(predictions.ids, predictions.probability[default],
-                                          predictions.threshold[default], default, store, top_k,
+                                          predictions.verdicts(default), default, store, top_k,
                                           labels=dict(zip(predictions.ids, predictions.member.tolist()))))
     return _write(out_html, parts)
 
@@ -108,40 +127,45 @@ def write_scan_report(results: Iterable[Mapping] | str | os.PathLike, out_html: 
         rows = [dict(r) for r in results]
     scored = [r for r in rows if r.get("status") == "ok" and r.get("probability") is not None]
     attack = Counter(r.get("attack") for r in scored).most_common(1)[0][0] if scored else None
+    rule = _first(scored, "decision")
     facts = {
         "target": _first(rows, "target"), "heads": _first(rows, "heads"), "attack": attack,
         "rows": len(rows), "scored": len(scored),
-        "members": sum(r.get("verdict") == "member" for r in scored),
+        **{f"verdict {v}": sum(r.get("verdict") == v for r in scored) for v in VERDICTS},
+        "rule": _rule_text(rule) if scored else None,
     }
     parts = [_header(title or "audit scan", facts)]
     parts.append(_warnings(_counted(w for r in scored for w in r.get("warnings") or [])))
     parts.append(_section("Rows", _counts_table(rows)))
     if scored:
         by_attack: dict[str, list[float]] = {}
-        thresholds: dict[str, float] = {}
+        lines: dict[str, dict[str, float | None]] = {}
         for r in scored:
             for a, s in (r.get("scores") or {}).items():
                 if isinstance(s, Mapping) and s.get("probability") is not None:
                     by_attack.setdefault(a, []).append(float(s["probability"]))
-                    if s.get("threshold") is not None:
-                        thresholds[a] = float(s["threshold"])
+                    lines[a] = {"member": s.get("threshold"), "non-member": s.get("nonmember_threshold")}
         if not by_attack:
             by_attack = {attack: [float(r["probability"]) for r in scored]}
-            thresholds = {attack: float(scored[0].get("threshold") or 0.5)}
+            lines = {attack: {"member": scored[0].get("threshold"),
+                              "non-member": (rule or {}).get("nonmember_threshold")}}
         probs = {a: np.asarray(v) for a, v in by_attack.items()}
-        parts.append(_section("P(member) histograms", _img(_hist_png(probs, None, thresholds), "histograms",
+        parts.append(_section("P(member) histograms", _img(_hist_png(probs, None, lines), "histograms",
                                                            width=960)))
         ids = [str(r.get("id") or r.get("image")) for r in scored]
         rows_by_id = {i: r for i, r in zip(ids, scored)}
         parts.append(_gallery_section(ids, np.array([float(r["probability"]) for r in scored]),
-                                      float(scored[0].get("threshold") or 0.5), attack, store, top_k,
+                                      [str(r.get("verdict")) for r in scored], attack, store, top_k,
                                       rows_by_id=rows_by_id, images_root=images_root, generate=generate))
     parts.append(_section("Rows that could not be scored", _error_table([r for r in rows if r.get("status") != "ok"])))
     return _write(out_html, parts)
 
 
-def evaluation_predictions(store: str | os.PathLike, heads: str | os.PathLike) -> Predictions:
-    """Recompute the test split's probabilities of every attack from the store and heads an evaluation used."""
+def evaluation_predictions(store: str | os.PathLike, heads: str | os.PathLike,
+                           decision: Mapping | None = None) -> Predictions:
+    """Recompute the test split's probabilities of every attack from the store and heads an evaluation used, and
+    the verdict rules at the evaluation's ``decision`` (``{"rule", "max_fpr", "max_miss"}``; default: max-fpr
+    0.01)."""
     from ..attacks import load_heads
     from ..attacks.evaluate import test_rows
     from ..features.store import FeatureStore
@@ -152,10 +176,13 @@ def evaluation_predictions(store: str | os.PathLike, heads: str | os.PathLike) -
     rows = test_rows(batch, h, str(store))
     sub = {k: np.asarray(v)[rows] for k, v in batch.items() if np.ndim(v) >= 1 and len(v) == len(batch["ids"])}
     preds = h.predict(sub)
+    d = dict(decision or {})
+    rules = h.decisions(d.get("rule") or "budget", d.get("max_fpr") or 0.01, d.get("max_miss"))
     return Predictions(
         ids=[str(i) for i in sub["ids"]], member=np.asarray(sub["member"]).astype(int),
         probability={a: np.asarray(p["probability"], np.float64) for a, p in preds.items()},
         threshold={a: float(p["threshold"]) for a, p in preds.items()},
+        decisions={a: rules[a] for a in preds},
     )
 
 
@@ -206,7 +233,9 @@ def _roc_png(pred: Predictions) -> bytes:
     return _png(fig)
 
 
-def _hist_png(probs: Mapping[str, np.ndarray], labels: np.ndarray | None, thresholds: Mapping[str, float]) -> bytes:
+def _hist_png(probs: Mapping[str, np.ndarray], labels: np.ndarray | None,
+              thresholds: Mapping[str, Mapping[str, float | None]]) -> bytes:
+    """Histograms per attack; ``thresholds``: attack -> {"member": t, "non-member": t} (None: not drawn)."""
     plt = _plt()
     names = list(probs)
     cols = min(4, len(names))
@@ -220,8 +249,10 @@ def _hist_png(probs: Mapping[str, np.ndarray], labels: np.ndarray | None, thresh
         else:
             ax.hist(p[labels == 0], bins=bins, alpha=0.6, color="#4c72b0", label="non-member")
             ax.hist(p[labels == 1], bins=bins, alpha=0.6, color="#dd8452", label="member")
-        if name in thresholds:
-            ax.axvline(thresholds[name], color="black", linewidth=1, linestyle=":")
+        for side, t in (thresholds.get(name) or {}).items():
+            if t is not None and 0 <= t <= 1:
+                ax.axvline(t, color="#c33" if side == "member" else "#26a", linewidth=1,
+                           linestyle=":" if side == "member" else "--")
         ax.set_title(name, fontsize=10)
         ax.set_xlim(0, 1)
         ax.tick_params(labelsize=7)
@@ -229,7 +260,8 @@ def _hist_png(probs: Mapping[str, np.ndarray], labels: np.ndarray | None, thresh
         ax.axis("off")
     if labels is not None:
         axes.flat[0].legend(fontsize=7)
-    fig.supxlabel("P(member); dotted line: decision threshold", fontsize=9)
+    fig.supxlabel("P(member); red dotted: member at or above, blue dashed: non-member below (between: "
+                  "inconclusive)", fontsize=9)
     fig.tight_layout()
     return _png(fig)
 
@@ -304,7 +336,7 @@ def _regenerated_images(chosen: Sequence[str], rows_by_id: Mapping | None, image
     return {rid: (query, gens[j], caption) for j, (rid, query, caption) in enumerate(picked)}
 
 
-def _gallery_section(ids: Sequence[str], probs: np.ndarray, threshold: float, attack: str | None, store,
+def _gallery_section(ids: Sequence[str], probs: np.ndarray, verdicts: Sequence[str], attack: str | None, store,
                      top_k: int, labels: Mapping[str, int] | None = None, rows_by_id: Mapping | None = None,
                      images_root=None, generate=None) -> str:
     order = np.argsort(-np.asarray(probs), kind="stable")
@@ -316,7 +348,7 @@ def _gallery_section(ids: Sequence[str], probs: np.ndarray, threshold: float, at
         pixels = _regenerated_images(chosen, rows_by_id, images_root, generate)
     body = ""
     for heading, picks in (("Most member-like", top), ("Least member-like", bottom)):
-        cards = "".join(_card(ids[i], float(probs[i]), threshold, pixels.get(ids[i]),
+        cards = "".join(_card(ids[i], float(probs[i]), verdicts[i], pixels.get(ids[i]),
                               labels.get(ids[i]) if labels else None,
                               rows_by_id.get(ids[i]) if rows_by_id else None, images_root) for i in picks)
         body += f"<h3>{heading}</h3><div class=gallery>{cards}</div>"
@@ -326,7 +358,7 @@ def _gallery_section(ids: Sequence[str], probs: np.ndarray, threshold: float, at
     return _section(f"Images ({html.escape(str(attack))})", f"<p class=note>{note}</p>{body}")
 
 
-def _card(rid: str, prob: float, threshold: float, pixels, label: int | None, row: Mapping | None,
+def _card(rid: str, prob: float, verdict: str, pixels, label: int | None, row: Mapping | None,
           images_root) -> str:
     imgs = ""
     if pixels is not None:
@@ -336,15 +368,15 @@ def _card(rid: str, prob: float, threshold: float, pixels, label: int | None, ro
     else:
         query = _query_image(row, images_root)
         imgs = _img(_thumb_png(query), "query", cls="q") if query is not None else "<div class=noimg>no image</div>"
-    verdict = "member" if prob >= threshold else "non-member"
     truth = "" if label is None else f" · truth: {'member' if label == 1 else 'non-member'}"
-    right = "" if label is None else (" ok" if (label == 1) == (verdict == "member") else " miss")
+    right = "" if label is None or verdict not in ("member", "non-member") else (
+        " ok" if (label == 1) == (verdict == "member") else " miss")
     caption = str((row or {}).get("caption") or "")
     if len(caption) > MAX_CAPTION_SHOWN:  # a 2,000-character caption would stretch its card down the page
         caption = caption[:MAX_CAPTION_SHOWN].rstrip() + " …"
     cap = f"<div class=cap>{html.escape(caption)}</div>" if caption else ""
     return (f"<figure class=card><div class=imgs>{imgs}</div><figcaption><b>{html.escape(rid)}</b><br>"
-            f"P(member) {prob:.3f} · {verdict}<span class='{right.strip()}'>{html.escape(truth)}</span>{cap}"
+            f"P(member) {prob:.3f} · {html.escape(verdict)}<span class='{right.strip()}'>{html.escape(truth)}</span>{cap}"
             "</figcaption></figure>")
 
 
@@ -382,10 +414,47 @@ def _metrics_table(evaluation: Mapping) -> str:
         cells = "".join(f"<td>{_fmt_metric(m.get(k))}</td>" for k, _ in cols)
         body += (f"<tr{cls}><td>{html.escape(name)}</td>{cells}"
                  f"<td>{_num_int(m.get('n_test', evaluation.get('n_test')))}</td></tr>")
-    note = ("<p class=note>Accuracy at the threshold fitted on the validation split; brackets: bootstrap 95% "
+    note = ("<p class=note>Accuracy at the two-way threshold fitted on the validation split (maximising "
+            "balanced accuracy); brackets: bootstrap 95% "
             "intervals. <i>blind</i> sees no generated image: if it separates members from non-members, the two "
             "sets differ in distribution and the other rows are not evidence of training.</p>")
     return f"<table>{head}{body}</table>{note}"
+
+
+def _rule_text(decision: Mapping | None) -> str:
+    from ..attacks.decision import rule_text
+
+    return rule_text(dict(decision) if decision else None)
+
+
+_VERDICT_COLS = [("decided_fraction", "decided"), ("fpr", "FPR"), ("precision", "precision"), ("tpr", "TPR"),
+                 ("miss_rate", "miss rate")]
+
+
+def _verdicts_section(evaluation: Mapping) -> str:
+    attacks = {a: m["verdicts"] for a, m in (evaluation.get("attacks") or {}).items()
+               if isinstance(m, Mapping) and isinstance(m.get("verdicts"), Mapping)}
+    if not attacks:
+        return ""
+    head = ("<tr><th>attack</th>" + "".join(f"<th>{c}</th>" for _, c in _VERDICT_COLS)
+            + "<th>member / non-member / inconclusive</th><th>member ≥</th><th>non-member &lt;</th></tr>")
+    body = ""
+    for name, v in attacks.items():
+        cls = " class=blind" if name == "blind" else (" class=default" if name == evaluation.get("default_attack")
+                                                      else "")
+        c = v.get("counts") or {}
+        cells = "".join(f"<td>{_fmt_metric(v.get(k))}</td>" for k, _ in _VERDICT_COLS)
+        body += (f"<tr{cls}><td>{html.escape(name)}</td>{cells}<td>{c.get('member', 0)} / {c.get('non-member', 0)}"
+                 f" / {c.get('inconclusive', 0)}</td><td>{_num(v.get('member_threshold'))}</td>"
+                 f"<td>{_num(v.get('nonmember_threshold'))}</td></tr>")
+    first = next(iter(attacks.values()))
+    note = (f"<p class=note>Verdicts at {html.escape(_rule_text(evaluation.get('decision')))}, thresholds fitted on "
+            f"the validation split ({first.get('n_validation_nonmembers')} non-members, "
+            f"{first.get('n_validation_members')} members) and applied to the test rows. FPR: member verdicts per "
+            "test non-member (what the budget bounds); precision: members among member verdicts; TPR: member "
+            "verdicts per test member; miss rate: non-member verdicts per test member. – : no threshold (the "
+            "budget cannot be resolved with these validation rows) or no verdict to measure.</p>")
+    return _section("Verdicts on the test split", f"<table>{head}{body}</table>{note}")
 
 
 def _num_int(v: Any) -> str:
