@@ -361,6 +361,15 @@ def check_models_end_to_end(folder: Path, images: np.ndarray, embedder, captione
 
 # --- the bundle ----------------------------------------------------------------------------------------------------
 
+def _release() -> None:
+    """Free what was let go: unreachable objects, then glibc's cached free heap (what validation freed would
+    otherwise stay resident under the compiled models loaded next)."""
+    from ..runtime.memory import release_free_heap
+
+    gc.collect()
+    release_free_heap()
+
+
 def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
     """Export target + embedder + captioner into ``out``; returns the bundle's export.json content. A progress
     bar counts the graphs (off with ``quiet`` or when stderr is not a terminal)."""
@@ -392,13 +401,13 @@ def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
             bar.set_postfix_str("end-to-end check: target")
             torch_images = generator.generate([_PROBE_CAPTION], 1, 0, 2)
             del generator  # before the compiled target loads: the two are the largest things held here
-            gc.collect()
+            _release()
             target_check, probes = check_target_end_to_end(tmp, torch_images, cfg.device, cfg.precision)
             embedder = load_embedder(cfg.embedder, **load)
             ids = {"target": target_id, "embedder": export_embedder(embedder, tmp / "embedder", cfg, target_id, bar)}
             emb_check = check_models_end_to_end(tmp, probes, embedder, None, cfg.device, cfg.precision)
             del embedder
-            gc.collect()
+            _release()
             captioner = load_captioner(cfg.captioner, **load)
             ids["captioner"] = export_captioner(captioner, tmp / "captioner", cfg, target_id, bar)
             bar.set_postfix_str("end-to-end check")

@@ -237,8 +237,8 @@ def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: Fe
     out = Path(out)
     if out.exists() and not resume:
         raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
-    check_batch_fits(backends, cfg.batch_size, cfg.n_gen, cfg.guidance)
     rows = read_imagefolder(data, require_caption=cfg.missing_caption == "no_caption")
+    check_batch_fits(backends, max(1, min(cfg.batch_size, len(rows))), cfg.n_gen, cfg.guidance)
     manifest = make_manifest(
         KIND, cfg.for_store(), backends.generator.identity(),
         embedder=backends.embedder.identity(), captioner=backends.captioner.identity(),

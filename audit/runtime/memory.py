@@ -32,7 +32,7 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Hand glibc's cached free heap back to the OS, so it is not reused unseen by the call being measured."""
     name = ctypes.util.find_library("c")
     try:
@@ -41,22 +41,39 @@ def _release_free_heap() -> None:
         pass
 
 
-def measure_peak(fn: Callable[[], object]) -> tuple[object, int | None, float]:
-    """(fn's result, its peak RSS above the RSS before it in bytes or None where Linux cannot tell, seconds)."""
-    _release_free_heap()
+def measure_peak(fn: Callable[[], object], interval: float = 0.002) -> tuple[object, int | None, float]:
+    """(fn's result, its peak RSS above the RSS before it in bytes or None where Linux cannot tell, seconds).
+
+    RSS is sampled from another thread while ``fn`` runs (onnxruntime releases the GIL) rather than read from the
+    kernel's high-water mark: resetting that mark (``/proc/self/clear_refs``) would also reset the process's
+    ``ru_maxrss``, which benchmarks and ``time -v`` report as the peak of the whole run."""
+    import threading
+
+    release_free_heap()
     before = _status_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        resettable = True
-    except OSError:
-        resettable = False
+    peak = [before or 0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            now = _status_kib("VmRSS")
+            if now is not None and now > peak[0]:
+                peak[0] = now
+            done.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM")
-    if before is None or peak is None or not resettable:
+    try:
+        result = fn()
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    after = _status_kib("VmRSS")
+    if before is None or after is None:
         return result, None, seconds
-    return result, max(0, peak - before) * 1024, seconds
+    return result, max(0, max(peak[0], after) - before) * 1024, seconds
 
 
 def linear_fit(rows: list[int], peaks: list[int]) -> dict:
