@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..kernels import DEFAULT_BACKENDS, ImageTransform, preprocess_images
 from ..kernels.preprocess import _check_images
 from .folder import ExportFolder
-from .session import Graph, RuntimeOptions
+from .session import RuntimeOptions
 
 
 class OnnxCaptioner:
@@ -37,8 +37,8 @@ class OnnxCaptioner:
         self.n_layers, self.n_heads, self.head_dim = int(s["n_layers"]), int(s["n_heads"]), int(s["head_dim"])
         self.transform = ImageTransform.from_dict(s["image_transform"])
         self.tokenizer = AutoTokenizer.from_pretrained(folder.file(s["processor"]), local_files_only=True)
-        self.vision = Graph(folder.graph("vision_encoder"), self.options)
-        self.step = Graph(folder.graph("decoder_step"), self.options)
+        self.vision = folder.load_graph("vision_encoder", self.options)
+        self.step = folder.load_graph("decoder_step", self.options)
 
     def identity(self) -> dict:
         return dict(self._identity)

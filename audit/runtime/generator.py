@@ -20,7 +20,7 @@ from ..kernels import DEFAULT_BACKENDS, cfg_ddim_step
 from ..seeding import image_seeds
 from .folder import ExportFolder
 from .scheduler import DdimSchedule
-from .session import Graph, RuntimeOptions
+from .session import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ class OnnxGenerator:
         self.kernel_backend = kernel_backend or DEFAULT_BACKENDS["cfg_ddim_step"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder.file(s["tokenizer"]), local_files_only=True)
         self.schedule = DdimSchedule.from_file(folder.file(s["scheduler"]))
-        self.text_encoder = Graph(folder.graph("text_encoder"), self.options)
-        self.unet = Graph(folder.graph("unet"), self.options)
+        self.text_encoder = folder.load_graph("text_encoder", self.options)
+        self.unet = folder.load_graph("unet", self.options)
         # Exports since the cross-attention split: keys/values from unet_context once per batch, then the steps.
         has_context = "unet_context" in folder.info.get("graphs", {})
-        self.unet_context = Graph(folder.graph("unet_context"), self.options) if has_context else None
-        self.vae_decoder = Graph(folder.graph("vae_decoder"), self.options)
+        self.unet_context = folder.load_graph("unet_context", self.options) if has_context else None
+        self.vae_decoder = folder.load_graph("vae_decoder", self.options)
         self._uncond: np.ndarray | None = None
 
     def identity(self) -> dict:

@@ -4,7 +4,7 @@
 before it, at the validation batches (1 and 3 rows), in a session without onnxruntime's arena so that each call's
 own transient is what is seen. export.json keeps ``base_mib`` + ``per_item_mib`` per graph. A batch of ``n`` rows
 then needs about ``base + n * per_item`` during that graph's call, and, since graphs this large run without the
-arena (``RuntimeOptions.arena_below_mib``), gives it back afterwards: a features batch needs the largest of its
+arena (``RuntimeOptions.small``), gives it back afterwards: a features batch needs the largest of its
 graphs' needs, not their sum. Before featurising, ``check_batch_fits`` compares that with the memory available
 to this process (the machine's MemAvailable and, inside a memory cgroup, what its limit leaves).
 """
