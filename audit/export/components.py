@@ -82,6 +82,8 @@ def _session_factory(device: str):
 
 
 def _export_graphs(spec_list, folder: Path, cfg: ExportConfig, bar=None) -> dict:
+    """Export and validate each spec; a spec lets go of its model once its graph is validated, so where the specs
+    hold the only references (``export_target(..., release=True)``) each torch component is freed as soon as it is done."""
     graphs = {}
     factory = _session_factory(cfg.device)
     for spec in spec_list:
@@ -91,6 +93,8 @@ def _export_graphs(spec_list, folder: Path, cfg: ExportConfig, bar=None) -> dict
         record = export_spec(spec, folder, cfg.device, cfg.precision, cfg.opset, module)
         graphs[spec.name] = validate_spec(spec, folder, record, factory, cfg.device, cfg.precision, module)
         del module
+        spec.model = None
+        _release()
         log.info("%s/%s: max |onnx - torch| %.2e (tolerance atol %g, rtol %g)", folder.name, spec.name,
                  graphs[spec.name]["validation"]["max_abs_err"], record["tolerance"]["atol"],
                  record["tolerance"]["rtol"])
@@ -188,13 +192,15 @@ def target_specs(generator) -> list:
             specs.VaeDecoderSpec(fam["vae"], latent, reciprocal=fam["latent_scale"] == "multiply_reciprocal")]
 
 
-def export_target(generator, folder: Path, cfg: ExportConfig, bar=None) -> dict:
+def export_target(generator, folder: Path, cfg: ExportConfig, bar=None, release: bool = False) -> dict:
+    """Export a target's graphs into ``folder``. With ``release`` a diffusers target's torch modules are handed to
+    the specs and freed one by one as their graphs are validated (export peak memory: one component at a time, not
+    the whole pipeline plus a graph); the generator cannot generate afterwards."""
     pipe, fam = _exportable_target(generator)
     if fam["pipeline"] == "dalle":
         return export_dalle_target(generator, folder, cfg, bar)
     folder.mkdir(parents=True)
     latent = _latent_size(generator, pipe, fam)
-    graphs = _export_graphs(target_specs(generator), folder, cfg, bar)
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
     pipe.scheduler.save_config(folder / "scheduler")
     settings = {"pipeline": fam["pipeline"], "resolution": int(generator.resolution), "latent_size": latent,
@@ -202,6 +208,11 @@ def export_target(generator, folder: Path, cfg: ExportConfig, bar=None) -> dict:
                 "cfg_rule": fam["cfg_rule"], "tokenizer": "tokenizer",
                 "scheduler": "scheduler/scheduler_config.json"}
     identity = generator.identity()
+    spec_list = target_specs(generator)
+    for name in ("text_encoder", "bert", "unet", "vae", "vqvae") if release else ():  # the specs hold the rest
+        if getattr(pipe, name, None) is not None:
+            setattr(pipe, name, None)
+    graphs = _export_graphs(spec_list, folder, cfg, bar)
     _write_component(folder, "target", cfg, identity, identity,
                      {"family": "diffusion", "graphs": graphs, "settings": settings})
     return identity
@@ -397,10 +408,12 @@ def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
     tmp.mkdir(parents=True)
     try:
         with exact_fp32(), progress(total=n_graphs + 1, desc="export", unit="step", quiet=quiet) as bar:
-            target_id = export_target(generator, tmp / "target", cfg, bar)
-            bar.set_postfix_str("end-to-end check: target")
+            bar.set_postfix_str("end-to-end check: target, PyTorch")
+            # Made first: export_target frees each torch module once its graphs are validated.
             torch_images = generator.generate([_PROBE_CAPTION], 1, 0, 2)
-            del generator  # before the compiled target loads: the two are the largest things held here
+            target_id = export_target(generator, tmp / "target", cfg, bar, release=True)
+            bar.set_postfix_str("end-to-end check: target")
+            del generator  # before the compiled target loads
             _release()
             target_check, probes = check_target_end_to_end(tmp, torch_images, cfg.device, cfg.precision)
             embedder = load_embedder(cfg.embedder, **load)
