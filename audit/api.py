@@ -71,24 +71,34 @@ def _cluster(ray: str | None, workers: int, threads: int, device: str):
 
 def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str | None = None,
               captioner: str | None = None, n_gen: int = 2, steps: int = 25, guidance: float = 1.0, seed: int = 0,
-              batch_size: int = 8, caption_tokens: int = 30, resume: bool = False, quiet: bool = False,
-              device: str = "cpu", allow_pickle: bool = False, on_batch=None, ray: str | None = None,
-              workers: int = 1, threads: int = 0, tier: str = "black-box", graybox_timesteps=None) -> dict:
+              batch_size: int | str = 8, caption_tokens: int = 30, pixel_size: int = 32, resume: bool = False,
+              quiet: bool = False, device: str = "cpu", allow_pickle: bool = False, on_batch=None,
+              ray: str | None = None, workers: int = 1, threads: int = 0, tier: str = "black-box",
+              graybox_timesteps=None) -> dict:
     """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses).
 
     ``tier``: ``black-box`` (generate, caption, embed), ``gray-box`` (the target's own denoising errors; a local
     diffusion target only) or ``all``; ``graybox_timesteps`` overrides the gray-box timesteps.
+    ``batch_size="auto"`` picks the largest batch that fits in the memory available (compiled targets; see
+    ``audit.runtime.memory``), or, resuming, the batch size the store was begun with.
     ``ray``: compute the batches on a Ray cluster (``local``, ``auto``, ``ray://HEAD:10001``) with ``workers``
     actors of ``threads`` threads each (0: this machine's single-process setting); the store is the same."""
+    import dataclasses
+
     from .errors import InputError
-    from .features.compute import Backends, FeaturesConfig, compute_store
+    from .features.compute import Backends, FeaturesConfig, compute_store, resolve_batch_size
     from .tiers import GRAY_BOX
 
+    auto = batch_size == "auto"
     extra = {"graybox_timesteps": tuple(graybox_timesteps)} if graybox_timesteps else {}
     cfg = FeaturesConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", n_gen=n_gen,
-                         steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                         caption_tokens=caption_tokens, tier=tier, **extra).validate()
+                         steps=steps, guidance=guidance, seed=seed, batch_size=8 if auto else _count(batch_size),
+                         caption_tokens=caption_tokens, pixel_size=pixel_size, tier=tier, **extra).validate()
     cluster = _cluster(ray, workers, threads, device)
+    if auto and cluster is not None:
+        # The memory that decides is each worker's, which the driver cannot see before the actors start.
+        raise UsageError("--batch-size auto measures this machine's memory; with --ray give a number (each worker "
+                         "checks that its batch fits before it starts)")
     if Path(out).exists() and not resume:
         raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
     if not Path(data).is_dir():
@@ -103,7 +113,17 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
         return featurize_on_ray(data, out, cfg, cluster, allow_pickle=allow_pickle, resume=resume, quiet=quiet,
                                 on_batch=on_batch)
     backends = Backends.load(str(target), embedder, captioner, device, allow_pickle, graybox=GRAY_BOX in cfg.tiers)
+    if auto:
+        cfg = dataclasses.replace(cfg, batch_size=resolve_batch_size(backends, cfg, out if resume else None))
     return compute_store(data, out, backends, cfg, resume=resume, quiet=quiet, on_batch=on_batch)
+
+
+def _count(value: int | str) -> int:
+    """--batch-size: a positive integer (or ``auto``, handled by the caller)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--batch-size must be a positive integer or auto, got {value!r}") from None
 
 
 def check(image: str | Path, caption: str | None = None, *, target: str, heads: str | Path | None = None,

@@ -240,8 +240,12 @@ def features(
     steps: int = typer.Option(25, "--steps", help="Denoising steps per image."),
     guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (1 = none)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated images."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Captions per generation batch."),
+    batch_size: str = typer.Option("8", "--batch-size", help="Captions per generation batch, or auto: the largest "
+                                   "that fits in the available memory (compiled targets)."),
     caption_tokens: int = typer.Option(30, "--caption-tokens", help="Most tokens per caption of a generated image."),
+    pixel_size: int = typer.Option(32, "--pixel-size", help="Side of the square thumbnails of query and generated "
+                                   "images the pixel attacks compare (recorded in the store; heads and check/scan "
+                                   "follow it)."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
     captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
     tier: str = typer.Option("black-box", "--tier", help="black-box (generate, caption, embed), gray-box (the "
@@ -264,7 +268,7 @@ def features(
 
     s = run(lambda: api.featurize(target, data, out, embedder=embedder, captioner=captioner, n_gen=n_gen,
                                   steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                                  caption_tokens=caption_tokens, resume=resume,
+                                  caption_tokens=caption_tokens, pixel_size=pixel_size, resume=resume,
                                   quiet=quiet, device=device, allow_pickle=allow_pickle, ray=ray, workers=workers,
                                   threads=threads, tier=tier,
                                   graybox_timesteps=_int_list(graybox_timesteps, "--graybox-timesteps")))

@@ -11,8 +11,9 @@ from . import SCHEMA_VERSION, __version__
 from .config import read_json
 from .errors import ArtifactError
 
-# Files whose bytes define a model's identity. Tokenizer/processor files count: they change what the model sees.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".onnx", ".json", ".txt", ".model")
+# Files whose bytes define a model's identity. Tokenizer/processor files count: they change what the model sees;
+# so do the weights of a graph written as ONNX external data (``unet.onnx.data``).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".onnx", ".data", ".json", ".txt", ".model")
 
 
 def weights_hash(folder: str | Path) -> str:

@@ -1,12 +1,15 @@
 """GPU checks of the compiled path, for a machine with a CUDA GPU. Prints one PASS / FAIL / SKIP line per check.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py [--world DIR] [--skip-fp16] [--skip-bench]
+    PYTHONPATH=. python benchmarks/gpu_check.py [--world DIR | --fullsize] [--skip-fp16] [--skip-bench]
 
 Checks: torch sees the GPU; the Triton kernels (CFG+DDIM step, preprocessing, pairwise cosine) equal their torch
 references on the GPU; onnxruntime offers the CUDA (and TensorRT) provider; `audit export --device cuda` of the toy
 world validates every graph on the CUDA provider and its end-to-end checks pass (fp32, then fp16); the CUDA runtime
 generates the torch path's images; and a short side-by-side throughput of eager torch on CUDA vs the CUDA runtime.
-Exit status 1 if any check failed. Needs no network; uses the bundled toy world unless --world is given.
+Exit status 1 if any check failed. Needs no network; uses the bundled toy world unless --world is given, or with
+--fullsize random-weight SD-1.5 + CLIP ViT-L/14 + BLIP base at their published sizes (``audit.targets.fullsize``;
+time and memory only): the throughput check then also runs both paths in fp16 (torch fp16 eager with SDPA against
+the fp16 export) and reports seconds per query and peak GPU memory.
 """
 
 from __future__ import annotations
@@ -104,11 +107,11 @@ def ort_cuda():
     return f"onnxruntime {ort.__version__}; TensorRT {'offered' if 'TensorrtExecutionProvider' in have else 'absent'}"
 
 
-def _export(world: Path, out: Path, precision: str):
+def _export(world: dict, out: Path, precision: str):
     from audit.export import ExportConfig, export_all
 
-    info = export_all(ExportConfig(target=str(world / "target"), embedder=str(world / "clip"),
-                                   captioner=str(world / "blip"), device="cuda", precision=precision), out)
+    info = export_all(ExportConfig(target=str(world["target"]), embedder=str(world["clip"]),
+                                   captioner=str(world["blip"]), device="cuda", precision=precision), out)
     worst = {}
     for part in ("target", "embedder", "captioner"):
         graphs = json.loads((out / part / "export.json").read_text())["graphs"]
@@ -122,7 +125,7 @@ export_fp16 = check("export --device cuda --precision fp16")(lambda world, out: 
 
 
 @check("CUDA runtime images == torch CUDA path (same seeds)")
-def runtime_images(world: Path, export: Path):
+def runtime_images(world: dict, export: Path):
     import numpy as np
 
     from audit.runtime import OnnxGenerator, RuntimeOptions
@@ -132,7 +135,7 @@ def runtime_images(world: Path, export: Path):
 
     captions = ["a red circle above a blue square", "three green triangles"]
     with exact_fp32():  # cuDNN convolutions default to TF32; the runtime's CUDA provider runs without it
-        a = load_target(str(world / "target"), device="cuda").generate(captions, 2, 0, 10)
+        a = load_target(str(world["target"]), device="cuda").generate(captions, 2, 0, 10)
     b = OnnxGenerator(export, RuntimeOptions(device="cuda", tensorrt=False)).generate(captions, 2, 0, 10)
     d = np.abs(a.astype(int) - b.astype(int))
     if d.max() > 8 or d.mean() > 0.5:
@@ -151,47 +154,99 @@ def tensorrt(export: Path):
         return ("SKIP", "onnxruntime offers no TensorrtExecutionProvider")
     g = Graph(export / "embedder" / "image_encoder.onnx", RuntimeOptions(device="cuda", tensorrt=True))
     ref = Graph(export / "embedder" / "image_encoder.onnx", RuntimeOptions(device="cuda", tensorrt=False))
-    px = np.random.default_rng(0).standard_normal((4, 3, 32, 32), np.float32)
+    size = ref.session.get_inputs()[0].shape[-1]  # the embedder's image size (32 toy, 224 ViT-L/14)
+    px = np.random.default_rng(0).standard_normal((4, 3, size, size), np.float32)
     d = np.abs(g.run(pixel_values=px)["image_embeds"] - ref.run(pixel_values=px)["image_embeds"]).max()
     if d > 1e-2:
         raise RuntimeError(f"TensorRT output differs from CUDA by {d:.2e}")
     return f"providers {g.providers}; max diff vs CUDA {d:.1e}"
 
 
-@check("throughput on CUDA: eager torch vs runtime (64 queries, n_gen 2, 10 steps)")
-def throughput(world: Path, export: Path):
+def _featurise_rate(g, e, c, images, captions, batch: int, steps: int) -> dict:
+    """Queries per second (after a warm-up batch) and the peak GPU memory torch saw allocated while featurising."""
     import numpy as np
+    import torch
 
+    def featurise(imgs, caps):
+        gen = g.generate(caps, 2, 0, steps)
+        gen = gen.reshape(-1, *gen.shape[2:])
+        e.embed_images(np.concatenate([imgs, gen]))
+        e.embed_texts(list(caps) + c.caption(gen, 30))
+
+    featurise(images[:2], captions[:2])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for i in range(0, len(images), batch):
+        featurise(images[i : i + batch], captions[i : i + batch])
+    torch.cuda.synchronize()
+    return {"queries_per_s": len(images) / (time.perf_counter() - t),
+            "torch_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def _gpu_used_gib() -> float | None:
+    """GPU memory in use on device 0 (nvidia-smi: counts onnxruntime's CUDA arena, which torch does not see)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return float(out.split()[0]) / 1024
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+@check("throughput on CUDA: eager torch vs runtime (n_gen 2; toy: 64 queries, 10 steps; full size: 4, 4)")
+def throughput(world: dict, exports: dict, fullsize: bool):
+    import torch
+
+    from audit.export.components import _probe_images
     from audit.runtime import OnnxCaptioner, OnnxEmbedder, OnnxGenerator, RuntimeOptions
     from audit.targets import load_captioner, load_embedder, load_target
     from audit.toy import scenes
 
-    images, captions = scenes.scene_images(0, "heldout", 64)
+    if fullsize:
+        n, batch, steps = 4, 2, 4
+        captions = ["a red bus on a city street", "a bowl of green apples", "a dog on a beach", "a snowy mountain"]
+        images = _probe_images(512, n)
+    else:
+        n, batch, steps = 64, 32, 10
+        images, captions = scenes.scene_images(0, "heldout", n)
     opts = RuntimeOptions(device="cuda", tensorrt=False)
-    paths = {"torch": (load_target(str(world / "target"), device="cuda"), load_embedder(str(world / "clip"),
-                                                                                          device="cuda"),
-                       load_captioner(str(world / "blip"), device="cuda")),
-             "runtime": (OnnxGenerator(export, opts), OnnxEmbedder(export / "embedder", opts),
-                         OnnxCaptioner(export / "captioner", opts))}
     rates = {}
-    for name, (g, e, c) in paths.items():
-        def featurise(imgs, caps):
-            gen = g.generate(caps, 2, 0, 10).reshape(-1, 32, 32, 3)
-            gc = c.caption(gen, 30)
-            e.embed_images(np.concatenate([imgs, gen]))
-            e.embed_texts(list(caps) + gc)
-        featurise(images[:2], captions[:2])
-        t = time.perf_counter()
-        for i in range(0, 64, 32):
-            featurise(images[i : i + 32], captions[i : i + 32])
-        rates[name] = 64 / (time.perf_counter() - t)
-    return ", ".join(f"{k} {v:.1f} queries/s" for k, v in rates.items()) + \
-        f"; ratio {rates['runtime'] / rates['torch']:.2f}x"
+    for precision, export in exports.items():
+        torch_models = (load_target(str(world["target"]), device="cuda"),
+                        load_embedder(str(world["clip"]), device="cuda"),
+                        load_captioner(str(world["blip"]), device="cuda"))
+        if precision == "fp16":  # torch fp16 eager (diffusers' SDPA attention) against the fp16 export
+            for m in (torch_models[0].pipe, torch_models[1].model, torch_models[2].model):
+                m.to(torch.float16)
+        rates[f"torch {precision}"] = _featurise_rate(*torch_models, images, captions, batch, steps)
+        del torch_models
+        torch.cuda.empty_cache()
+        before = _gpu_used_gib()
+        runtime = (OnnxGenerator(export, opts), OnnxEmbedder(export / "embedder", opts),
+                   OnnxCaptioner(export / "captioner", opts))
+        rate = _featurise_rate(*runtime, images, captions, batch, steps)
+        after = _gpu_used_gib()
+        rate["gpu_used_gib"] = None if before is None or after is None else after - before
+        rates[f"runtime {precision}"] = rate
+        del runtime
+    parts = [f"{k} {v['queries_per_s']:.2f} queries/s ({1 / v['queries_per_s']:.2f} s/query)" for k, v in
+             rates.items()]
+    mem = [f"{k} {v['torch_peak_gib']:.1f} GiB" for k, v in rates.items() if k.startswith("torch")]
+    mem += [f"{k} {v['gpu_used_gib']:.1f} GiB (nvidia-smi)" for k, v in rates.items()
+            if k.startswith("runtime") and v.get("gpu_used_gib") is not None]
+    ratios = [f"{p} {rates[f'runtime {p}']['queries_per_s'] / rates[f'torch {p}']['queries_per_s']:.2f}x"
+              for p in exports]
+    return "; ".join(parts) + "; runtime/torch " + ", ".join(ratios) + "; peak GPU memory " + ", ".join(mem)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=Path, help="toy world folder (target/, clip/, blip/); default: the bundled one")
+    p.add_argument("--fullsize", action="store_true", help="random-weight SD-1.5 + CLIP ViT-L/14 + BLIP base at "
+                   "their published sizes instead of the toy (built once into $AUDIT_HOME/fullsize; ~5 GB)")
     p.add_argument("--skip-fp16", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     args = p.parse_args()
@@ -199,7 +254,13 @@ def main() -> int:
     os.environ.pop("TRITON_INTERPRET", None)  # the real GPU, not the interpreter
     from audit.toy import BUNDLE
 
-    world = args.world or BUNDLE
+    if args.fullsize:
+        from audit.targets import fullsize
+
+        built = fullsize.world("sd-1.5")
+        world = {"target": built["target"], "clip": built["embedder"], "blip": built["captioner"]}
+    else:
+        world = {k: (args.world or BUNDLE) / k for k in ("target", "clip", "blip")}
     print(f"audit GPU check; world {world}", flush=True)
     if not torch_cuda():
         print("no CUDA GPU: nothing else to check")
@@ -209,13 +270,15 @@ def main() -> int:
     if has_ort_cuda:
         with tempfile.TemporaryDirectory() as tmp:
             exp = Path(tmp) / "fp32"
+            exports = {}
             if export_cuda(world, exp):
+                exports["fp32"] = exp
                 runtime_images(world, exp)
                 tensorrt(exp)
-                if not args.skip_bench:
-                    throughput(world, exp)
-            if not args.skip_fp16:
-                export_fp16(world, Path(tmp) / "fp16")
+            if not args.skip_fp16 and export_fp16(world, Path(tmp) / "fp16"):
+                exports["fp16"] = Path(tmp) / "fp16"
+            if exports and not args.skip_bench:
+                throughput(world, exports, args.fullsize)
     failed = [r for r in RESULTS if r[1] == "FAIL"]
     print(f"\n{len(RESULTS) - len(failed)} of {len(RESULTS)} checks passed or skipped; {len(failed)} failed")
     return 1 if failed else 0

@@ -98,3 +98,29 @@ def test_scale_benchmark_runs_one_process_and_private_ray_clusters_side_by_side(
     # Workers report with their batches: on these few fast batches the first actor up may compute them all.
     assert 1 <= len(result["ray, 2 workers x 1 thread"]["worker_peak_rss_mib"]) <= 2
     assert "Ray's overhead per row" in proc.stdout and "ray_overhead_ms_per_row" in result["rounds"][0]["ratios"]
+
+
+REALSIZE = Path(__file__).resolve().parents[1] / "benchmarks" / "realsize.py"
+
+
+@pytest.mark.slow
+def test_realsize_benchmark_runs_both_paths_on_the_fullsize_builders(tmp_path):
+    """benchmarks/realsize.py end to end with the full-size architectures at toy sizes (--tiny): the same builders,
+    export, workers and report as at full size, in minutes."""
+    import os
+
+    out = tmp_path / "real.json"
+    env = dict(os.environ, AUDIT_HOME=str(tmp_path / "home"))
+    proc = subprocess.run([sys.executable, str(REALSIZE), "--tiny", "--targets", "sd-1.5", "--queries", "2",
+                           "--steps", "2", "--caption-tokens", "4", "--cache", str(tmp_path / "cache"), "--profile",
+                           "--json", str(out)], capture_output=True, text=True, timeout=1500, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())["sd-1.5"]
+    for path in ("eager", "runtime"):
+        assert r[path]["seconds_per_query"] > 0 and r[path]["peak_rss_work_mib"] > 0
+    assert {"target/unet", "target/vae_decoder", "captioner/decoder_step"} <= set(r["runtime"]["calls"])
+    assert {"unet", "vae_decoder", "blip_decoder_step"} <= set(r["eager"]["calls"])
+    assert r["agreement"]["images_max_abs_uint8"] <= 2
+    assert r["export"]["export_seconds"] > 0 and r["export"]["export_peak_rss_mib"] > 0
+    assert r["flops"]["unet_gflop_per_image"] > 0 and "MultiHeadAttention" in r["profile"]["unet"]["by_op"]
+    assert "seconds per query" in proc.stdout and "eager/runtime" in proc.stdout

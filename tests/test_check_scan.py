@@ -238,3 +238,23 @@ def test_auditor_api_scores_in_process(world):
     assert other.attack == "II-S" and other.probability == v.scores["II-S"]["probability"]
     missing = auditor.check(world["root"] / "nope.png", "a caption")
     assert missing.status == "unreadable" and missing.verdict is None and "file not found" in missing.error
+
+
+def test_pixel_size_is_recorded_and_check_follows_the_heads(world, tmp_path):
+    store, heads = tmp_path / "px16.h5", tmp_path / "heads16"
+    r = CliRunner().invoke(app, ["features", *world["opts"], "--data", str(world["aux"]), "--out", str(store),
+                                 "--n-gen", "1", "--steps", "2", "--seed", "5", "--caption-tokens", "6",
+                                 "--pixel-size", "16", "-q"])
+    assert r.exit_code == 0, r.output
+    fs = FeatureStore.open(store)
+    rows = fs.read()
+    assert rows["query_pixels"].shape == (6, 16, 16, 3) and rows["gen_pixels"].shape == (6, 1, 16, 16, 3)
+    assert fs.manifest["config"]["pixel_size"] == 16
+    api.train(store, heads, attacks="II-P", epochs=2, register=False)
+    assert load_heads(heads).info["input_signature"]["pixel_size"] == 16
+    img = world["aux"] / "img_00003.png"
+    v = json.loads(_check(world, str(img), "--caption", world["captions"][3], "--heads", str(heads), "--json").stdout)
+    pos = rows["ids"].tolist().index("img_00003.png")
+    expect = load_heads(heads).predict({k: a[pos:pos + 1] for k, a in rows.items()})
+    # check computed 16x16 thumbnails as the store did (32x32 ones would not even fit the heads' input)
+    assert v["scores"]["II-P"]["probability"] == pytest.approx(float(expect["II-P"]["probability"][0]), abs=1e-4)

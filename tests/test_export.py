@@ -255,3 +255,55 @@ def test_unexportable_embedder_is_refused_before_any_tracing(tmp_path, tiny_worl
                                  "--captioner", str(tiny_world["blip"]), "--out", str(tmp_path / "out")])
     assert r.exit_code == 2 and "is not a transformers CLIPModel" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["oc"]  # no output, no partial folder
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_graphs_with_external_data_validate_load_and_are_hashed(tmp_path, tiny_world, monkeypatch, precision):
+    """Graphs over EXTERNAL_DATA_BYTES (1 GiB: the SD UNet, fp32 or fp16) keep their weights in NAME.onnx.data; here
+    the threshold is lowered so a tiny graph takes the same path."""
+    from transformers import CLIPModel
+
+    from audit.export import convert
+    from audit.export.specs import ClipImageSpec
+    from audit.manifest import weights_hash
+    from audit.runtime import Graph
+
+    monkeypatch.setattr(convert, "EXTERNAL_DATA_BYTES", 0)
+    spec = ClipImageSpec(CLIPModel.from_pretrained(tiny_world["clip"]).eval())
+    module = convert.prepare_module(spec, "cpu", precision)
+    record = convert.export_spec(spec, tmp_path, "cpu", precision, module=module)
+    data = tmp_path / "image_encoder.onnx.data"
+    assert set(record["files"]) == {"image_encoder.onnx", "image_encoder.onnx.data"} and data.stat().st_size > 0
+    assert all(convert.file_sha256(tmp_path / f) == h for f, h in record["files"].items())
+    assert (tmp_path / "image_encoder.onnx").stat().st_size < data.stat().st_size  # the weights are beside it
+    record = convert.validate_spec(spec, tmp_path, record, lambda p: Graph(p).session, "cpu", precision, module)
+    assert record["validation"]["passed"] and record["memory"]["rows"] == [1, 3]
+    px = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert Graph(tmp_path / record["file"]).run(pixel_values=px)["image_embeds"].shape == (2, spec.model.config
+                                                                                          .projection_dim)
+    before = weights_hash(tmp_path)
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+    assert weights_hash(tmp_path) != before  # the external data is part of the identity, as any weights file
+
+
+@pytest.mark.slow
+def test_plain_attentions_are_exported_as_one_fused_node(tiny_export, tiny_world):
+    """Self-attention of the UNet and the VAE's mid-block attention: onnxruntime's MultiHeadAttention (a flash
+    attention on the CPU), not MatMul -> Softmax -> MatMul holding the score matrix. (The UNet step's cross
+    attentions take their keys/values from unet_context and keep their own form.)"""
+    from collections import Counter
+
+    from diffusers.models.attention_processor import Attention
+
+    from audit.targets.diffusion import load_pipeline
+
+    pipe = load_pipeline(tiny_world["target"])
+    self_attn = sum(isinstance(m, Attention) and not m.is_cross_attention for m in pipe.unet.modules())
+    root = tiny_export["path"] / "target"
+    graphs = {name: onnx.load(root / f"{name}.onnx", load_external_data=False).graph for name in ("unet", "vae_decoder")}
+    ops = {name: Counter((n.domain, n.op_type) for n in g.node) for name, g in graphs.items()}
+    mha = ("com.microsoft", "MultiHeadAttention")
+    assert self_attn > 0 and ops["unet"][mha] == self_attn
+    assert ops["vae_decoder"][mha] == 1 and ops["vae_decoder"][("", "Softmax")] == 0

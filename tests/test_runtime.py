@@ -112,6 +112,11 @@ def test_cpu_graphs_split_their_batch_over_single_thread_replicas(tmp_path):
     assert len(Graph(layers, RuntimeOptions(intra_op_threads=2)).replicas) == 1
     assert len(Graph(path, RuntimeOptions(intra_op_threads=2, replicate_below_mib=0)).replicas) == 1
     assert len(Graph(path, RuntimeOptions(intra_op_threads=1)).replicas) == 1
+    # Light weights but heavy activations per row (SD's VAE decoder: 1.1 GiB per 512 px image): one session with
+    # every thread, no arena, the freed heap handed back after each call.
+    heavy = Graph(path, RuntimeOptions(intra_op_threads=2), per_item_mib=1120)
+    assert len(heavy.replicas) == 1 and not heavy.small and two.small
+    np.testing.assert_array_equal(heavy.run(x=x)["y"], one.run(x=x)["y"])
     assert RuntimeOptions(device="cuda", intra_op_threads=4).replicas_for(1) == 1
     assert RuntimeOptions(intra_op_threads=4, replicas=3).replicas_for(2**40) == 3
 

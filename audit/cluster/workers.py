@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import AuditError, ClusterError
 from ..imagefolder import ImageError, Row, load_image, read_image_bytes
+from ..tiers import BLACK_BOX
 
 # Environment a worker takes from the driver, so its models resolve and run as the single-machine command's do.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "AUDIT_MEMORY_ARENA")
@@ -192,6 +193,11 @@ class FeaturesWorker(BatchWorker):
 
         self.config = spec.config
         self.backends = Backends.load(spec.target, spec.embedder, spec.captioner, spec.device, spec.allow_pickle)
+        if BLACK_BOX in self.config.tiers:  # this node's memory, before its first batch
+            from ..runtime.memory import check_batch_fits
+
+            cfg = self.config
+            check_batch_fits(self.backends, cfg.batch_size, cfg.n_gen, cfg.guidance, what=f"features on {self.node}")
 
     def compute(self, rows: list[Row], images: ShippedImages) -> dict:
         from ..features.compute import featurize_rows

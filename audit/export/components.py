@@ -16,6 +16,7 @@ against PyTorch right after export; then each component is checked end to end ag
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -74,12 +75,15 @@ def check_export_options(device: str, precision: str) -> None:
 def _session_factory(device: str):
     from ..runtime.session import Graph, RuntimeOptions
 
-    # Validate what the graph computes (not TensorRT's), in one session
-    options = RuntimeOptions(device=device, tensorrt=False, replicas=1)
+    # Validate what the graph computes (not TensorRT's), in one session; without the arena, so that each call's
+    # peak memory is its own (runtime.memory)
+    options = RuntimeOptions(device=device, tensorrt=False, replicas=1, memory_arena=False)
     return lambda path: Graph(path, options).session
 
 
 def _export_graphs(spec_list, folder: Path, cfg: ExportConfig, bar=None) -> dict:
+    """Export and validate each spec; a spec lets go of its model once its graph is validated, so where the specs
+    hold the only references (``export_target(..., release=True)``) each torch component is freed as soon as it is done."""
     graphs = {}
     factory = _session_factory(cfg.device)
     for spec in spec_list:
@@ -89,6 +93,8 @@ def _export_graphs(spec_list, folder: Path, cfg: ExportConfig, bar=None) -> dict
         record = export_spec(spec, folder, cfg.device, cfg.precision, cfg.opset, module)
         graphs[spec.name] = validate_spec(spec, folder, record, factory, cfg.device, cfg.precision, module)
         del module
+        spec.model = None
+        _release()
         log.info("%s/%s: max |onnx - torch| %.2e (tolerance atol %g, rtol %g)", folder.name, spec.name,
                  graphs[spec.name]["validation"]["max_abs_err"], record["tolerance"]["atol"],
                  record["tolerance"]["rtol"])
@@ -188,13 +194,15 @@ def target_specs(generator) -> list:
             specs.VaeEncoderSpec(fam["vae"], int(generator.resolution))]
 
 
-def export_target(generator, folder: Path, cfg: ExportConfig, bar=None) -> dict:
+def export_target(generator, folder: Path, cfg: ExportConfig, bar=None, release: bool = False) -> dict:
+    """Export a target's graphs into ``folder``. With ``release`` a diffusers target's torch modules are handed to
+    the specs and freed one by one as their graphs are validated (export peak memory: one component at a time, not
+    the whole pipeline plus a graph); the generator cannot generate afterwards."""
     pipe, fam = _exportable_target(generator)
     if fam["pipeline"] == "dalle":
         return export_dalle_target(generator, folder, cfg, bar)
     folder.mkdir(parents=True)
     latent = _latent_size(generator, pipe, fam)
-    graphs = _export_graphs(target_specs(generator), folder, cfg, bar)
     pipe.tokenizer.save_pretrained(folder / "tokenizer")
     pipe.scheduler.save_config(folder / "scheduler")
     settings = {"pipeline": fam["pipeline"], "resolution": int(generator.resolution), "latent_size": latent,
@@ -202,6 +210,11 @@ def export_target(generator, folder: Path, cfg: ExportConfig, bar=None) -> dict:
                 "cfg_rule": fam["cfg_rule"], "tokenizer": "tokenizer",
                 "scheduler": "scheduler/scheduler_config.json"}
     identity = generator.identity()
+    spec_list = target_specs(generator)
+    for name in ("text_encoder", "bert", "unet", "vae", "vqvae") if release else ():  # the specs hold the rest
+        if getattr(pipe, name, None) is not None:
+            setattr(pipe, name, None)
+    graphs = _export_graphs(spec_list, folder, cfg, bar)
     _write_component(folder, "target", cfg, identity, identity,
                      {"family": "diffusion", "graphs": graphs, "settings": settings})
     return identity
@@ -301,19 +314,34 @@ def _probe_images(resolution: int, n: int = 3) -> np.ndarray:
 
 # What the end-to-end checks demand: fp32 graphs reproduce the torch path; fp16 ones only approximate it (greedy
 # captions may flip at near-ties), so for them the numbers are recorded and only gross disagreement fails.
+_PROBE_CAPTION = "a red circle on a blue background"
 _END_TO_END = {"fp32": {"image_max": 8, "image_mean": 0.5, "embedding": 1e-3, "captions_equal": True,
                         "graybox_rel": 1e-2},
                "fp16": {"image_max": 255, "image_mean": 3.0, "embedding": 3e-2, "captions_equal": False,
                         "graybox_rel": 0.5}}
 
 
-def _check_graybox(folder: Path, generator, compiled, images: np.ndarray, caption: str, limits: dict) -> dict:
+def torch_target_probes(generator) -> dict:
+    """What the end-to-end check compares the compiled target with, made on the torch path before the export lets
+    its modules go: the probe caption's images (seed 0, 2 steps), the probe images (structured ones and the
+    generated one) and, for a target with gray-box access, its error vectors on them."""
+    from ..features.graybox import DEFAULT_TIMESTEPS, graybox_errors
+
+    torch_img = generator.generate([_PROBE_CAPTION], 1, 0, 2)
+    images = np.concatenate([_probe_images(generator.resolution), torch_img[:, 0]])
+    probes = {"torch_img": torch_img, "images": images, "graybox": None}
+    if callable(getattr(generator, "denoiser", None)):
+        probes["graybox"], _ = graybox_errors(generator.denoiser(), images, [_PROBE_CAPTION] * len(images),
+                                              DEFAULT_TIMESTEPS, 0)
+    return probes
+
+
+def _check_graybox(folder: Path, compiled, probes: dict, limits: dict) -> dict:
     """The gray-box attacks' error vectors through the compiled graphs against the torch path's."""
     from ..features.graybox import DEFAULT_TIMESTEPS, graybox_errors
 
-    captions = [caption] * len(images)
-    theirs, _ = graybox_errors(generator.denoiser(), images, captions, DEFAULT_TIMESTEPS, 0)
-    ours, _ = graybox_errors(compiled.denoiser(), images, captions, DEFAULT_TIMESTEPS, 0)
+    images, theirs = probes["images"], probes["graybox"]
+    ours, _ = graybox_errors(compiled.denoiser(), images, [_PROBE_CAPTION] * len(images), DEFAULT_TIMESTEPS, 0)
     rel = max(float(np.max(np.abs(ours[k] - theirs[k]) / np.maximum(np.abs(theirs[k]), 1e-12))) for k in ours)
     if rel > limits["graybox_rel"]:
         raise ArtifactError(f"{folder / 'target'}: gray-box errors differ from the torch path's by up to {rel:.2g} "
@@ -321,31 +349,42 @@ def _check_graybox(folder: Path, generator, compiled, images: np.ndarray, captio
     return {"timesteps": list(DEFAULT_TIMESTEPS), "n_images": len(images), "max_rel_error": rel}
 
 
-def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, precision: str = "fp32") -> dict:
-    """The exported components against the torch backends they came from; raises when they disagree."""
-    from ..runtime import OnnxCaptioner, OnnxEmbedder, onnx_generator
+def check_target_end_to_end(folder: Path, probes: dict, device: str, precision: str = "fp32") -> dict:
+    """The exported target's images of ``_PROBE_CAPTION`` (seed 0, 2 steps), and its gray-box errors, against the
+    torch path's ``probes`` (``torch_target_probes``)."""
+    from ..runtime import onnx_generator
+    from ..runtime.session import RuntimeOptions
+
+    limits = _END_TO_END[precision]
+    g = onnx_generator(folder / "target", RuntimeOptions(device=device, tensorrt=False))
+    onnx_img = g.generate([_PROBE_CAPTION], 1, 0, 2)
+    torch_img = probes["torch_img"]
+    diff = np.abs(torch_img.astype(np.int16) - onnx_img.astype(np.int16))
+    check = {"steps": 2, "max_abs_uint8": int(diff.max()), "mean_abs_uint8": float(diff.mean())}
+    if diff.max() > limits["image_max"] or diff.mean() > limits["image_mean"]:
+        raise ArtifactError(f"{folder / 'target'}: generated images differ from the torch path by up to "
+                            f"{int(diff.max())} levels (mean {diff.mean():.2f})")
+    if probes["graybox"] is not None:
+        check["graybox"] = _check_graybox(folder, g, probes, limits)
+    return check
+
+
+def check_models_end_to_end(folder: Path, images: np.ndarray, embedder, captioner, device: str,
+                            precision: str = "fp32") -> dict:
+    """The exported embedder's embeddings and captioner's greedy captions of ``images`` against the torch path's;
+    one compiled component is loaded at a time."""
+    from ..runtime import OnnxCaptioner, OnnxEmbedder
     from ..runtime.session import RuntimeOptions
 
     limits = _END_TO_END[precision]
     opts = RuntimeOptions(device=device, tensorrt=False)
     checks = {}
-    g = onnx_generator(folder / "target", opts)
-    caption = "a red circle on a blue background"
-    torch_img = generator.generate([caption], 1, 0, 2)
-    onnx_img = g.generate([caption], 1, 0, 2)
-    diff = np.abs(torch_img.astype(np.int16) - onnx_img.astype(np.int16))
-    checks["target"] = {"steps": 2, "max_abs_uint8": int(diff.max()), "mean_abs_uint8": float(diff.mean())}
-    if diff.max() > limits["image_max"] or diff.mean() > limits["image_mean"]:
-        raise ArtifactError(f"{folder / 'target'}: generated images differ from the torch path by up to "
-                            f"{int(diff.max())} levels (mean {diff.mean():.2f})")
-    images = np.concatenate([_probe_images(g.resolution), torch_img[:, 0]])
-    if callable(getattr(g, "denoiser", None)):
-        checks["target"]["graybox"] = _check_graybox(folder, generator, g, images, caption, limits)
     if embedder is not None:
         e = OnnxEmbedder(folder / "embedder", opts)
-        texts = [caption, "two green squares", ""]
+        texts = [_PROBE_CAPTION, "two green squares", ""]
         err_i = float(np.abs(e.embed_images(images) - embedder.embed_images(images)).max())
         err_t = float(np.abs(e.embed_texts(texts) - embedder.embed_texts(texts)).max())
+        del e
         checks["embedder"] = {"max_abs_image": err_i, "max_abs_text": err_t}
         if max(err_i, err_t) > limits["embedding"]:
             raise ArtifactError(f"{folder / 'embedder'}: embeddings differ from the torch path by "
@@ -353,6 +392,7 @@ def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, 
     if captioner is not None:
         c = OnnxCaptioner(folder / "captioner", opts)
         ours, theirs = c.caption(images, max_new_tokens=12), captioner.caption(images, max_new_tokens=12)
+        del c
         checks["captioner"] = {"captions_equal": ours == theirs, "n_images": len(images), "max_new_tokens": 12}
         if ours != theirs:
             if limits["captions_equal"]:
@@ -364,6 +404,15 @@ def check_end_to_end(folder: Path, generator, embedder, captioner, device: str, 
 
 
 # --- the bundle ----------------------------------------------------------------------------------------------------
+
+def _release() -> None:
+    """Free what was let go: unreachable objects, then glibc's cached free heap (what validation freed would
+    otherwise stay resident under the compiled models loaded next)."""
+    from ..runtime.memory import release_free_heap
+
+    gc.collect()
+    release_free_heap()
+
 
 def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
     """Export target + embedder + captioner into ``out``; returns the bundle's export.json content. A progress
@@ -377,24 +426,40 @@ def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
     emb_spec, cap_spec = default_models(cfg.target)
     cfg = dataclasses.replace(cfg, embedder=cfg.embedder or emb_spec, captioner=cfg.captioner or cap_spec)
     start = time.perf_counter()
-    generator = load_target(cfg.target, device=cfg.device, allow_pickle=cfg.allow_pickle)
-    embedder = load_embedder(cfg.embedder, device=cfg.device, allow_pickle=cfg.allow_pickle)
-    captioner = load_captioner(cfg.captioner, device=cfg.device, allow_pickle=cfg.allow_pickle)
+    load = {"device": cfg.device, "allow_pickle": cfg.allow_pickle}
+    generator = load_target(cfg.target, **load)
+    embedder, captioner = load_embedder(cfg.embedder, **load), load_captioner(cfg.captioner, **load)
     # Everything that can be refused is refused before minutes of tracing.
     n_graphs = sum(len(f(m)) for f, m in ((target_specs, generator), (embedder_specs, embedder),
                                          (captioner_specs, captioner)))
+    # Only one model is held at a time from here on (at SD's size the embedder and captioner are 2.6 GB and the
+    # target 4.2 GB, beside the compiled graphs being validated): the two are loaded again when their turn comes.
+    del embedder, captioner
     # Build in a sibling folder and rename at the end: an interrupted export never looks like a finished one.
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         with exact_fp32(), progress(total=n_graphs + 1, desc="export", unit="step", quiet=quiet) as bar:
-            target_id = export_target(generator, tmp / "target", cfg, bar)
-            ids = {"target": target_id,
-                   "embedder": export_embedder(embedder, tmp / "embedder", cfg, target_id, bar),
-                   "captioner": export_captioner(captioner, tmp / "captioner", cfg, target_id, bar)}
+            bar.set_postfix_str("end-to-end check: target, PyTorch")
+            # Made first: export_target frees each torch module once its graphs are validated.
+            torch_probes = torch_target_probes(generator)
+            target_id = export_target(generator, tmp / "target", cfg, bar, release=True)
+            bar.set_postfix_str("end-to-end check: target")
+            del generator  # before the compiled target loads
+            _release()
+            target_check = check_target_end_to_end(tmp, torch_probes, cfg.device, cfg.precision)
+            probes = torch_probes["images"]
+            embedder = load_embedder(cfg.embedder, **load)
+            ids = {"target": target_id, "embedder": export_embedder(embedder, tmp / "embedder", cfg, target_id, bar)}
+            emb_check = check_models_end_to_end(tmp, probes, embedder, None, cfg.device, cfg.precision)
+            del embedder
+            _release()
+            captioner = load_captioner(cfg.captioner, **load)
+            ids["captioner"] = export_captioner(captioner, tmp / "captioner", cfg, target_id, bar)
             bar.set_postfix_str("end-to-end check")
-            checks = check_end_to_end(tmp, generator, embedder, captioner, cfg.device, cfg.precision)
+            checks = {"target": target_check, **emb_check,
+                      **check_models_end_to_end(tmp, probes, None, captioner, cfg.device, cfg.precision)}
             bar.update(1)
         info = {"components": {k: {"path": k, "identity": v} for k, v in ids.items()},
                 "end_to_end": checks, "export_seconds": round(time.perf_counter() - start, 1)}

@@ -15,13 +15,16 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError
-from .specs import ExportSpec
+from .specs import ONNX_TRANSLATIONS, ExportSpec
 
 log = logging.getLogger(__name__)
 
 # 20: ONNX Gelu is one onnxruntime kernel (at 18 it decomposes into Div/Erf/Add/Mul): toy UNet step 3-4% and BLIP
 # 8-12% faster, the other graphs unchanged. (23 was slower: its Attention/GroupNormalization ops.)
 OPSET = 20
+# Graphs whose weights exceed this are written as ``NAME.onnx`` + ``NAME.onnx.data`` (ONNX external data) whatever
+# their precision: a protobuf file cannot pass 2 GiB, and an fp16 SD UNet (1.7 GB) should not sit just under it.
+EXTERNAL_DATA_BYTES = 1 << 30
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -106,10 +109,12 @@ def export_spec(spec: ExportSpec, folder: Path, device: str = "cpu", precision: 
         program = torch.onnx.export(module, tuple(example[k] for k in spec.inputs), dynamo=True,
                                     dynamic_shapes=dynamic_shapes, input_names=list(spec.inputs),
                                     output_names=list(spec.outputs), opset_version=opset, optimize=True,
-                                    verbose=False)
+                                    custom_translation_table=ONNX_TRANSLATIONS, verbose=False)
     if program is None:
         raise ArtifactError(f"{path}: the ONNX exporter returned no program for {spec.name}")
-    program.save(str(path))
+    weights = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
+    del program  # the exported program holds a graph as large as the weights; validation needs the room
     seconds = time.perf_counter() - start
     files = [p.name for p in (path, path.with_name(path.name + ".data")) if p.exists()]
     log.info("exported %s in %.1f s", path, seconds)
@@ -135,19 +140,21 @@ def _describe(t: torch.Tensor, axes: dict[int, str]) -> dict:
 
 def validate_spec(spec: ExportSpec, folder: Path, record: dict, session_factory, device: str = "cpu",
                   precision: str = "fp32", module: torch.nn.Module | None = None) -> dict:
-    """Run the graph and PyTorch on inputs of other sizes than traced; every output within tolerance or raise."""
+    """Run the graph and PyTorch on inputs of other sizes than traced; every output within tolerance or raise.
+    On the CPU each graph call's peak memory is measured too (``record["memory"]``, see ``runtime.memory``)."""
+    from ..runtime.memory import linear_fit, measure_peak
+
     path = folder / record["file"]
     session = session_factory(path)
     module = module if module is not None else prepare_module(spec, device, precision)
     tol = record["tolerance"]
     worst = 0.0
-    runs = []
+    runs, rows, peaks = [], [], []
     for feeds in spec.validation_inputs():
         feeds = _cast(feeds, device, precision)
-        with torch.no_grad():
-            expected = module(*(feeds[k] for k in spec.inputs))
-        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
-        got = session.run(None, {k: v.cpu().numpy() for k, v in feeds.items()})
+        # The graph first: its peak is then measured before PyTorch's freed buffers sit in the heap.
+        got, peak, _ = measure_peak(lambda: session.run(None, {k: v.cpu().numpy() for k, v in feeds.items()}))
+        expected = _reference(module, spec, feeds)
         for name, e, g in zip(spec.outputs, expected, got):
             e = e.float().cpu().numpy()
             g = np.asarray(g, np.float32)
@@ -161,5 +168,52 @@ def validate_spec(spec: ExportSpec, folder: Path, record: dict, session_factory,
                     f"(tolerance atol {tol['atol']}, rtol {tol['rtol']}) on inputs "
                     f"{ {k: tuple(v.shape) for k, v in feeds.items()} }")
             worst = max(worst, float(err.max()) if err.size else 0.0)
-        runs.append({k: list(v.shape) for k, v in feeds.items() if k in list(spec.inputs)[:1]})
-    return {**record, "validation": {"max_abs_err": worst, "passed": True, "inputs": runs, "device": device}}
+        first = next(iter(spec.inputs))
+        runs.append({first: list(feeds[first].shape)})
+        rows.append(_rows(feeds, spec))
+        peaks.append(peak)
+    out = {**record, "validation": {"max_abs_err": worst, "passed": True, "inputs": runs, "device": device}}
+    if device == "cpu" and None not in peaks:
+        order = sorted(range(len(rows)), key=rows.__getitem__)
+        out["memory"] = {"rows": [rows[i] for i in order], "peak_mib": [round(peaks[i] / 2**20, 1) for i in order],
+                         **linear_fit([rows[i] for i in order], [peaks[i] for i in order])}
+    return out
+
+
+def _batch_axis(axes: dict[int, str]) -> int | None:
+    return next((a for a, name in axes.items() if name == "batch"), None)
+
+
+@torch.no_grad()
+def _reference(module: torch.nn.Module, spec: ExportSpec, feeds: dict[str, torch.Tensor]) -> tuple:
+    """PyTorch's outputs for ``feeds``, computed one batch row at a time: each graph is a function of each row
+    alone, and the reference then needs one row's activations, not the whole batch's (at 512 px a VAE decode
+    takes ~1.5 GB per image, on top of the compiled graph's own run)."""
+    def call(part):
+        out = module(*(part[k] for k in spec.inputs))
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    n = _rows(feeds, spec)
+    if n <= 1:
+        return call(feeds)
+    rows = []
+    for i in range(n):
+        part = {}
+        for k, v in feeds.items():
+            axis = _batch_axis(spec.inputs.get(k, {}))
+            part[k] = v if axis is None else v.narrow(axis, i, 1)
+        rows.append(call(part))
+    out = []
+    for j, name in enumerate(spec.outputs):
+        axis = _batch_axis(spec.outputs[name])
+        out.append(rows[0][j] if axis is None else torch.cat([r[j] for r in rows], dim=axis))
+    return tuple(out)
+
+
+def _rows(feeds: dict[str, torch.Tensor], spec: ExportSpec) -> int:
+    """The batch of a validation call: the size of the axis its inputs name ``batch``."""
+    for name, axes in spec.inputs.items():
+        axis = _batch_axis(axes)
+        if axis is not None:
+            return int(feeds[name].shape[axis])
+    return 1

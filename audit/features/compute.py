@@ -338,12 +338,27 @@ def store_summary(out: Path, manifest: dict, seconds: float, first_batch_seconds
     return summary
 
 
+def resolve_batch_size(backends: Backends, cfg: FeaturesConfig, resuming: str | Path | None = None) -> int:
+    """``--batch-size auto``: the batch size a store being resumed was begun with, else the largest that fits."""
+    from ..runtime.memory import auto_batch_size
+
+    if resuming is not None and Path(resuming).exists():
+        recorded = FeatureStore.open(resuming).manifest.get("config", {}).get("batch_size")
+        if recorded:
+            return int(recorded)
+    chosen = auto_batch_size(backends, cfg.n_gen, cfg.guidance)
+    log.info("--batch-size auto: %d captions per batch", chosen)
+    return chosen
+
+
 def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: FeaturesConfig, resume: bool = False,
                   quiet: bool = False, on_batch: Callable[[int], None] | None = None) -> dict:
     """Featurise every row of an ImageFolder into the store at ``out``; returns a summary.
 
     ``on_batch(n_committed)`` is called after each committed batch (progress hooks; tests use it to interrupt).
     """
+    from ..runtime.memory import check_batch_fits
+
     cfg.validate()
     out = Path(out)
     if out.exists() and not resume:
@@ -353,6 +368,8 @@ def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: Fe
         d = backends.denoiser()
         graybox.check_timesteps(cfg.graybox_timesteps, len(d.alphas_cumprod))
     rows = read_rows(data, cfg)
+    if BLACK_BOX in cfg.tiers:  # before any row is computed: the batch that will run (at most the row count)
+        check_batch_fits(backends, max(1, min(cfg.batch_size, len(rows))), cfg.n_gen, cfg.guidance)
     manifest = store_manifest(cfg, backends.identities(), rows, data)
     writer = open_store(out, manifest, cfg, backends.embedder.dim, resume)
     start_time, first = time.perf_counter(), None

@@ -35,7 +35,7 @@ class TransformersBlipCaptioner:
         out: list[str] = []
         for i in range(0, len(images), self.batch_size):
             px = self.processor(images=list(images[i : i + self.batch_size]), return_tensors="pt").pixel_values
-            ids = self.model.generate(pixel_values=px.to(self.device), max_new_tokens=max_new_tokens, do_sample=False,
-                                      num_beams=1)
+            px = px.to(self.device, self.model.dtype)  # a model cast to fp16 takes fp16 pixels
+            ids = self.model.generate(pixel_values=px, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
             out.extend(t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True))
         return out

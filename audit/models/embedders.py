@@ -43,7 +43,8 @@ class TransformersCLIPEmbedder:
         out = []
         for i in range(0, len(images), self.batch_size):
             px = self.processor(images=list(images[i : i + self.batch_size]), return_tensors="pt").pixel_values
-            out.append(F.normalize(_features(self.model.get_image_features(pixel_values=px.to(self.device))), dim=-1))
+            px = px.to(self.device, self.model.dtype)  # a model cast to fp16 takes fp16 pixels
+            out.append(F.normalize(_features(self.model.get_image_features(pixel_values=px)).float(), dim=-1))
         return torch.cat(out).cpu().numpy().astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..kernels import DEFAULT_BACKENDS, ImageTransform, preprocess_images
 from ..kernels.preprocess import _check_images
 from .folder import ExportFolder
-from .session import Graph, RuntimeOptions
+from .session import RuntimeOptions
 
 
 class OnnxCaptioner:
@@ -37,11 +37,21 @@ class OnnxCaptioner:
         self.n_layers, self.n_heads, self.head_dim = int(s["n_layers"]), int(s["n_heads"]), int(s["head_dim"])
         self.transform = ImageTransform.from_dict(s["image_transform"])
         self.tokenizer = AutoTokenizer.from_pretrained(folder.file(s["processor"]), local_files_only=True)
-        self.vision = Graph(folder.graph("vision_encoder"), self.options)
-        self.step = Graph(folder.graph("decoder_step"), self.options)
+        self.vision = folder.load_graph("vision_encoder", self.options)
+        self.step = folder.load_graph("decoder_step", self.options)
 
     def identity(self) -> dict:
         return dict(self._identity)
+
+    def peak_bytes(self, n_images: int) -> tuple[int, str] | None:
+        """(bytes, graph) of captioning ``n_images`` in one call: the vision encoder's outputs (the decoder's cross
+        keys/values) stay alive through the decoding steps; None when the export has no measurements."""
+        from .memory import graph_need
+
+        rows = min(self.batch_size, n_images)
+        graphs = self.folder.info.get("graphs", {})
+        vision, step = graph_need(graphs.get("vision_encoder"), rows), graph_need(graphs.get("decoder_step"), rows)
+        return None if vision is None or step is None else (vision + step, "captioner/vision_encoder+decoder_step")
 
     def caption(self, images: np.ndarray, max_new_tokens: int = 30) -> list[str]:
         ids = self.generate_ids(images, max_new_tokens)

@@ -14,7 +14,7 @@ import torch
 
 from ..targets.dalle import PATCH, DalleConfig, DalleSampler, read_tokenizer
 from .folder import ExportFolder
-from .session import Graph, RuntimeOptions
+from .session import RuntimeOptions
 
 
 class OnnxDalleGenerator(DalleSampler):
@@ -33,9 +33,9 @@ class OnnxDalleGenerator(DalleSampler):
         self.name, self._hash = ident["name"], ident["hash"]
         self.batch_size = batch_size
         self.resolution = self.config.grid * PATCH
-        self.encoder = Graph(folder.graph("encoder"), self.options)
-        self.decoder = Graph(folder.graph("decoder_step"), self.options)
-        self.detokenizer = Graph(folder.graph("detokenizer"), self.options)
+        self.encoder = folder.load_graph("encoder", self.options)
+        self.decoder = folder.load_graph("decoder_step", self.options)
+        self.detokenizer = folder.load_graph("detokenizer", self.options)
 
     def _encode_rows(self, rows):
         return torch.from_numpy(self.encoder.run(text_tokens=rows.numpy())["encoder_state"])

@@ -10,7 +10,7 @@ import numpy as np
 from ..kernels import DEFAULT_BACKENDS, ImageTransform, preprocess_images
 from ..kernels.preprocess import _check_images
 from .folder import ExportFolder
-from .session import Graph, RuntimeOptions
+from .session import RuntimeOptions
 
 
 class OnnxEmbedder:
@@ -29,11 +29,19 @@ class OnnxEmbedder:
         self.kernel_backend = kernel_backend or DEFAULT_BACKENDS["preprocess_images"]
         self.transform = ImageTransform.from_dict(s["image_transform"])
         self.tokenizer = AutoTokenizer.from_pretrained(folder.file(s["processor"]), local_files_only=True)
-        self.image_encoder = Graph(folder.graph("image_encoder"), self.options)
-        self.text_encoder = Graph(folder.graph("text_encoder"), self.options)
+        self.image_encoder = folder.load_graph("image_encoder", self.options)
+        self.text_encoder = folder.load_graph("text_encoder", self.options)
 
     def identity(self) -> dict:
         return dict(self._identity)
+
+    def peak_bytes(self, n_images: int) -> tuple[int, str] | None:
+        """(bytes, graph) of embedding ``n_images`` images or texts in one call; None without measurements."""
+        from .memory import largest_need
+
+        rows = min(self.batch_size, n_images)
+        found = largest_need(self.folder.info.get("graphs", {}), {"image_encoder": rows, "text_encoder": rows})
+        return None if found is None else (found[0], f"embedder/{found[1]}")
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         if len(images) == 0:

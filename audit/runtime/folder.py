@@ -50,6 +50,16 @@ class ExportFolder:
             raise ArtifactError(f"{self.path}: export.json lists no {name} graph")
         return self.path / graphs[name]["file"]
 
+    def per_item_mib(self, name: str) -> float | None:
+        """Activations per batch row of graph ``name`` as export measured them; None for older exports."""
+        return (self.info.get("graphs", {}).get(name, {}).get("memory") or {}).get("per_item_mib")
+
+    def load_graph(self, name: str, options):
+        """Graph ``name`` as a runtime ``Graph``, sized by what export measured of it."""
+        from .session import Graph
+
+        return Graph(self.graph(name), options, self.per_item_mib(name))
+
     def file(self, rel: str) -> Path:
         path = self.path / rel
         if not path.exists():

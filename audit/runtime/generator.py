@@ -20,9 +20,13 @@ from ..kernels import DEFAULT_BACKENDS, cfg_ddim_step
 from ..seeding import image_seeds
 from .folder import ExportFolder
 from .scheduler import DdimSchedule
-from .session import Graph, RuntimeOptions
+from .session import RuntimeOptions
 
 log = logging.getLogger(__name__)
+
+# Most output pixels per VAE decoder call: its activations are full resolution (a 512 px image needs ~1.2 GiB of
+# them), so large images are decoded a few at a time (SD 512 px: 1, LDM 256 px: 4, the 32 px toy: 256 a call).
+DECODE_PIXELS = 512 * 512
 
 
 def initial_latents(seeds: Sequence[int], channels: int, size: int) -> np.ndarray:
@@ -56,12 +60,12 @@ class OnnxGenerator:
         self.kernel_backend = kernel_backend or DEFAULT_BACKENDS["cfg_ddim_step"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder.file(s["tokenizer"]), local_files_only=True)
         self.schedule = DdimSchedule.from_file(folder.file(s["scheduler"]))
-        self.text_encoder = Graph(folder.graph("text_encoder"), self.options)
-        self.unet = Graph(folder.graph("unet"), self.options)
+        self.text_encoder = folder.load_graph("text_encoder", self.options)
+        self.unet = folder.load_graph("unet", self.options)
         # Exports since the cross-attention split: keys/values from unet_context once per batch, then the steps.
         has_context = "unet_context" in folder.info.get("graphs", {})
-        self.unet_context = Graph(folder.graph("unet_context"), self.options) if has_context else None
-        self.vae_decoder = Graph(folder.graph("vae_decoder"), self.options)
+        self.unet_context = folder.load_graph("unet_context", self.options) if has_context else None
+        self.vae_decoder = folder.load_graph("vae_decoder", self.options)
         self._uncond: np.ndarray | None = None
 
     def identity(self) -> dict:
@@ -127,5 +131,28 @@ class OnnxGenerator:
             eps = self.unet.run(sample=sample, timestep=np.full(len(sample), t, np.int64), **text)["noise_pred"]
             x = cfg_ddim_step(eps, x, coeffs, guidance, sched.prediction_type, sched.clip_range,
                               backend=self.kernel_backend)
-        images = self.vae_decoder.run(latents=x)["images"]
+        step = self.decode_rows()
+        images = np.concatenate([self.vae_decoder.run(latents=x[i : i + step])["images"]
+                                 for i in range(0, len(x), step)])
         return np.clip(np.round(images.transpose(0, 2, 3, 1) * 255), 0, 255).astype(np.uint8)
+
+    def decode_rows(self) -> int:
+        return max(1, DECODE_PIXELS // (self.resolution * self.resolution))
+
+    def peak_bytes(self, n_images: int, guidance: float = 1.0) -> tuple[int, str] | None:
+        """(bytes, graph) of the most demanding graph call while generating ``n_images`` in one ``generate``
+        (from the export's measurements, ``runtime.memory``); None when the export has none."""
+        from .memory import largest_need
+
+        rows = min(self.batch_size, n_images)
+        unet = rows * (2 if self.guided(guidance) else 1)
+        graphs = self.folder.info.get("graphs", {})
+        found = largest_need(graphs, {"text_encoder": min(n_images, self.batch_size) + 1, "unet": unet,
+                                      "vae_decoder": min(rows, self.decode_rows())})
+        context = largest_need(graphs, {"unet_context": unet}) if self.unet_context else (0, "")
+        if found is None or context is None:
+            return None
+        # The cross-attention keys/values from unet_context stay alive through the UNet steps.
+        if found[1] == "unet":
+            return found[0] + context[0], "target/unet"
+        return found[0], f"target/{found[1]}"

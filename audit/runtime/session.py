@@ -35,8 +35,11 @@ class RuntimeOptions(Config):
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     tensorrt: bool = True  # with --device cuda, use TensorRT first when onnxruntime offers it
-    # onnxruntime's CPU memory arena: ~10% faster on the toy benchmark, but it keeps its high-water mark (peak RSS
-    # +55% there). $AUDIT_MEMORY_ARENA=0 turns it off.
+    # onnxruntime's CPU memory arena: ~10% faster on the toy benchmark (many small tensors), but each session keeps
+    # its own high-water mark for good, so the peaks of all graphs add up instead of the largest counting. At SD's
+    # shape one UNet step at batch 4 kept 7.8 GiB and the VAE decoder 2.5 GiB per 512 px image. So only small
+    # graphs use it (see ``small``: the toy's); larger ones allocate per call and free at its end. False, or
+    # $AUDIT_MEMORY_ARENA=0, turns it off everywhere.
     memory_arena: bool = True
     # Idle intra-op threads spin by default in onnxruntime. On a shared machine that burns the cores other work
     # needs: with the load of a few other processes on two cores, not spinning made the toy benchmark ~1.7x faster.
@@ -49,22 +52,31 @@ class RuntimeOptions(Config):
     # this many sessions of threads/replicas intra-op threads each, on slices of the batch at once. One session
     # with N threads synchronises its pool on each of ~500 small ops of the toy UNet; N sessions of one thread
     # never wait for each other (UNet 90 vs 105 ms at batch 64 on 2 cores, VAE 120 vs 134, outputs bit-identical).
-    # Each replica holds its own copy of the weights (and onnxruntime's pre-packed forms), so 0 (auto) replicates
-    # only graphs under ``replicate_below_mib`` on disk; 1 turns it off; 0 reads $AUDIT_REPLICAS if set.
+    # Each replica holds its own copy of the weights (and onnxruntime's pre-packed forms) and its own rows'
+    # activations, so 0 (auto) replicates only small graphs (see ``small``); 1 turns it off; 0 reads $AUDIT_REPLICAS
+    # if set.
     replicas: int = 0
+    # A graph is small, and gets the arena and replicas, when its weights are under ``replicate_below_mib`` on disk
+    # and the activations export measured per batch row under ``activations_below_mib``. SD's VAE decoder has
+    # 198 MB of weights but needs 1.1 GiB per 512 px image: as two one-thread replicas it decoded one image a call
+    # on one thread (25.4 s), as one session on two (see benchmarks/README.md).
     replicate_below_mib: int = 256
+    activations_below_mib: int = 64
 
     def threads(self) -> int:
         return self.intra_op_threads if self.intra_op_threads > 0 else _env_count("AUDIT_THREADS") or usable_cores()
 
-    def replicas_for(self, graph_bytes: int) -> int:
+    def small(self, graph_bytes: int, per_item_mib: float | None = None) -> bool:
+        return graph_bytes < self.replicate_below_mib * 2**20 and (per_item_mib or 0) < self.activations_below_mib
+
+    def replicas_for(self, graph_bytes: int, per_item_mib: float | None = None) -> int:
         """Sessions for a splittable graph of this size: ``replicas``, else $AUDIT_REPLICAS, else automatic."""
         if self.device != "cpu":
             return 1
         chosen = self.replicas if self.replicas > 0 else _env_count("AUDIT_REPLICAS")
         if chosen:
             return min(chosen, self.threads())
-        return self.threads() if graph_bytes < self.replicate_below_mib * 2**20 else 1
+        return self.threads() if self.small(graph_bytes, per_item_mib) else 1
 
 
 def _env_count(name: str) -> int:
@@ -107,18 +119,24 @@ class Graph:
     """One graph on onnxruntime; ``run(**feeds)`` casts inputs to the graph's types and returns named outputs.
 
     On the CPU a graph that splits along a shared batch axis runs as ``options.replicas_for(size)`` sessions on
-    slices of the batch, in parallel (onnxruntime releases the GIL while it runs)."""
+    slices of the batch, in parallel (onnxruntime releases the GIL while it runs). ``per_item_mib``: the
+    activations per batch row that export measured (``runtime.memory``), when known."""
 
-    def __init__(self, path: str | Path, options: RuntimeOptions | None = None):
+    def __init__(self, path: str | Path, options: RuntimeOptions | None = None, per_item_mib: float | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: graph file missing from the export folder")
         options = options or RuntimeOptions()
-        n = options.replicas_for(_graph_bytes(self.path))
+        size = _graph_bytes(self.path)
+        n = options.replicas_for(size, per_item_mib)
         if n > 1 and not _splits_on_batch(self.path):
             n = 1
         per = max(1, options.threads() // n)  # a batch too small to split runs on the first replica
-        self.replicas = [_session(self.path, options, per) for _ in range(n)]
+        # A large graph's activations are freed after each call; glibc keeps what it gets back in its heap unless
+        # asked, and the next graph's call would then come on top of it.
+        self.small = options.small(size, per_item_mib)
+        arena = options.memory_arena and self.small
+        self.replicas = [_session(self.path, options, per, arena) for _ in range(n)]
         self.session = self.replicas[0]
         self.input_types = {i.name: _NP_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -134,6 +152,10 @@ class Graph:
         rows = len(next(iter(cast.values()))) if len(self.replicas) > 1 else 1
         n = min(len(self.replicas), rows)
         outs = self._run_split(cast, rows, n) if n >= 2 else self.session.run(self.output_names, cast)
+        if not self.small:
+            from .memory import release_free_heap
+
+            release_free_heap()
         return {k: (o.astype(np.float32) if o.dtype == np.float16 else o) for k, o in zip(self.output_names, outs)}
 
     def _run_split(self, cast: dict[str, np.ndarray], rows: int, n: int) -> list[np.ndarray]:
@@ -147,7 +169,7 @@ class Graph:
         return [np.concatenate(group) for group in zip(*results)]
 
 
-def _session(path: Path, options: RuntimeOptions, threads: int):
+def _session(path: Path, options: RuntimeOptions, threads: int, arena: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -156,7 +178,7 @@ def _session(path: Path, options: RuntimeOptions, threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    so.enable_cpu_mem_arena = options.memory_arena and os.environ.get("AUDIT_MEMORY_ARENA", "1") != "0"
+    so.enable_cpu_mem_arena = arena and os.environ.get("AUDIT_MEMORY_ARENA", "1") != "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
     try:
         return ort.InferenceSession(str(path), so, providers=providers_for(options))
