@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,6 +66,24 @@ def read_json(path: str | os.PathLike, missing: str = "not found", error: type[E
         raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except UnicodeDecodeError:
         raise error(f"{path}: not valid JSON (not UTF-8 text)") from None
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path):
+    """Yield a sibling folder to build ``out`` in; renamed to ``out`` (an existing empty ``out`` is replaced) when
+    the block ends, removed when it raises: an interrupted build never looks like a finished one."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -19,14 +19,13 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..config import Config, atomic_write_text
+from ..config import Config, atomic_folder, atomic_write_text
 from ..errors import ArtifactError, UsageError
 from ..manifest import make_manifest
 from ..progress import progress
@@ -435,11 +434,8 @@ def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
     # Only one model is held at a time from here on (at SD's size the embedder and captioner are 2.6 GB and the
     # target 4.2 GB, beside the compiled graphs being validated): the two are loaded again when their turn comes.
     del embedder, captioner
-    # Build in a sibling folder and rename at the end: an interrupted export never looks like a finished one.
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # Built in a sibling folder and renamed at the end: an interrupted export never looks like a finished one.
+    with atomic_folder(out) as tmp:
         with exact_fp32(), progress(total=n_graphs + 1, desc="export", unit="step", quiet=quiet) as bar:
             bar.set_postfix_str("end-to-end check: target, PyTorch")
             # Made first: export_target frees each torch module once its graphs are validated.
@@ -464,10 +460,4 @@ def export_all(cfg: ExportConfig, out: str | Path, quiet: bool = False) -> dict:
         info = {"components": {k: {"path": k, "identity": v} for k, v in ids.items()},
                 "end_to_end": checks, "export_seconds": round(time.perf_counter() - start, 1)}
         _write_component(tmp, "bundle", cfg, target_id, target_id, info)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"format": EXPORT_FORMAT, "component": "bundle", **info}

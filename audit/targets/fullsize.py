@@ -45,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from ..config import Config, atomic_write_text, read_json
+from ..config import Config, atomic_folder, atomic_write_text, read_json
 from ..errors import ArtifactError, UsageError
 
 BUILD_FORMAT = 1
