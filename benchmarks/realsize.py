@@ -50,24 +50,36 @@ class Timers:
 
     def __init__(self):
         self.calls: dict[str, list[float]] = defaultdict(list)
+        self.peak: dict | None = None  # the call during which the process's peak RSS (VmHWM) was last raised
+
+    def begin(self) -> tuple[float, float, float]:
+        return time.perf_counter(), _status_mib("VmRSS"), _status_mib("VmHWM")
+
+    def end(self, name: str, start: tuple[float, float, float]) -> None:
+        t, rss, hwm = start
+        self.calls[name].append(time.perf_counter() - t)
+        now = _status_mib("VmHWM")  # two reads of /proc per call: no sampling thread competing for the cores
+        # An enclosing call that ends at the same mark leaves the innermost call named.
+        if now > hwm and (self.peak is None or now > self.peak["peak_mib"]):
+            self.peak = {"call": name, "rss_before_mib": rss, "peak_mib": now}
 
     def wrap(self, owner, attr: str, name: str) -> None:
         fn = getattr(owner, attr)
 
         def timed(*a, **kw):
-            t = time.perf_counter()
+            start = self.begin()
             try:
                 return fn(*a, **kw)
             finally:
-                self.calls[name].append(time.perf_counter() - t)
+                self.end(name, start)
 
         setattr(owner, attr, timed)
 
     def hook(self, module, name: str) -> None:
         """Time a module's forward with hooks (generate() inspects forward's signature: it must stay as it is)."""
-        start: list[float] = []
-        module.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
-        module.register_forward_hook(lambda *_: self.calls[name].append(time.perf_counter() - start.pop()))
+        start: list[tuple[float, float, float]] = []
+        module.register_forward_pre_hook(lambda *_: start.append(self.begin()))
+        module.register_forward_hook(lambda *_: self.end(name, start.pop()))
 
     def summary(self, skip: dict[str, int]) -> dict:
         """Median seconds per call and number of calls, leaving out each name's first ``skip`` (warm-up) calls."""
@@ -144,11 +156,11 @@ def worker_runtime(args) -> dict:
     run = Graph.run
 
     def timed_run(graph, **feeds):
-        t = time.perf_counter()
+        start = timers.begin()
         try:
             return run(graph, **feeds)
         finally:
-            timers.calls[f"{graph.path.parent.name}/{graph.path.stem}"].append(time.perf_counter() - t)
+            timers.end(f"{graph.path.parent.name}/{graph.path.stem}", start)
 
     Graph.run = timed_run
     opts = RuntimeOptions(intra_op_threads=args.threads)
@@ -186,7 +198,8 @@ def _measure(featurise, args, timers: Timers, resolution: int, load_s: float, ex
              img_emb=np.concatenate([o[1] for o in outputs]), txt_emb=np.concatenate([o[2] for o in outputs]))
     return {"seconds": seconds, "seconds_per_query": seconds / args.queries, "load_seconds": load_s,
             "rss_after_load_mib": loaded, "peak_rss_load_mib": load_peak, "peak_rss_work_mib": _status_mib("VmHWM"),
-            "peak_rss_process_mib": max(load_peak, _status_mib("VmHWM")), "calls": timers.summary(skip), **extra}
+            "peak_rss_process_mib": max(load_peak, _status_mib("VmHWM")), "calls": timers.summary(skip),
+            "peak_call": timers.peak, **extra}
 
 
 def worker_flops(args) -> dict:
@@ -337,6 +350,11 @@ def _report(name: str, r: dict, args) -> None:
     for label, a, b, fmt in rows:
         fa, fb = (gib(a), gib(b)) if fmt == "gib" else (format(a, fmt), format(b, fmt))
         print(f"{label:34}{fa:>12}{fb:>12}{a / b:>14.2f}x")
+    for label, w in (("eager", e), ("runtime", o)):
+        p = w.get("peak_call")
+        if p:
+            print(f"peak RSS featurising, {label}: during {p['call']}, {gib(p['rss_before_mib'])} GiB resident "
+                  f"before it + {gib(p['peak_mib'] - p['rss_before_mib'])} GiB during it")
     print("median seconds per call (rows per call: UNet = batch x n_gen, VAE decoder: runtime 1 image at 512 px, "
           "eager the whole batch):")
     for graph, eager_name in EAGER_FOR.items():

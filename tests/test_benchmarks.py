@@ -118,9 +118,13 @@ def test_realsize_benchmark_runs_both_paths_on_the_fullsize_builders(tmp_path):
     r = json.loads(out.read_text())["sd-1.5"]
     for path in ("eager", "runtime"):
         assert r[path]["seconds_per_query"] > 0 and r[path]["peak_rss_work_mib"] > 0
+        peak = r[path]["peak_call"]  # the timed call during which the featurising peak was reached
+        assert peak["call"] in r[path]["calls"] and peak["rss_before_mib"] <= peak["peak_mib"]
+        assert peak["peak_mib"] <= r[path]["peak_rss_work_mib"]
     assert {"target/unet", "target/vae_decoder", "captioner/decoder_step"} <= set(r["runtime"]["calls"])
     assert {"unet", "vae_decoder", "blip_decoder_step"} <= set(r["eager"]["calls"])
     assert r["agreement"]["images_max_abs_uint8"] <= 2
     assert r["export"]["export_seconds"] > 0 and r["export"]["export_peak_rss_mib"] > 0
     assert r["flops"]["unet_gflop_per_image"] > 0 and "MultiHeadAttention" in r["profile"]["unet"]["by_op"]
     assert "seconds per query" in proc.stdout and "eager/runtime" in proc.stdout
+    assert "peak RSS featurising, runtime: during " in proc.stdout
