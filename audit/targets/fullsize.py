@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -353,18 +352,9 @@ def build(name: str, out: str | Path, tiny: bool = False, seed: int = 0) -> Path
         raise ArtifactError(f"{out}: exists and holds something else than this build; choose another --out or "
                             "delete it")
     m = _model(name)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         m.builder(tmp, type(m.sizes).from_dict(record["sizes"]), seed)
         atomic_write_text(tmp / MARKER, json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
