@@ -172,11 +172,7 @@ def worker_flops(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    n = 1536
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    best = min(_time(lambda: torch.matmul(a, b)) for _ in range(5))
-    peak = 2 * n**3 / best
+    peak = matmul_flops(1536)
 
     unet = load_pipeline(Path(args.world) / "target").unet.eval()
     batch = args.batch_size * args.n_gen
@@ -205,6 +201,16 @@ def worker_flops(args) -> dict:
     return {"matmul_gflops": peak / 1e9, "unet_batch": batch, "unet_gflop_per_call": flops / 1e9,
             "unet_eager_s": eager, "unet_onnx_s": ort_s, "unet_eager_fraction": flops / eager / peak,
             "unet_onnx_fraction": flops / ort_s / peak}
+
+
+def matmul_flops(n: int, repeats: int = 5) -> float:
+    """This machine's fp32 throughput (FLOP/s) on torch's current threads: the fastest of ``repeats`` n x n
+    matmuls after a warm-up, the yardstick the UNets' FLOP rates are given against."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    return 2 * n**3 / min(_time(lambda: torch.matmul(a, b)) for _ in range(repeats))
 
 
 def _time(fn) -> float:
