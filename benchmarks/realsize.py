@@ -33,7 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime import _reset_peak, _rss_mib, _status_mib, matmul_flops  # noqa: E402  (the toy benchmark's measuring helpers)
+from runtime import _reset_peak, _rss_mib, _status_mib, matmul_flops  # noqa: E402  (the toy benchmark's helpers)
 
 CAPTIONS = ["a red double-decker bus driving down a city street", "a bowl of green apples on a wooden table",
             "a dog running on a sandy beach at sunset", "a snowy mountain above a quiet lake"]
