@@ -8,9 +8,10 @@ own), the same fixed thread count: seconds per query featurised (generate n_gen 
 of the whole process, and every graph's median seconds per call. Then the UNet's FLOPs per image (counted on the
 meta device) over each path's seconds per image, as a fraction of this machine's measured fp32 matmul throughput;
 and the export: seconds and peak RSS (measured when the export is made; exports are cached under
-``$TMPDIR/audit-bench`` by the models' weights and the export code, so reruns reuse them).
+``$TMPDIR/audit-bench`` by the models' weights and the export code, so reruns reuse them; a new export deletes
+the cached ones of the same models made by other export code, 6-8 GB each, before it starts).
 
-    /work/bin/heavy 20 python benchmarks/realsize.py                    # both targets, the defaults below
+    python benchmarks/realsize.py                                       # both targets, the defaults below
     python benchmarks/realsize.py --targets sd-1.5 --queries 2 --steps 4 --json real.json
     python benchmarks/realsize.py --profile                             # + onnxruntime op profile of a UNet step
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -303,6 +305,10 @@ def _export_for(world: dict, root: Path, args) -> tuple[Path, dict]:
     record = folder.with_name(folder.name + ".bench.json")
     if not (folder / "export.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(f"{ids}-*"):  # other export code: never read again, and 6-8 GB each
+            if stale != folder and stale != record:
+                print(f"removing the stale cached export {stale}", file=sys.stderr)
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         result = _run_worker("export", args, world, folder)
         record.write_text(json.dumps(result) + "\n")
     measured = json.loads(record.read_text()) if record.is_file() else {}

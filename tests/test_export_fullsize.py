@@ -1,8 +1,8 @@
 """Full-size SD-1.5 (random weights, the published architecture: audit.targets.fullsize) through `audit export` and
 `audit features` on both paths. Slow: builds ~4.7 GB of models once (cached in $AUDIT_HOME), exports for 10-20
-minutes, needs ~12 GB of memory (run it under a memory cap):
+minutes, needs ~12 GB of free memory:
 
-    AUDIT_SLOW=1 /work/bin/heavy 20 python -m pytest -q tests/test_export_fullsize.py
+    AUDIT_SLOW=1 python -m pytest -q tests/test_export_fullsize.py
 """
 
 import json
