@@ -109,10 +109,61 @@ def test_features_batch_size_auto_is_recorded_and_kept_on_resume(tiny_export, tm
 
 @pytest.mark.slow
 def test_decoding_in_sub_batches_changes_no_pixel(compiled, monkeypatch):
-    from audit.runtime import generator
+    from audit.targets import base
 
     g = compiled.generator
     whole = g.generate(["a red circle", "a blue square"], 3, 0, 2)
-    monkeypatch.setattr(generator, "DECODE_PIXELS", g.resolution * g.resolution * 2)  # two images a call
+    monkeypatch.setattr(base, "VAE_PIXELS", g.resolution * g.resolution * 2)  # two images a call
     assert g.decode_rows() == 2
     np.testing.assert_array_equal(g.generate(["a red circle", "a blue square"], 3, 0, 2), whole)
+
+
+@pytest.mark.slow
+def test_encoding_in_sub_batches_changes_no_latent_on_either_path(compiled, tiny_world, monkeypatch):
+    """The gray-box tier's VAE encoder goes VAE_PIXELS at a time too (at 512 px, 8 images in one call needed
+    ~7 GiB beside the loaded models)."""
+    from audit.targets import base, load_target
+
+    images = np.random.default_rng(0).integers(0, 256, (5, compiled.generator.resolution,
+                                                        compiled.generator.resolution, 3), dtype=np.uint8)
+    for denoiser in (compiled.generator.denoiser(), load_target(str(tiny_world["target"])).denoiser()):
+        whole = denoiser.encode_images(images)
+        calls = []
+        owner, name = ((denoiser.vae_encoder, "run") if hasattr(denoiser, "vae_encoder")  # compiled
+                       else (denoiser._encoder, "forward"))  # torch
+        inner = getattr(owner, name)
+
+        def spy(*args, **kw):
+            calls.append(len(kw["images"] if kw else args[0]))
+            return inner(*args, **kw)
+
+        monkeypatch.setattr(owner, name, spy)
+        monkeypatch.setattr(base, "VAE_PIXELS", images.shape[1] * images.shape[2] * 2)  # two images a call
+        np.testing.assert_allclose(denoiser.encode_images(images), whole, rtol=1e-5, atol=1e-6)
+        assert calls == [2, 2, 1]
+        monkeypatch.undo()
+
+
+@pytest.mark.slow
+def test_graybox_unet_rows_are_capped_to_the_memory_and_change_no_error(compiled, tiny_world, monkeypatch):
+    from audit.features.graybox import DEFAULT_TIMESTEPS, graybox_errors
+
+    d = compiled.generator.denoiser()
+    assert d.batch_size == 64 and d.peak_bytes(8)[0] > d.peak_bytes(1)[0] > 0
+    images = np.random.default_rng(1).integers(0, 256, (6, d.resolution, d.resolution, 3), dtype=np.uint8)
+    captions = ["a red circle", "a blue square"] * 3
+    whole, _ = graybox_errors(d, images, captions, DEFAULT_TIMESTEPS, 0)
+    memory.fit_graybox_rows(d, available=int(d.peak_bytes(64)[0] / memory.HEADROOM) + 1)
+    assert d.batch_size == 64  # room for all: unchanged
+    memory.fit_graybox_rows(d, available=int(d.peak_bytes(5)[0] / memory.HEADROOM) + 1)
+    assert d.batch_size == 5
+    calls = []
+    run = d.generator.unet.run
+    monkeypatch.setattr(d.generator.unet, "run", lambda **kw: calls.append(len(kw["sample"])) or run(**kw))
+    capped, _ = graybox_errors(d, images, captions, DEFAULT_TIMESTEPS, 0)
+    assert calls and max(calls) == 5
+    for key in whole:
+        np.testing.assert_allclose(capped[key], whole[key], rtol=1e-4, atol=1e-7)
+    with pytest.raises(UsageError) as err:
+        memory.fit_graybox_rows(d, available=d.peak_bytes(1)[0] // 4)
+    assert "gray-box: one UNet evaluation of" in str(err.value) and "\n" not in str(err.value)

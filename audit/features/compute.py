@@ -110,9 +110,12 @@ class Backends:
     def denoiser(self):
         """The target's gray-box access (loaded once), or a one-line error for targets without local weights."""
         if self._denoiser is None:
+            from ..runtime.memory import fit_graybox_rows
             from ..targets.denoiser import denoiser_for
 
-            self._denoiser = denoiser_for(self.generator)
+            denoiser = denoiser_for(self.generator)
+            fit_graybox_rows(denoiser)
+            self._denoiser = denoiser
         return self._denoiser
 
     @classmethod

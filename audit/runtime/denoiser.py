@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ArtifactError
+from ..targets.base import vae_rows
 from .session import Graph
 
 
@@ -34,10 +35,24 @@ class OnnxDenoiser:
     def identity(self) -> dict:
         return self.generator.identity()
 
+    def peak_bytes(self, rows: int) -> tuple[int, str] | None:
+        """(bytes, graph) of the most demanding call of ``graybox_errors`` at ``rows`` UNet rows a call (the VAE
+        encoder at its sub-batch, the UNet plus the cross-attention keys/values of as many captions); None when
+        the export has no measurements."""
+        from .memory import largest_need
+
+        graphs = self.generator.folder.info.get("graphs", {})
+        found = largest_need(graphs, {"unet": rows, "vae_encoder": min(rows, vae_rows(self.resolution))})
+        context = largest_need(graphs, {"unet_context": rows}) if self.generator.unet_context else (0, "")
+        if found is None or context is None:
+            return None
+        return (found[0] + context[0], "target/unet") if found[1] == "unet" else (found[0], f"target/{found[1]}")
+
     def encode_images(self, images: np.ndarray) -> np.ndarray:
+        step = min(self.batch_size, vae_rows(self.resolution))
         out = [self.vae_encoder.run(images=np.ascontiguousarray(
-            images[i:i + self.batch_size].transpose(0, 3, 1, 2), np.float32) / np.float32(255.0))["latents"]
-            for i in range(0, len(images), self.batch_size)]
+            images[i:i + step].transpose(0, 3, 1, 2), np.float32) / np.float32(255.0))["latents"]
+            for i in range(0, len(images), step)]
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
     def text_context(self, captions: Sequence[str]) -> dict[str, np.ndarray]:

@@ -18,16 +18,12 @@ import numpy as np
 from ..errors import UsageError
 from ..kernels import DEFAULT_BACKENDS, cfg_ddim_step
 from ..seeding import image_seeds
+from ..targets.base import vae_rows
 from .folder import ExportFolder
 from .scheduler import DdimSchedule
 from .session import RuntimeOptions
 
 log = logging.getLogger(__name__)
-
-# Most output pixels per VAE decoder call: its activations are full resolution (a 512 px image needs ~1.2 GiB of
-# them), so large images are decoded a few at a time (SD 512 px: 1, LDM 256 px: 4, the 32 px toy: 256 a call).
-DECODE_PIXELS = 512 * 512
-
 
 def initial_latents(seeds: Sequence[int], channels: int, size: int) -> np.ndarray:
     """float32 [len(seeds), C, s, s]: image i's noise from its own CPU torch.Generator, as diffusers draws it."""
@@ -137,7 +133,7 @@ class OnnxGenerator:
         return np.clip(np.round(images.transpose(0, 2, 3, 1) * 255), 0, 255).astype(np.uint8)
 
     def decode_rows(self) -> int:
-        return max(1, DECODE_PIXELS // (self.resolution * self.resolution))
+        return vae_rows(self.resolution)
 
     def peak_bytes(self, n_images: int, guidance: float = 1.0) -> tuple[int, str] | None:
         """(bytes, graph) of the most demanding graph call while generating ``n_images`` in one ``generate``

@@ -6,16 +6,20 @@ own transient is what is seen. export.json keeps ``base_mib`` + ``per_item_mib``
 then needs about ``base + n * per_item`` during that graph's call, and, since graphs this large run without the
 arena (``RuntimeOptions.small``), gives it back afterwards: a features batch needs the largest of its
 graphs' needs, not their sum. Before featurising, ``check_batch_fits`` compares that with the memory available
-to this process (the machine's MemAvailable and, inside a memory cgroup, what its limit leaves).
+to this process (the machine's MemAvailable and, inside a memory cgroup, what its limit leaves); the gray-box
+tier's UNet rows per call are capped to what fits (``fit_graybox_rows``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import time
 from pathlib import Path
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 MIB = 2**20
 # Keep this share of the available memory free: page cache, allocator slack, what the estimate misses.
@@ -188,6 +192,32 @@ def fitting_batch_size(backends, n_gen: int, guidance: float, available: int, mo
             break
         best = b
     return best
+
+
+def fit_graybox_rows(denoiser, available: int | None = None) -> None:
+    """Cap a compiled denoiser's UNet rows per call (``batch_size``) so that its largest call fits the memory
+    available now, from the export's measurements (at 512 px the default 64 rows would need ~20 GiB); raise a
+    one-line UsageError when not even one row fits. Rows are independent, so the cap changes no result beyond
+    float rounding. Nothing is done where nothing is measured (the torch path)."""
+    from ..errors import UsageError
+
+    peak = getattr(denoiser, "peak_bytes", None)
+    one = peak(1) if peak is not None else None
+    free = available if available is not None else available_bytes()
+    if one is None or free is None:
+        return
+    best = 0
+    for rows in range(1, int(denoiser.batch_size) + 1):
+        if peak(rows)[0] > HEADROOM * free:
+            break
+        best = rows
+    if best == 0:
+        raise UsageError(f"gray-box: one UNet evaluation of {denoiser.name} needs about {gib(one[0])} beyond the "
+                         f"loaded models ({one[1]}), and {gib(free)} is available; free memory or use a machine "
+                         "with more")
+    if best < denoiser.batch_size:
+        log.info("gray-box: %d UNet rows a call fit in %s (of %d)", best, gib(free), denoiser.batch_size)
+        denoiser.batch_size = best
 
 
 def check_batch_fits(backends, batch_size: int, n_gen: int, guidance: float, what: str = "features") -> None:

@@ -13,6 +13,15 @@ import numpy as np
 
 from ..seeding import image_seeds
 
+# Most pixels per VAE call, decoder or encoder, on either path: their activations are full resolution (a 512 px
+# image needs ~1.2 GiB of them), so large images go a few at a time (SD 512 px: 1, LDM 256 px: 4, the toy: 256).
+VAE_PIXELS = 512 * 512
+
+
+def vae_rows(resolution: int) -> int:
+    """Images per VAE call at ``resolution`` (see ``VAE_PIXELS``)."""
+    return max(1, VAE_PIXELS // (int(resolution) * int(resolution)))
+
 
 @runtime_checkable
 class Generator(Protocol):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from .base import vae_rows
 
 
 class VaeEncoder(nn.Module):
@@ -65,8 +66,9 @@ class DiffusersDenoiser:
     @torch.no_grad()
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         out = []
-        for i in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).permute(0, 3, 1, 2)
+        step = min(self.batch_size, vae_rows(self.resolution))
+        for i in range(0, len(images), step):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + step])).permute(0, 3, 1, 2)
             x = (x.to(torch.float32) / 255.0).to(self._device)
             out.append(self._encoder(x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
