@@ -354,8 +354,8 @@ def _report(name: str, r: dict, args) -> None:
         if p:
             print(f"peak RSS featurising, {label}: during {p['call']}, {gib(p['rss_before_mib'])} GiB resident "
                   f"before it + {gib(p['peak_mib'] - p['rss_before_mib'])} GiB during it")
-    print("median seconds per call (rows per call: UNet = batch x n_gen, VAE decoder: runtime 1 image at 512 px, "
-          "eager the whole batch):")
+    print("median seconds per call (rows per call: UNet = batch x n_gen; VAE decoder: runtime 256x512 px a call, "
+          "SD 1 image, LDM 2; eager the whole batch):")
     for graph, eager_name in EAGER_FOR.items():
         a, b = e["calls"].get(eager_name), o["calls"].get(graph)
         if a and b:

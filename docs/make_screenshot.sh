@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Render an audit HTML report in headless Chromium and save a PNG screenshot (docs/report.png by default).
+# Render an audit HTML report in headless Chromium and save a PNG screenshot (report.png by default).
 #
 #   docs/make_screenshot.sh REPORT.html [OUT.png] [WIDTH] [HEIGHT]
 #
-# How docs/report.png was made (the bundled toy world, on a CPU):
+# For example, the evaluation report of the bundled toy world:
 #   audit demo --workdir /tmp/demo       # aux data -> features -> heads -> evaluate.json (34 min on a busy 2-core box)
 #   audit report /tmp/demo/evaluate.json --out /tmp/demo/report.html
-#   docs/make_screenshot.sh /tmp/demo/report.html docs/report.png 1100 2760
+#   docs/make_screenshot.sh /tmp/demo/report.html /tmp/demo/report.png 1100 2760
 #
 # Needs Chromium: `apt-get install chromium-headless-shell` (or chromium / google-chrome).
 set -euo pipefail
 report=${1:?usage: make_screenshot.sh REPORT.html [OUT.png] [WIDTH] [HEIGHT]}
-out=${2:-"$(dirname "$0")/report.png"}
+out=${2:-report.png}
 width=${3:-1100}
 height=${4:-2400}
 browser=""

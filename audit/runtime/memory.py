@@ -196,7 +196,7 @@ def fitting_batch_size(backends, n_gen: int, guidance: float, available: int, mo
 
 def fit_graybox_rows(denoiser, available: int | None = None) -> None:
     """Cap a compiled denoiser's UNet rows per call (``batch_size``) so that its largest call fits the memory
-    available now, from the export's measurements (at 512 px the default 64 rows would need ~20 GiB); raise a
+    available now, from the export's measurements (at SD's 512 px the default 64 rows would need ~26 GiB); raise a
     one-line UsageError when not even one row fits. Rows are independent, so the cap changes no result beyond
     float rounding. Nothing is done where nothing is measured (the torch path)."""
     from ..errors import UsageError

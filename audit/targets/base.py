@@ -13,9 +13,10 @@ import numpy as np
 
 from ..seeding import image_seeds
 
-# Most pixels per VAE call, decoder or encoder, on either path: their activations are full resolution (a 512 px
-# image needs ~1.2 GiB of them), so large images go a few at a time (SD 512 px: 1, LDM 256 px: 4, the toy: 256).
-VAE_PIXELS = 512 * 512
+# Most pixels per VAE call, decoder or encoder, on either path: their activations are full resolution (~1.2 GiB
+# per 512 px image), so large images go a few at a time: SD 512 px 1, LDM 256 px 2 (at 4 a call, +1.2 GiB, the
+# LDM-256 runtime peaked in its VAE decode, above eager), the 32 px toy 128.
+VAE_PIXELS = 256 * 512
 
 
 def vae_rows(resolution: int) -> int:
