@@ -15,7 +15,7 @@ Parts:
   same run also featurises N members + N non-members of the toy world with both tiers, trains IV's head and every
   gray-box attack's and reports test AUCs on one split (same ids, same seed).
 - ``--fullsize``: SD-1.5's architecture with random weights (``audit.targets.fullsize``; or ``--fullsize-dir DIR``,
-  a diffusers folder of it): time only, on the torch path (exporting it takes ~15 min and 12 GB), a few queries.
+  a diffusers folder of it): time only, on the torch path (exporting it takes ~15 min and 8 GiB), a few queries.
   It needs ~12 GB of free memory. Never read attack results off random weights: none are computed here.
 
     python benchmarks/graybox.py --aux 100 --json graybox.json
