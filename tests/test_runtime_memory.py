@@ -145,7 +145,7 @@ def test_encoding_in_sub_batches_changes_no_latent_on_either_path(compiled, tiny
 
 
 @pytest.mark.slow
-def test_graybox_unet_rows_are_capped_to_the_memory_and_change_no_error(compiled, tiny_world, monkeypatch):
+def test_graybox_unet_rows_are_capped_to_the_memory_and_change_no_error(compiled, monkeypatch):
     from audit.features.graybox import DEFAULT_TIMESTEPS, graybox_errors
 
     d = compiled.generator.denoiser()

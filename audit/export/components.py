@@ -352,7 +352,8 @@ def _check_graybox(folder: Path, compiled, probes: dict, limits: dict) -> dict:
     from ..features.graybox import DEFAULT_TIMESTEPS, graybox_errors
 
     images, theirs = probes["images"], probes["graybox"]
-    ours, _ = graybox_errors(_small_batches(compiled.denoiser()), images, [_PROBE_CAPTION] * len(images), DEFAULT_TIMESTEPS, 0)
+    ours, _ = graybox_errors(_small_batches(compiled.denoiser()), images, [_PROBE_CAPTION] * len(images),
+                             DEFAULT_TIMESTEPS, 0)
     rel = max(float(np.max(np.abs(ours[k] - theirs[k]) / np.maximum(np.abs(theirs[k]), 1e-12))) for k in ours)
     if rel > limits["graybox_rel"]:
         raise ArtifactError(f"{folder / 'target'}: gray-box errors differ from the torch path's by up to {rel:.2g} "

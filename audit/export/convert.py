@@ -176,12 +176,13 @@ def validate_spec(spec: ExportSpec, folder: Path, record: dict, session_factory,
     ``references`` (``reference_outputs``) are PyTorch's outputs made beforehand; without them they are made now
     from ``module``. On the CPU each graph call's peak memory is measured too (``record["memory"]``, see
     ``runtime.memory``)."""
-    from ..runtime.memory import linear_fit, measure_peak
+    from ..runtime.memory import linear_fit, measure_peak, release_free_heap
 
     path = folder / record["file"]
     if references is None:
         module = module if module is not None else prepare_module(spec, device, precision)
         references = reference_outputs(spec, module, device, precision)
+        release_free_heap()  # PyTorch's freed buffers must not serve the graph's calls whose peaks are measured
     session = session_factory(path)
     tol = record["tolerance"]
     worst = 0.0

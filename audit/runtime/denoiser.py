@@ -37,16 +37,9 @@ class OnnxDenoiser:
 
     def peak_bytes(self, rows: int) -> tuple[int, str] | None:
         """(bytes, graph) of the most demanding call of ``graybox_errors`` at ``rows`` UNet rows a call (the VAE
-        encoder at its sub-batch, the UNet plus the cross-attention keys/values of as many captions); None when
-        the export has no measurements."""
-        from .memory import largest_need
-
-        graphs = self.generator.folder.info.get("graphs", {})
-        found = largest_need(graphs, {"unet": rows, "vae_encoder": min(rows, vae_rows(self.resolution))})
-        context = largest_need(graphs, {"unet_context": rows}) if self.generator.unet_context else (0, "")
-        if found is None or context is None:
-            return None
-        return (found[0] + context[0], "target/unet") if found[1] == "unet" else (found[0], f"target/{found[1]}")
+        encoder at its sub-batch, the UNet with the keys/values of as many captions); None when the export has
+        no measurements."""
+        return self.generator.largest_call({"unet": rows, "vae_encoder": min(rows, vae_rows(self.resolution))})
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         step = min(self.batch_size, vae_rows(self.resolution))

@@ -138,17 +138,22 @@ class OnnxGenerator:
     def peak_bytes(self, n_images: int, guidance: float = 1.0) -> tuple[int, str] | None:
         """(bytes, graph) of the most demanding graph call while generating ``n_images`` in one ``generate``
         (from the export's measurements, ``runtime.memory``); None when the export has none."""
+        rows = min(self.batch_size, n_images)
+        return self.largest_call({"text_encoder": min(n_images, self.batch_size) + 1,
+                                  "unet": rows * (2 if self.guided(guidance) else 1),
+                                  "vae_decoder": min(rows, self.decode_rows())})
+
+    def largest_call(self, rows: dict[str, int]) -> tuple[int, str] | None:
+        """(bytes, "target/graph") of the most demanding of these graph calls (graph -> rows a call), a UNet call
+        counting the cross-attention keys/values from ``unet_context`` that stay alive through it; None when the
+        export has no measurements."""
         from .memory import largest_need
 
-        rows = min(self.batch_size, n_images)
-        unet = rows * (2 if self.guided(guidance) else 1)
         graphs = self.folder.info.get("graphs", {})
-        found = largest_need(graphs, {"text_encoder": min(n_images, self.batch_size) + 1, "unet": unet,
-                                      "vae_decoder": min(rows, self.decode_rows())})
-        context = largest_need(graphs, {"unet_context": unet}) if self.unet_context else (0, "")
+        found = largest_need(graphs, rows)
+        context = largest_need(graphs, {"unet_context": rows["unet"]}) if self.unet_context else (0, "")
         if found is None or context is None:
             return None
-        # The cross-attention keys/values from unet_context stay alive through the UNet steps.
         if found[1] == "unet":
             return found[0] + context[0], "target/unet"
         return found[0], f"target/{found[1]}"

@@ -183,14 +183,18 @@ def batch_need(backends, captions: int, n_gen: int, guidance: float) -> tuple[in
 
 def fitting_batch_size(backends, n_gen: int, guidance: float, available: int, most: int = MAX_AUTO_BATCH) -> int:
     """The largest batch of captions (up to ``most``) whose need fits ``available`` with the headroom; 0: none."""
+    if batch_need(backends, 1, n_gen, guidance) is None:
+        return most
+    return _largest_fitting(lambda b: batch_need(backends, b, n_gen, guidance)[0], most, available)
+
+
+def _largest_fitting(need: Callable[[int], int], most: int, available: int) -> int:
+    """The largest n in 1..``most`` whose ``need(n)`` bytes fit ``available`` with the headroom; 0: none."""
     best = 0
-    for b in range(1, most + 1):
-        need = batch_need(backends, b, n_gen, guidance)
-        if need is None:
-            return most
-        if need[0] > HEADROOM * available:
+    for n in range(1, most + 1):
+        if need(n) > HEADROOM * available:
             break
-        best = b
+        best = n
     return best
 
 
@@ -206,11 +210,7 @@ def fit_graybox_rows(denoiser, available: int | None = None) -> None:
     free = available if available is not None else available_bytes()
     if one is None or free is None:
         return
-    best = 0
-    for rows in range(1, int(denoiser.batch_size) + 1):
-        if peak(rows)[0] > HEADROOM * free:
-            break
-        best = rows
+    best = _largest_fitting(lambda rows: peak(rows)[0], int(denoiser.batch_size), free)
     if best == 0:
         raise UsageError(f"gray-box: one UNet evaluation of {denoiser.name} needs about {gib(one[0])} beyond the "
                          f"loaded models ({one[1]}), and {gib(free)} is available; free memory or use a machine "
