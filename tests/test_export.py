@@ -275,7 +275,13 @@ def test_graphs_with_external_data_validate_load_and_are_hashed(tmp_path, tiny_w
     data = tmp_path / "image_encoder.onnx.data"
     assert set(record["files"]) == {"image_encoder.onnx", "image_encoder.onnx.data"} and data.stat().st_size > 0
     assert all(convert.file_sha256(tmp_path / f) == h for f, h in record["files"].items())
-    assert (tmp_path / "image_encoder.onnx").stat().st_size < data.stat().st_size  # the weights are beside it
+    graph = onnx.load(str(tmp_path / "image_encoder.onnx"), load_external_data=False).graph
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    inline = [t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    # the weights are beside it: every tensor but scalars and shapes lives in the .data file, which holds just them
+    assert external and max((len(t.raw_data) for t in inline), default=0) <= 1024
+    extents = [{e.key: int(e.value) for e in t.external_data if e.key in ("offset", "length")} for t in external]
+    assert max(x["offset"] + x["length"] for x in extents) == data.stat().st_size
     record = convert.validate_spec(spec, tmp_path, record, lambda p: Graph(p).session, "cpu", precision, module)
     assert record["validation"]["passed"] and record["memory"]["rows"] == [1, 3]
     px = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
