@@ -261,6 +261,7 @@ def test_unexportable_embedder_is_refused_before_any_tracing(tmp_path, tiny_worl
 def test_graphs_with_external_data_validate_load_and_are_hashed(tmp_path, tiny_world, monkeypatch, precision):
     """Graphs over EXTERNAL_DATA_BYTES (1 GiB: the SD UNet, fp32 or fp16) keep their weights in NAME.onnx.data; here
     the threshold is lowered so a tiny graph takes the same path."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
     from transformers import CLIPModel
 
     from audit.export import convert
@@ -276,12 +277,11 @@ def test_graphs_with_external_data_validate_load_and_are_hashed(tmp_path, tiny_w
     assert set(record["files"]) == {"image_encoder.onnx", "image_encoder.onnx.data"} and data.stat().st_size > 0
     assert all(convert.file_sha256(tmp_path / f) == h for f, h in record["files"].items())
     graph = onnx.load(str(tmp_path / "image_encoder.onnx"), load_external_data=False).graph
-    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    inline = [t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    external = [ExternalDataInfo(t) for t in graph.initializer if uses_external_data(t)]
+    inline = [t for t in graph.initializer if not uses_external_data(t)]
     # the weights are beside it: every tensor but scalars and shapes lives in the .data file, which holds just them
     assert external and max((len(t.raw_data) for t in inline), default=0) <= 1024
-    extents = [{e.key: int(e.value) for e in t.external_data if e.key in ("offset", "length")} for t in external]
-    assert max(x["offset"] + x["length"] for x in extents) == data.stat().st_size
+    assert max(x.offset + x.length for x in external) == data.stat().st_size
     record = convert.validate_spec(spec, tmp_path, record, lambda p: Graph(p).session, "cpu", precision, module)
     assert record["validation"]["passed"] and record["memory"]["rows"] == [1, 3]
     px = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
