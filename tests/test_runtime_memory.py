@@ -119,6 +119,37 @@ def test_decoding_in_sub_batches_changes_no_pixel(compiled, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_denoising_in_sub_batches_keeps_the_images_and_the_memory_estimate_follows(compiled, monkeypatch, guidance):
+    """At most UNET_LATENT_PIXELS a UNet call (SD-1.5: 2 images, 1 when guided): rows are independent, so the
+    images are the whole batch's, and the estimate that --batch-size auto reads counts the smaller calls."""
+    from audit.runtime import generator as gen_mod
+
+    g = compiled.generator
+    captions = ["a red circle", "a blue square"]
+    whole = g.generate(captions, 3, 0, 2, guidance)
+    calls = []
+    inner = g.unet.run
+
+    def spy(**feeds):
+        calls.append(len(feeds["sample"]))
+        return inner(**feeds)
+
+    monkeypatch.setattr(g.unet, "run", spy)
+    monkeypatch.setattr(gen_mod, "UNET_LATENT_PIXELS", g.latent_size * g.latent_size * 2)
+    per_call = 1 if guidance > 1 else 2
+    assert g.images_per_call(guidance > 1) == per_call
+    split = g.generate(captions, 3, 0, 2, guidance)
+    assert calls == [2] * (2 * 6 // per_call)  # 2 steps a chunk; 2 rows a call (1 image twice when guided)
+    assert np.abs(split.astype(int) - whole.astype(int)).max() <= 1
+    estimated = []
+    largest = g.largest_call
+    monkeypatch.setattr(g, "largest_call", lambda rows: estimated.append(rows) or largest(rows))
+    g.peak_bytes(6, guidance)
+    assert estimated[0]["unet"] == 2 and estimated[0]["vae_decoder"] <= per_call
+
+
+@pytest.mark.slow
 def test_encoding_in_sub_batches_changes_no_latent_on_either_path(compiled, tiny_world, monkeypatch):
     """The gray-box tier's VAE encoder goes VAE_PIXELS at a time too (at 512 px, 8 images in one call needed
     ~7 GiB beside the loaded models)."""

@@ -3,8 +3,8 @@
 Reproduces the torch path (``targets.diffusion.DiffusersGenerator``): the same tokenisation, initial latents drawn
 by torch on the CPU from one ``torch.Generator`` per image seeded from ``seeding.image_seeds`` (what diffusers'
 ``randn_tensor`` does with a list of generators), diffusers' DDIM math, and the same uint8 conversion. Faster
-because each distinct caption is tokenised and encoded once, all ``n_gen`` images of a batch of captions are
-denoised in one UNet batch, and there is no per-step Python pipeline machinery.
+because each distinct caption is tokenised and encoded once, the ``n_gen`` images of a batch of captions are
+denoised together (up to ``UNET_LATENT_PIXELS`` a UNet call), and there is no per-step Python pipeline machinery.
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ from .scheduler import DdimSchedule
 from .session import RuntimeOptions
 
 log = logging.getLogger(__name__)
+
+# Most latent pixels in one UNet call, both halves of a guided batch counted: SD-1.5 (64x64 latents) 2 images a
+# call, LDM-256 (32x32) 8, the toy (8x8) 128. At SD's shape a UNet row's activations are ~0.3 GiB, and the call
+# is compute-bound from one row on, so more rows a call only add memory (benchmarks/README.md, realsize.py).
+UNET_LATENT_PIXELS = 2 * 64 * 64
+
 
 def initial_latents(seeds: Sequence[int], channels: int, size: int) -> np.ndarray:
     """float32 [len(seeds), C, s, s]: image i's noise from its own CPU torch.Generator, as diffusers draws it."""
@@ -108,8 +114,9 @@ class OnnxGenerator:
             self.schedule.init_noise_sigma)
         plan = self.schedule.plan(steps)
         g = float(guidance) if self.guided(guidance) else None
-        out = [self._denoise_decode(latents[i : i + self.batch_size], cond[i : i + self.batch_size], plan, g)
-               for i in range(0, len(seeds), self.batch_size)]
+        step = self.images_per_call(g is not None)
+        out = [self._denoise_decode(latents[i : i + step], cond[i : i + step], plan, g)
+               for i in range(0, len(seeds), step)]
         return np.concatenate(out).reshape(len(captions), n_gen, r, r, 3)
 
     def _denoise_decode(self, x: np.ndarray, cond: np.ndarray, plan, guidance: float | None) -> np.ndarray:
@@ -132,15 +139,21 @@ class OnnxGenerator:
                                  for i in range(0, len(x), step)])
         return np.clip(np.round(images.transpose(0, 2, 3, 1) * 255), 0, 255).astype(np.uint8)
 
+    def images_per_call(self, guided: bool) -> int:
+        """Images denoised together: ``batch_size``, at most ``UNET_LATENT_PIXELS`` latent pixels a UNet call."""
+        fit = UNET_LATENT_PIXELS // (self.latent_size * self.latent_size * (2 if guided else 1))
+        return max(1, min(self.batch_size, fit))
+
     def decode_rows(self) -> int:
         return vae_rows(self.resolution)
 
     def peak_bytes(self, n_images: int, guidance: float = 1.0) -> tuple[int, str] | None:
         """(bytes, graph) of the most demanding graph call while generating ``n_images`` in one ``generate``
         (from the export's measurements, ``runtime.memory``); None when the export has none."""
-        rows = min(self.batch_size, n_images)
+        guided = self.guided(guidance)
+        rows = min(self.images_per_call(guided), n_images)
         return self.largest_call({"text_encoder": min(n_images, self.batch_size) + 1,
-                                  "unet": rows * (2 if self.guided(guidance) else 1),
+                                  "unet": rows * (2 if guided else 1),
                                   "vae_decoder": min(rows, self.decode_rows())})
 
     def largest_call(self, rows: dict[str, int]) -> tuple[int, str] | None:
