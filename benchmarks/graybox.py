@@ -127,12 +127,16 @@ def toy_backends(args):
 
 def toy_auc(backends, args) -> dict:
     """Both tiers on N + N toy aux rows, heads trained and evaluated on one split: IV vs the gray-box attacks."""
+    with tempfile.TemporaryDirectory(prefix="graybox-bench-") as tmp:
+        return _toy_auc(backends, args, Path(tmp))
+
+
+def _toy_auc(backends, args, work: Path) -> dict:
     from audit import api
     from audit.attacks import evaluate_heads, load_heads
     from audit.features.compute import compute_store
     from audit.features.store import FeatureStore
 
-    work = Path(tempfile.mkdtemp(prefix="graybox-bench-"))
     aux = api.toy_aux_data(work / "aux", args.aux, args.aux, seed=args.aux_seed)
     out = {}
     for cfg in _configs(args):

@@ -14,6 +14,12 @@ the cached ones of the same models made by other export code, 6-8 GB each, befor
     python benchmarks/realsize.py                                       # both targets, the defaults below
     python benchmarks/realsize.py --targets sd-1.5 --queries 2 --steps 4 --json real.json
     python benchmarks/realsize.py --profile                             # + onnxruntime op profile of a UNet step
+    python benchmarks/realsize.py --json benchmarks/results/realsize.json --markdown   # the run the docs quote
+    python benchmarks/realsize.py --from-json benchmarks/results/realsize.json         # its tables, nothing run
+
+Every call's seconds and rows are recorded, so per-image figures hold however each path batches its calls.
+``--markdown`` prints the tables the README and benchmarks/README.md show (a test checks they are the rendering
+of ``benchmarks/results/realsize.json``).
 
 The eager path is what a user writes: ``DiffusionPipeline.from_pretrained`` (SDPA attention, diffusers' default),
 ``CLIPModel`` (SDPA) and ``BlipForConditionalGeneration`` (eager attention; transformers has no SDPA for it), one
@@ -48,18 +54,20 @@ def _queries(n: int, resolution: int):
 
 
 class Timers:
-    """Seconds of every call of named functions, wrapped in place."""
+    """Seconds and rows of every call of named functions, wrapped in place."""
 
     def __init__(self):
         self.calls: dict[str, list[float]] = defaultdict(list)
+        self.rows: dict[str, list[int]] = defaultdict(list)
         self.peak: dict | None = None  # the call during which the process's peak RSS (VmHWM) was last raised
 
     def begin(self) -> tuple[float, float, float]:
         return time.perf_counter(), _status_mib("VmRSS"), _status_mib("VmHWM")
 
-    def end(self, name: str, start: tuple[float, float, float]) -> None:
+    def end(self, name: str, start: tuple[float, float, float], rows: int) -> None:
         t, rss, hwm = start
         self.calls[name].append(time.perf_counter() - t)
+        self.rows[name].append(rows)
         now = _status_mib("VmHWM")  # two reads of /proc per call: no sampling thread competing for the cores
         # An enclosing call that ends at the same mark leaves the innermost call named.
         if now > hwm and (self.peak is None or now > self.peak["peak_mib"]):
@@ -73,23 +81,35 @@ class Timers:
             try:
                 return fn(*a, **kw)
             finally:
-                self.end(name, start)
+                self.end(name, start, _rows(a, kw))
 
         setattr(owner, attr, timed)
 
     def hook(self, module, name: str) -> None:
         """Time a module's forward with hooks (generate() inspects forward's signature: it must stay as it is)."""
-        start: list[tuple[float, float, float]] = []
-        module.register_forward_pre_hook(lambda *_: start.append(self.begin()))
-        module.register_forward_hook(lambda *_: self.end(name, start.pop()))
+        start: list[tuple[tuple[float, float, float], int]] = []
+        module.register_forward_pre_hook(lambda _, a, kw: start.append((self.begin(), _rows(a, kw))),
+                                         with_kwargs=True)
+        module.register_forward_hook(lambda *_: self.end(name, *start.pop()))
 
     def summary(self, skip: dict[str, int]) -> dict:
-        """Median seconds per call and number of calls, leaving out each name's first ``skip`` (warm-up) calls."""
+        """Median seconds and rows per call and number of calls, leaving out each name's first ``skip`` (warm-up)
+        calls."""
         out = {}
         for name, times in self.calls.items():
-            timed = times[skip.get(name, 0):] or times
-            out[name] = {"median_s": statistics.median(timed), "calls": len(timed)}
+            n = skip.get(name, 0) if len(times) > skip.get(name, 0) else 0
+            out[name] = {"median_s": statistics.median(times[n:]), "calls": len(times) - n,
+                         "rows_per_call": statistics.median(self.rows[name][n:])}
         return out
+
+
+def _rows(args: tuple, kwargs: dict) -> int:
+    """The batch dimension of a call's first array argument (positional or keyword)."""
+    for v in (*args, *kwargs.values()):
+        shape = getattr(v, "shape", None)
+        if shape is not None and len(shape) > 0:
+            return int(shape[0])
+    return 1
 
 
 # --- workers (one subprocess each) ---------------------------------------------------------------------------------
@@ -162,7 +182,7 @@ def worker_runtime(args) -> dict:
         try:
             return run(graph, **feeds)
         finally:
-            timers.end(f"{graph.path.parent.name}/{graph.path.stem}", start)
+            timers.end(f"{graph.path.parent.name}/{graph.path.stem}", start, _rows((), feeds))
 
     Graph.run = timed_run
     opts = RuntimeOptions(intra_op_threads=args.threads)
@@ -272,7 +292,9 @@ def worker_profile(args) -> dict:
         feeds_by_graph[name] = feeds
         sess.run(None, feeds)  # the first call profiles allocation too; the second is the one read
         sess.run(None, feeds)
-        trace = json.loads(Path(sess.end_profiling()).read_text())
+        trace_file = Path(sess.end_profiling())
+        trace = json.loads(trace_file.read_text())
+        trace_file.unlink()
         runs = [e for e in trace if e.get("name") == "model_run"]
         last_start = runs[-1]["ts"] if runs else 0
         by_op: dict[str, float] = defaultdict(float)
@@ -329,6 +351,8 @@ def _run_worker(name: str, args, world: dict, export: Path, arrays: Path | None 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+UNET = {"eager": "unet", "runtime": "target/unet"}
+VAE = {"eager": "vae_decoder", "runtime": "target/vae_decoder"}
 EAGER_FOR = {"target/text_encoder": "text_encoder", "target/unet": "unet", "target/vae_decoder": "vae_decoder",
              "captioner/vision_encoder": "blip_vision", "captioner/decoder_step": "blip_decoder_step",
              "embedder/image_encoder": "clip_image", "embedder/text_encoder": "clip_text"}
@@ -354,16 +378,15 @@ def _report(name: str, r: dict, args) -> None:
         if p:
             print(f"peak RSS featurising, {label}: during {p['call']}, {gib(p['rss_before_mib'])} GiB resident "
                   f"before it + {gib(p['peak_mib'] - p['rss_before_mib'])} GiB during it")
-    print("median seconds per call (rows per call: UNet = batch x n_gen; VAE decoder: runtime 256x512 px a call, "
-          "SD 1 image, LDM 2; eager the whole batch):")
+    print("median seconds per call (rows per call in brackets, then the number of calls):")
     for graph, eager_name in EAGER_FOR.items():
         a, b = e["calls"].get(eager_name), o["calls"].get(graph)
         if a and b:
-            print(f"  {graph:32}{a['median_s']:>12.3f}{b['median_s']:>12.3f}   (calls {a['calls']} / {b['calls']})")
-    unet_rows = args.batch_size * args.n_gen
-    for label, s in (("eager", e["calls"]["unet"]["median_s"]), ("runtime", o["calls"]["target/unet"]["median_s"])):
-        frac = f["unet_gflop_per_image"] * unet_rows / s / f["matmul_gflops"]
-        print(f"UNet {label}: {s / unet_rows:.2f} s per image per step = {frac:.0%} of the machine's "
+            print(f"  {graph:32}{a['median_s']:>9.3f} [{a['rows_per_call']:g}]{b['median_s']:>9.3f} "
+                  f"[{b['rows_per_call']:g}]   (calls {a['calls']} / {b['calls']})")
+    for label, w in (("eager", e), ("runtime", o)):
+        s, frac = _per_image(w, UNET[label]), _matmul_fraction(r, label)
+        print(f"UNet {label}: {s:.2f} s per image per step = {frac:.0%} of the machine's "
               f"{f['matmul_gflops']:.0f} GFLOP/s fp32 matmul ({f['unet_gflop_per_image']:.0f} GFLOP per image)")
     print(f"VAE decoder: {f['vae_decode_gflop_per_image']:.0f} GFLOP per image")
     x = r.get("export", {})
@@ -375,6 +398,95 @@ def _report(name: str, r: dict, args) -> None:
         for graph, p in r["profile"].items():
             shares = ", ".join(f"{k} {v:.0%}" for k, v in p["by_op"].items())
             print(f"profile {graph} ({p['rows']} rows, {p['kernel_seconds']:.1f} s of kernels): {shares}")
+
+
+def _per_image(worker: dict, call: str) -> float:
+    """Median seconds per row of a call (per image for the UNet and the VAE decoder)."""
+    c = worker["calls"][call]
+    return c["median_s"] / c["rows_per_call"]
+
+
+def _matmul_fraction(r: dict, path: str) -> float:
+    f = r["flops"]
+    return f["unet_gflop_per_image"] / _per_image(r[path], UNET[path]) / f["matmul_gflops"]
+
+
+TITLES = {"sd-1.5": ("Stable Diffusion 1.5, 512 px", "SD-1.5"), "ldm-256": ("LDM-256 (the paper's target)", "LDM-256")}
+
+
+def markdown(results: dict) -> str:
+    """The two tables the docs quote, from one run's results (``--json``): the README's summary and
+    benchmarks/README.md's full table."""
+    names = [n for n in TITLES if n in results]
+    gib = lambda mib: f"{mib / 1024:.1f}"  # noqa: E731
+    out = ["| target | eager s / query | runtime s / query | ratio | UNet step ratio | peak RSS eager / runtime |",
+           "|---|---|---|---|---|---|"]
+    for n in names:
+        e, o = results[n]["eager"], results[n]["runtime"]
+        out.append(f"| {TITLES[n][0]} | {e['seconds_per_query']:.1f} | {o['seconds_per_query']:.1f} | "
+                   f"{e['seconds_per_query'] / o['seconds_per_query']:.2f}x | "
+                   f"{_per_image(e, UNET['eager']) / _per_image(o, UNET['runtime']):.2f}x | "
+                   f"{gib(e['peak_rss_process_mib'])} / {gib(o['peak_rss_process_mib'])} GiB |")
+    out += ["", "| | " + " | ".join(f"{TITLES[n][1]}, {p}" for n in names for p in ("eager", "runtime", "ratio"))
+            + " |", "|---" * (1 + 3 * len(names)) + "|"]
+
+    def row(label: str, cell) -> None:
+        out.append(f"| {label} | " + " | ".join(c for n in names for c in cell(results[n])) + " |")
+
+    def ratio(a: float, b: float, bold: bool = False) -> str:
+        return f"**{a / b:.2f}x**" if bold else f"{a / b:.2f}x"
+
+    def peak_call(w: dict) -> str:
+        p = w["peak_call"]
+        return f"{p['call']} ({gib(p['rss_before_mib'])} + {gib(p['peak_mib'] - p['rss_before_mib'])} GiB)"
+
+    row("seconds per query", lambda r: (f"{r['eager']['seconds_per_query']:.1f}",
+                                        f"{r['runtime']['seconds_per_query']:.1f}",
+                                        ratio(r['eager']['seconds_per_query'], r['runtime']['seconds_per_query'],
+                                              True)))
+    for label, calls in (("UNet, s per image per step", UNET), ("VAE decode, s per image", VAE)):
+        row(label, lambda r, c=calls: (f"{_per_image(r['eager'], c['eager']):.2f}",
+                                       f"{_per_image(r['runtime'], c['runtime']):.2f}",
+                                       ratio(_per_image(r['eager'], c['eager']),
+                                             _per_image(r['runtime'], c['runtime']))))
+    row("images per call: UNet, VAE decode", lambda r: tuple(
+        f"{r[p]['calls'][UNET[p]]['rows_per_call']:g}, {r[p]['calls'][VAE[p]]['rows_per_call']:g}"
+        for p in ("eager", "runtime")) + ("",))
+    row("UNet, fraction of the machine's fp32 matmul throughput",
+        lambda r: (f"{_matmul_fraction(r, 'eager'):.0%}", f"{_matmul_fraction(r, 'runtime'):.0%}", ""))
+    gib2 = lambda mib: f"{mib / 1024:.2f}"  # noqa: E731
+    row("RSS after loading (GiB)", lambda r: (gib2(r["eager"]["rss_after_load_mib"]),
+                                              gib2(r["runtime"]["rss_after_load_mib"]), ""))
+    row("peak RSS, whole process (GiB)", lambda r: (
+        f"**{gib2(r['eager']['peak_rss_process_mib'])}**", f"**{gib2(r['runtime']['peak_rss_process_mib'])}**",
+        f"runtime {r['runtime']['peak_rss_process_mib'] / r['eager']['peak_rss_process_mib']:.2f}x"))
+    row("call at the peak (resident before + during)", lambda r: (peak_call(r["eager"]), peak_call(r["runtime"]), ""))
+    row("export with CLIP ViT-L/14 + BLIP base", lambda r: ("", (
+        f"{r['export']['export_seconds'] / 60:.1f} min, peak {r['export']['export_peak_rss_mib'] / 1024:.1f} GiB"
+        if r.get("export") else "cached, not measured"), ""))
+    facts = "; ".join(
+        f"{TITLES[n][1]}: images within {results[n]['agreement']['images_max_abs_uint8']} uint8 levels, image "
+        f"embeddings within {results[n]['agreement']['image_emb_max_abs']:.1e}, matmul yardstick "
+        f"{results[n]['flops']['matmul_gflops']:.0f} GFLOP/s, load average "
+        f"{results[n]['load_average'][0]:.1f}-{results[n]['load_average'][1]:.1f}" for n in names)
+    out += ["", f"Eager and runtime agree ({facts})."]
+    return "\n".join(out) + "\n"
+
+
+def _commit() -> str:
+    """The code measured: HEAD, marked when the tree has uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no")
+                                                   else "")
+
+
+def _merge(paths: list[Path]) -> dict:
+    """One results dict from several ``--json`` files (a target in a later file replaces an earlier one)."""
+    merged: dict = {}
+    for path in paths:
+        merged.update({k: v for k, v in json.loads(path.read_text()).items() if k in TITLES})
+    return merged
 
 
 def main() -> None:
@@ -392,6 +504,9 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "audit-bench",
                    help="where exports are cached")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--markdown", action="store_true", help="also print the tables the docs quote")
+    p.add_argument("--from-json", type=Path, nargs="+", metavar="JSON",
+                   help="print the tables the docs quote from these --json results, without running anything")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     for name in ("--target", "--embedder", "--captioner", "--export"):
         p.add_argument(name, help=argparse.SUPPRESS)
@@ -400,6 +515,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return
+    if args.from_json:
+        print(markdown(_merge(args.from_json)), end="")
+        return
 
     import numpy as np
 
@@ -407,7 +525,7 @@ def main() -> None:
 
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                             if k not in ("worker", "target", "embedder", "captioner", "export", "out_arrays")},
-               "load_average_start": os.getloadavg()}
+               "commit": _commit(), "load_average_start": os.getloadavg()}
     for name in args.targets.split(","):
         world = fullsize.world(name, tiny=args.tiny)
         export, measured = _export_for(world, args.cache, args)
@@ -424,10 +542,14 @@ def main() -> None:
         results[name] = r
         _report(name, r, args)
     results["load_average_end"] = os.getloadavg()
+    for name in args.targets.split(","):
+        results[name]["load_average"] = [results["load_average_start"][0], results["load_average_end"][0]]
     print(f"\nload average at start {results['load_average_start'][0]:.1f}, at end "
           f"{results['load_average_end'][0]:.1f} ({os.cpu_count()} cores)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        print("\n" + markdown(results), end="")
 
 
 if __name__ == "__main__":

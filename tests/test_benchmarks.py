@@ -113,7 +113,7 @@ def test_realsize_benchmark_runs_both_paths_on_the_fullsize_builders(tmp_path):
     env = dict(os.environ, AUDIT_HOME=str(tmp_path / "home"))
     proc = subprocess.run([sys.executable, str(REALSIZE), "--tiny", "--targets", "sd-1.5", "--queries", "2",
                            "--steps", "2", "--caption-tokens", "4", "--cache", str(tmp_path / "cache"), "--profile",
-                           "--json", str(out)], capture_output=True, text=True, timeout=1500, env=env)
+                           "--json", str(out), "--markdown"], capture_output=True, text=True, timeout=1500, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())["sd-1.5"]
     for path in ("eager", "runtime"):
@@ -128,3 +128,12 @@ def test_realsize_benchmark_runs_both_paths_on_the_fullsize_builders(tmp_path):
     assert r["flops"]["unet_gflop_per_image"] > 0 and "MultiHeadAttention" in r["profile"]["unet"]["by_op"]
     assert "seconds per query" in proc.stdout and "eager/runtime" in proc.stdout
     assert "peak RSS featurising, runtime: during " in proc.stdout
+    # rows per call are recorded, so per-image figures hold whatever each path batches
+    assert r["eager"]["calls"]["unet"]["rows_per_call"] == 4  # 2 captions x n_gen 2, unguided
+    assert 1 <= r["runtime"]["calls"]["target/unet"]["rows_per_call"] <= 4
+    # the docs' tables: printed after the run, and the same again from the saved JSON alone
+    again = subprocess.run([sys.executable, str(REALSIZE), "--from-json", str(out)], capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "| seconds per query |" in again.stdout and "| Stable Diffusion 1.5, 512 px |" in again.stdout
+    assert proc.stdout.endswith(again.stdout)
