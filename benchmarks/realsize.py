@@ -415,8 +415,12 @@ TITLES = {"sd-1.5": ("Stable Diffusion 1.5, 512 px", "SD-1.5"), "ldm-256": ("LDM
 
 
 def markdown(results: dict) -> str:
-    """The two tables the docs quote, from one run's results (``--json``): the README's summary and
-    benchmarks/README.md's full table."""
+    return "\n".join(sections(results).values())
+
+
+def sections(results: dict) -> dict[str, str]:
+    """What the docs quote from one run's results (``--json``): the README's summary table, benchmarks/README.md's
+    full table and docs/cluster.md's projection of a million queries (SD-1.5)."""
     names = [n for n in TITLES if n in results]
     gib = lambda mib: f"{mib / 1024:.1f}"  # noqa: E731
     out = ["| target | eager s / query | runtime s / query | ratio | UNet step ratio | peak RSS eager / runtime |",
@@ -427,7 +431,8 @@ def markdown(results: dict) -> str:
                    f"{e['seconds_per_query'] / o['seconds_per_query']:.2f}x | "
                    f"{_per_image(e, UNET['eager']) / _per_image(o, UNET['runtime']):.2f}x | "
                    f"{gib(e['peak_rss_process_mib'])} / {gib(o['peak_rss_process_mib'])} GiB |")
-    out += ["", "| | " + " | ".join(f"{TITLES[n][1]}, {p}" for n in names for p in ("eager", "runtime", "ratio"))
+    summary, out = "\n".join(out) + "\n", []
+    out += ["| | " + " | ".join(f"{TITLES[n][1]}, {p}" for n in names for p in ("eager", "runtime", "ratio"))
             + " |", "|---" * (1 + 3 * len(names)) + "|"]
 
     def row(label: str, cell) -> None:
@@ -470,7 +475,10 @@ def markdown(results: dict) -> str:
         f"{results[n]['flops']['matmul_gflops']:.0f} GFLOP/s, load average "
         f"{results[n]['load_average'][0]:.1f}-{results[n]['load_average'][1]:.1f}" for n in names)
     out += ["", f"Eager and runtime agree ({facts})."]
-    return "\n".join(out) + "\n"
+    found = {"README.md": summary, "benchmarks/README.md": "\n".join(out) + "\n"}
+    if "sd-1.5" in results:
+        found["docs/cluster.md"] = projection(results["sd-1.5"])
+    return found
 
 
 def _commit() -> str:
@@ -481,12 +489,42 @@ def _commit() -> str:
                                                    else "")
 
 
+def projection(r: dict, queries: float = 1e6, n_gen: int = 2, steps: int = 25, fewer_steps: int = 10) -> str:
+    """docs/cluster.md's cost of ``queries`` at the CLI's defaults from one target's runtime figures: the UNet step
+    and VAE decode per image, and the rest of a query (encoding its caption, captioning and embedding) as measured
+    less those two."""
+    o = r["runtime"]
+    unet, vae = _per_image(o, UNET["runtime"]), _per_image(o, VAE["runtime"])
+    spent = sum(o["calls"][c]["median_s"] * o["calls"][c]["calls"] for c in (UNET["runtime"], VAE["runtime"]))
+    rest = o["seconds_per_query"] - spent / r["settings"]["queries"]
+    per = lambda k: n_gen * k * unet + n_gen * vae + rest  # noqa: E731
+    hours = lambda k: f"{round(queries * per(k) / 3600, -3):,.0f}"  # noqa: E731
+    mantissa, exponent = f"{queries * per(steps):.1e}".split("e")
+    return "\n".join([
+        "```text",
+        "t_query = n_gen × steps × t_unet_step  +  n_gen × t_vae_decode  +  t_caption_embed",
+        f"        = {n_gen} × {steps} × {unet:.2f} s  +  {n_gen} × {vae:.1f} s  +  {rest:.1f} s   "
+        f"(the defaults: n_gen {n_gen}, {steps} steps, no guidance)",
+        f"        = {per(steps):.0f} s{'':37}(guidance > 1 doubles the UNet term)",
+        "```",
+        "",
+        f"{queries:,.0f} queries: {mantissa} × 10^{int(exponent)} s, about **{hours(steps)} machine-hours** of this machine "
+        f"(--steps {fewer_steps}: {per(fewer_steps):.0f} s a query, {hours(fewer_steps)} machine-hours).",
+    ]) + "\n"
+
+
 def _merge(paths: list[Path]) -> dict:
     """One results dict from several ``--json`` files (a target in a later file replaces an earlier one)."""
     merged: dict = {}
     for path in paths:
-        merged.update({k: v for k, v in json.loads(path.read_text()).items() if k in TITLES})
+        merged.update(_targets(json.loads(path.read_text())))
     return merged
+
+
+def _targets(run: dict) -> dict:
+    """A run's per-target results, each with the run's settings and load average."""
+    load = [run["load_average_start"][0], run["load_average_end"][0]]
+    return {k: dict(v, settings=run["settings"], load_average=load) for k, v in run.items() if k in TITLES}
 
 
 def main() -> None:
@@ -542,14 +580,12 @@ def main() -> None:
         results[name] = r
         _report(name, r, args)
     results["load_average_end"] = os.getloadavg()
-    for name in args.targets.split(","):
-        results[name]["load_average"] = [results["load_average_start"][0], results["load_average_end"][0]]
     print(f"\nload average at start {results['load_average_start'][0]:.1f}, at end "
           f"{results['load_average_end'][0]:.1f} ({os.cpu_count()} cores)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
-        print("\n" + markdown(results), end="")
+        print("\n" + markdown(_targets(results)), end="")
 
 
 if __name__ == "__main__":

@@ -98,3 +98,18 @@ def test_readme_command_parses(args):
 def test_command_reference_is_current():
     page = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
     assert page == clidoc.render(), "docs/commands.md is stale: run `python -m audit.clidoc > docs/commands.md`"
+
+
+def test_real_shape_figures_are_the_recorded_run():
+    """The real-shape tables in the README and benchmarks/README.md and docs/cluster.md's projection are what
+    benchmarks/realsize.py renders from the run recorded in benchmarks/results/realsize.json, not figures typed by
+    hand (regenerate: python benchmarks/realsize.py --from-json benchmarks/results/realsize.json)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("realsize", ROOT / "benchmarks" / "realsize.py")
+    realsize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(realsize)
+    found = realsize.sections(realsize._merge([ROOT / "benchmarks" / "results" / "realsize.json"]))
+    assert set(found) == {"README.md", "benchmarks/README.md", "docs/cluster.md"}
+    for page, text in found.items():
+        assert text.strip() in (ROOT / page).read_text(encoding="utf-8"), f"{page}: stale real-shape figures"

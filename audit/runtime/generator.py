@@ -26,8 +26,8 @@ from .session import RuntimeOptions
 log = logging.getLogger(__name__)
 
 # Most latent pixels in one UNet call, both halves of a guided batch counted: SD-1.5 (64x64 latents) 2 images a
-# call, LDM-256 (32x32) 8, the toy (8x8) 128. At SD's shape a UNet row's activations are ~0.3 GiB, and the call
-# is compute-bound from one row on, so more rows a call only add memory (benchmarks/README.md, realsize.py).
+# call, LDM-256 (32x32) 8, the toy (8x8) 128. At SD's shape a UNet row's activations are ~0.33 GiB, and 2 rows a
+# call ran no slower per image than 4 (docs/runtime.md#memory): more rows a call only add memory.
 UNET_LATENT_PIXELS = 2 * 64 * 64
 
 
