@@ -358,9 +358,13 @@ EAGER_FOR = {"target/text_encoder": "text_encoder", "target/unet": "unet", "targ
              "embedder/image_encoder": "clip_image", "embedder/text_encoder": "clip_text"}
 
 
+def _gib(mib: float, digits: int = 2) -> str:
+    return f"{mib / 1024:.{digits}f}"
+
+
 def _report(name: str, r: dict, args) -> None:
     e, o, f = r["eager"], r["runtime"], r["flops"]
-    gib = lambda mib: f"{mib / 1024:.2f}"  # noqa: E731
+    gib = _gib
     print(f"\n== {name}: {args.queries} queries, {args.batch_size} captions a batch, n_gen {args.n_gen}, "
           f"{args.steps} DDIM steps, captions <= {args.caption_tokens} tokens, {args.threads} threads")
     print(f"{'':34}{'eager':>12}{'runtime':>12}{'eager/runtime':>15}")
@@ -422,7 +426,7 @@ def sections(results: dict) -> dict[str, str]:
     """What the docs quote from one run's results (``--json``): the README's summary table, benchmarks/README.md's
     full table and docs/cluster.md's projection of a million queries (SD-1.5)."""
     names = [n for n in TITLES if n in results]
-    gib = lambda mib: f"{mib / 1024:.1f}"  # noqa: E731
+    gib = lambda mib: _gib(mib, 1)  # noqa: E731
     out = ["| target | eager s / query | runtime s / query | ratio | UNet step ratio | peak RSS eager / runtime |",
            "|---|---|---|---|---|---|"]
     for n in names:
@@ -459,15 +463,14 @@ def sections(results: dict) -> dict[str, str]:
         for p in ("eager", "runtime")) + ("",))
     row("UNet, fraction of the machine's fp32 matmul throughput",
         lambda r: (f"{_matmul_fraction(r, 'eager'):.0%}", f"{_matmul_fraction(r, 'runtime'):.0%}", ""))
-    gib2 = lambda mib: f"{mib / 1024:.2f}"  # noqa: E731
-    row("RSS after loading (GiB)", lambda r: (gib2(r["eager"]["rss_after_load_mib"]),
-                                              gib2(r["runtime"]["rss_after_load_mib"]), ""))
+    row("RSS after loading (GiB)", lambda r: (_gib(r["eager"]["rss_after_load_mib"]),
+                                              _gib(r["runtime"]["rss_after_load_mib"]), ""))
     row("peak RSS, whole process (GiB)", lambda r: (
-        f"**{gib2(r['eager']['peak_rss_process_mib'])}**", f"**{gib2(r['runtime']['peak_rss_process_mib'])}**",
+        f"**{_gib(r['eager']['peak_rss_process_mib'])}**", f"**{_gib(r['runtime']['peak_rss_process_mib'])}**",
         f"runtime {r['runtime']['peak_rss_process_mib'] / r['eager']['peak_rss_process_mib']:.2f}x"))
     row("call at the peak (resident before + during)", lambda r: (peak_call(r["eager"]), peak_call(r["runtime"]), ""))
     row("export with CLIP ViT-L/14 + BLIP base", lambda r: ("", (
-        f"{r['export']['export_seconds'] / 60:.1f} min, peak {r['export']['export_peak_rss_mib'] / 1024:.1f} GiB"
+        f"{r['export']['export_seconds'] / 60:.1f} min, peak {gib(r['export']['export_peak_rss_mib'])} GiB"
         if r.get("export") else "cached, not measured"), ""))
     facts = "; ".join(
         f"{TITLES[n][1]}: images within {results[n]['agreement']['images_max_abs_uint8']} uint8 levels, image "
@@ -498,7 +501,7 @@ def projection(r: dict, queries: float = 1e6, n_gen: int = 2, steps: int = 25, f
     spent = sum(o["calls"][c]["median_s"] * o["calls"][c]["calls"] for c in (UNET["runtime"], VAE["runtime"]))
     rest = o["seconds_per_query"] - spent / r["settings"]["queries"]
     per = lambda k: n_gen * k * unet + n_gen * vae + rest  # noqa: E731
-    hours = lambda k: f"{round(queries * per(k) / 3600, -3):,.0f}"  # noqa: E731
+    hours = lambda k, workers=1: f"{float(f'{queries * per(k) / 3600 / workers:.2g}'):,.0f}"  # noqa: E731  (2 digits)
     mantissa, exponent = f"{queries * per(steps):.1e}".split("e")
     return "\n".join([
         "```text",
@@ -508,8 +511,9 @@ def projection(r: dict, queries: float = 1e6, n_gen: int = 2, steps: int = 25, f
         f"        = {per(steps):.0f} s{'':37}(guidance > 1 doubles the UNet term)",
         "```",
         "",
-        f"{queries:,.0f} queries: {mantissa} × 10^{int(exponent)} s, about **{hours(steps)} machine-hours** of this machine "
-        f"(--steps {fewer_steps}: {per(fewer_steps):.0f} s a query, {hours(fewer_steps)} machine-hours).",
+        f"{queries:,.0f} queries: {mantissa} × 10^{int(exponent)} s, about **{hours(steps)} machine-hours** of this "
+        f"machine, {hours(steps, 10)} hours on 10 such workers and {hours(steps, 100)} on 100 (--steps {fewer_steps}: "
+        f"{per(fewer_steps):.0f} s a query, {hours(fewer_steps)} machine-hours).",
     ]) + "\n"
 
 
