@@ -1,4 +1,7 @@
-"""Domain errors. The CLI maps them to exit codes in one place (cli.py)."""
+"""Domain errors, and the one table that maps each to an exit code (the CLI) and an HTTP status (the service).
+
+Both front doors read ``ERRORS`` through ``error_codes``; nothing else decides an exit code or a status.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ class AuditError(Exception):
     """Base class: a problem the user can fix; printed as one line, never as a traceback."""
 
     exit_code = 1
+    http_status = 400
 
 
 class InputError(AuditError):
@@ -15,8 +19,6 @@ class InputError(AuditError):
 
 class UsageError(AuditError):
     """Bad command-line usage or an invalid option value."""
-
-    exit_code = 2
 
 
 class UnknownNameError(UsageError):
@@ -42,3 +44,37 @@ class ClusterError(AuditError):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# Exit codes that are not domain errors.
+EXIT_MEMBER_FOUND = 3  # --fail-on-member and a `member` verdict
+EXIT_UNEXPECTED = 70  # a bug, not the user's input (sysexits EX_SOFTWARE)
+EXIT_INTERRUPTED = 130
+
+# The one table: (exit code, HTTP status) per domain error; the most specific class listed wins.
+ERRORS: dict[type[AuditError], tuple[int, int]] = {
+    InputError: (1, 422),
+    UsageError: (2, 400),
+    UnknownNameError: (2, 404),
+    ArtifactError: (1, 422),
+    ModelNotFoundError: (1, 404),
+    UnsafeWeightsError: (1, 403),
+    ClusterError: (1, 503),
+    AuditError: (1, 400),
+}
+
+
+def error_codes(exc: BaseException) -> tuple[int, int]:
+    """(exit code, HTTP status) for ``exc``: a domain error by the table (a ClusterError keeps its worker's exit
+    code); anything else is unexpected: (70, 500)."""
+    for cls in type(exc).__mro__:
+        if cls in ERRORS:
+            code, status = ERRORS[cls]
+            if isinstance(exc, ClusterError):
+                code = exc.exit_code
+            return code, status
+    return EXIT_UNEXPECTED, 500
+
+
+for _cls, (_code, _status) in ERRORS.items():
+    _cls.exit_code, _cls.http_status = _code, _status

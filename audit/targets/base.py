@@ -90,6 +90,26 @@ class Denoiser(Protocol):
         ``rows[i]`` (no classifier-free guidance)."""
 
 
+@runtime_checkable
+class Varier(Protocol):
+    """Image-variation access (img2img), the third access tier: the target takes a query image, noises it to a
+    strength and denoises it, as diffusers' ``StableDiffusionImg2ImgPipeline`` and the A1111 ``/sdapi/v1/img2img``
+    endpoint do. Local diffusers targets, their ``audit export`` and HTTP services implement it; DALL-E mini does not.
+    """
+
+    name: str
+    resolution: int
+
+    def identity(self) -> dict: ...
+
+    def vary_with_seeds(self, images: np.ndarray, prompts: Sequence[str], seeds: Sequence[int], strength: float,
+                        steps: int, guidance: float = 1.0) -> np.ndarray:
+        """uint8 [N, H, W, 3] init images (resized to ``resolution``), one prompt ("" for none) and one seed each
+        -> uint8 [N, resolution, resolution, 3]. DDIM over ``steps`` steps of which only the last
+        ``int(strength * steps)`` run, from the init latents noised with the seed's noise; each image depends only
+        on its own image, prompt and seed, never on its batch."""
+
+
 class PerImageSeeds:
     """``generate`` for a backend that implements ``generate_with_seeds(prompts, seeds, steps, guidance)``:
     every image is made from its own seed (``seeding.image_seeds``), so no image depends on its batch."""
