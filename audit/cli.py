@@ -481,7 +481,7 @@ def serve(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
 ) -> None:
     """Serve a target over the /sdapi/v1/txt2img HTTP protocol (audit it as a black box with --target URL)."""
-    from .targets.serve import serve as serve_target
+    from .serve_target import serve as serve_target
 
     n = run(lambda: serve_target(target, host, port, device=device, allow_pickle=allow_pickle,
                                  max_requests=max_requests, idle_timeout=idle_timeout,

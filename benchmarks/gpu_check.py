@@ -7,7 +7,7 @@ references on the GPU; onnxruntime offers the CUDA (and TensorRT) provider; `aud
 world validates every graph on the CUDA provider and its end-to-end checks pass (fp32, then fp16); the CUDA runtime
 generates the torch path's images; and a short side-by-side throughput of eager torch on CUDA vs the CUDA runtime.
 Exit status 1 if any check failed. Needs no network; uses the bundled toy world unless --world is given, or with
---fullsize random-weight SD-1.5 + CLIP ViT-L/14 + BLIP base at their published sizes (``audit.targets.fullsize``;
+--fullsize random-weight SD-1.5 + CLIP ViT-L/14 + BLIP base at their published sizes (``audit.testing.fullsize``;
 time and memory only): the throughput check then also runs both paths in fp16 (torch fp16 eager with SDPA against
 the fp16 export) and reports seconds per query and peak GPU memory.
 """
@@ -255,7 +255,7 @@ def main() -> int:
     from audit.toy import BUNDLE
 
     if args.fullsize:
-        from audit.targets import fullsize
+        from audit.testing import fullsize
 
         built = fullsize.world("sd-1.5")
         world = {"target": built["target"], "clip": built["embedder"], "blip": built["captioner"]}

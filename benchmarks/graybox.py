@@ -14,7 +14,7 @@ Parts:
   runtime (its export is made once and cached under /tmp/audit-bench) or ``--backend torch``. With ``--aux N`` the
   same run also featurises N members + N non-members of the toy world with both tiers, trains IV's head and every
   gray-box attack's and reports test AUCs on one split (same ids, same seed).
-- ``--fullsize``: SD-1.5's architecture with random weights (``audit.targets.fullsize``; or ``--fullsize-dir DIR``,
+- ``--fullsize``: SD-1.5's architecture with random weights (``audit.testing.fullsize``; or ``--fullsize-dir DIR``,
   a diffusers folder of it): time only, on the torch path (exporting it takes ~15 min and 8 GiB), a few queries.
   It needs ~12 GB of free memory. Never read attack results off random weights: none are computed here.
 
@@ -166,7 +166,7 @@ def fullsize(args) -> dict:
 
     from audit.features.compute import Backends
 
-    from audit.targets import fullsize as fs
+    from audit.testing import fullsize as fs
 
     if args.fullsize_dir:
         target = Path(args.fullsize_dir)

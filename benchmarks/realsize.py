@@ -1,6 +1,6 @@
 """Feature extraction at real shape: plain diffusers + transformers eager vs audit's runtime, full-size models.
 
-One run, side by side, on random-weight models with the exact published architectures (``audit.targets.fullsize``:
+One run, side by side, on random-weight models with the exact published architectures (``audit.testing.fullsize``:
 SD-1.5 at 512 px and the paper's LDM-256, each with CLIP ViT-L/14 and BLIP base). Their weights are random, so
 these are time and memory figures only. Per target and path, each in its own subprocess (so its peak RSS is its
 own), the same fixed thread count: seconds per query featurised (generate n_gen images, caption each, embed query
@@ -563,7 +563,7 @@ def main() -> None:
 
     import numpy as np
 
-    from audit.targets import fullsize
+    from audit.testing import fullsize
 
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                             if k not in ("worker", "target", "embedder", "captioner", "export", "out_arrays")},

@@ -32,7 +32,7 @@ def put_in_hub_cache(cache: Path, repo_id: str, src: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_families(tiny_world, tmp_path_factory):
     """Tiny LDM, DALL-E mini and open_clip folders (plus the session's tiny SD, CLIP and BLIP)."""
-    from audit.targets import tiny
+    from audit.testing import tiny
 
     out = tmp_path_factory.mktemp("families")
     return {

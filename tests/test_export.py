@@ -162,7 +162,7 @@ def ldm_export(tmp_path_factory):
     """The paper's LDM family (LDMBert text encoder, `1 / scale * latents`, guidance when != 1), exported."""
     from audit.export.components import export_target
     from audit.targets.diffusion import DiffusersGenerator
-    from audit.targets.tiny import build_tiny_ldm
+    from audit.testing.tiny import build_tiny_ldm
 
     root = tmp_path_factory.mktemp("ldm")
     folder = build_tiny_ldm(root / "ldm")
@@ -248,7 +248,7 @@ def test_fp16_graph_exports_from_a_copy_and_runs_with_cast_inputs(tmp_path, tiny
 
 
 def test_unexportable_embedder_is_refused_before_any_tracing(tmp_path, tiny_world):
-    from audit.targets.tiny import build_tiny_open_clip
+    from audit.testing.tiny import build_tiny_open_clip
 
     folder = build_tiny_open_clip(tmp_path / "oc")
     r = CliRunner().invoke(app, ["export", "--target", str(tiny_world["target"]), "--embedder", str(folder),

@@ -1,4 +1,4 @@
-"""Full-size SD-1.5 (random weights, the published architecture: audit.targets.fullsize) through `audit export` and
+"""Full-size SD-1.5 (random weights, the published architecture: audit.testing.fullsize) through `audit export` and
 `audit features` on both paths. Slow: builds ~4.7 GB of models once (cached in $AUDIT_HOME), exports for 10-20
 minutes, needs ~12 GB of free memory:
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not os.environ.get("AUDIT_SLOW"),
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    from audit.targets import fullsize
+    from audit.testing import fullsize
 
     world = fullsize.world("sd-1.5")
     out = tmp_path_factory.mktemp("sd15") / "export"

@@ -255,7 +255,7 @@ def test_a_store_with_both_tiers_trains_every_attack(tiny_world, labelled, tmp_p
 
 
 def test_graybox_on_an_http_or_dalle_target_fails_in_one_line(tiny_world, labelled, tmp_path):
-    from audit.targets import tiny
+    from audit.testing import tiny
 
     dalle = tiny.build_tiny_dalle(tmp_path)
     for target, what in (("http://127.0.0.1:9/", "is an HTTP service"), (str(dalle), "token-based (DALL-E)")):

@@ -26,7 +26,7 @@ from audit.seeding import image_seeds
 from audit.targets import load_target
 from audit.targets.diffusion import DiffusersGenerator
 from audit.targets.http import GenerationFailed, HTTPGenerator, ServiceError
-from audit.targets.serve import Txt2ImgServer
+from audit.serve_target import Txt2ImgServer
 from audit.toy import scenes
 
 from targets_fixtures import one_torch_thread  # noqa: F401  (fixture)
@@ -105,7 +105,7 @@ def test_http_target_returns_the_served_models_images(server, local, faults):
 def test_identity_covers_url_and_served_model_not_client_options(server, tiny_world, faults):
     a = load_target(server.url).identity()
     assert load_target(f"{server.url}?{FAST}").identity() == a
-    from audit.targets.tiny import build_tiny_ldm
+    from audit.testing.tiny import build_tiny_ldm
 
     other_model = DiffusersGenerator.from_folder(build_tiny_ldm(tiny_world["target"].parent / "ldm_for_http"))
     with Txt2ImgServer(other_model, idle_timeout=60) as other:

@@ -1,4 +1,4 @@
-"""The full-size builders (audit.targets.fullsize): the published architectures, checked by parameter count on the
+"""The full-size builders (audit.testing.fullsize): the published architectures, checked by parameter count on the
 meta device (nothing allocated), and each model built at tiny sizes through the same code path, then loaded as
 users load them (from_pretrained; --target/--embedder/--captioner folders)."""
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from audit.errors import ArtifactError, UsageError
-from audit.targets import fullsize, load_captioner, load_embedder, load_target
+from audit.targets import load_captioner, load_embedder, load_target
+from audit.testing import fullsize
 
 
 def _params(module) -> int:

@@ -2,7 +2,7 @@
 
 - CLIP: a byte-level BPE ``CLIPTokenizer`` made from the original CLIP merges that open_clip ships
   (``bpe_simple_vocab_16e6.txt.gz``), trimmed to the merges that the toy vocabulary uses (or whole, for the
-  full-size models of ``audit.targets.fullsize``). BPE applies merges in
+  full-size models of ``audit.testing.fullsize``). BPE applies merges in
   rank order, so keeping the used merges in their original order tokenises every toy word exactly as the full
   tokenizer would, while the embedding tables stay small (a few hundred rows instead of 49,408).
 - BLIP: a WordPiece ``BertTokenizerFast`` trained on the captions, with BLIP's ``[DEC]`` bos token.

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from .http import OPTIONS, SD_MODELS, TXT2IMG
+from .targets.http import OPTIONS, SD_MODELS, TXT2IMG
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 7860, device: str = 
           max_requests: int | None = None, idle_timeout: float | None = None,
           on_ready: Callable[[str], None] | None = None) -> int:
     """Load ``target`` and serve it until interrupted or a stop condition; returns the number of requests served."""
-    from .builtin import load_target
+    from .targets.builtin import load_target
 
     generator = load_target(target, device=device, allow_pickle=allow_pickle)
     server = Txt2ImgServer(generator, host, port, max_requests=max_requests, idle_timeout=idle_timeout)

@@ -25,9 +25,9 @@ Each is saved with safetensors in the layout of the real checkpoint, so it loads
 sizes config: the published one by default, or ``tiny=True`` sizes that run the same code path in seconds (tests).
 Builds are cached under ``$AUDIT_HOME/fullsize/<name>-<hash of sizes and seed>``::
 
-    python -m audit.targets.fullsize sd-1.5                  # build (or find) it in the cache, print its folder
-    python -m audit.targets.fullsize sd-1.5 --out DIR        # into DIR
-    python -m audit.targets.fullsize world sd-1.5            # target + CLIP + BLIP folders, as JSON
+    python -m audit.testing.fullsize sd-1.5                  # build (or find) it in the cache, print its folder
+    python -m audit.testing.fullsize sd-1.5 --out DIR        # into DIR
+    python -m audit.testing.fullsize world sd-1.5            # target + CLIP + BLIP folders, as JSON
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def build(name: str, out: str | Path, tiny: bool = False, seed: int = 0) -> Path
 
 
 def cache_root() -> Path:
-    from .hub import audit_cache_dir
+    from ..targets.hub import audit_cache_dir
 
     return audit_cache_dir() / "fullsize"
 
@@ -381,7 +381,7 @@ def world(target: str, tiny: bool = False, seed: int = 0, root: str | Path | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m audit.targets.fullsize", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m audit.testing.fullsize", description=__doc__.splitlines()[0])
     p.add_argument("name", help=f"{', '.join(MODELS)}, or `world` followed by a target name")
     p.add_argument("target", nargs="?", help="with `world`: the target (sd-1.5 or ldm-256)")
     p.add_argument("--out", type=Path, help="build into this folder instead of the cache")

@@ -95,7 +95,7 @@ def tiny_bpe_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:
 
 def build_tiny_dalle(out: str | Path, seed: int = 0) -> Path:
     from ..toy.tokenizers import toy_words
-    from .dalle import MINI, build_modules, save_dalle
+    from ..targets.dalle import MINI, build_modules, save_dalle
     import dataclasses
 
     vocab, merges = tiny_bpe_vocab(toy_words())
