@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .config import check_device
 from .errors import UsageError
 
 
@@ -26,8 +27,7 @@ def build_toy_world(out: str | Path, quick: bool = False, seed: int = 0, device:
     """Rebuild the toy world from a seed (see ``audit.toy.build``)."""
     from .toy.build import ToyBuildConfig, build_world
 
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device {device!r}; valid devices are cpu, cuda")
+    check_device(device)
     cfg = ToyBuildConfig.quick(seed) if quick else ToyBuildConfig(seed=seed)
     return build_world(Path(out), cfg, device)
 
@@ -87,6 +87,8 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
 
     from .errors import InputError
     from .features.compute import Backends, FeaturesConfig, compute_store, resolve_batch_size
+    from .features.store import refuse_existing
+    from .imagefolder import require_folder
     from .tiers import GRAY_BOX
 
     auto = batch_size == "auto"
@@ -99,10 +101,8 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
         # The memory that decides is each worker's, which the driver cannot see before the actors start.
         raise UsageError("--batch-size auto measures this machine's memory; with --ray give a number (each worker "
                          "checks that its batch fits before it starts)")
-    if Path(out).exists() and not resume:
-        raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
-    if not Path(data).is_dir():
-        raise InputError(f"{data}: not a folder" + (" (it is a file)" if Path(data).exists() else ""))
+    refuse_existing(out, resume)  # the user's paths fail here, before any model loads
+    require_folder(data)
     if cluster is not None:
         from .cluster import featurize_on_ray
 
@@ -133,12 +133,10 @@ def check(image: str | Path, caption: str | None = None, *, target: str, heads: 
     """The Verdict for one image (with its caption; without one the captioner writes it): ``member``,
     ``non-member`` or ``inconclusive`` at the false-positive budget ``max_fpr`` (``decision="balanced"``: the
     two-way rule); see ``audit.attacks.decision``."""
-    from .attacks.decision import check_budget
     from .auditor import Auditor, image_row
     from .imagefolder import load_image
 
-    # Bad arguments and unreadable images fail before any model loads.
-    check_budget(max_fpr, max_miss, decision)
+    # An unreadable image fails before any model loads (the Auditor checks the verdict rule before it loads them).
     image_row(image, caption)
     pixels = load_image(image)
     auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
@@ -158,17 +156,17 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
     report shows the queries without their generated images (the driver holds no target to regenerate them)."""
     from .attacks.decision import check_budget
     from .auditor import Auditor, write_scan_html
-    from .errors import InputError
+    from .imagefolder import require_folder
+    from .report.jsonl import refuse_existing_results
 
-    check_budget(max_fpr, max_miss, decision)
     cluster = _cluster(ray, workers, threads, device)
-    if not Path(folder).is_dir():
-        raise InputError(f"{folder}: not a folder" + (" (it is a file)" if Path(folder).exists() else ""))
-    if Path(out).exists() and Path(out).stat().st_size > 0 and not resume:
-        raise UsageError(f"{out}: already exists; pass --resume to continue it, or delete it")
+    require_folder(folder)  # the user's paths fail here, before any model loads
+    refuse_existing_results(out, resume)
     rule = dict(max_fpr=max_fpr, decision=decision, max_miss=max_miss)
     if cluster is not None:
         from .cluster import scan_on_ray
+
+        check_budget(max_fpr, max_miss, decision)  # on this machine, before the workers build their Auditors
 
         summary = scan_on_ray(folder, out, cluster, target=target, heads=heads, embedder=embedder,
                               captioner=captioner, attack=attack, batch_size=batch_size, allow_pickle=allow_pickle,

@@ -1,39 +1,77 @@
-"""The `audit` command line: parse arguments, call the Python API, map domain errors to exit codes.
+"""The `audit` command line: parse arguments, call the Python API, format its typed results.
 
-Exit codes: 0 success, 1 input or artifact error, 2 usage error, 3 a member was found (only with
---fail-on-member). Domain errors print one line on stderr, never a traceback.
+Exit codes (the table in ``errors.py``): 0 success, 1 input or artifact error, 2 usage error, 3 a member was found
+(only with --fail-on-member), 70 an unexpected error (a bug), 130 interrupted. Domain errors print one line on
+stderr; an unexpected error prints one line naming the file its traceback was written to.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
+import click
 import typer
 
-from .errors import AuditError
+from .errors import EXIT_INTERRUPTED, EXIT_MEMBER_FOUND, AuditError, error_codes, unexpected_message
 
 T = TypeVar("T")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Was this image in the training set of that text-to-image generator?")
-toy_app = typer.Typer(no_args_is_help=True, help="The bundled toy world: rebuild it, or draw auxiliary data from it.")
-app.add_typer(toy_app, name="toy")
+
+_COMMAND: contextvars.ContextVar[str] = contextvars.ContextVar("command", default="audit")
 
 
 def run(fn: Callable[[], T]) -> T:
-    """The one boundary where domain errors become a one-line message and an exit code."""
+    """The one boundary: a domain error becomes its one-line message and its exit code from ``errors.ERRORS``;
+    any other exception one line (what failed, where its traceback was written) and exit code 70."""
     try:
         return fn()
-    except AuditError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        raise  # typer's own exits and usage errors (and a boundary already crossed)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except AuditError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(error_codes(exc)[0]) from None
+    except Exception as exc:
+        typer.echo(f"error: {unexpected_message(exc, _COMMAND.get())}", err=True)
+        raise typer.Exit(error_codes(exc)[0]) from None
+
+
+class _Typer(typer.Typer):
+    """A Typer whose every command runs inside ``run``, its formatting included."""
+
+    def __init__(self, *args, prog: str = "audit", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prog = prog
+
+    def command(self, name: Optional[str] = None, **kwargs):
+        register = super().command(name, **kwargs)
+
+        def decorator(fn):
+            where = f"`{self.prog} {name or fn.__name__.replace('_', '-')}`"
+
+            @functools.wraps(fn)  # typer reads the options from the wrapped signature
+            def bounded(*a, **kw):
+                _COMMAND.set(where)
+                return run(lambda: fn(*a, **kw))
+
+            register(bounded)
+            return fn
+
+        return decorator
+
+
+app = _Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+             help="Was this image in the training set of that text-to-image generator?")
+toy_app = _Typer(prog="audit toy", no_args_is_help=True, help="The bundled toy world: rebuild it, or draw auxiliary data from it.")
+app.add_typer(toy_app, name="toy")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -290,8 +328,7 @@ def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        return run(lambda: (_ for _ in ()).throw(UsageError(f"{option}: expected comma-separated integers, got "
-                                                             f"{text!r}")))
+        raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None
 
 
 def _verdict_line(v) -> str:
@@ -339,7 +376,7 @@ def check(
     if json_out:
         typer.echo(v.to_json(indent=2))
     if v.status != "ok":
-        run(lambda: (_ for _ in ()).throw(InputError(v.error or v.status)))
+        raise InputError(v.error or v.status)
     if not json_out:
         typer.echo(_verdict_line(v))
         typer.echo(_rule_line(v.decision))
@@ -351,7 +388,7 @@ def check(
         for w in v.warnings:
             typer.echo(f"warning: {w}", err=True)
     if fail_on_member and v.is_member:
-        raise typer.Exit(3)
+        raise typer.Exit(EXIT_MEMBER_FOUND)
 
 
 @app.command()
@@ -389,7 +426,7 @@ def scan(
     if json_out:
         _echo_json(s)
         if fail_on_member and s["counts"].get("member", 0):
-            raise typer.Exit(3)
+            raise typer.Exit(EXIT_MEMBER_FOUND)
         return
     counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items())
     typer.echo(f"scanned {s['rows']} rows of {folder} ({counts}) with attack {s['attack']} ({s['tier']}) in "
@@ -401,7 +438,7 @@ def scan(
     if report is not None:
         typer.echo(f"report: {s['report']}" if s.get("report") else "report: skipped (no HTML report module)")
     if fail_on_member and s["counts"].get("member", 0):
-        raise typer.Exit(3)
+        raise typer.Exit(EXIT_MEMBER_FOUND)
 
 
 @app.command()

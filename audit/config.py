@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ArtifactError
+from .errors import ArtifactError, UsageError
 
 T = TypeVar("T", bound="Config")
 
@@ -52,6 +52,21 @@ class Config:
     @classmethod
     def load(cls: type[T], path: str | os.PathLike) -> T:
         return cls.from_dict(read_json(path, missing="config file not found"))
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> str:
+    """``--device``: one of DEVICES (whether CUDA is usable is the runtime's and torch's to say)."""
+    if device not in DEVICES:
+        raise UsageError(f"unknown device {device!r}; valid devices are {', '.join(DEVICES)}")
+    return device
+
+
+def audit_home() -> Path:
+    """audit's own folder (registered heads, converted weights, logs): $AUDIT_HOME, else ~/.cache/audit."""
+    return Path(os.environ.get("AUDIT_HOME") or Path.home() / ".cache" / "audit").expanduser()
 
 
 def read_json(path: str | os.PathLike, missing: str = "not found", error: type[Exception] = ArtifactError) -> Any:

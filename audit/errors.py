@@ -5,6 +5,12 @@ Both front doors read ``ERRORS`` through ``error_codes``; nothing else decides a
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
 
 class AuditError(Exception):
     """Base class: a problem the user can fix; printed as one line, never as a traceback."""
@@ -74,6 +80,33 @@ def error_codes(exc: BaseException) -> tuple[int, int]:
                 code = exc.exit_code
             return code, status
     return EXIT_UNEXPECTED, 500
+
+
+def write_traceback(exc: BaseException) -> Path | None:
+    """Write ``exc``'s full traceback to a new file under $AUDIT_HOME/logs (else the temp folder) and return its
+    path (None where neither is writable): an unexpected error is reported in one line that points here."""
+    from .config import audit_home  # config imports this module
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    for folder in (audit_home() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def unexpected_message(exc: BaseException, where: str) -> str:
+    """One line for a bug: what failed, and where its traceback was written."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    what = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    path = write_traceback(exc)
+    kept = f"full traceback in {path}" if path else "no folder was writable for its traceback"
+    return f"internal error in {where}: {what} (a bug, not your input; {kept})"
 
 
 for _cls, (_code, _status) in ERRORS.items():

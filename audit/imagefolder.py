@@ -376,15 +376,21 @@ def _inside(folder: Path, path: Path) -> bool:
         return False
 
 
+def require_folder(folder: str | Path) -> Path:
+    """The ImageFolder's path, or a one-line error saying it is not a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder" + (" (it is a file)" if folder.exists() else ""))
+    return folder
+
+
 def read_imagefolder(folder: str | Path, require_member: bool = False, require_caption: bool = False) -> list[Row]:
     """All rows of an ImageFolder, in a stable order (sorted by id), each with a status. Images are not decoded.
 
     ``require_member`` (auxiliary data) marks rows without a boolean ``member`` as bad_metadata;
     ``require_caption`` marks rows without a caption as no_caption (otherwise a captioner may write one later).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder" + (" (it is a file)" if folder.exists() else ""))
+    folder = require_folder(folder)
     records, errors, rows = read_metadata(folder)
     files, image_dirs, bad_names = _walk(folder)
     for rel in bad_names:

@@ -98,3 +98,72 @@ def test_scan_of_a_missing_folder_exits_1(tmp_path):
     assert result.exit_code == 1
     (line,) = _err_lines(result)
     assert "nope: not a folder" in line
+
+
+# ------------------------------------------------------------------------- the one boundary: errors.ERRORS
+
+def test_an_injected_bug_exits_70_with_one_line_and_a_traceback_file(monkeypatch, tmp_path):
+    from audit import api
+
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
+
+    def broken():
+        return {}["kind"]  # a KeyError: a bug, not the user's input
+
+    monkeypatch.setattr(api, "list_models", broken)
+    result = CliRunner().invoke(app, ["targets"])
+    assert result.exit_code == 70, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: internal error in `audit targets`: KeyError: 'kind'")
+    assert "Traceback" not in result.output
+    (log,) = (tmp_path / "home" / "logs").iterdir()
+    assert str(log) in line
+    text = log.read_text()
+    assert text.startswith("Traceback") and "in broken" in text and "KeyError: 'kind'" in text
+
+
+def test_a_bug_in_the_formatting_also_exits_70(monkeypatch, tmp_path):
+    from audit import api
+
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path))
+    monkeypatch.setattr(api, "list_models", lambda: [{"kind": "target"}])  # no "name": the CLI's own code fails
+    result = CliRunner().invoke(app, ["targets"])
+    assert result.exit_code == 70 and "KeyError: 'name'" in result.output
+    assert len(result.output.strip().splitlines()) == 2  # the "targets:" header, then the one error line
+
+
+def _raiser(exc):
+    def fn(*args, **kwargs):
+        raise exc
+    return fn
+
+
+@pytest.mark.parametrize("exc_name", ["InputError", "UsageError", "UnknownNameError", "ArtifactError",
+                                      "ModelNotFoundError", "UnsafeWeightsError", "AuditError"])
+def test_each_domain_error_exits_with_its_code_from_the_table(monkeypatch, exc_name):
+    from audit import api, errors
+
+    cls = getattr(errors, exc_name)
+    monkeypatch.setattr(api, "list_models", _raiser(cls("bad thing")))
+    result = CliRunner().invoke(app, ["targets"])
+    assert result.exit_code == errors.ERRORS[cls][0] == cls.exit_code
+    assert result.output.strip() == "error: bad thing"
+    assert errors.error_codes(cls("x")) == errors.ERRORS[cls]
+
+
+def test_error_table_codes_and_statuses():
+    from audit import errors
+
+    assert errors.error_codes(errors.UsageError("x")) == (2, 400)
+    assert errors.error_codes(errors.UnknownNameError("x")) == (2, 404)
+    assert errors.error_codes(errors.InputError("x")) == (1, 422)
+    assert errors.error_codes(errors.ClusterError("x", exit_code=2)) == (2, 503)
+    assert errors.error_codes(KeyError("x")) == (errors.EXIT_UNEXPECTED, 500) == (70, 500)
+
+
+def test_interrupt_exits_130(monkeypatch):
+    from audit import api
+
+    monkeypatch.setattr(api, "list_models", _raiser(KeyboardInterrupt()))
+    result = CliRunner().invoke(app, ["targets"])
+    assert result.exit_code == 130 and result.output.strip() == "interrupted"

@@ -18,6 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ..config import audit_home
 from ..errors import ArtifactError, InputError
 from ..manifest import check_manifest
 from .decision import DEFAULT_MAX_FPR, DEFAULT_RULE, VALIDATION_KEY, Decision, fit_decision
@@ -149,10 +150,6 @@ def load_heads(path: str | os.PathLike, target: dict | None = None, threads: int
 
 
 # ---------------------------------------------------------------- registry
-
-def audit_home() -> Path:
-    return Path(os.environ.get("AUDIT_HOME") or Path.home() / ".cache" / "audit").expanduser()
-
 
 def _key(target: dict) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(target.get("name") or "target")).strip("._") or "target"

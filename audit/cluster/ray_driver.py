@@ -29,14 +29,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ..config import Config
+from ..config import Config, check_device
 from ..errors import ClusterError, UsageError
 from ..imagefolder import Row
 from .workers import FORWARDED_ENV, WORKERS, WorkerSpec, read_batch, read_payload, rows_item
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda")
 INSTALL_HINT = "pip install 'audit[ray]'"
 
 
@@ -59,8 +58,7 @@ class ClusterConfig(Config):
             raise UsageError(f"--workers must be >= 1, got {self.workers}")
         if self.threads < 0:
             raise UsageError(f"--threads must be >= 0 (0: the single-machine default), got {self.threads}")
-        if self.device not in DEVICES:
-            raise UsageError(f"unknown device {self.device!r}; valid devices are {', '.join(DEVICES)}")
+        check_device(self.device)
         return self
 
 
@@ -257,15 +255,14 @@ def featurize_on_ray(data: str | Path, out: str | Path, cfg, cluster: ClusterCon
                      on_batch: Callable[[int], None] | None = None) -> dict:
     """``compute_store`` on a Ray cluster: the same store, bit for bit at the same thread counts."""
     from ..features.compute import batch_slices, open_store, read_rows, store_manifest, store_summary
-    from ..features.store import FeatureStore, FeatureWriter, refuse_different
+    from ..features.store import FeatureStore, FeatureWriter, refuse_different, refuse_existing
     from ..progress import progress
 
     cfg.validate()
     cluster.validate()
     import_ray()  # before anything is read: without Ray the run fails at once, naming the extra
     out = Path(out)
-    if out.exists() and not resume:
-        raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
+    refuse_existing(out, resume)  # this driver creates its store only when the first batch comes back
     rows = read_rows(data, cfg)
     writer = None
     if resume and out.exists():

@@ -364,8 +364,6 @@ def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: Fe
 
     cfg.validate()
     out = Path(out)
-    if out.exists() and not resume:
-        raise UsageError(f"{out}: feature store already exists; pass --resume to continue it, or delete it")
     if GRAY_BOX in cfg.tiers:
         # A target without gray-box access fails here, in one line, before any row is read.
         d = backends.denoiser()

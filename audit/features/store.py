@@ -240,6 +240,12 @@ def refuse_different(path: Path, stored: dict, manifest: dict) -> None:
                          + ". Rerun with the store's settings, or delete it to start over")
 
 
+
+def refuse_existing(path: str | Path, resume: bool = False) -> None:
+    """A feature store is never overwritten: an existing one is only continued, with --resume."""
+    if Path(path).exists() and not resume:
+        raise UsageError(f"{path}: feature store already exists; pass --resume to continue it, or delete it")
+
 class FeatureWriter:
     """Appends committed batches to a store. Create with ``create`` or ``resume``."""
 
@@ -256,8 +262,7 @@ class FeatureWriter:
         kill mid-append cannot damage a chunk holding committed rows (a compressed chunk shared with the next batch
         is read back and rewritten, and a kill during that rewrite left committed rows unreadable)."""
         path = Path(path)
-        if path.exists():
-            raise UsageError(f"{path}: feature store already exists; pass --resume to continue it, or delete it")
+        refuse_existing(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         shapes = row_shapes(n_gen, pixel_size, dim, store_tiers(manifest), n_timesteps)
         tmp = path.with_name(f".{path.name}.creating")

@@ -124,6 +124,13 @@ def _parse(line: bytes) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def refuse_existing_results(path: str | os.PathLike, resume: bool = False) -> None:
+    """A results file is never overwritten: one with lines in it is only continued, with --resume."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size > 0 and not resume:
+        raise UsageError(f"{path}: already exists; pass --resume to continue it, or delete it")
+
+
 class JsonlWriter:
     """Append-only, resumable JSONL results file, keyed by one field of each record (see the module docstring)."""
 
@@ -134,9 +141,8 @@ class JsonlWriter:
         self.done: set[str] = set()
         self.n_existing = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_existing_results(self.path, resume)
         if self.path.exists() and self.path.stat().st_size > 0:
-            if not resume:
-                raise UsageError(f"{self.path}: already exists; pass --resume to continue it, or delete it")
             self._recover()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 

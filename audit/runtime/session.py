@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, check_device
 from ..errors import ArtifactError, UsageError
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda")
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
@@ -95,8 +94,7 @@ def available_providers() -> list[str]:
 
 def providers_for(options: RuntimeOptions) -> list:
     """Execution providers in priority order; a clear error when --device cuda cannot be honoured."""
-    if options.device not in DEVICES:
-        raise UsageError(f"unknown device {options.device!r}; valid devices are {', '.join(DEVICES)}")
+    check_device(options.device)
     if options.device == "cpu":
         return ["CPUExecutionProvider"]
     have = available_providers()

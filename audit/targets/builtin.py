@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
+from ..config import check_device
 from ..errors import UsageError
 from ..registry import CAPTIONERS, EMBEDDERS, TARGETS, parse_model_ref
 from ..toy import BUNDLE, bundle_path
-
-DEVICES = ("cpu", "cuda")
-
-
-def _check_device(device: str) -> None:
-    if device not in DEVICES:
-        raise UsageError(f"unknown device {device!r}; valid devices are {', '.join(DEVICES)}")
 
 
 def _toy_target(device: str = "cpu", allow_pickle: bool = False, **kw):
@@ -50,7 +44,7 @@ DEFAULT_CAPTIONER = "blip-base"
 
 def load_target(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw):
     """Spec (name, folder, export folder, URL) -> a ``Generator``."""
-    _check_device(device)
+    check_device(device)
     ref = parse_model_ref(spec, TARGETS)
     if ref.kind == "registered":
         return TARGETS.get(ref.value).loader(device=device, allow_pickle=allow_pickle, **kw)
@@ -70,7 +64,7 @@ def load_target(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw
 
 
 def load_embedder(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw):
-    _check_device(device)
+    check_device(device)
     ref = parse_model_ref(spec, EMBEDDERS)
     if ref.kind == "registered":
         return EMBEDDERS.get(ref.value).loader(device=device, allow_pickle=allow_pickle, **kw)
@@ -86,7 +80,7 @@ def load_embedder(spec: str, device: str = "cpu", allow_pickle: bool = False, **
 
 
 def load_captioner(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw):
-    _check_device(device)
+    check_device(device)
     ref = parse_model_ref(spec, CAPTIONERS)
     if ref.kind == "registered":
         return CAPTIONERS.get(ref.value).loader(device=device, allow_pickle=allow_pickle, **kw)

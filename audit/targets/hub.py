@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-import os
 import shlex
 from pathlib import Path
 
+from ..config import audit_home
 from ..errors import ModelNotFoundError, UnsafeWeightsError
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def check_weights_safe(folder: str | Path, allow_pickle: bool) -> None:
 
 def audit_cache_dir() -> Path:
     """audit's own cache folder (converted weights): $AUDIT_HOME, else ~/.cache/audit."""
-    return Path(os.environ.get("AUDIT_HOME") or Path.home() / ".cache" / "audit")
+    return audit_home()
 
 
 def snapshot_of(path: str | Path) -> tuple[str, str, str] | None:
