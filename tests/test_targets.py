@@ -14,7 +14,7 @@ from audit.cli import app
 from audit.errors import ModelNotFoundError, UnsafeWeightsError
 from audit.seeding import image_seeds
 from audit.targets import default_models, load_target
-from audit.targets.hub import model_hash
+from audit.hub import model_hash
 from audit.toy import scenes
 
 from targets_fixtures import hub_cache, one_torch_thread, tiny_families  # noqa: F401  (fixtures)

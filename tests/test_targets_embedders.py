@@ -12,7 +12,7 @@ from audit.errors import ModelNotFoundError, UnknownNameError, UnsafeWeightsErro
 from audit.manifest import weights_hash
 from audit.models.open_clip import OpenCLIPEmbedder
 from audit.targets import load_captioner, load_embedder
-from audit.targets.hub import model_hash
+from audit.hub import model_hash
 from audit.toy import scenes
 
 from targets_fixtures import hub_cache, one_torch_thread, tiny_families  # noqa: F401  (fixtures)

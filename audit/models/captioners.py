@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..targets.hub import check_weights_safe, model_hash
+from ..hub import check_weights_safe, model_hash
 
 
 class TransformersBlipCaptioner:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..targets.hub import check_weights_safe, model_hash
+from ..hub import check_weights_safe, model_hash
 
 
 def _features(out) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ModelNotFoundError, UnknownNameError, UnsafeWeightsError
-from ..targets.hub import HubSource, check_weights_safe, hub_cache_dir, model_hash
+from ..hub import HubSource, check_weights_safe, hub_cache_dir, model_hash
 
 log = logging.getLogger(__name__)
 

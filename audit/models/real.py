@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import ModelNotFoundError
 from ..registry import CAPTIONERS, EMBEDDERS
-from ..targets.hub import HubSource, is_hub_id
+from ..hub import HubSource, is_hub_id
 
 _TRANSFORMERS_INCLUDE = ("*.json", "*.txt", "*.safetensors")
 _TRANSFORMERS_REQUIRED = ("config.json", "*processor_config.json")  # transformers 5 writes processor_config.json

@@ -38,7 +38,7 @@ from torch import nn
 from ..config import Config
 from ..errors import ArtifactError, ModelNotFoundError, UnsafeWeightsError
 from .base import PerImageSeeds
-from .hub import model_hash
+from ..hub import model_hash
 
 log = logging.getLogger(__name__)
 

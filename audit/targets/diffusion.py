@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ModelNotFoundError
 from .base import PerImageSeeds
-from .hub import check_weights_safe, model_hash
+from ..hub import check_weights_safe, model_hash
 
 log = logging.getLogger(__name__)
 

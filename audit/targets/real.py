@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import ModelNotFoundError
 from ..registry import TARGETS
-from .hub import HubSource, audit_cache_dir, is_hub_id
+from ..hub import HubSource, audit_cache_dir, is_hub_id
 
 _SD_INCLUDE = ("*.json", "*.txt", "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
                "vae/diffusion_pytorch_model.safetensors")

@@ -359,7 +359,7 @@ def build(name: str, out: str | Path, tiny: bool = False, seed: int = 0) -> Path
 
 
 def cache_root() -> Path:
-    from ..targets.hub import audit_cache_dir
+    from ..hub import audit_cache_dir
 
     return audit_cache_dir() / "fullsize"
 

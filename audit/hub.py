@@ -14,8 +14,8 @@ import logging
 import shlex
 from pathlib import Path
 
-from ..config import audit_home
-from ..errors import ModelNotFoundError, UnsafeWeightsError
+from .config import audit_home
+from .errors import ModelNotFoundError, UnsafeWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def model_hash(path: str | Path, label: str = "") -> str:
     """
     import hashlib
 
-    from ..manifest import weights_hash
+    from .manifest import weights_hash
 
     snap = snapshot_of(path)
     if snap is None:
