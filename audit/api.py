@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .config import check_device
 from .errors import UsageError
+from .results import EvaluateResult, FeaturesSummary, ScanSummary, TrainResult
 
 
 def list_models() -> list[dict]:
@@ -42,7 +43,7 @@ def toy_aux_data(out: str | Path, n_members: int = 200, n_nonmembers: int = 200,
     return write_aux_folder(Path(out), n_members, n_nonmembers, seed, world_dir=bundle_path("target").parent)
 
 
-# ------------------------------------------------------------------------- features, check, scan, demo (A1)
+# ------------------------------------------------------------------------- features, check, scan, demo
 
 def __getattr__(name: str):
     # Auditor and Verdict load lazily: `audit --help` should not pay for h5py/numpy imports.
@@ -74,7 +75,7 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
               batch_size: int | str = 8, caption_tokens: int = 30, pixel_size: int = 32, resume: bool = False,
               quiet: bool = False, device: str = "cpu", allow_pickle: bool = False, on_batch=None,
               ray: str | None = None, workers: int = 1, threads: int = 0, tier: str = "black-box",
-              graybox_timesteps=None) -> dict:
+              graybox_timesteps=None) -> FeaturesSummary:
     """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses).
 
     ``tier``: ``black-box`` (generate, caption, embed), ``gray-box`` (the target's own denoising errors; a local
@@ -86,7 +87,7 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
     import dataclasses
 
     from .errors import InputError
-    from .features.compute import Backends, FeaturesConfig, compute_store, resolve_batch_size
+    from .features.compute import Models, FeaturesConfig, compute_store, resolve_batch_size
     from .features.store import refuse_existing
     from .imagefolder import require_folder
     from .tiers import GRAY_BOX
@@ -110,12 +111,13 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
             from .targets.denoiser import check_graybox_spec
 
             check_graybox_spec(str(target))  # an HTTP or DALL-E target fails here, not in every worker
-        return featurize_on_ray(data, out, cfg, cluster, allow_pickle=allow_pickle, resume=resume, quiet=quiet,
-                                on_batch=on_batch)
-    backends = Backends.load(str(target), embedder, captioner, device, allow_pickle, graybox=GRAY_BOX in cfg.tiers)
+        return FeaturesSummary.from_dict(featurize_on_ray(data, out, cfg, cluster, allow_pickle=allow_pickle,
+                                                          resume=resume, quiet=quiet, on_batch=on_batch))
+    models = Models.load(str(target), embedder, captioner, device, allow_pickle, graybox=GRAY_BOX in cfg.tiers)
     if auto:
-        cfg = dataclasses.replace(cfg, batch_size=resolve_batch_size(backends, cfg, out if resume else None))
-    return compute_store(data, out, backends, cfg, resume=resume, quiet=quiet, on_batch=on_batch)
+        cfg = dataclasses.replace(cfg, batch_size=resolve_batch_size(models, cfg, out if resume else None))
+    return FeaturesSummary.from_dict(compute_store(data, out, models, cfg, resume=resume, quiet=quiet,
+                                                   on_batch=on_batch))
 
 
 def _count(value: int | str) -> int:
@@ -148,7 +150,7 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
          embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
          report: str | Path | None = None, resume: bool = False, batch_size: int = 8, quiet: bool = False,
          device: str = "cpu", allow_pickle: bool = False, max_fpr: float = 0.01, decision: str = "budget",
-         max_miss: float | None = None, ray: str | None = None, workers: int = 1, threads: int = 0) -> dict:
+         max_miss: float | None = None, ray: str | None = None, workers: int = 1, threads: int = 0) -> ScanSummary:
     """Verdicts for every image of a folder, one JSONL line each (resumable); optionally an HTML report.
     ``max_fpr``, ``decision``, ``max_miss``: the verdict rule, as for ``check``.
 
@@ -179,7 +181,7 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
         generate = auditor.regenerate if auditor.generates else None
     if report is not None:
         summary["report"] = write_scan_html(out, report, generate=generate)
-    return summary
+    return ScanSummary.from_dict(summary)
 
 
 def demo(workdir: str | Path | None = None, quiet: bool = False, **settings) -> dict:
@@ -190,14 +192,14 @@ def demo(workdir: str | Path | None = None, quiet: bool = False, **settings) -> 
 
 
 def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = None, seed: int | None = None,
-          register: bool = True, config=None, quiet: bool = False, **options) -> dict:
+          register: bool = True, config=None, quiet: bool = False, **options) -> TrainResult:
     """Train the attack heads (and the blind baseline) on a feature store; write ONNX heads + heads.json to
     ``out`` and, with ``register``, register them for the store's target so check/scan find them.
 
     ``attacks``: a comma-separated subset, or None / ``"all"`` for every attack whose features the store holds
     (with a ``config``, None keeps its attacks).
     ``options`` override fields of ``audit.attacks.TrainConfig`` (epochs, lr, patience, ...).
-    Returns ``{"heads": out, "registered": path or None, "info": heads.json dict}``.
+    Returns the heads folder, where they were registered (or None) and their heads.json.
     """
     import dataclasses
 
@@ -225,13 +227,13 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
     info = train_heads(fs.read(ok_only=True), out, cfg, fs.manifest, file_sha256(store), str(Path(store).resolve()),
                        quiet=quiet)
     registered = register_heads(out) if register else None
-    return {"heads": str(out), "registered": str(registered) if registered else None, "info": info}
+    return TrainResult(heads=str(out), registered=str(registered) if registered else None, info=info)
 
 
 def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str | Path | None = None,
              plot: str | Path | None = None, n_boot: int = 1000, seed: int = 0,
              report: str | Path | None = None, max_fpr: float = 0.01, decision: str = "budget",
-             max_miss: float | None = None) -> dict:
+             max_miss: float | None = None) -> EvaluateResult:
     """Metrics of each attack on the heads' test split of ``store``, with bootstrap 95% CIs, and what its
     verdicts at the budget ``max_fpr`` (or ``decision="balanced"``) do there: the fraction of rows decided, FPR,
     precision and TPR of the decided verdicts (each attack's ``verdicts`` entry).
@@ -262,7 +264,7 @@ def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str |
         from .report.html import write_evaluate_report
 
         result["report"] = str(write_evaluate_report(result, report, store=store, heads=h.path))
-    return result
+    return EvaluateResult.from_dict(result)
 
 
 def report(results: str | Path, out: str | Path, store: str | Path | None = None,
@@ -286,7 +288,7 @@ def report(results: str | Path, out: str | Path, store: str | Path | None = None
     return str(write_scan_report(path, out, store=store))
 
 
-# ------------------------------------------------------------------------------------------------ export (B)
+# ------------------------------------------------------------------------------------------------ export
 
 def export(target: str, out: str | Path, *, embedder: str | None = None, captioner: str | None = None,
            device: str = "cpu", precision: str = "fp32", allow_pickle: bool = False, quiet: bool = False) -> dict:
@@ -300,7 +302,7 @@ def export(target: str, out: str | Path, *, embedder: str | None = None, caption
     return export_all(cfg, out, quiet=quiet)
 
 
-# ------------------------------------------------------------------------------------------ the study (E)
+# ------------------------------------------------------------------------------------------ the study
 
 def experiment(out: str | Path = "docs", *, workdir: str | Path | None = None, quick: bool = False,
                workers: int | None = None, config=None) -> dict:
@@ -319,7 +321,7 @@ def experiment(out: str | Path = "docs", *, workdir: str | Path | None = None, q
     return run_experiment(cfg, out, workdir)
 
 
-# ------------------------------------------------------------------------------------ set-level inference (E)
+# ------------------------------------------------------------------------------------ set-level inference
 
 def set_test(scores, heads: str | Path | None = None, *, null=None, attack: str | None = None,
              store: str | Path | None = None, method: str = "permutation", n_resamples: int = 10_000,

@@ -16,7 +16,7 @@ from typing import Container, Iterable, Sequence
 import numpy as np
 
 from .errors import InputError, UsageError
-from .features.compute import Backends, FeaturesConfig, batch_slices, featurize_rows
+from .features.compute import Models, FeaturesConfig, batch_slices, featurize_rows
 from .imagefolder import CaptionError, Row, clean_caption, read_caption_file, read_imagefolder
 from .tiers import BLACK_BOX, GRAY_BOX, parse_tier, tier_name
 from .verdict import VERDICTS, Verdict
@@ -40,14 +40,14 @@ class Auditor:
 
     def __init__(self, target: str, heads: str | Path | None = None, embedder: str | None = None,
                  captioner: str | None = None, attack: str | None = None, device: str = "cpu",
-                 allow_pickle: bool = False, batch_size: int = 8, backends: Backends | None = None,
+                 allow_pickle: bool = False, batch_size: int = 8, models: Models | None = None,
                  max_fpr: float = 0.01, decision: str = "budget", max_miss: float | None = None, **overrides):
         from .attacks import resolve_heads
         from .attacks.decision import check_budget
 
         check_budget(max_fpr, max_miss, decision)  # before any model loads
-        self.backends = backends or Backends.load(target, embedder, captioner, device, allow_pickle)
-        ids = self.backends.identities()
+        self.models = models or Models.load(target, embedder, captioner, device, allow_pickle)
+        ids = self.models.identities()
         self.heads = resolve_heads(heads, ids["target"])
         self.heads.check_compatible(ids["target"], ids["embedder"], ids["captioner"])
         self.attack = attack or self.heads.default_attack
@@ -65,7 +65,7 @@ class Auditor:
         tiers = self.heads.tiers or parse_tier(trained.get("tier", BLACK_BOX))
         settings["tier"] = tier_name(tiers)
         if GRAY_BOX in tiers:
-            self.backends.denoiser()  # a target without gray-box access fails here, in one line
+            self.models.denoiser()  # a target without gray-box access fails here, in one line
         self.graybox_attacks = tuple(dict.fromkeys(
             a.removesuffix("-score") for a in self.heads.attacks if self.heads.tier(a) == GRAY_BOX))
         unknown = sorted(set(overrides) - {"n_gen", "steps", "guidance", "seed"})
@@ -82,7 +82,7 @@ class Auditor:
         self.heads_path = str(Path(self.heads.path).resolve())
 
     def describe(self) -> dict:
-        return {"target": self.backends.generator.identity(), "heads": self.heads_path, "attack": self.attack,
+        return {"target": self.models.generator.identity(), "heads": self.heads_path, "attack": self.attack,
                 "tier": self.heads.tier(self.attack), "decision": self.decision.to_dict(),
                 "features": self.config.for_store()}
 
@@ -97,7 +97,7 @@ class Auditor:
         """One Verdict per row, in order; rows that cannot be scored get their status and error, never an exception."""
         if not rows:
             return []
-        batch = featurize_rows(rows, self.backends, self.config, images, graybox_attacks=self.graybox_attacks)
+        batch = featurize_rows(rows, self.models, self.config, images, graybox_attacks=self.graybox_attacks)
         ok = [i for i, r in enumerate(rows) if r.ok]
         preds = self.heads.predict({k: v[ok] for k, v in batch.items()}) if ok else {}
         verdicts = []
@@ -129,7 +129,7 @@ class Auditor:
         """The images this auditor's scoring generated from ``captions`` (same seed and settings), uint8
         [N, n_gen, H, W, 3]: generation is seeded per image, so they are made again exactly."""
         c = self.config
-        return np.asarray(self.backends.generator.generate(captions, c.n_gen, c.seed, c.steps, c.guidance))
+        return np.asarray(self.models.generator.generate(captions, c.n_gen, c.seed, c.steps, c.guidance))
 
     def check(self, image: str | Path, caption: str | None = None, pixels: np.ndarray | None = None) -> Verdict:
         """Score one image. Without ``caption``: a ``.txt`` file beside the image, else the captioner's caption.

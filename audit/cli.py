@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from .errors import EXIT_INTERRUPTED, EXIT_MEMBER_FOUND, AuditError, error_codes, unexpected_message
 
@@ -31,8 +31,8 @@ def run(fn: Callable[[], T]) -> T:
     any other exception one line (what failed, where its traceback was written) and exit code 70."""
     try:
         return fn()
-    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
-        raise  # typer's own exits and usage errors (and a boundary already crossed)
+    except (typer.Exit, typer.Abort, TyperException):
+        raise  # typer's own exits and usage errors, and a boundary already crossed
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -185,8 +185,8 @@ def train_cmd(
     res = run(lambda: api.train(store, out, attacks=attacks, seed=seed, register=register, epochs=epochs,
                                 threads=threads, quiet=quiet))
     if json_out:
-        return _echo_json(res)
-    info = res["info"]
+        return _echo_json(res.to_dict())
+    info = res.info
     typer.echo(f"{'attack':<11} {'tier':<9} {'val AUC':>8} {'val acc':>8} {'threshold':>10} {'epochs':>7}")
     for name, e in info["attacks"].items():
         v = e["validation"]
@@ -199,8 +199,8 @@ def train_cmd(
     blind = info.get("blind_baseline") or {}
     if blind.get("distribution_shift_warning"):
         typer.echo(f"warning: {blind['message']}", err=True)
-    typer.echo(f"heads written to {res['heads']} (default attack {info['default_attack']})"
-               + (f"; registered at {res['registered']}" if res["registered"] else ""))
+    typer.echo(f"heads written to {res.heads} (default attack {info['default_attack']})"
+               + (f"; registered at {res.registered}" if res.registered else ""))
 
 
 @app.command("evaluate")
@@ -226,15 +226,15 @@ def evaluate_cmd(
 
     result = run(lambda: api.evaluate(store, heads, json_out=json_out, plot=plot, n_boot=n_boot, seed=seed,
                                       report=report, max_fpr=max_fpr, decision=decision, max_miss=max_miss))
-    typer.echo(format_table(result))
-    for w in result["warnings"]:
+    typer.echo(format_table(result.to_dict()))
+    for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
     if json_out is not None:
         typer.echo(f"metrics written to {json_out}")
-    if result.get("plot"):
-        typer.echo(f"ROC plot written to {result['plot']}")
-    if result.get("report"):
-        typer.echo(f"report written to {result['report']}")
+    if result.plot:
+        typer.echo(f"ROC plot written to {result.plot}")
+    if result.report:
+        typer.echo(f"report written to {result.report}")
 
 
 @app.command("report")
@@ -252,7 +252,7 @@ def report_cmd(
     typer.echo(f"report written to {run(lambda: api.report(results, out, store=store, heads=heads))}")
 
 
-# ------------------------------------------------------------------------- features, check, scan, demo (A1)
+# ------------------------------------------------------------------------- features, check, scan, demo
 
 _TARGET_HELP = "Registered name, diffusers folder, `audit export` folder, or http(s):// URL."
 _EMBEDDER_HELP = "Embedder: registered name or CLIP folder (default: the target's)."
@@ -264,8 +264,7 @@ _WORKERS_HELP = "With --ray: workers, each holding its own copy of the models (a
 _THREADS_HELP = "With --ray: CPU threads per worker (default: those this command uses on this machine)."
 
 
-def _on_ray(summary: dict) -> str:
-    ray = summary.get("ray")
+def _on_ray(ray: dict | None) -> str:
     return f" on Ray ({ray['workers']} worker{'s' if ray['workers'] > 1 else ''})" if ray else ""
 
 
@@ -311,12 +310,12 @@ def features(
                                   threads=threads, tier=tier,
                                   graybox_timesteps=_int_list(graybox_timesteps, "--graybox-timesteps")))
     if json_out:
-        return _echo_json(s)
-    failed = ", ".join(f"{n} {k}" for k, n in sorted(s["status"].items()) if k != "ok")
-    evals = ", ".join(f"{t} {n}" for t, n in s["unet_evaluations_per_query"].items())
-    typer.echo(f"wrote {s['rows']} rows to {s['out']} ({s['ok']} ok{'; ' + failed if failed else ''}) in "
-               f"{s['seconds']:.1f} s{_on_ray(s)}; tiers {', '.join(s['tiers'])} (UNet evaluations per query: "
-               f"{evals}); embedder {s['embedder']['name']}, captioner {s['captioner']['name']}")
+        return _echo_json(s.to_dict())
+    failed = ", ".join(f"{n} {k}" for k, n in sorted(s.status.items()) if k != "ok")
+    evals = ", ".join(f"{t} {n}" for t, n in s.unet_evaluations_per_query.items())
+    typer.echo(f"wrote {s.rows} rows to {s.out} ({s.ok} ok{'; ' + failed if failed else ''}) in "
+               f"{s.seconds:.1f} s{_on_ray(s.ray)}; tiers {', '.join(s.tiers)} (UNet evaluations per query: "
+               f"{evals}); embedder {s.embedder['name']}, captioner {s.captioner['name']}")
 
 
 def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
@@ -424,20 +423,20 @@ def scan(
                              device=device, allow_pickle=allow_pickle, max_fpr=max_fpr, decision=decision,
                              max_miss=max_miss, ray=ray, workers=workers, threads=threads))
     if json_out:
-        _echo_json(s)
-        if fail_on_member and s["counts"].get("member", 0):
+        _echo_json(s.to_dict())
+        if fail_on_member and s.members:
             raise typer.Exit(EXIT_MEMBER_FOUND)
         return
-    counts = ", ".join(f"{n} {k}" for k, n in s["counts"].items())
-    typer.echo(f"scanned {s['rows']} rows of {folder} ({counts}) with attack {s['attack']} ({s['tier']}) in "
-               f"{s['seconds']:.1f} s{_on_ray(s)}; results in {s['out']}")
-    typer.echo(_rule_line(s.get("decision")))
-    for note in (s.get("decision") or {}).get("notes") or []:
+    counts = ", ".join(f"{n} {k}" for k, n in s.counts.items())
+    typer.echo(f"scanned {s.rows} rows of {folder} ({counts}) with attack {s.attack} ({s.tier}) in "
+               f"{s.seconds:.1f} s{_on_ray(s.ray)}; results in {s.out}")
+    typer.echo(_rule_line(s.decision))
+    for note in (s.decision or {}).get("notes") or []:
         typer.echo(f"warning: {note}", err=True)
-    typer.echo(f"heads: {s['heads']}")
+    typer.echo(f"heads: {s.heads}")
     if report is not None:
-        typer.echo(f"report: {s['report']}" if s.get("report") else "report: skipped (no HTML report module)")
-    if fail_on_member and s["counts"].get("member", 0):
+        typer.echo(f"report: {s.report}" if s.report else "report: skipped (no HTML report module)")
+    if fail_on_member and s.members:
         raise typer.Exit(EXIT_MEMBER_FOUND)
 
 
@@ -447,7 +446,7 @@ def demo(
                                            "temporary folder, removed afterwards)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON (for pipelines)."),
-    backend: str = typer.Option("onnx", "--backend", help="onnx: compile the models with `audit export` first and "
+    runtime: str = typer.Option("onnx", "--runtime", help="onnx: compile the models with `audit export` first and "
                                 "run on onnxruntime; torch: PyTorch eager."),
     max_fpr: float = typer.Option(0.05, "--max-fpr", help="False-positive budget of the demo's verdicts (its 50 "
                                   "validation non-members cannot resolve budgets below 1/51)."),
@@ -457,7 +456,7 @@ def demo(
     from . import api
     from .demo import format_results
 
-    result = run(lambda: api.demo(workdir, quiet=quiet, backend=backend, max_fpr=max_fpr))
+    result = run(lambda: api.demo(workdir, quiet=quiet, runtime=runtime, max_fpr=max_fpr))
     if json_out:
         return _echo_json(result)
     typer.echo(format_results(result))

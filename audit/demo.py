@@ -1,7 +1,7 @@
 """`audit demo`: the whole audit on the bundled toy world, end to end, with every number computed here.
 
 Steps: an auxiliary ImageFolder of known members and non-members (the same distribution) -> the models compiled
-to ONNX (``backend="onnx"``, the default) -> features -> heads
+to ONNX (``runtime="onnx"``, the default) -> features -> heads
 (train/validation/test split) -> evaluation on the test split -> verdicts on a few held-out toy images that are in
 no split of the auxiliary set. The settings below were chosen to finish in under five minutes on two CPU cores.
 
@@ -42,17 +42,17 @@ class DemoConfig(Config):
     attacks: str = "all"  # as `audit train --attacks`; the blind baseline is always trained
     train_threads: int = 1  # the heads are tiny: one thread fits them as fast, and holds up on a busy machine
     # torch threads for generating, captioning and embedding. One: torch's two-thread default collapses when the
-    # other core is busy (ENV.md measured a UNet step going from 0.5 s to 3.3 s), one thread does not. 0: default.
+    # other core is busy (a UNet step measured going from 0.5 s to 3.3 s), one thread does not. 0: default.
     threads: int = 1
     # onnx: compile the target, CLIP and BLIP with `audit export` first (a minute on 2 cores), then featurise and
     # check on onnxruntime, the tool's default path for real audits; torch: PyTorch eager throughout.
-    backend: str = "onnx"
+    runtime: str = "onnx"
     # The false-positive budget of the held-out verdicts and the evaluation's verdict table. 50 validation
     # non-members resolve budgets down to 1/51; 0.05 leaves two of them above the member threshold.
     max_fpr: float = 0.05
 
 
-BACKENDS = ("onnx", "torch")
+RUNTIMES = ("onnx", "torch")
 
 
 def _models(world_dir: Path | None) -> tuple[str, str, str, Path]:
@@ -101,8 +101,8 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
     if cfg.threads < 0 or cfg.train_threads < 0:
         raise UsageError("threads must be >= 0")
     check_budget(cfg.max_fpr)
-    if cfg.backend not in BACKENDS:
-        raise UsageError(f"unknown demo backend {cfg.backend!r}; valid backends are {', '.join(BACKENDS)}")
+    if cfg.runtime not in RUNTIMES:
+        raise UsageError(f"unknown demo runtime {cfg.runtime!r}; valid runtimes are {', '.join(RUNTIMES)}")
     times: dict[str, float] = {}
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -121,7 +121,7 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
         check_dir = scenes.write_imagefolder(work / "check", np.concatenate([m_img, n_img]), m_cap + n_cap,
                                              [True] * len(m_cap) + [False] * len(n_cap), prefix="heldout")
         lap("data")
-        if cfg.backend == "onnx":
+        if cfg.runtime == "onnx":
             compiled = work / "export"
             api.export(target, compiled, embedder=embedder, captioner=captioner, quiet=quiet)
             target, embedder, captioner = str(compiled), str(compiled / "embedder"), str(compiled / "captioner")
@@ -149,10 +149,10 @@ def run_demo(workdir: str | Path | None = None, quiet: bool = False, world_dir: 
     return {
         "workdir": None if cleanup else str(work),
         "config": cfg.to_dict(),
-        "models": {"target": feats["target"], "embedder": feats["embedder"], "captioner": feats["captioner"]},
-        "features": {k: feats[k] for k in ("rows", "ok", "status")},
-        "default_attack": trained["info"].get("default_attack"),
-        "evaluation": evaluation,
+        "models": {"target": feats.target, "embedder": feats.embedder, "captioner": feats.captioner},
+        "features": {"rows": feats.rows, "ok": feats.ok, "status": feats.status},
+        "default_attack": trained.info.get("default_attack"),
+        "evaluation": evaluation.to_dict(),
         "checks": checks,
         "decision": auditor.decision.to_dict(),
         # What the 1% default of check/scan would do with these heads (whether it can be resolved at all).
@@ -173,7 +173,7 @@ def format_results(result: dict) -> str:
     lines = [
         f"toy world audit: {cfg['n_members']} members + {cfg['n_nonmembers']} non-members of the auxiliary set, "
         f"n_gen {cfg['n_gen']}, {cfg['steps']} denoising steps; target {result['models']['target']['name']} on "
-        + ("onnxruntime (compiled by audit export)" if cfg.get("backend") == "onnx" else "PyTorch eager"),
+        + ("onnxruntime (compiled by audit export)" if cfg.get("runtime") == "onnx" else "PyTorch eager"),
         "",
         "attacks on the test split (accuracy at the validation two-way threshold; verdicts at the budget below it):",
         format_table(ev),
@@ -206,5 +206,5 @@ def format_results(result: dict) -> str:
               + f"; total {result['total_seconds']:.0f} s"]
     if result.get("workdir"):
         lines.append(f"files: {result['workdir']} (features.h5, heads/, evaluate.json + ROC plot"
-                     + (", export/)" if result["config"].get("backend") == "onnx" else ")"))
+                     + (", export/)" if result["config"].get("runtime") == "onnx" else ")"))
     return "\n".join(lines)

@@ -76,8 +76,8 @@ def triton_kernels():
     for pred in ("epsilon", "v_prediction", "sample"):
         x = rng.standard_normal((8, 4, 64, 64), np.float32)
         e = rng.standard_normal((16, 4, 64, 64), np.float32)
-        d = np.abs(cfg_ddim_step(e, x, c, 7.5, pred, 1.0, backend="triton")
-                   - cfg_ddim_step(e, x, c, 7.5, pred, 1.0, backend="reference")).max()
+        d = np.abs(cfg_ddim_step(e, x, c, 7.5, pred, 1.0, impl="triton")
+                   - cfg_ddim_step(e, x, c, 7.5, pred, 1.0, impl="reference")).max()
         worst[f"ddim/{pred}"] = float(d)
     t = ImageTransform(resize="shortest_edge", size=(224,), crop=(224, 224), mean=(0.48, 0.46, 0.41),
                        std=(0.27, 0.26, 0.28))

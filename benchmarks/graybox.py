@@ -11,7 +11,7 @@ query and of the per-round ratio to IV.
 
 Parts:
 - toy (default): the bundled toy target at the study's settings (n_gen 2, 25 steps, no guidance), on the compiled
-  runtime (its export is made once and cached under /tmp/audit-bench) or ``--backend torch``. With ``--aux N`` the
+  runtime (its export is made once and cached under /tmp/audit-bench) or ``--runtime torch``. With ``--aux N`` the
   same run also featurises N members + N non-members of the toy world with both tiers, trains IV's head and every
   gray-box attack's and reports test AUCs on one split (same ids, same seed).
 - ``--fullsize``: SD-1.5's architecture with random weights (``audit.testing.fullsize``; or ``--fullsize-dir DIR``,
@@ -71,7 +71,7 @@ def _variants(args):
     return out
 
 
-def time_tiers(backends, images, captions, args, label: str, warmup: bool = True) -> dict:
+def time_tiers(models, images, captions, args, label: str, warmup: bool = True) -> dict:
     """Alternating rounds over the same queries; per variant the median seconds per query and ratio to IV.
     ``warmup`` first runs each variant once on 2 queries (at full size a UNet call dwarfs any first-call cost)."""
     from audit.features.compute import featurize_rows
@@ -83,7 +83,7 @@ def time_tiers(backends, images, captions, args, label: str, warmup: bool = True
         t = time.perf_counter()
         for start in range(0, n, cfg.batch_size):
             chunk = rows[start:start + cfg.batch_size]
-            featurize_rows(chunk, backends, cfg, {i: imgs[start + i] for i in range(len(chunk))},
+            featurize_rows(chunk, models, cfg, {i: imgs[start + i] for i in range(len(chunk))},
                            graybox_attacks=attacks)
         assert all(r.ok for r in rows), [r.error for r in rows if not r.ok]
         return (time.perf_counter() - t) / n
@@ -115,23 +115,23 @@ def print_table(table: dict, title: str) -> None:
               f"{t['iv_over_this']:.1f}x |")
 
 
-def toy_backends(args):
-    from audit.features.compute import Backends
+def toy_models(args):
+    from audit.features.compute import Models
     from audit.toy import BUNDLE
 
-    if args.backend == "torch":
-        return Backends.load("toy", graybox=True), "toy (torch)"
+    if args.runtime == "torch":
+        return Models.load("toy", graybox=True), "toy (torch)"
     export = Path(args.export) if args.export else _sibling("runtime")._ensure_export(BUNDLE, None)[0]
-    return Backends.load(str(export), graybox=True), f"toy export {export} (onnxruntime)"
+    return Models.load(str(export), graybox=True), f"toy export {export} (onnxruntime)"
 
 
-def toy_auc(backends, args) -> dict:
+def toy_auc(models, args) -> dict:
     """Both tiers on N + N toy aux rows, heads trained and evaluated on one split: IV vs the gray-box attacks."""
     with tempfile.TemporaryDirectory(prefix="graybox-bench-") as tmp:
-        return _toy_auc(backends, args, Path(tmp))
+        return _toy_auc(models, args, Path(tmp))
 
 
-def _toy_auc(backends, args, work: Path) -> dict:
+def _toy_auc(models, args, work: Path) -> dict:
     from audit import api
     from audit.attacks import evaluate_heads, load_heads
     from audit.features.compute import compute_store
@@ -142,7 +142,7 @@ def _toy_auc(backends, args, work: Path) -> dict:
     for cfg in _configs(args):
         tier = cfg.tier
         store = work / f"{tier}.h5"
-        summary = compute_store(aux, store, backends, cfg, quiet=True)
+        summary = compute_store(aux, store, models, cfg, quiet=True)
         heads = work / f"heads-{tier}"
         # IV against every gray-box attack (IV's own inputs are the other semantic attacks' together).
         attacks = "IV" if tier == "black-box" else "all"
@@ -164,7 +164,7 @@ def _toy_auc(backends, args, work: Path) -> dict:
 def fullsize(args) -> dict:
     import numpy as np
 
-    from audit.features.compute import Backends
+    from audit.features.compute import Models
 
     from audit.testing import fullsize as fs
 
@@ -176,14 +176,14 @@ def fullsize(args) -> dict:
         w = fs.world("sd-1.5", tiny=args.fullsize_tiny)
         target, embedder, captioner = w["target"], str(w["embedder"]), str(w["captioner"])
     t = time.perf_counter()
-    backends = Backends.load(str(target), embedder, captioner, graybox=True)
+    models = Models.load(str(target), embedder, captioner, graybox=True)
     print(f"[full-size] loaded {target} in {time.perf_counter() - t:.0f} s (random weights: time only)", flush=True)
-    r = backends.generator.resolution
+    r = models.generator.resolution
     rng = np.random.default_rng(0)
     n = args.fullsize_queries
     images = rng.integers(0, 256, (n, r, r, 3), dtype=np.uint8)
     captions = [f"a photograph of a red bicycle leaning on a wall, number {i}" for i in range(n)]
-    return time_tiers(backends, images, captions, args, "full-size SD-1.5", warmup=False)
+    return time_tiers(models, images, captions, args, "full-size SD-1.5", warmup=False)
 
 
 def main() -> None:
@@ -197,7 +197,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--caption-tokens", type=int, default=30)
     p.add_argument("--timesteps", type=lambda s: [int(v) for v in s.split(",")], default=list(DEFAULT_TIMESTEPS))
-    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
+    p.add_argument("--runtime", choices=("onnx", "torch"), default="onnx")
     p.add_argument("--export", help="an `audit export` folder of the bundled toy world (default: made and cached)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--aux", type=int, default=0, help="toy AUC part: N members + N non-members (0: skip)")
@@ -226,12 +226,12 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; n_gen {args.n_gen}, {args.steps} "
           f"steps; gray-box timesteps {args.timesteps}", flush=True)
     if not args.skip_toy:
-        backends, where = toy_backends(args)
+        models, where = toy_models(args)
         images, captions = scenes.scene_images(0, "heldout", args.queries)
-        result["toy"] = time_tiers(backends, images, captions, args, "toy")
+        result["toy"] = time_tiers(models, images, captions, args, "toy")
         print_table(result["toy"], f"toy target, {where}: {args.queries} queries x {args.rounds} rounds")
         if args.aux:
-            result["toy_auc"] = toy_auc(backends, args)
+            result["toy_auc"] = toy_auc(models, args)
             for tier, r in result["toy_auc"].items():
                 aucs = ", ".join(f"{a} {m['value']:.3f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
                                  for a, m in r["auc"].items())

@@ -5,7 +5,7 @@ captions of up to 30 tokens). Each path runs in its own subprocess so its peak m
 get the same fixed thread count. Per path: queries featurised per second (generate n_gen images per query, caption
 each generated image, embed query + generated images, embed caption + generated captions), images generated per
 second (the generation part alone), and peak RSS. Then the UNet's achieved FLOP/s as a fraction of the machine's
-measured fp32 matmul throughput, and the kernel micro-benchmarks that pick ``audit.kernels.DEFAULT_BACKENDS``.
+measured fp32 matmul throughput, and the kernel micro-benchmarks that pick ``audit.kernels.DEFAULT_IMPLS``.
 
     python benchmarks/runtime.py                      # bundled toy world, export cached under /tmp
     python benchmarks/runtime.py --world /tmp/twq2 --queries 64 --threads 2 --json bench.json
@@ -235,11 +235,11 @@ def worker_kernels(args) -> dict:
     toy = ImageTransform(resize="shortest_edge", size=(32,), crop=(32, 32), mean=(0.48, 0.46, 0.41),
                          std=(0.27, 0.26, 0.28))
     cases = {
-        "cfg_ddim_step toy latents [64,4,8,8]": lambda b: cfg_ddim_step(e1, x1, c, None, backend=b),
-        "cfg_ddim_step SD latents, CFG [2x8,4,64,64]": lambda b: cfg_ddim_step(e2, x2, c, 7.5, backend=b),
-        "preprocess toy [128,32,32,3] (no resize)": lambda b: preprocess_images(im1, toy, backend=b),
-        "preprocess [16,256,320,3] -> 224 (resize+crop)": lambda b: preprocess_images(im2, clip, backend=b),
-        "cosine [256,2,64] x [256,2,64]": lambda b: cosine_matrix(f1, f2, backend=b),
+        "cfg_ddim_step toy latents [64,4,8,8]": lambda b: cfg_ddim_step(e1, x1, c, None, impl=b),
+        "cfg_ddim_step SD latents, CFG [2x8,4,64,64]": lambda b: cfg_ddim_step(e2, x2, c, 7.5, impl=b),
+        "preprocess toy [128,32,32,3] (no resize)": lambda b: preprocess_images(im1, toy, impl=b),
+        "preprocess [16,256,320,3] -> 224 (resize+crop)": lambda b: preprocess_images(im2, clip, impl=b),
+        "cosine [256,2,64] x [256,2,64]": lambda b: cosine_matrix(f1, f2, impl=b),
     }
     x1, e1 = rng.standard_normal((64, 4, 8, 8), np.float32), rng.standard_normal((64, 4, 8, 8), np.float32)
     x2, e2 = rng.standard_normal((8, 4, 64, 64), np.float32), rng.standard_normal((16, 4, 64, 64), np.float32)
@@ -249,13 +249,13 @@ def worker_kernels(args) -> dict:
     out = {}
     for name, fn in cases.items():
         row = {}
-        for backend in ("reference", "numpy", "onnx"):
-            fn(backend)
+        for impl in ("reference", "numpy", "onnx"):
+            fn(impl)
             reps = 20
             t = time.perf_counter()
             for _ in range(reps):
-                fn(backend)
-            row[backend] = (time.perf_counter() - t) / reps * 1e3
+                fn(impl)
+            row[impl] = (time.perf_counter() - t) / reps * 1e3
         out[name] = row
     return out
 

@@ -37,11 +37,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
             heads = Path(tmp) / f"heads{seed}"
-            info = api.train(args.store, heads, attacks=args.attacks, seed=seed, register=False, quiet=True)["info"]
+            info = api.train(args.store, heads, attacks=args.attacks, seed=seed, register=False, quiet=True).info
             n_val = info["split"]["counts"]["validation"]
             for b in budgets:
                 ev = api.evaluate(args.store, heads, n_boot=0, seed=seed, max_fpr=b)
-                for attack, m in ev["attacks"].items():
+                for attack, m in ev.attacks.items():
                     v = m["verdicts"]
                     rates.setdefault((attack, b), []).append((v["fpr"]["value"], v["miss_rate"]["value"]))
     rows = []

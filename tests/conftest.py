@@ -11,6 +11,17 @@ import torch
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The one slow-test switch: tests marked ``slow`` (minutes each: the full demo, a toy rebuild, full-size
+    exports) run only with AUDIT_SLOW=1."""
+    if os.environ.get("AUDIT_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="slow: set AUDIT_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """Seeded, untrained tiny target/CLIP/BLIP of the real architectures, saved and loadable with from_pretrained."""

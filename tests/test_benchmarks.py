@@ -14,7 +14,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "runtime.py"
 GRAYBOX = SCRIPT.with_name("graybox.py")
 
 
-@pytest.mark.slow
 def test_runtime_benchmark_runs_both_paths_side_by_side(tiny_world, tiny_export, tmp_path):
     world = tmp_path / "world"
     world.mkdir()
@@ -35,7 +34,6 @@ def test_runtime_benchmark_runs_both_paths_side_by_side(tiny_world, tiny_export,
     assert result["flops"]["unet_gflop_per_call"] > 0 and 0 < result["flops"]["unet_onnx_fraction"]
 
 
-@pytest.mark.slow
 def test_graybox_benchmark_times_both_tiers_and_reports_aucs(tiny_export, tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "AUDIT_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
@@ -77,7 +75,6 @@ def test_verdict_budget_benchmark_runs_on_a_store(tmp_path):
 SCALE = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
 
 
-@pytest.mark.slow
 def test_scale_benchmark_runs_one_process_and_private_ray_clusters_side_by_side(tiny_world, tmp_path):
     """benchmarks/scale.py on tiny settings, with `--ray local`: each Ray run starts and stops its own cluster."""
     world = tmp_path / "world"
@@ -103,7 +100,6 @@ def test_scale_benchmark_runs_one_process_and_private_ray_clusters_side_by_side(
 REALSIZE = Path(__file__).resolve().parents[1] / "benchmarks" / "realsize.py"
 
 
-@pytest.mark.slow
 def test_realsize_benchmark_runs_both_paths_on_the_fullsize_builders(tmp_path):
     """benchmarks/realsize.py end to end with the full-size architectures at toy sizes (--tiny): the same builders,
     export, workers and report as at full size, in minutes."""

@@ -14,7 +14,7 @@ from audit import api
 from audit.attacks import load_heads
 from audit.cli import app
 from audit.features import FeaturesConfig, FeatureStore
-from audit.features.compute import Backends
+from audit.features.compute import Models
 from audit.report.jsonl import read_jsonl
 from audit.toy import scenes
 from audit.auditor import image_row
@@ -36,7 +36,7 @@ def world(tiny_world, tmp_path_factory):
     """
     mp = pytest.MonkeyPatch()
     cache = {}
-    load = Backends.load.__func__
+    load = Models.load.__func__
 
     def cached_load(cls, *args, **kwargs):
         key = repr((args, sorted(kwargs.items())))
@@ -44,7 +44,7 @@ def world(tiny_world, tmp_path_factory):
             cache[key] = load(cls, *args, **kwargs)
         return cache[key]
 
-    mp.setattr(Backends, "load", classmethod(cached_load))
+    mp.setattr(Models, "load", classmethod(cached_load))
     home = tmp_path_factory.mktemp("home")
     mp.setenv("HOME", str(home))
     mp.setenv("AUDIT_HOME", str(home / "audit"))
@@ -56,7 +56,7 @@ def world(tiny_world, tmp_path_factory):
                   caption_tokens=6, **kw)
     trained = api.train(root / "store.h5", root / "heads", attacks="II-S,IV", epochs=3, register=True)
     yield {"root": root, "aux": aux, "store": root / "store.h5", "heads": root / "heads",
-           "registered": trained["registered"], "opts": ["--target", str(tiny_world["target"]), "--embedder",
+           "registered": trained.registered, "opts": ["--target", str(tiny_world["target"]), "--embedder",
                                                          kw["embedder"], "--captioner", kw["captioner"]],
            "images": images, "captions": captions, "tiny": tiny_world}
     mp.undo()
@@ -123,8 +123,8 @@ def test_check_uses_registered_heads_and_the_captioner_when_no_caption(world):
 
 def test_check_fail_on_member_fires_on_member_never_on_inconclusive(world):
     t = world["tiny"]
-    backends = Backends.load(str(t["target"]), str(t["clip"]), str(t["blip"]))
-    rows = [api.Auditor(str(t["target"]), world["heads"], backends=backends, **kw).score_rows(
+    models = Models.load(str(t["target"]), str(t["clip"]), str(t["blip"]))
+    rows = [api.Auditor(str(t["target"]), world["heads"], models=models, **kw).score_rows(
         [image_row(world["aux"] / f"img_{i:05d}.png", world["captions"][i]) for i in range(6)])
         for kw in ({}, {"decision": "balanced"})]
     assert {v.verdict for v in rows[0]} == {"inconclusive"}
@@ -219,21 +219,21 @@ def test_scan_writes_every_row_and_resumes_without_duplicates(world, tmp_path):
 
 def test_auditor_api_scores_in_process(world):
     t = world["tiny"]
-    backends = Backends.load(str(t["target"]), str(t["clip"]), str(t["blip"]))
-    auditor = api.Auditor(str(t["target"]), world["heads"], backends=backends)
+    models = Models.load(str(t["target"]), str(t["clip"]), str(t["blip"]))
+    auditor = api.Auditor(str(t["target"]), world["heads"], models=models)
     assert auditor.config.n_gen == 1 and auditor.config.steps == 2 and auditor.config.seed == 5
     v = auditor.check(world["aux"] / "img_00004.png", world["captions"][4])
     assert isinstance(v, Verdict) and v.status == "ok" and v.attack == "IV"
     assert Verdict.from_dict(json.loads(v.to_json())) == v
-    half = api.Auditor(str(t["target"]), world["heads"], backends=backends, max_fpr=0.5).check(
+    half = api.Auditor(str(t["target"]), world["heads"], models=models, max_fpr=0.5).check(
         world["aux"] / "img_00004.png", world["captions"][4])
     assert half.decision["max_fpr"] == 0.5 and half.verdict in ("member", "non-member")
     assert Verdict.from_dict(json.loads(half.to_json())) == half
     with pytest.raises(UsageError, match="--max-fpr must be in"):
-        api.Auditor(str(t["target"]), world["heads"], backends=backends, max_fpr=2)
+        api.Auditor(str(t["target"]), world["heads"], models=models, max_fpr=2)
     with pytest.raises(UnknownNameError, match="valid rules are: budget, balanced"):
-        api.Auditor(str(t["target"]), world["heads"], backends=backends, decision="strict")
-    other = api.Auditor(str(t["target"]), world["heads"], backends=backends, attack="II-S").check(
+        api.Auditor(str(t["target"]), world["heads"], models=models, decision="strict")
+    other = api.Auditor(str(t["target"]), world["heads"], models=models, attack="II-S").check(
         world["aux"] / "img_00004.png", world["captions"][4])
     assert other.attack == "II-S" and other.probability == v.scores["II-S"]["probability"]
     missing = auditor.check(world["root"] / "nope.png", "a caption")

@@ -94,7 +94,6 @@ def test_the_reference_holds_the_bad_rows_as_statuses(reference):
         "img_00006_dir.png": "unreadable", "img_00007_gone.png": "missing"}
 
 
-@pytest.mark.slow
 def test_features_on_ray_equal_one_machine_with_a_worker_node_lost_midway(ray_cluster, tiny_world, folder,
                                                                            reference, tmp_path):
     victim = sorted(ray_cluster.worker_nodes, key=lambda n: n.node_id)[0]
@@ -118,7 +117,7 @@ def test_features_on_ray_equal_one_machine_with_a_worker_node_lost_midway(ray_cl
         ray_cluster.add_node(**ray_cluster.node_args)  # the next tests get two worker nodes again
         ray_cluster.wait_for_nodes()
     assert 4 <= lost["after"] < N_ROWS
-    stats = summary["ray"]["worker_stats"]
+    stats = summary.ray["worker_stats"]
     assert any(victim.node_id[:8] in w["node"] and w["batches"] for w in stats), stats  # it was doing work
     assert sum(w["batches"] for w in stats) == 7
     _assert_same_store(out, reference)
@@ -131,7 +130,6 @@ def _cli_features(tiny_world, folder, out, *extra):
             str(out), *opts, *extra]
 
 
-@pytest.mark.slow
 def test_features_driver_killed_then_resumed_on_ray_equals_one_machine(ray_cluster, tiny_world, folder, reference,
                                                                        tmp_path):
     out = tmp_path / "killed.h5"
@@ -154,7 +152,6 @@ def heads(tiny_world, tmp_path_factory):
     return tiny_heads(tiny_world, tmp_path_factory.mktemp("cluster_heads"))
 
 
-@pytest.mark.slow
 def test_scan_on_ray_resumes_a_cut_results_file_into_the_one_machine_results(ray_cluster, heads, folder, tmp_path):
     ref = tmp_path / "ref.jsonl"
     with one_thread():
@@ -168,7 +165,7 @@ def test_scan_on_ray_resumes_a_cut_results_file_into_the_one_machine_results(ray
     summary = api.scan(folder, out, heads=heads["heads"], batch_size=3, quiet=True, resume=True,
                        ray=ray_cluster.address, workers=2, threads=1, **heads["kw"])
     assert out.read_bytes() == ref.read_bytes()
-    counts = summary["counts"]
+    counts = summary.counts
     assert counts.pop("skipped (already in the results)") == 4 and sum(counts.values()) == N_ROWS - 4
     assert counts["unreadable"] == 2 and counts["missing"] == 1  # the bad rows among the 9 left
 
@@ -185,7 +182,6 @@ def test_a_node_without_the_model_folder_fails_the_run_in_one_line(ray_cluster, 
     assert not (tmp_path / "s.h5").exists()
 
 
-@pytest.mark.slow
 def test_a_failing_worker_fails_the_run_with_its_rows_and_error(ray_cluster, tiny_world, folder, tmp_path):
     broken = tmp_path / "broken"  # a target whose scheduler cannot run 2 steps: generate raises in the worker
     shutil.copytree(tiny_world["target"], broken)
@@ -237,7 +233,6 @@ def test_shipped_bytes_decode_to_the_pixels_and_statuses_of_reading_the_files(tm
     assert sum(r.ok for r in rows) >= 10 and len({r.status for r in rows}) >= 5
 
 
-@pytest.mark.slow
 def test_features_on_ray_with_a_compiled_target_equal_one_machine(ray_cluster, tiny_export, folder, monkeypatch,
                                                                    tmp_path):
     """An `audit export` folder as the target: the workers load the onnxruntime graphs (and the export's compiled
@@ -247,7 +242,7 @@ def test_features_on_ray_with_a_compiled_target_equal_one_machine(ray_cluster, t
     ref, out = tmp_path / "ref.h5", tmp_path / "ray.h5"
     api.featurize(target, folder, ref, quiet=True, **SETTINGS)
     summary = api.featurize(target, folder, out, quiet=True, ray=ray_cluster.address, workers=2, **SETTINGS)
-    assert summary["ray"]["ort_threads"] == 1  # --threads unset: the driver's own setting, AUDIT_THREADS here
+    assert summary.ray["ort_threads"] == 1  # --threads unset: the driver's own setting, AUDIT_THREADS here
     _assert_same_store(out, ref)
 
 
@@ -268,7 +263,6 @@ def test_a_worker_with_other_weights_stops_the_run_naming_both_nodes():
     assert run.describe()["worker_stats"] == [{"node": "n1 (node 1)", "pid": 1, "batches": 2, "peak_rss_mib": 950.0}]
 
 
-@pytest.mark.slow
 def test_graybox_features_on_ray_equal_one_machine(ray_cluster, tiny_world, folder, tmp_path):
     """Both tiers in one store: the workers' gray-box errors are the one-machine ones, bit for bit."""
     settings = dict(SETTINGS, tier="all", graybox_timesteps=(100, 300))
@@ -277,8 +271,8 @@ def test_graybox_features_on_ray_equal_one_machine(ray_cluster, tiny_world, fold
         api.featurize(str(tiny_world["target"]), folder, ref, quiet=True, **_models(tiny_world), **settings)
     summary = api.featurize(str(tiny_world["target"]), folder, out, quiet=True, ray=ray_cluster.address, workers=2,
                             threads=1, **_models(tiny_world), **settings)
-    assert summary["tiers"] == ["black-box", "gray-box"]
-    assert summary["unet_evaluations_per_query"] == {"black-box": 2, "gray-box": 7}
+    assert summary.tiers == ["black-box", "gray-box"]
+    assert summary.unet_evaluations_per_query == {"black-box": 2, "gray-box": 7}
     got, want = FeatureStore.open(out), FeatureStore.open(ref)
     assert got.tiers == want.tiers == ("black-box", "gray-box") and got.keys == want.keys
     a, b = got.read(ok_only=False), want.read(ok_only=False)

@@ -105,7 +105,7 @@ def target(tiny_world):
 
     from audit.targets.builtin import load_target
 
-    # One thread: two torch threads crawl when the other core is busy (ENV.md), and these calls are tiny.
+    # One thread: two torch threads crawl when the other core is busy, and these calls are tiny.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield Remembering(load_target(str(tiny_world["target"])))

@@ -17,7 +17,6 @@ GRAPHS = {"target": {"text_encoder", "unet_context", "unet", "vae_decoder", "vae
           "embedder": {"image_encoder", "text_encoder"}, "captioner": {"vision_encoder", "decoder_step"}}
 
 
-@pytest.mark.slow
 def test_cli_export_reports_components_and_end_to_end_checks(tiny_export):
     out = tiny_export["output"]
     for name in ("target:", "embedder:", "captioner:"):
@@ -27,7 +26,6 @@ def test_cli_export_reports_components_and_end_to_end_checks(tiny_export):
     assert "export: 100%" in tiny_export["stderr"] and "10/10" in tiny_export["stderr"]  # 9 graphs + end-to-end
 
 
-@pytest.mark.slow
 def test_every_graph_met_its_tolerance_and_records_its_interface(tiny_export):
     root = tiny_export["path"]
     for component, names in GRAPHS.items():
@@ -50,7 +48,6 @@ def test_every_graph_met_its_tolerance_and_records_its_interface(tiny_export):
                 assert len(digest) == 64 and (root / component / fname).is_file()
 
 
-@pytest.mark.slow
 def test_decoder_step_has_a_kv_cache_and_unet_a_per_sample_timestep(tiny_export):
     root = tiny_export["path"]
     cap = json.loads((root / "captioner" / "export.json").read_text())["graphs"]["decoder_step"]
@@ -68,7 +65,6 @@ def test_decoder_step_has_a_kv_cache_and_unet_a_per_sample_timestep(tiny_export)
     assert graphs["unet"]["inputs"]["cross_value.3"]["shape"] == ["batch", 8, 77, 16]
 
 
-@pytest.mark.slow
 def test_manifests_name_the_source_weights(tiny_export, tiny_world):
     from audit.targets import load_embedder, load_target
 
@@ -83,7 +79,6 @@ def test_manifests_name_the_source_weights(tiny_export, tiny_world):
     assert tiny_export["info"]["components"]["target"]["identity"] == target_id
 
 
-@pytest.mark.slow
 def test_runtime_files_are_copied(tiny_export):
     root = tiny_export["path"]
     assert json.loads((root / "target" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
@@ -94,7 +89,6 @@ def test_runtime_files_are_copied(tiny_export):
         assert (root / part / "processor" / "processor_config.json").is_file()
 
 
-@pytest.mark.slow
 def test_end_to_end_checks_passed(tiny_export):
     checks = tiny_export["info"]["end_to_end"]
     assert checks["target"]["max_abs_uint8"] <= 2
@@ -102,7 +96,6 @@ def test_end_to_end_checks_passed(tiny_export):
     assert checks["captioner"]["captions_equal"] is True
 
 
-@pytest.mark.slow
 def test_export_folder_and_components_parse_as_export_refs(tiny_export):
     from audit.targets import default_models
 
@@ -171,7 +164,6 @@ def ldm_export(tmp_path_factory):
     return {"torch": torch_gen, "export": root / "export", "folder": folder}
 
 
-@pytest.mark.slow
 def test_ldm_target_exports_and_generates_like_the_torch_path(ldm_export):
     from audit.runtime import OnnxGenerator
 
@@ -184,7 +176,6 @@ def test_ldm_target_exports_and_generates_like_the_torch_path(ldm_export):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "ldm"])
 def test_features_train_check_run_through_an_exported_target(family, tiny_export, ldm_export, tiny_world, tmp_path,
                                                             monkeypatch):
@@ -206,7 +197,7 @@ def test_features_train_check_run_through_an_exported_target(family, tiny_export
     data = scenes.write_imagefolder(tmp_path / "data", images, captions, [True, False] * 3)
     summary = api.featurize(target, data, tmp_path / "store.h5", n_gen=1, steps=2, batch_size=3, quiet=True,
                             **models)
-    assert summary["ok"] == 6 and summary["target"]["hash"] == load_target(torch_target).identity()["hash"]
+    assert summary.ok == 6 and summary.target["hash"] == load_target(torch_target).identity()["hash"]
     stored = FeatureStore.open(tmp_path / "store.h5").read()
     want = load_target(torch_target).generate(captions, 1, 0, 2)
     assert np.abs(stored["gen_pixels"].astype(int) - want.astype(int)).max() <= 2
@@ -294,7 +285,6 @@ def test_graphs_with_external_data_validate_load_and_are_hashed(tmp_path, tiny_w
     assert weights_hash(tmp_path) != before  # the external data is part of the identity, as any weights file
 
 
-@pytest.mark.slow
 def test_plain_attentions_are_exported_as_one_fused_node(tiny_export, tiny_world):
     """Self-attention of the UNet and the VAE's mid-block attention: onnxruntime's MultiHeadAttention (a flash
     attention on the CPU), not MatMul -> Softmax -> MatMul holding the score matrix. (The UNet step's cross

@@ -6,7 +6,6 @@ minutes, needs ~12 GB of free memory:
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -14,8 +13,7 @@ from typer.testing import CliRunner
 
 from audit.cli import app
 
-pytestmark = pytest.mark.skipif(not os.environ.get("AUDIT_SLOW"),
-                                reason="set AUDIT_SLOW=1: exports full-size SD-1.5 (10-20 minutes, ~12 GB)")
+pytestmark = pytest.mark.slow  # exports full-size SD-1.5: 10-20 minutes, ~12 GB
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from audit import api
 from audit.cli import app
 from audit.errors import UsageError
-from audit.features import Backends, FeaturesConfig, FeatureStore, KEYS
+from audit.features import Models, FeaturesConfig, FeatureStore, KEYS
 from audit.features.compute import featurize_rows, resize_pixels
 from audit.imagefolder import Row
 from audit.toy import scenes
@@ -53,8 +53,8 @@ def reference(tiny_world, data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def backends(tiny_world):
-    return Backends.load(str(tiny_world["target"]), str(tiny_world["clip"]), str(tiny_world["blip"]))
+def models(tiny_world):
+    return Models.load(str(tiny_world["target"]), str(tiny_world["clip"]), str(tiny_world["blip"]))
 
 
 def _kw(tiny_world):
@@ -70,7 +70,7 @@ def _assert_same_store(a, b):
         np.testing.assert_array_equal(ra[k], rb[k], err_msg=k)
 
 
-def test_store_layout_rows_and_statuses(reference, data, backends):
+def test_store_layout_rows_and_statuses(reference, data, models):
     store = FeatureStore.open(reference)
     assert store.complete and store.n_rows == 7
     r = store.read(ok_only=False)
@@ -78,7 +78,7 @@ def test_store_layout_rows_and_statuses(reference, data, backends):
     assert r["status"].tolist() == ["unreadable"] + ["ok"] * N_OK + ["no_caption"]
     assert "corrupt.png" in r["error"][0] and "zz_nocap.png: no caption" in r["error"][-1]
     assert r["member"].tolist() == [1, 1, 0, 1, 0, 1, -1]
-    g, d = 2, backends.embedder.dim
+    g, d = 2, models.embedder.dim
     shapes = {"query_pixels": (7, 32, 32, 3), "gen_pixels": (7, g, 32, 32, 3), "query_img_emb": (7, d),
               "gen_img_emb": (7, g, d), "caption_emb": (7, d), "gen_caption_emb": (7, g, d), "gen_captions": (7, g)}
     for k, shape in shapes.items():
@@ -93,29 +93,29 @@ def test_store_layout_rows_and_statuses(reference, data, backends):
     m = store.manifest
     assert m["kind"] == "features" and m["n_rows"] == 7
     assert m["config"]["n_gen"] == 2 and m["config"]["steps"] == 2 and m["config"]["seed"] == 3
-    assert m["embedder"] == backends.embedder.identity() and m["captioner"] == backends.captioner.identity()
-    assert m["target"] == backends.generator.identity()
+    assert m["embedder"] == models.embedder.identity() and m["captioner"] == models.captioner.identity()
+    assert m["target"] == models.generator.identity()
 
 
-def test_features_are_what_the_models_say(reference, data, backends):
+def test_features_are_what_the_models_say(reference, data, models):
     """Each attack's inputs: generated pixels from the caption's seeds, their embeddings and captions, the query's."""
     ok = FeatureStore.open(reference).read()
     _, images, captions = data
     assert ok["caption"].tolist() == captions and set(ok["caption_source"]) == {"metadata"}
     np.testing.assert_array_equal(ok["query_pixels"], images)  # toy scenes are 32x32 already
-    gen = backends.generator.generate(captions, 2, 3, 2)
+    gen = models.generator.generate(captions, 2, 3, 2)
     np.testing.assert_array_equal(ok["gen_pixels"], gen)  # I-P / II-P read these
     flat = ok["gen_pixels"].reshape(-1, 32, 32, 3)
     # I-S / II-S: embeddings of exactly the generated pixels; II-S also of the query.
-    np.testing.assert_allclose(ok["gen_img_emb"].reshape(-1, backends.embedder.dim),
-                               backends.embedder.embed_images(flat), atol=1e-5)
-    np.testing.assert_allclose(ok["query_img_emb"], backends.embedder.embed_images(images), atol=1e-5)
+    np.testing.assert_allclose(ok["gen_img_emb"].reshape(-1, models.embedder.dim),
+                               models.embedder.embed_images(flat), atol=1e-5)
+    np.testing.assert_allclose(ok["query_img_emb"], models.embedder.embed_images(images), atol=1e-5)
     # III-X: the caption's text embedding; III-T: text embeddings of the captioner's captions of the generated images.
-    np.testing.assert_allclose(ok["caption_emb"], backends.embedder.embed_texts(captions), atol=1e-5)
-    gen_caps = backends.captioner.caption(flat, max_new_tokens=8)
+    np.testing.assert_allclose(ok["caption_emb"], models.embedder.embed_texts(captions), atol=1e-5)
+    gen_caps = models.captioner.caption(flat, max_new_tokens=8)
     assert ok["gen_captions"].reshape(-1).tolist() == [" ".join(c.split()) for c in gen_caps]
-    np.testing.assert_allclose(ok["gen_caption_emb"].reshape(-1, backends.embedder.dim),
-                               backends.embedder.embed_texts(list(ok["gen_captions"].reshape(-1))), atol=1e-5)
+    np.testing.assert_allclose(ok["gen_caption_emb"].reshape(-1, models.embedder.dim),
+                               models.embedder.embed_texts(list(ok["gen_captions"].reshape(-1))), atol=1e-5)
 
 
 def test_interrupted_run_resumes_to_the_same_store(reference, data, tiny_world, tmp_path):
@@ -159,14 +159,14 @@ def test_resume_with_other_settings_is_refused(reference, data, tiny_world, tmp_
         api.featurize(str(tiny_world["target"]), data[0], out, resume=True, **kw)
 
 
-def test_missing_caption_can_be_written_by_the_captioner(data, backends):
+def test_missing_caption_can_be_written_by_the_captioner(data, models):
     """check/scan mode: a row without a caption gets the captioner's caption of the query image."""
     folder, images, _ = data
     rows = [Row(id="zz_nocap.png", path=str(folder / "zz_nocap.png"))]
     cfg = FeaturesConfig(n_gen=1, steps=2, missing_caption="captioner", caption_tokens=8)
-    batch = featurize_rows(rows, backends, cfg)
+    batch = featurize_rows(rows, models, cfg)
     assert rows[0].status == "ok" and rows[0].caption_source == "captioner"
-    assert rows[0].caption == " ".join(backends.captioner.caption(images[:1], max_new_tokens=8)[0].split())
+    assert rows[0].caption == " ".join(models.captioner.caption(images[:1], max_new_tokens=8)[0].split())
     assert batch["caption_source"][0] == "captioner" and batch["caption"][0] == rows[0].caption
 
 

@@ -104,7 +104,6 @@ def test_features_are_deterministic_and_independent_of_the_batch(torch_denoiser,
     np.testing.assert_allclose(pia["graybox_pia"], a["graybox_pia"][:2], rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_vae_encoder_is_exported_and_validated(tiny_export):
     info = tiny_export["info"]
     graph = json.loads((tiny_export["path"] / "target" / "export.json").read_text())["graphs"]["vae_encoder"]
@@ -117,7 +116,6 @@ def test_vae_encoder_is_exported_and_validated(tiny_export):
     assert check["n_images"] >= 3 and check["max_rel_error"] < RTOL
 
 
-@pytest.mark.slow
 def test_compiled_graybox_features_equal_the_torch_path(tiny_export, torch_denoiser, queries):
     images, captions = queries
     compiled = load_target(str(tiny_export["path"])).denoiser()
@@ -129,7 +127,6 @@ def test_compiled_graybox_features_equal_the_torch_path(tiny_export, torch_denoi
         np.testing.assert_allclose(ours[key], theirs[key], rtol=RTOL, err_msg=key)
 
 
-@pytest.mark.slow
 def test_an_export_without_the_vae_encoder_is_refused_in_one_line(tiny_export, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(tiny_export["path"], old, symlinks=True)

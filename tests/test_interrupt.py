@@ -90,7 +90,6 @@ def _features_cmd(tiny_world, data, out, *extra):
             "--out", str(out), "--n-gen", "1", "--steps", "2", "--batch-size", "1", "--seed", "4", *extra]
 
 
-@pytest.mark.slow
 def test_features_killed_then_resumed_equals_uninterrupted(tiny_world, scan_folder, tmp_path):
     out = tmp_path / "killed.h5"
     _run_until(_features_cmd(tiny_world, scan_folder, out), _committed("features", 16)(2))
@@ -127,7 +126,6 @@ def heads(tiny_world, tmp_path_factory):
     return tiny_heads(tiny_world, tmp_path_factory.mktemp("heads"))
 
 
-@pytest.mark.slow
 def test_scan_killed_then_resumed_equals_uninterrupted(heads, scan_folder, tmp_path):
     from audit.report.jsonl import read_jsonl
 
@@ -153,7 +151,6 @@ def test_scan_killed_then_resumed_equals_uninterrupted(heads, scan_folder, tmp_p
         assert g == w
 
 
-@pytest.mark.slow
 def test_train_killed_midway_leaves_heads_that_refuse_to_load_until_retrained(heads, tmp_path):
     """A heads folder is committed by heads.json, written last and atomically: a killed `audit train` leaves ONNX
     files but no heads.json, which every consumer refuses with one line; retraining into the folder works."""

@@ -7,7 +7,7 @@ import pytest
 
 from audit.errors import InputError, UsageError
 from audit.kernels import DdimCoefficients, ImageTransform, cfg_ddim_step, cosine_matrix, preprocess_images, sqdist_matrix
-from audit.kernels import _backends, distances, guidance, preprocess
+from audit.kernels import _impls, distances, guidance, preprocess
 
 ACCELERATED = ("numpy", "onnx", "triton")
 
@@ -15,7 +15,7 @@ ACCELERATED = ("numpy", "onnx", "triton")
 @pytest.fixture(scope="module", autouse=True)
 def triton_on_cpu():
     """Triton kernels run on CPU tensors in the interpreter; kernels built here must not leak to other modules."""
-    caches = (_backends.triton_status, guidance._triton_kernel, preprocess._triton_kernel, distances._triton_kernel)
+    caches = (_impls.triton_status, guidance._triton_kernel, preprocess._triton_kernel, distances._triton_kernel)
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     for c in caches:
@@ -35,16 +35,16 @@ COEFFS = DdimCoefficients(*np.float32([0.8, 0.6, 0.9, 0.43588989]))
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("guidance_scale", [None, 7.5])
 @pytest.mark.parametrize("clip_range", [None, 1.0])
-def test_cfg_ddim_step_backends_equal_reference(prediction_type, guidance_scale, clip_range):
+def test_cfg_ddim_step_impls_equal_reference(prediction_type, guidance_scale, clip_range):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 4, 8, 8)).astype(np.float32)
     e = rng.standard_normal((6 if guidance_scale else 3, 4, 8, 8)).astype(np.float32) * 3
-    ref = cfg_ddim_step(e, x, COEFFS, guidance_scale, prediction_type, clip_range, backend="reference")
-    for backend in ACCELERATED:
-        out = cfg_ddim_step(e, x, COEFFS, guidance_scale, prediction_type, clip_range, backend=backend)
-        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=backend)
+    ref = cfg_ddim_step(e, x, COEFFS, guidance_scale, prediction_type, clip_range, impl="reference")
+    for impl in ACCELERATED:
+        out = cfg_ddim_step(e, x, COEFFS, guidance_scale, prediction_type, clip_range, impl=impl)
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6, err_msg=impl)
     if clip_range is not None and prediction_type != "sample":
-        unclipped = cfg_ddim_step(e, x, COEFFS, guidance_scale, prediction_type, None, backend="reference")
+        unclipped = cfg_ddim_step(e, x, COEFFS, guidance_scale, prediction_type, None, impl="reference")
         assert not np.allclose(unclipped, ref)  # the clip did something, so the comparison covered it
 
 
@@ -64,7 +64,7 @@ def test_cfg_ddim_step_reference_is_diffusers_guidance_then_ddim_step():
     x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     uncond, text = e.chunk(2)
     expected = sched.step(uncond + 5.0 * (text - uncond), t, x).prev_sample.numpy()
-    np.testing.assert_array_equal(cfg_ddim_step(e.numpy(), x.numpy(), coeffs, 5.0, backend="numpy"), expected)
+    np.testing.assert_array_equal(cfg_ddim_step(e.numpy(), x.numpy(), coeffs, 5.0, impl="numpy"), expected)
 
 
 def test_cfg_ddim_step_rejects_mismatched_batch():
@@ -91,23 +91,23 @@ def processors(tiny_world):
 
 @pytest.mark.parametrize("which", ["clip", "blip"])
 @pytest.mark.parametrize("shape", [(3, 32, 32), (2, 48, 40), (2, 20, 30)])
-def test_preprocess_matches_hf_processor_and_backends_agree(tiny_world, processors, which, shape):
+def test_preprocess_matches_hf_processor_and_impls_agree(tiny_world, processors, which, shape):
     rng = np.random.default_rng(1)
     images = _smooth_images(rng, *shape)
     transform = ImageTransform.from_folder(tiny_world[which])
-    ref = preprocess_images(images, transform, backend="reference")
+    ref = preprocess_images(images, transform, impl="reference")
     hf = processors[which].image_processor(images=list(images), return_tensors="np").pixel_values
     np.testing.assert_array_equal(ref, hf)  # the processors' own uint8 resize kernel: exact
     level = 1 / (255 * min(transform.std))
-    for backend in ACCELERATED:
-        out = preprocess_images(images, transform, backend=backend)
-        if shape[1:] == (32, 32) or backend == "numpy":
-            np.testing.assert_array_equal(out, ref, err_msg=backend)
+    for impl in ACCELERATED:
+        out = preprocess_images(images, transform, impl=impl)
+        if shape[1:] == (32, 32) or impl == "numpy":
+            np.testing.assert_array_equal(out, ref, err_msg=impl)
             continue
         # The float resize (ONNX graph, Triton path) rounds like the fixed-point kernel but for rare ties.
         diff = np.abs(out - ref)
-        assert diff.max() <= level + 1e-4, backend
-        assert (diff > 1e-4).mean() < 0.01, backend
+        assert diff.max() <= level + 1e-4, impl
+        assert (diff > 1e-4).mean() < 0.01, impl
 
 
 def test_image_transform_round_trips_and_reads_shortest_edge(tiny_world):
@@ -123,18 +123,18 @@ def test_preprocess_rejects_non_uint8_images(tiny_world):
 
 
 @pytest.mark.parametrize("shapes", [((5, 64), (7, 64)), ((3, 1, 64), (3, 4, 64)), ((2, 3, 17, 40), (2, 3, 33, 40))])
-def test_pairwise_backends_equal_reference(shapes):
+def test_pairwise_impls_equal_reference(shapes):
     rng = np.random.default_rng(2)
     a, b = (rng.standard_normal(s).astype(np.float32) for s in shapes)
     a[..., 0, :] = 0  # a zero vector: cosine 0, not NaN
     for fn in (cosine_matrix, sqdist_matrix):
-        ref = fn(a, b, backend="reference")
+        ref = fn(a, b, impl="reference")
         assert ref.shape == shapes[0][:-1] + (shapes[1][-2],)
         assert np.isfinite(ref).all()
-        for backend in ACCELERATED:
-            if backend == "triton":
+        for impl in ACCELERATED:
+            if impl == "triton":
                 continue  # checked in a fresh interpreter below
-            np.testing.assert_allclose(fn(a, b, backend=backend), ref, rtol=1e-5, atol=1e-4, err_msg=backend)
+            np.testing.assert_allclose(fn(a, b, impl=impl), ref, rtol=1e-5, atol=1e-4, err_msg=impl)
     _check_triton_pairwise_in_fresh_process(shapes)
     unit = a[..., 1:, :] / np.linalg.norm(a[..., 1:, :], axis=-1, keepdims=True)
     np.testing.assert_allclose(np.diagonal(cosine_matrix(a[..., 1:, :], unit), axis1=-2, axis2=-1), 1, atol=1e-6)
@@ -153,7 +153,7 @@ rng = np.random.default_rng(2)
 a, b = (rng.standard_normal(s).astype(np.float32) for s in {shapes!r})
 a[..., 0, :] = 0
 for fn in (cosine_matrix, sqdist_matrix):
-    np.testing.assert_allclose(fn(a, b, backend="triton"), fn(a, b, backend="reference"), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(fn(a, b, impl="triton"), fn(a, b, impl="reference"), rtol=1e-5, atol=1e-4)
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -166,6 +166,6 @@ def test_pairwise_rejects_unpaired_shapes():
         cosine_matrix(np.zeros((2, 3, 8)), np.zeros((3, 3, 8)))
 
 
-def test_unknown_backend_lists_valid_ones():
+def test_unknown_kernel_impl_lists_valid_ones():
     with pytest.raises(UsageError, match="numpy, reference, onnx, triton"):
-        cosine_matrix(np.zeros((2, 8)), np.zeros((2, 8)), backend="cuda")
+        cosine_matrix(np.zeros((2, 8)), np.zeros((2, 8)), impl="cuda")

@@ -31,7 +31,6 @@ def evaluated(heads, tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
 def test_evaluate_report_shows_test_rows_beside_their_generated_images(evaluated, heads):
     page = (evaluated / "e.html").read_text()
     _assert_self_contained(page)
@@ -48,7 +47,6 @@ def test_evaluate_report_shows_test_rows_beside_their_generated_images(evaluated
     assert sum(f"<div class=cap>{c}</div>" in page for c in captions) >= 2  # captions read from the store
 
 
-@pytest.mark.slow
 def test_report_command_renders_finished_evaluations_and_scans(evaluated, heads, tmp_path):
     r = CliRunner().invoke(app, ["report", str(evaluated / "e.json"), "--out", str(tmp_path / "again.html")])
     assert r.exit_code == 0, r.output
@@ -61,7 +59,6 @@ def test_report_command_renders_finished_evaluations_and_scans(evaluated, heads,
     assert r.exit_code == 1 and "nope.json: no such file" in r.output
 
 
-@pytest.mark.slow
 def test_scan_json_summary_and_a_quiet_stderr(heads, tmp_path):
     from audit.toy import scenes
 

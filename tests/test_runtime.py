@@ -85,7 +85,7 @@ def _onnx_graph(path, lead: list, width: int = 3):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from audit.kernels._backends import make_model
+    from audit.kernels._impls import make_model
 
     w = numpy_helper.from_array(np.arange(width * width, dtype=np.float32).reshape(width, width) / 7, "w")
     one = numpy_helper.from_array(np.ones(width, np.float32), "one")
@@ -165,7 +165,6 @@ def onnx_models(tiny_export):
     return load_target(root), load_embedder(emb), load_captioner(cap)
 
 
-@pytest.mark.slow
 def test_runtime_objects_implement_the_protocols(onnx_models, torch_models):
     g, e, c = onnx_models
     assert isinstance(g, OnnxGenerator) and isinstance(e, OnnxEmbedder) and isinstance(c, OnnxCaptioner)
@@ -175,7 +174,6 @@ def test_runtime_objects_implement_the_protocols(onnx_models, torch_models):
     assert g.resolution == torch_models[0].resolution and e.dim == torch_models[1].dim
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_same_seed_gives_the_same_images_on_torch_and_onnx(onnx_models, torch_models, guidance):
     a = torch_models[0].generate(CAPTIONS, 2, 7, 4, guidance)
@@ -186,7 +184,6 @@ def test_same_seed_gives_the_same_images_on_torch_and_onnx(onnx_models, torch_mo
     assert not np.array_equal(b[0, 0], b[0, 1])  # the n_gen images differ (their own seeds)
 
 
-@pytest.mark.slow
 def test_generation_is_independent_of_batching_and_duplicates(onnx_models):
     g = onnx_models[0]
     together = g.generate([CAPTIONS[0], CAPTIONS[1], CAPTIONS[0]], 2, 1, 3)
@@ -205,7 +202,6 @@ def test_generation_is_independent_of_batching_and_duplicates(onnx_models):
         g.generate(CAPTIONS, 0, 1, 3)
 
 
-@pytest.mark.slow
 def test_a_whole_unet_graph_generates_the_same_images_as_the_split_one(onnx_models, torch_models, tmp_path):
     """A UNet exported whole (folders from before the cross-attention split, and UNets whose attention the split
     does not cover) takes encoder_hidden_states at every step, and gives the same images."""
@@ -236,7 +232,6 @@ def test_a_whole_unet_graph_generates_the_same_images_as_the_split_one(onnx_mode
         attn.residual_connection = False
 
 
-@pytest.mark.slow
 def test_greedy_captions_equal_generate_tokens(onnx_models, torch_models, tiny_world):
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
@@ -256,7 +251,6 @@ def test_greedy_captions_equal_generate_tokens(onnx_models, torch_models, tiny_w
         onnx_models[2].caption(images, 500)
 
 
-@pytest.mark.slow
 def test_embeddings_match_the_torch_embedder(onnx_models, torch_models):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 48, 40, 3)).astype(np.uint8)  # resized and cropped by both paths
@@ -269,10 +263,9 @@ def test_embeddings_match_the_torch_embedder(onnx_models, torch_models):
     assert onnx_models[1].embed_images(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, onnx_models[1].dim)
 
 
-@pytest.mark.slow
 def test_features_from_both_paths_agree(onnx_models, torch_models):
     """The feature computation runs unchanged on the runtime and gives the torch path's features."""
-    from audit.features.compute import Backends, FeaturesConfig, featurize_rows
+    from audit.features.compute import Models, FeaturesConfig, featurize_rows
     from audit.imagefolder import Row
     from audit.toy import scenes
 
@@ -281,8 +274,8 @@ def test_features_from_both_paths_agree(onnx_models, torch_models):
                     for i, c in enumerate(captions)]
     cfg = FeaturesConfig(n_gen=2, steps=3, seed=5, batch_size=3, caption_tokens=8).validate()
     pre = {i: np.asarray(im) for i, im in enumerate(images)}
-    ft = featurize_rows(rows(), Backends(*torch_models), cfg, images=dict(pre))
-    fo = featurize_rows(rows(), Backends(*onnx_models), cfg, images=dict(pre))
+    ft = featurize_rows(rows(), Models(*torch_models), cfg, images=dict(pre))
+    fo = featurize_rows(rows(), Models(*onnx_models), cfg, images=dict(pre))
     assert list(ft) == list(fo)
     for key, value in ft.items():
         if value.dtype.kind == "f":
@@ -291,7 +284,6 @@ def test_features_from_both_paths_agree(onnx_models, torch_models):
             assert np.abs(value.astype(int) - fo[key].astype(int)).max() <= IMAGE_TOLERANCE, key
 
 
-@pytest.mark.slow
 def test_corrupt_or_foreign_export_folders_fail_with_one_line(tiny_export, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_export["path"] / "embedder", bad)

@@ -43,12 +43,11 @@ def test_available_memory_is_a_share_of_the_machine():
 
 @pytest.fixture(scope="module")
 def compiled(tiny_export):
-    from audit.features.compute import Backends
+    from audit.features.compute import Models
 
-    return Backends.load(str(tiny_export["path"]))
+    return Models.load(str(tiny_export["path"]))
 
 
-@pytest.mark.slow
 def test_export_records_each_graphs_peak_at_the_validation_batches(tiny_export):
     for component in ("target", "embedder", "captioner"):
         info = json.loads((tiny_export["path"] / component / "export.json").read_text())
@@ -58,7 +57,6 @@ def test_export_records_each_graphs_peak_at_the_validation_batches(tiny_export):
             assert m["per_item_mib"] >= 0 and m["base_mib"] >= 0
 
 
-@pytest.mark.slow
 def test_batch_need_grows_with_the_batch_and_guidance(compiled):
     small, large = memory.batch_need(compiled, 1, 2, 1.0), memory.batch_need(compiled, 16, 2, 1.0)
     assert small is not None and large[0] >= small[0] > 0
@@ -66,7 +64,6 @@ def test_batch_need_grows_with_the_batch_and_guidance(compiled):
     assert g.peak_bytes(8, 4.0)[0] >= g.peak_bytes(8, 1.0)[0]  # guidance doubles the UNet's rows
 
 
-@pytest.mark.slow
 def test_a_batch_that_will_not_fit_is_refused_with_the_batch_that_does(compiled, monkeypatch):
     need = {b: memory.batch_need(compiled, b, 2, 1.0)[0] for b in (1, 2, 3, 4, 8)}
     # Leave exactly room for 3 captions a batch.
@@ -84,7 +81,6 @@ def test_a_batch_that_will_not_fit_is_refused_with_the_batch_that_does(compiled,
         memory.check_batch_fits(compiled, 1, 2, 1.0)
 
 
-@pytest.mark.slow
 def test_features_batch_size_auto_is_recorded_and_kept_on_resume(tiny_export, tmp_path, monkeypatch):
     from audit import api
     from audit.features import FeatureStore
@@ -92,10 +88,10 @@ def test_features_batch_size_auto_is_recorded_and_kept_on_resume(tiny_export, tm
 
     images, captions = scenes.scene_images(3, "members", 5)
     data = scenes.write_imagefolder(tmp_path / "data", images, captions, [True, False, True, False, True])
-    from audit.features.compute import Backends
+    from audit.features.compute import Models
 
-    backends = Backends.load(str(tiny_export["path"]))
-    room = int(memory.batch_need(backends, 2, 1, 1.0)[0] / memory.HEADROOM) + 1
+    models = Models.load(str(tiny_export["path"]))
+    room = int(memory.batch_need(models, 2, 1, 1.0)[0] / memory.HEADROOM) + 1
     monkeypatch.setattr(memory, "available_bytes", lambda: room)
     out = tmp_path / "s.h5"
     api.featurize(str(tiny_export["path"]), data, out, n_gen=1, steps=1, batch_size="auto", quiet=True)
@@ -107,7 +103,6 @@ def test_features_batch_size_auto_is_recorded_and_kept_on_resume(tiny_export, tm
         api.featurize(str(tiny_export["path"]), data, tmp_path / "t.h5", batch_size="many")
 
 
-@pytest.mark.slow
 def test_decoding_in_sub_batches_changes_no_pixel(compiled, monkeypatch):
     from audit.targets import base
 
@@ -118,7 +113,6 @@ def test_decoding_in_sub_batches_changes_no_pixel(compiled, monkeypatch):
     np.testing.assert_array_equal(g.generate(["a red circle", "a blue square"], 3, 0, 2), whole)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_denoising_in_sub_batches_keeps_the_images_and_the_memory_estimate_follows(compiled, monkeypatch, guidance):
     """At most UNET_LATENT_PIXELS a UNet call (SD-1.5: 2 images, 1 when guided): rows are independent, so the
@@ -149,7 +143,6 @@ def test_denoising_in_sub_batches_keeps_the_images_and_the_memory_estimate_follo
     assert estimated[0]["unet"] == 2 and estimated[0]["vae_decoder"] <= per_call
 
 
-@pytest.mark.slow
 def test_encoding_in_sub_batches_changes_no_latent_on_either_path(compiled, tiny_world, monkeypatch):
     """The gray-box tier's VAE encoder goes VAE_PIXELS at a time too (at 512 px, 8 images in one call needed
     ~7 GiB beside the loaded models)."""
@@ -175,7 +168,6 @@ def test_encoding_in_sub_batches_changes_no_latent_on_either_path(compiled, tiny
         monkeypatch.undo()
 
 
-@pytest.mark.slow
 def test_graybox_unet_rows_are_capped_to_the_memory_and_change_no_error(compiled, monkeypatch):
     from audit.features.graybox import DEFAULT_TIMESTEPS, graybox_errors
 

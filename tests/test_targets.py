@@ -101,10 +101,10 @@ def test_ldm_generate_to_features_with_the_default_real_embedder_and_captioner(h
     scenes.write_imagefolder(data, images, captions, [True, False])
     assert default_models("ldm") == ("openai/clip-vit-large-patch14", "blip-base")
     summary = api.featurize("ldm", data, tmp_path / "store.h5", n_gen=2, steps=2, batch_size=2, quiet=True)
-    assert summary["ok"] == 2, summary
-    assert summary["target"]["name"] == "ldm"
-    assert summary["embedder"]["name"] == "openai/clip-vit-large-patch14"
-    assert summary["captioner"]["name"] == "blip-base"
+    assert summary.ok == 2, summary
+    assert summary.target["name"] == "ldm"
+    assert summary.embedder["name"] == "openai/clip-vit-large-patch14"
+    assert summary.captioner["name"] == "blip-base"
     from audit.features import FeatureStore
 
     batch = FeatureStore.open(tmp_path / "store.h5").read()

@@ -166,12 +166,11 @@ def test_dalle_generate_to_features(hub_cache, tiny_families, tmp_path):
     scenes.write_imagefolder(tmp_path / "data", images, captions, [True, False])
     summary = api.featurize("dalle-mini", tmp_path / "data", tmp_path / "store.h5", n_gen=2, steps=1, batch_size=2,
                             quiet=True)  # default embedder/captioner: the real names, cached here as tiny models
-    assert summary["ok"] == 2 and summary["target"]["name"] == "dalle-mini"
+    assert summary.ok == 2 and summary.target["name"] == "dalle-mini"
     batch = FeatureStore.open(tmp_path / "store.h5").read()
     np.testing.assert_array_equal(batch["gen_pixels"], load_target("dalle-mini").generate(captions, 2, 0, 0))
 
 
-@pytest.mark.slow
 def test_dalle_mini_exports_and_runs_features_to_check_on_the_onnx_path(hub_cache, tmp_path):
     """`audit export --target dalle-mini` (encoder, decoder step with a KV cache, detokenizer; the default
     embedder and captioner with it), then features -> train -> check through the export bundle."""
@@ -207,7 +206,7 @@ def test_dalle_mini_exports_and_runs_features_to_check_on_the_onnx_path(hub_cach
     images, captions = scenes.scene_images(4, "members", 6)
     data = scenes.write_imagefolder(tmp_path / "data", images, captions, [True, False] * 3)
     summary = api.featurize(str(bundle), data, tmp_path / "store.h5", n_gen=1, steps=1, batch_size=3, quiet=True)
-    assert summary["ok"] == 6 and summary["target"] == torch_path.identity()
+    assert summary.ok == 6 and summary.target == torch_path.identity()
     stored = FeatureStore.open(tmp_path / "store.h5").read()
     want = torch_path.generate(captions, 1, 0, 1)
     assert np.abs(stored["gen_pixels"].astype(int) - want.astype(int)).max() <= 2

@@ -7,7 +7,6 @@ measured, against 0.26-0.59 for fine-tuning on every timestep. The default suite
 """
 
 import json
-import os
 
 import pytest
 from typer.testing import CliRunner
@@ -16,7 +15,6 @@ from audit.cli import app
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("AUDIT_SLOW"), reason="builds a toy world for minutes; set AUDIT_SLOW=1")
 def test_quick_build_writes_a_loadable_measured_world(tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -152,7 +152,6 @@ def heads(tiny_world, tmp_path_factory):
     return tiny_heads(tiny_world, tmp_path_factory.mktemp("heads"))
 
 
-@pytest.mark.slow
 def test_heads_and_store_made_for_one_target_refuse_another(tiny_world, heads, tmp_path):
     from audit.features import FeatureStore
     from audit.targets.builtin import load_target

@@ -69,7 +69,7 @@ def export_head(head: ScoringHead, example: np.ndarray, path: str | Path, check:
     onnxruntime reproduces torch on ``check`` (or ``example``) rows. Returns the parity numbers."""
     path = Path(path)
     head = head.eval()
-    # The dynamo exporter specialises a batch of 1; give it at least 2 rows (ENV.md).
+    # The dynamo exporter specialises a batch of 1 ("Invalid ranges" with a dynamic batch); give it at least 2 rows.
     ex = np.asarray(example, np.float32)
     if len(ex) < 2:
         ex = np.concatenate([ex, ex])

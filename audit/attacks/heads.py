@@ -80,7 +80,7 @@ class Heads:
 
     def check_compatible(self, target: dict | None = None, embedder: dict | None = None,
                          captioner: dict | None = None) -> None:
-        """Refuse backends other than those the heads were trained with, naming both."""
+        """Refuse models other than those the heads were trained with, naming both."""
         check_manifest(self.info["manifest"], "heads", str(self.path), target)
         for role, given in (("embedder", embedder), ("captioner", captioner)):
             made = self.info["manifest"].get(role)

@@ -189,21 +189,21 @@ class FeaturesWorker(BatchWorker):
     """``audit features``: ``featurize_rows`` on the run's FeaturesConfig."""
 
     def load(self, spec: WorkerSpec) -> None:
-        from ..features.compute import Backends
+        from ..features.compute import Models
 
         self.config = spec.config
-        self.backends = Backends.load(spec.target, spec.embedder, spec.captioner, spec.device, spec.allow_pickle)
+        self.models = Models.load(spec.target, spec.embedder, spec.captioner, spec.device, spec.allow_pickle)
         if BLACK_BOX in self.config.tiers:  # this node's memory, before its first batch
             from ..runtime.memory import check_batch_fits
 
             cfg = self.config
-            check_batch_fits(self.backends, cfg.batch_size, cfg.n_gen, cfg.guidance, what=f"features on {self.node}")
+            check_batch_fits(self.models, cfg.batch_size, cfg.n_gen, cfg.guidance, what=f"features on {self.node}")
 
     def compute(self, rows: list[Row], images: ShippedImages) -> dict:
         from ..features.compute import featurize_rows
 
-        return {"batch": featurize_rows(rows, self.backends, self.config, images),
-                "identities": self.backends.identities(), "dim": int(self.backends.embedder.dim)}
+        return {"batch": featurize_rows(rows, self.models, self.config, images),
+                "identities": self.models.identities(), "dim": int(self.models.embedder.dim)}
 
 
 class ScanWorker(BatchWorker):

@@ -105,7 +105,7 @@ def _threads() -> None:
 def build_store(spec: dict, workdir: str) -> dict:
     """Make (or finish) the store of ``spec``; returns its summary. Runs in a worker process."""
     from ..defences import DefendedGenerator, parse_defence
-    from ..features.compute import Backends, FeaturesConfig, compute_store
+    from ..features.compute import Models, FeaturesConfig, compute_store
     from ..targets.builtin import load_captioner, load_embedder, load_target
 
     from ..features.store import FeatureStore
@@ -123,12 +123,12 @@ def build_store(spec: dict, workdir: str) -> dict:
         generator = load_target(s.target)
     if s.defence != "none":
         generator = DefendedGenerator(generator, parse_defence(s.defence))
-    backends = Backends(generator, load_embedder(s.embedder), load_captioner(s.captioner))
+    models = Models(generator, load_embedder(s.embedder), load_captioner(s.captioner))
     extra = {"graybox_timesteps": tuple(s.graybox_timesteps)} if s.graybox_timesteps else {}
     cfg = FeaturesConfig(target=s.target, embedder=s.embedder, captioner=s.captioner, n_gen=s.n_gen, steps=s.steps,
                          seed=s.seed, batch_size=s.batch_size, missing_caption=s.missing_caption, tier=s.tier,
                          **extra).validate()
-    summary = compute_store(s.data, out, backends, cfg, resume=out.exists(), quiet=True)
+    summary = compute_store(s.data, out, models, cfg, resume=out.exists(), quiet=True)
     if summary["ok"] < summary["rows"]:
         raise ArtifactError(f"{out}: {summary['rows'] - summary['ok']} rows failed ({summary['status']})")
     return {"path": str(out), "rows": summary["rows"], "status": summary["status"]}

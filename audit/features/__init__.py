@@ -1,7 +1,7 @@
 """Per-query features and the HDF5 feature store (the contract between feature computation and the attacks)."""
 
-from .compute import Backends, FeaturesConfig, batch_slices, compute_store, featurize_rows
+from .compute import Models, FeaturesConfig, batch_slices, compute_store, featurize_rows
 from .store import KEYS, FeatureStore, FeatureWriter
 
-__all__ = ["Backends", "FeaturesConfig", "batch_slices", "compute_store", "featurize_rows", "KEYS", "FeatureStore",
+__all__ = ["Models", "FeaturesConfig", "batch_slices", "compute_store", "featurize_rows", "KEYS", "FeatureStore",
            "FeatureWriter"]

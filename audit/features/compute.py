@@ -5,7 +5,7 @@ pixel array (the blind baseline's and the reports' inputs). Black-box tier: ``n_
 with content-derived seeds, a caption of each by the captioner, their image embeddings, the text embeddings of their
 captions, and the generated images as small pixel arrays. Gray-box tier: each gray-box attack's error vector
 (``features.graybox``) from the target's own VAE encoder and UNet. Only ``targets.base`` protocols are used, so
-torch and ONNX backends plug in unchanged.
+torch and ONNX models plug in unchanged.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class FeaturesConfig(Config):
 
 
 @dataclasses.dataclass
-class Backends:
+class Models:
     """The three models a feature computation queries."""
 
     generator: object
@@ -120,7 +120,7 @@ class Backends:
 
     @classmethod
     def load(cls, target: str, embedder: str | None = None, captioner: str | None = None, device: str = "cpu",
-             allow_pickle: bool = False, graybox: bool = False) -> "Backends":
+             allow_pickle: bool = False, graybox: bool = False) -> "Models":
         """The three models; with ``graybox`` the target's gray-box access too, checked before the embedder and
         captioner load (a target without one fails first, in one line)."""
         from ..targets.builtin import default_models, load_captioner, load_embedder, load_target
@@ -167,7 +167,7 @@ def _by_shape(images: Sequence[np.ndarray], fn: Callable[[np.ndarray], object]) 
     return out
 
 
-def _generate(rows: Sequence[Row], ok: list[int], backends: Backends, cfg: FeaturesConfig) -> np.ndarray:
+def _generate(rows: Sequence[Row], ok: list[int], models: Models, cfg: FeaturesConfig) -> np.ndarray:
     """Images [len(ok), n_gen, ...] for the rows ``ok``; a row whose prompt the target refused (an HTTP service's
     content filter) becomes ``generation_refused`` and is left out. Any other failure propagates: the run stops
     with what it committed and ``--resume`` continues once the target is back."""
@@ -175,7 +175,7 @@ def _generate(rows: Sequence[Row], ok: list[int], backends: Backends, cfg: Featu
 
     captions = [rows[i].caption for i in ok]
     try:
-        return np.asarray(backends.generator.generate(captions, cfg.n_gen, cfg.seed, cfg.steps, cfg.guidance))
+        return np.asarray(models.generator.generate(captions, cfg.n_gen, cfg.seed, cfg.steps, cfg.guidance))
     except GenerationFailed as exc:
         if not exc.refused or set(exc.errors) != exc.refused:
             raise
@@ -185,7 +185,7 @@ def _generate(rows: Sequence[Row], ok: list[int], backends: Backends, cfg: Featu
         return np.asarray(exc.images)[[j for j in range(len(ok)) if j not in exc.refused]]
 
 
-def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
+def featurize_rows(rows: Sequence[Row], models: Models, cfg: FeaturesConfig,
                    images: dict[int, np.ndarray] | None = None,
                    graybox_attacks: Sequence[str] = tuple(graybox.DATASETS)) -> dict[str, np.ndarray]:
     """Features of a batch of rows, one output row per input row; failed rows are zeros with status and error.
@@ -197,7 +197,7 @@ def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
     """
     g, p = cfg.n_gen, cfg.pixel_size
     tiers = cfg.tiers
-    out = empty_batch(len(rows), g, p, backends.embedder.dim, tiers, len(cfg.graybox_timesteps))
+    out = empty_batch(len(rows), g, p, models.embedder.dim, tiers, len(cfg.graybox_timesteps))
     queries: dict[int, np.ndarray] = {}
     for i, row in enumerate(rows):
         if not row.ok:
@@ -209,7 +209,7 @@ def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
         if image is not None:
             queries[i] = image
     def caption(images: np.ndarray) -> list[str]:
-        return backends.captioner.caption(images, max_new_tokens=cfg.caption_tokens)
+        return models.captioner.caption(images, max_new_tokens=cfg.caption_tokens)
 
     uncaptioned = [i for i in queries if rows[i].caption is None]
     if uncaptioned:
@@ -223,12 +223,12 @@ def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
 
     ok = sorted(queries)
     if BLACK_BOX in tiers:
-        _black_box(rows, ok, queries, backends, cfg, caption, out)
+        _black_box(rows, ok, queries, models, cfg, caption, out)
     else:
-        _query_side(rows, ok, queries, backends, cfg, out)
+        _query_side(rows, ok, queries, models, cfg, out)
     ok = [i for i in ok if rows[i].ok]
     if GRAY_BOX in tiers and ok and graybox_attacks:
-        d = backends.denoiser()
+        d = models.denoiser()
         pixels = np.stack([resize_pixels(queries[i], d.resolution) for i in ok])
         errors, _ = graybox.graybox_errors(d, pixels, [rows[i].caption for i in ok], cfg.graybox_timesteps,
                                            cfg.seed, graybox_attacks)
@@ -245,11 +245,11 @@ def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
     return out
 
 
-def _black_box(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray], backends: Backends,
+def _black_box(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray], models: Models,
                cfg: FeaturesConfig, caption: Callable, out: dict[str, np.ndarray]) -> None:
     """The black-box tier's features (and the query side) of the rows ``ok``, into ``out``."""
     g, p = cfg.n_gen, cfg.pixel_size
-    gen = _generate(rows, ok, backends, cfg) if ok else None
+    gen = _generate(rows, ok, models, cfg) if ok else None
     ok = [i for i in ok if rows[i].ok]
     if not ok:
         return
@@ -259,9 +259,9 @@ def _black_box(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray
     flat = gen.reshape(-1, *gen.shape[2:])
     gen_captions = [" ".join(str(t).split()) for t in caption(flat)]
     # One embed call per distinct image size: query and generated images together when they match.
-    img_emb = np.asarray(_by_shape([queries[i] for i in ok] + list(flat), backends.embedder.embed_images),
+    img_emb = np.asarray(_by_shape([queries[i] for i in ok] + list(flat), models.embedder.embed_images),
                          dtype=np.float32)
-    txt_emb = np.asarray(backends.embedder.embed_texts(captions + gen_captions), dtype=np.float32)
+    txt_emb = np.asarray(models.embedder.embed_texts(captions + gen_captions), dtype=np.float32)
     n = len(ok)
     out["query_img_emb"][ok] = img_emb[:n]
     out["gen_img_emb"][ok] = img_emb[n:].reshape(n, g, -1)
@@ -272,14 +272,14 @@ def _black_box(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray
     out["gen_pixels"][ok] = np.stack([resize_pixels(im, p) for im in flat]).reshape(n, g, p, p, 3)
 
 
-def _query_side(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray], backends: Backends,
+def _query_side(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray], models: Models,
                 cfg: FeaturesConfig, out: dict[str, np.ndarray]) -> None:
     """Without the black-box tier: only the query-side features (the blind baseline's) of the rows ``ok``."""
     if not ok:
         return
-    out["query_img_emb"][ok] = np.asarray(_by_shape([queries[i] for i in ok], backends.embedder.embed_images),
+    out["query_img_emb"][ok] = np.asarray(_by_shape([queries[i] for i in ok], models.embedder.embed_images),
                                           dtype=np.float32)
-    out["caption_emb"][ok] = np.asarray(backends.embedder.embed_texts([rows[i].caption for i in ok]), np.float32)
+    out["caption_emb"][ok] = np.asarray(models.embedder.embed_texts([rows[i].caption for i in ok]), np.float32)
     out["query_pixels"][ok] = np.stack([resize_pixels(queries[i], cfg.pixel_size) for i in ok])
 
 
@@ -310,7 +310,7 @@ def read_rows(data: str | Path, cfg: FeaturesConfig) -> list[Row]:
 
 def store_manifest(cfg: FeaturesConfig, identities: dict, rows: Sequence[Row], data: str | Path) -> dict:
     """The manifest of the store ``cfg`` makes from ``rows`` with the models of ``identities``
-    (``Backends.identities()``); ``--resume`` compares it with the stored one."""
+    (``Models.identities()``); ``--resume`` compares it with the stored one."""
     return make_manifest(KIND, cfg.for_store(), identities["target"], embedder=identities["embedder"],
                          captioner=identities["captioner"], n_rows=len(rows), rows_hash=rows_hash(rows),
                          data=str(Path(data).resolve()), tiers=list(cfg.tiers),
@@ -341,7 +341,7 @@ def store_summary(out: Path, manifest: dict, seconds: float, first_batch_seconds
     return summary
 
 
-def resolve_batch_size(backends: Backends, cfg: FeaturesConfig, resuming: str | Path | None = None) -> int:
+def resolve_batch_size(models: Models, cfg: FeaturesConfig, resuming: str | Path | None = None) -> int:
     """``--batch-size auto``: the batch size a store being resumed was begun with, else the largest that fits."""
     from ..runtime.memory import auto_batch_size
 
@@ -349,12 +349,12 @@ def resolve_batch_size(backends: Backends, cfg: FeaturesConfig, resuming: str | 
         recorded = FeatureStore.open(resuming).manifest.get("config", {}).get("batch_size")
         if recorded:
             return int(recorded)
-    chosen = auto_batch_size(backends, cfg.n_gen, cfg.guidance)
+    chosen = auto_batch_size(models, cfg.n_gen, cfg.guidance)
     log.info("--batch-size auto: %d captions per batch", chosen)
     return chosen
 
 
-def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: FeaturesConfig, resume: bool = False,
+def compute_store(data: str | Path, out: str | Path, models: Models, cfg: FeaturesConfig, resume: bool = False,
                   quiet: bool = False, on_batch: Callable[[int], None] | None = None) -> dict:
     """Featurise every row of an ImageFolder into the store at ``out``; returns a summary.
 
@@ -366,17 +366,17 @@ def compute_store(data: str | Path, out: str | Path, backends: Backends, cfg: Fe
     out = Path(out)
     if GRAY_BOX in cfg.tiers:
         # A target without gray-box access fails here, in one line, before any row is read.
-        d = backends.denoiser()
+        d = models.denoiser()
         graybox.check_timesteps(cfg.graybox_timesteps, len(d.alphas_cumprod))
     rows = read_rows(data, cfg)
     if BLACK_BOX in cfg.tiers:  # before any row is computed: the batch that will run (at most the row count)
-        check_batch_fits(backends, max(1, min(cfg.batch_size, len(rows))), cfg.n_gen, cfg.guidance)
-    manifest = store_manifest(cfg, backends.identities(), rows, data)
-    writer = open_store(out, manifest, cfg, backends.embedder.dim, resume)
+        check_batch_fits(models, max(1, min(cfg.batch_size, len(rows))), cfg.n_gen, cfg.guidance)
+    manifest = store_manifest(cfg, models.identities(), rows, data)
+    writer = open_store(out, manifest, cfg, models.embedder.dim, resume)
     start_time, first = time.perf_counter(), None
     with progress(total=len(rows), desc="features", unit="row", quiet=quiet, initial=writer.n_committed) as bar:
         for start, stop in batch_slices(len(rows), cfg.batch_size, writer.n_committed):
-            writer.append(featurize_rows(rows[start:stop], backends, cfg))
+            writer.append(featurize_rows(rows[start:stop], models, cfg))
             first = first or time.perf_counter() - start_time
             bar.update(stop - start)
             if on_batch is not None:

@@ -4,7 +4,7 @@
 batch dims, e.g. one row per query) and return [..., N, M] float32. Cosines normalise like ``F.normalize``
 (x / max(|x|, 1e-12)); squared distances expand |a|^2 - 2 a.b + |b|^2 and clamp at 0.
 
-Backends: ``reference`` (torch), ``numpy`` (the default), ``onnx`` (one fused graph), ``triton`` (a tiled kernel).
+Implementations: ``reference`` (torch), ``numpy`` (the default), ``onnx`` (one fused graph), ``triton`` (a tiled kernel).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 import numpy as np
 
 from ..errors import UsageError
-from ._backends import OnnxKernel, check_backend, make_model, require_triton, triton_device
+from ._impls import OnnxKernel, check_impl, make_model, require_triton, triton_device
 
 EPS = 1e-12
 KINDS = ("cosine", "sqdist")
@@ -27,22 +27,22 @@ def _check(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def cosine_matrix(a, b, backend: str = "numpy") -> np.ndarray:
-    return _pairwise("cosine", a, b, backend)
+def cosine_matrix(a, b, impl: str = "numpy") -> np.ndarray:
+    return _pairwise("cosine", a, b, impl)
 
 
-def sqdist_matrix(a, b, backend: str = "numpy") -> np.ndarray:
-    return _pairwise("sqdist", a, b, backend)
+def sqdist_matrix(a, b, impl: str = "numpy") -> np.ndarray:
+    return _pairwise("sqdist", a, b, impl)
 
 
-def _pairwise(kind: str, a, b, backend: str) -> np.ndarray:
-    check_backend(backend)
+def _pairwise(kind: str, a, b, impl: str) -> np.ndarray:
+    check_impl(impl)
     a, b = _check(a, b)
-    if backend == "numpy":
+    if impl == "numpy":
         return _numpy(kind, a, b)
-    if backend == "reference":
+    if impl == "reference":
         return _torch(kind, a, b)
-    if backend == "onnx":
+    if impl == "onnx":
         return _onnx_kernel(kind, a.ndim)(a=np.ascontiguousarray(a), b=np.ascontiguousarray(b))[0]
     return _triton(kind, a, b)
 

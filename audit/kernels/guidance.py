@@ -10,7 +10,7 @@ in the same operation order, so the numpy path reproduces the torch path bit for
     x0 = clip(x0, -r, r)                                   (only with clip_sample)
     x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps
 
-Backends: ``reference`` (torch), ``numpy`` (the CPU default: the benchmark found the fused ONNX graph no faster on
+Implementations: ``reference`` (torch), ``numpy`` (the CPU default: the benchmark found the fused ONNX graph no faster on
 latent-sized arrays, see benchmarks/README.md), ``onnx`` (one fused graph), ``triton`` (one fused GPU kernel).
 """
 
@@ -22,7 +22,7 @@ import functools
 import numpy as np
 
 from ..errors import UsageError
-from ._backends import OnnxKernel, check_backend, make_model, require_triton, scalar, triton_device
+from ._impls import OnnxKernel, check_impl, make_model, require_triton, scalar, triton_device
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _PRED_CODE = {p: i for i, p in enumerate(PREDICTION_TYPES)}
@@ -51,15 +51,15 @@ def _check(noise_pred: np.ndarray, latents: np.ndarray, guidance: float | None, 
 
 
 def cfg_ddim_step(noise_pred, latents, coeffs: DdimCoefficients, guidance: float | None = None,
-                  prediction_type: str = "epsilon", clip_range: float | None = None, backend: str = "numpy"):
+                  prediction_type: str = "epsilon", clip_range: float | None = None, impl: str = "numpy"):
     """One guided DDIM step. ``noise_pred`` is [2B, ...] (uncond half first) with guidance, else [B, ...]."""
-    check_backend(backend)
+    check_impl(impl)
     _check(noise_pred, latents, guidance, prediction_type)
-    if backend == "numpy":
+    if impl == "numpy":
         return _step_numpy(noise_pred, latents, coeffs, guidance, prediction_type, clip_range)
-    if backend == "reference":
+    if impl == "reference":
         return _step_torch(noise_pred, latents, coeffs, guidance, prediction_type, clip_range)
-    if backend == "onnx":
+    if impl == "onnx":
         kernel = _onnx_kernel(guidance is not None, prediction_type, clip_range is not None)
         feeds = {"noise_pred": np.ascontiguousarray(noise_pred, np.float32),
                  "latents": np.ascontiguousarray(latents, np.float32), "coeffs": coeffs.as_array()}

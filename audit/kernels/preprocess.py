@@ -5,7 +5,7 @@ uint8 (so the result is rounded back to uint8), centre-crop, then rescale and no
 ``(x - mean / rescale) / (std / rescale)``. ``ImageTransform.from_processor_config`` reads those settings;
 ``preprocess_images`` runs them on a uint8 [N, H, W, 3] batch and returns float32 [N, 3, h, w].
 
-Backends: ``reference`` (torch: its native uint8 resize, which is the processors' own kernel, so the output equals
+Implementations: ``reference`` (torch: its native uint8 resize, which is the processors' own kernel, so the output equals
 theirs exactly), ``numpy`` (the same resize when one is needed, then crop and normalise in numpy), ``onnx`` (one
 fused graph: cast, layout, antialiased resize in float, crop, normalise; within one uint8 level of the reference
 where it resizes), ``triton`` (the float resize in torch when needed, then one fused kernel for layout and
@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import ArtifactError, InputError
-from ._backends import OnnxKernel, check_backend, make_model, require_triton, triton_device
+from ._impls import OnnxKernel, check_impl, make_model, require_triton, triton_device
 
 # PIL resample codes as saved by HF processors -> interpolation names.
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}
@@ -118,15 +118,15 @@ def _check_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def preprocess_images(images: np.ndarray, transform: ImageTransform, backend: str = "numpy") -> np.ndarray:
+def preprocess_images(images: np.ndarray, transform: ImageTransform, impl: str = "numpy") -> np.ndarray:
     """uint8 [N, H, W, 3] -> float32 [N, 3, h, w], normalised as the model's processor does."""
-    check_backend(backend)
+    check_impl(impl)
     images = _check_images(images)
-    if backend == "reference":
+    if impl == "reference":
         return _preprocess_torch(images, transform).numpy()
-    if backend == "numpy":
+    if impl == "numpy":
         return _preprocess_numpy(images, transform)
-    if backend == "onnx":
+    if impl == "onnx":
         return _preprocess_onnx(images, transform)
     return _preprocess_triton(images, transform)
 

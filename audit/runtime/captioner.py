@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..kernels import DEFAULT_BACKENDS, ImageTransform, preprocess_images
+from ..kernels import DEFAULT_IMPLS, ImageTransform, preprocess_images
 from ..kernels.preprocess import _check_images
 from .folder import ExportFolder
 from .session import RuntimeOptions
@@ -21,7 +21,7 @@ from .session import RuntimeOptions
 
 class OnnxCaptioner:
     def __init__(self, path: str | Path, options: RuntimeOptions | None = None, batch_size: int = 128,
-                 kernel_backend: str | None = None):
+                 kernel_impl: str | None = None):
         from transformers import AutoTokenizer
 
         folder = ExportFolder(path).component_folder("captioner")
@@ -31,7 +31,7 @@ class OnnxCaptioner:
         self._identity = folder.identity
         self.name = self._identity["name"]
         self.batch_size = batch_size
-        self.kernel_backend = kernel_backend or DEFAULT_BACKENDS["preprocess_images"]
+        self.kernel_impl = kernel_impl or DEFAULT_IMPLS["preprocess_images"]
         self.bos, self.eos, self.pad = int(s["bos_token_id"]), int(s["eos_token_id"]), int(s["pad_token_id"])
         self.max_positions = int(s["max_positions"])
         self.n_layers, self.n_heads, self.head_dim = int(s["n_layers"]), int(s["n_heads"]), int(s["head_dim"])
@@ -71,7 +71,7 @@ class OnnxCaptioner:
         return out
 
     def _greedy(self, images: np.ndarray, max_new_tokens: int) -> np.ndarray:
-        px = preprocess_images(images, self.transform, self.kernel_backend)
+        px = preprocess_images(images, self.transform, self.kernel_impl)
         enc = self.vision.run(pixel_values=px)
         cross = {k: v for k, v in enc.items() if k.startswith("cross_")}
         n = len(images)

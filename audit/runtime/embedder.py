@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..kernels import DEFAULT_BACKENDS, ImageTransform, preprocess_images
+from ..kernels import DEFAULT_IMPLS, ImageTransform, preprocess_images
 from ..kernels.preprocess import _check_images
 from .folder import ExportFolder
 from .session import RuntimeOptions
@@ -15,7 +15,7 @@ from .session import RuntimeOptions
 
 class OnnxEmbedder:
     def __init__(self, path: str | Path, options: RuntimeOptions | None = None, batch_size: int = 256,
-                 kernel_backend: str | None = None):
+                 kernel_impl: str | None = None):
         from transformers import AutoTokenizer
 
         folder = ExportFolder(path).component_folder("embedder")
@@ -26,7 +26,7 @@ class OnnxEmbedder:
         self.name = self._identity["name"]
         self.dim = int(s["dim"])
         self.batch_size = batch_size
-        self.kernel_backend = kernel_backend or DEFAULT_BACKENDS["preprocess_images"]
+        self.kernel_impl = kernel_impl or DEFAULT_IMPLS["preprocess_images"]
         self.transform = ImageTransform.from_dict(s["image_transform"])
         self.tokenizer = AutoTokenizer.from_pretrained(folder.file(s["processor"]), local_files_only=True)
         self.image_encoder = folder.load_graph("image_encoder", self.options)
@@ -48,7 +48,7 @@ class OnnxEmbedder:
             return np.zeros((0, self.dim), np.float32)
         images = _check_images(images)
         out = [self.image_encoder.run(pixel_values=preprocess_images(images[i : i + self.batch_size], self.transform,
-                                                                     self.kernel_backend))["image_embeds"]
+                                                                     self.kernel_impl))["image_embeds"]
                for i in range(0, len(images), self.batch_size)]
         return np.concatenate(out).astype(np.float32)
 

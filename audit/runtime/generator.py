@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UsageError
-from ..kernels import DEFAULT_BACKENDS, cfg_ddim_step
+from ..kernels import DEFAULT_IMPLS, cfg_ddim_step
 from ..seeding import image_seeds
 from ..targets.base import vae_rows
 from .folder import ExportFolder
@@ -43,7 +43,7 @@ def initial_latents(seeds: Sequence[int], channels: int, size: int) -> np.ndarra
 
 class OnnxGenerator:
     def __init__(self, path: str | Path, options: RuntimeOptions | None = None, batch_size: int = 64,
-                 kernel_backend: str | None = None):
+                 kernel_impl: str | None = None):
         from transformers import AutoTokenizer
 
         folder = ExportFolder(path).component_folder("target")
@@ -59,7 +59,7 @@ class OnnxGenerator:
         self.text_max_length = int(s["text_max_length"])
         self.cfg_rule = s["cfg_rule"]
         self.batch_size = batch_size
-        self.kernel_backend = kernel_backend or DEFAULT_BACKENDS["cfg_ddim_step"]
+        self.kernel_impl = kernel_impl or DEFAULT_IMPLS["cfg_ddim_step"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder.file(s["tokenizer"]), local_files_only=True)
         self.schedule = DdimSchedule.from_file(folder.file(s["scheduler"]))
         self.text_encoder = folder.load_graph("text_encoder", self.options)
@@ -133,7 +133,7 @@ class OnnxGenerator:
             sample = np.concatenate([x, x]) if guidance is not None else x
             eps = self.unet.run(sample=sample, timestep=np.full(len(sample), t, np.int64), **text)["noise_pred"]
             x = cfg_ddim_step(eps, x, coeffs, guidance, sched.prediction_type, sched.clip_range,
-                              backend=self.kernel_backend)
+                              impl=self.kernel_impl)
         step = self.decode_rows()
         images = np.concatenate([self.vae_decoder.run(latents=x[i : i + step])["images"]
                                  for i in range(0, len(x), step)])

@@ -166,13 +166,13 @@ MAX_AUTO_BATCH = 64  # the largest --batch-size auto picks
 DEFAULT_BATCH = 8  # what auto picks where nothing is measured (the torch path): the features default
 
 
-def batch_need(backends, captions: int, n_gen: int, guidance: float) -> tuple[int, str] | None:
+def batch_need(models, captions: int, n_gen: int, guidance: float) -> tuple[int, str] | None:
     """(bytes, where) the most demanding model call of one features batch of ``captions`` rows needs beyond what
-    is loaded; None unless all three backends are compiled with measurements (the torch path has none)."""
+    is loaded; None unless all three models are compiled with measurements (the torch path has none)."""
     parts = []
-    for backend, args in ((backends.generator, (captions * n_gen, guidance)),
-                          (backends.captioner, (captions * n_gen + captions,)),  # + uncaptioned queries at most
-                          (backends.embedder, (captions * (n_gen + 1),))):
+    for backend, args in ((models.generator, (captions * n_gen, guidance)),
+                          (models.captioner, (captions * n_gen + captions,)),  # + uncaptioned queries at most
+                          (models.embedder, (captions * (n_gen + 1),))):
         peak = getattr(backend, "peak_bytes", None)
         found = peak(*args) if peak is not None else None
         if found is None:
@@ -181,11 +181,11 @@ def batch_need(backends, captions: int, n_gen: int, guidance: float) -> tuple[in
     return max(parts)
 
 
-def fitting_batch_size(backends, n_gen: int, guidance: float, available: int, most: int = MAX_AUTO_BATCH) -> int:
+def fitting_batch_size(models, n_gen: int, guidance: float, available: int, most: int = MAX_AUTO_BATCH) -> int:
     """The largest batch of captions (up to ``most``) whose need fits ``available`` with the headroom; 0: none."""
-    if batch_need(backends, 1, n_gen, guidance) is None:
+    if batch_need(models, 1, n_gen, guidance) is None:
         return most
-    return _largest_fitting(lambda b: batch_need(backends, b, n_gen, guidance)[0], most, available)
+    return _largest_fitting(lambda b: batch_need(models, b, n_gen, guidance)[0], most, available)
 
 
 def _largest_fitting(need: Callable[[int], int], most: int, available: int) -> int:
@@ -220,25 +220,25 @@ def fit_graybox_rows(denoiser, available: int | None = None) -> None:
         denoiser.batch_size = best
 
 
-def check_batch_fits(backends, batch_size: int, n_gen: int, guidance: float, what: str = "features") -> None:
+def check_batch_fits(models, batch_size: int, n_gen: int, guidance: float, what: str = "features") -> None:
     """Raise a one-line UsageError before a batch that would not fit: the estimate, the free memory and the
-    ``--batch-size`` that fits. Nothing is checked where no estimate exists (torch backends)."""
+    ``--batch-size`` that fits. Nothing is checked where no estimate exists (torch models)."""
     from ..errors import UsageError
 
-    need = batch_need(backends, batch_size, n_gen, guidance)
+    need = batch_need(models, batch_size, n_gen, guidance)
     free = available_bytes()
     if need is None or free is None or need[0] <= HEADROOM * free:
         return
-    fits = fitting_batch_size(backends, n_gen, guidance, free, batch_size)
+    fits = fitting_batch_size(models, n_gen, guidance, free, batch_size)
     advice = (f"--batch-size {fits} fits (or pass --batch-size auto)" if fits else
               f"not even one caption at --n-gen {n_gen} fits: free memory or lower --n-gen")
     raise UsageError(f"{what}: a batch of {batch_size} captions ({batch_size * n_gen} generated images) needs about "
                      f"{gib(need[0])} beyond the loaded models ({need[1]}), and {gib(free)} is available; {advice}")
 
 
-def auto_batch_size(backends, n_gen: int, guidance: float) -> int:
+def auto_batch_size(models, n_gen: int, guidance: float) -> int:
     """``--batch-size auto``: the largest batch that fits now (at least 1; the check then explains a misfit)."""
     free = available_bytes()
-    if free is None or batch_need(backends, 1, n_gen, guidance) is None:
+    if free is None or batch_need(models, 1, n_gen, guidance) is None:
         return DEFAULT_BATCH
-    return max(1, fitting_batch_size(backends, n_gen, guidance, free))
+    return max(1, fitting_batch_size(models, n_gen, guidance, free))

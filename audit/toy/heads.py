@@ -33,7 +33,7 @@ def rebuild(out: Path, workdir: Path) -> dict:
     result = api.train(store, trained, seed=RECIPE["train_seed"], register=False, quiet=True)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(trained, out)
-    return result["info"]
+    return result.info
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Tiny models of the real architectures: the toy target, the toy CLIP and the toy BLIP.
 
-Sizes follow what ENV.md measured to work on two CPU cores. Every builder returns freshly initialised models;
+Sizes are ones measured to train in minutes on two CPU cores. Every builder returns freshly initialised models;
 ``audit.toy.train`` trains them, and tests use them untrained (seeded) to exercise the real code paths.
 """
 

@@ -1,6 +1,6 @@
 """Trainers for the toy world's models, and the measurements the README reports about them.
 
-The recipe follows what ENV.md found to make membership real on a tiny latent diffusion model: train the VAE on
+The recipe is one measured to make membership real on a tiny latent diffusion model: train the VAE on
 public images, pre-train text encoder + UNet on public captioned images, then fine-tune both on the members
 long enough that the undescribed detail of each member (stripe phase, colour jitter) is reproduced from its
 caption.

@@ -11,12 +11,12 @@ import numpy as np
 from ..errors import UsageError
 
 OPSET = 18
-BACKENDS = ("numpy", "reference", "onnx", "triton")
+IMPLS = ("numpy", "reference", "onnx", "triton")
 
 
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown kernel backend {backend!r}; valid backends are {', '.join(BACKENDS)}")
+def check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise UsageError(f"unknown kernel implementation {impl!r}; valid implementations are {', '.join(IMPLS)}")
 
 
 def kernel_threads() -> int:

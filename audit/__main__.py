@@ -1,0 +1,5 @@
+"""`python -m audit`: the same command line as `audit`."""
+
+from .cli import main
+
+main()
