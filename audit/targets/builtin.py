@@ -6,23 +6,27 @@ from ..config import check_device
 from ..errors import UsageError
 from ..registry import CAPTIONERS, EMBEDDERS, TARGETS, parse_model_ref
 from ..toy import BUNDLE, bundle_path
+# The real targets (here) and embedders and captioners (models/) register on import; they resolve to the local HF
+# cache.
+from ..models import real as _real_models
+from . import real as _real
 
 
 def _toy_target(device: str = "cpu", allow_pickle: bool = False, **kw):
-    from .diffusion import DiffusersGenerator
+    from .diffusion import DiffusersGenerator  # torch and diffusers: loaded only when a target is
 
     return DiffusersGenerator.from_folder(bundle_path("target"), name="toy", device=device, allow_pickle=allow_pickle,
                                           **kw)
 
 
 def _toy_clip(device: str = "cpu", allow_pickle: bool = False, **kw):
-    from ..models.embedders import TransformersCLIPEmbedder
+    from ..models.embedders import TransformersCLIPEmbedder  # torch and transformers, as above
 
     return TransformersCLIPEmbedder(bundle_path("clip"), name="toy-clip", device=device, allow_pickle=allow_pickle, **kw)
 
 
 def _toy_blip(device: str = "cpu", allow_pickle: bool = False, **kw):
-    from ..models.captioners import TransformersBlipCaptioner
+    from ..models.captioners import TransformersBlipCaptioner  # torch and transformers, as above
 
     return TransformersBlipCaptioner(bundle_path("blip"), name="toy-blip", device=device, allow_pickle=allow_pickle,
                                      **kw)
@@ -32,10 +36,6 @@ TARGETS.register("toy", _toy_target, f"bundled: {BUNDLE / 'target'}", "tiny late
                  "toy world's members", family="diffusion", embedder="toy-clip", captioner="toy-blip")
 EMBEDDERS.register("toy-clip", _toy_clip, f"bundled: {BUNDLE / 'clip'}", "tiny CLIP trained on the toy world's public split")
 CAPTIONERS.register("toy-blip", _toy_blip, f"bundled: {BUNDLE / 'blip'}", "tiny BLIP trained on the toy world's public split")
-
-# The real targets, embedders and captioners (registered on import; they resolve to the local HF cache).
-from . import real as _real  # noqa: E402,F401
-from ..models import real as _real_models  # noqa: E402,F401
 
 # Defaults for targets that name none: the real models the paper used.
 DEFAULT_EMBEDDER = "openai/clip-vit-large-patch14"
@@ -57,7 +57,7 @@ def load_target(spec: str, device: str = "cpu", allow_pickle: bool = False, **kw
 
         return HTTPGenerator(ref.value, **kw)
     if ref.kind == "export":
-        from ..runtime import RuntimeOptions, onnx_generator
+        from ..runtime import RuntimeOptions, onnx_generator  # onnxruntime: only for export folders
 
         return onnx_generator(ref.value, RuntimeOptions(device=device), **kw)
     raise UsageError(f"{spec}: {ref.kind} targets are not supported yet")
@@ -73,7 +73,7 @@ def load_embedder(spec: str, device: str = "cpu", allow_pickle: bool = False, **
     if ref.kind == "hub":
         return _real_models.embedder_from_hub(ref.value, device=device, allow_pickle=allow_pickle, **kw)
     if ref.kind == "export":
-        from ..runtime import OnnxEmbedder, RuntimeOptions
+        from ..runtime import OnnxEmbedder, RuntimeOptions  # onnxruntime: only for export folders
 
         return OnnxEmbedder(ref.value, RuntimeOptions(device=device), **kw)
     raise UsageError(f"{spec}: {ref.kind} embedders are not supported yet")
@@ -89,7 +89,7 @@ def load_captioner(spec: str, device: str = "cpu", allow_pickle: bool = False, *
     if ref.kind == "hub":
         return _real_models.captioner_from_hub(ref.value, device=device, allow_pickle=allow_pickle, **kw)
     if ref.kind == "export":
-        from ..runtime import OnnxCaptioner, RuntimeOptions
+        from ..runtime import OnnxCaptioner, RuntimeOptions  # onnxruntime: only for export folders
 
         return OnnxCaptioner(ref.value, RuntimeOptions(device=device), **kw)
     raise UsageError(f"{spec}: {ref.kind} captioners are not supported yet")
