@@ -86,8 +86,7 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
     actors of ``threads`` threads each (0: this machine's single-process setting); the store is the same."""
     import dataclasses
 
-    from .errors import InputError
-    from .features.compute import Models, FeaturesConfig, compute_store, resolve_batch_size
+    from .features.compute import FeaturesConfig, Models, compute_store, resolve_batch_size
     from .features.store import refuse_existing
     from .imagefolder import require_folder
     from .tiers import GRAY_BOX

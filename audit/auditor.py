@@ -16,7 +16,7 @@ from typing import Container, Iterable, Sequence
 import numpy as np
 
 from .errors import InputError, UsageError
-from .features.compute import Models, FeaturesConfig, batch_slices, featurize_rows
+from .features.compute import FeaturesConfig, Models, batch_slices, featurize_rows
 from .imagefolder import CaptionError, Row, clean_caption, read_caption_file, read_imagefolder
 from .tiers import BLACK_BOX, GRAY_BOX, parse_tier, tier_name
 from .verdict import VERDICTS, Verdict

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from audit import api
 from audit.cli import app
 from audit.errors import UsageError
-from audit.features import Models, FeaturesConfig, FeatureStore, KEYS
+from audit.features import KEYS, FeaturesConfig, FeatureStore, Models
 from audit.features.compute import featurize_rows, resize_pixels
 from audit.imagefolder import Row
 from audit.toy import scenes

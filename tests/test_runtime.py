@@ -265,7 +265,7 @@ def test_embeddings_match_the_torch_embedder(onnx_models, torch_models):
 
 def test_features_from_both_paths_agree(onnx_models, torch_models):
     """The feature computation runs unchanged on the runtime and gives the torch path's features."""
-    from audit.features.compute import Models, FeaturesConfig, featurize_rows
+    from audit.features.compute import FeaturesConfig, Models, featurize_rows
     from audit.imagefolder import Row
     from audit.toy import scenes
 

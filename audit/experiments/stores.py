@@ -105,7 +105,7 @@ def _threads() -> None:
 def build_store(spec: dict, workdir: str) -> dict:
     """Make (or finish) the store of ``spec``; returns its summary. Runs in a worker process."""
     from ..defences import DefendedGenerator, parse_defence
-    from ..features.compute import Models, FeaturesConfig, compute_store
+    from ..features.compute import FeaturesConfig, Models, compute_store
     from ..targets.builtin import load_captioner, load_embedder, load_target
 
     from ..features.store import FeatureStore
