@@ -22,7 +22,7 @@ from .errors import EXIT_INTERRUPTED, EXIT_MEMBER_FOUND, AuditError, error_codes
 
 T = TypeVar("T")
 
-
+# The command being run, for the one line that reports a bug.
 _COMMAND: contextvars.ContextVar[str] = contextvars.ContextVar("command", default="audit")
 
 
@@ -70,7 +70,8 @@ class _Typer(typer.Typer):
 
 app = _Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
              help="Was this image in the training set of that text-to-image generator?")
-toy_app = _Typer(prog="audit toy", no_args_is_help=True, help="The bundled toy world: rebuild it, or draw auxiliary data from it.")
+toy_app = _Typer(prog="audit toy", no_args_is_help=True,
+                 help="The bundled toy world: rebuild it, or draw auxiliary data from it.")
 app.add_typer(toy_app, name="toy")
 
 

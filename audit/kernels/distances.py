@@ -4,7 +4,8 @@
 batch dims, e.g. one row per query) and return [..., N, M] float32. Cosines normalise like ``F.normalize``
 (x / max(|x|, 1e-12)); squared distances expand |a|^2 - 2 a.b + |b|^2 and clamp at 0.
 
-Implementations: ``reference`` (torch), ``numpy`` (the default), ``onnx`` (one fused graph), ``triton`` (a tiled kernel).
+Implementations (``impl=``): ``reference`` (torch), ``numpy`` (the default), ``onnx`` (one fused graph),
+``triton`` (a tiled kernel).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ in the same operation order, so the numpy path reproduces the torch path bit for
     x0 = clip(x0, -r, r)                                   (only with clip_sample)
     x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps
 
-Implementations: ``reference`` (torch), ``numpy`` (the CPU default: the benchmark found the fused ONNX graph no faster on
-latent-sized arrays, see benchmarks/README.md), ``onnx`` (one fused graph), ``triton`` (one fused GPU kernel).
+Implementations: ``reference`` (torch), ``numpy`` (the CPU default: the benchmark found the fused ONNX graph no
+faster on latent-sized arrays, see benchmarks/README.md), ``onnx`` (one fused graph), ``triton`` (one fused GPU
+kernel).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ uint8 (so the result is rounded back to uint8), centre-crop, then rescale and no
 ``(x - mean / rescale) / (std / rescale)``. ``ImageTransform.from_processor_config`` reads those settings;
 ``preprocess_images`` runs them on a uint8 [N, H, W, 3] batch and returns float32 [N, 3, h, w].
 
-Implementations: ``reference`` (torch: its native uint8 resize, which is the processors' own kernel, so the output equals
-theirs exactly), ``numpy`` (the same resize when one is needed, then crop and normalise in numpy), ``onnx`` (one
+Implementations: ``reference`` (torch: its native uint8 resize, which is the processors' own kernel, so the output
+equals theirs exactly), ``numpy`` (the same resize when one is needed, then crop and normalise in numpy), ``onnx`` (one
 fused graph: cast, layout, antialiased resize in float, crop, normalise; within one uint8 level of the reference
 where it resizes), ``triton`` (the float resize in torch when needed, then one fused kernel for layout and
 normalise).
