@@ -8,6 +8,7 @@ turns the heads' calibrated probabilities into ``Verdict`` objects.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -217,9 +218,11 @@ def image_row(image: str | Path, caption: str | None = None) -> Row:
         row.caption_source = "argument"
         return row
     txt = path.with_suffix(".txt")
-    if txt.is_file():
+    if os.path.lexists(txt):
         try:
-            row.caption, row.warnings = clean_caption(read_caption_file(txt), str(txt))
+            # The caption beside a named image must stay in the image's folder (a link to another user's file or
+            # to /proc/self/environ would put its content in the results).
+            row.caption, row.warnings = clean_caption(read_caption_file(txt, path.parent), str(txt))
         except CaptionError as exc:
             raise InputError(str(exc)) from None
         row.caption_source = "txt" if row.caption else None
