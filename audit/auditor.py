@@ -229,13 +229,14 @@ def image_row(image: str | Path, caption: str | None = None) -> Row:
     return row
 
 
-def write_scan_html(results: str | Path, out_html: str | Path, generate=None) -> str | None:
+def write_scan_html(results: str | Path, out_html: str | Path, generate=None, images_root=None) -> str | None:
     """The HTML report of a scan's results, when this installation has the report module; else None (logged).
-    ``generate`` (``Auditor.regenerate``) puts the generated images beside the gallery's queries."""
+    ``generate`` (``Auditor.regenerate``) puts the generated images beside the gallery's queries;
+    ``images_root``: the scanned folder, the only place its query images are read from."""
     try:
         from .report.html import write_scan_report
     except ImportError:
         log.warning("HTML reports are not available in this installation; %s was not written", out_html)
         return None
-    write_scan_report(results, out_html, generate=generate)
+    write_scan_report(results, out_html, generate=generate, images_root=images_root)
     return str(out_html)
