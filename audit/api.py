@@ -176,6 +176,10 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
     check_outputs({"--out": out, "--report": report}, {"DIR": folder, "--heads": heads})
     if Path(out).exists() and Path(out).stat().st_size > 0 and not resume:
         raise UsageError(f"{out}: already exists; pass --resume to continue it, or delete it")
+    if resume:
+        from .report.jsonl import check_results
+
+        check_results(out)  # not a results file: refused unchanged, before any model loads
     rule = dict(max_fpr=max_fpr, decision=decision, max_miss=max_miss)
     if cluster is not None:
         from .cluster import scan_on_ray

@@ -305,10 +305,9 @@ def check_image_shape(path: str | Path, width: int, height: int, max_pixels: int
                          "refused without decoding", "too_large")
     short, long = min(width, height), max(width, height)
     if long > MAX_ASPECT * short:
-        scaled = MODEL_SIDE * -(-long * MODEL_SIDE // short)
-        raise ImageError(f"{path}: image is {width}x{height} pixels, an aspect ratio above {MAX_ASPECT}:1 (scaling "
-                         f"its short edge to {MODEL_SIDE} pixels would make {scaled} pixels); refused without "
-                         "decoding", "too_large")
+        raise ImageError(f"{path}: image is {width}x{height} pixels, an aspect ratio above {MAX_ASPECT}:1 (a model "
+                         f"scaling its short edge to {MODEL_SIDE} pixels would make it {-(-long * MODEL_SIDE // short)}"
+                         f"x{MODEL_SIDE}); refused without decoding", "too_large")
 
 
 def _file_error(path: Path, exc: BaseException) -> ImageError:

@@ -1,8 +1,13 @@
-"""A folder mixing ~25 kinds of bad input with good images: every good row loads, every bad row is explained."""
+"""A folder mixing ~45 kinds of bad and hostile input with good images: every good row loads, every bad row is
+explained, nothing outside the folder is read, no special file blocks, and `check`, `scan`, `features` and
+`report` through the CLI runner end with a row status or a one-line error, losing no file."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -11,18 +16,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import ImageFile
+from PIL import Image, ImageFile
+from typer.testing import CliRunner
 
-from audit.imagefolder import ImageError, load_image, load_row_image, read_imagefolder
-from badcorpus import png_with_header_only, write_bad_corpus
+from audit.cli import app
+from audit.imagefolder import ImageError, check_image_shape, load_image, load_row_image, read_imagefolder
+from badcorpus import SECRET, chunk_bomb_png, png_with_header_only, strip_png, write_bad_corpus
+
+ENV_SECRET = "AUDIT_TEST_ENV_SECRET"  # its value must never appear in an output (a caption -> /proc/self/environ)
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: a FIFO opened for reading blocks until a writer comes, which never happens."""
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds} s (blocked on a special file?)")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("badcorpus")
     expect, warned = write_bad_corpus(root / "data", root / "outside")
-    rows = read_imagefolder(root / "data")
-    images = {r.id: load_row_image(r) for r in rows}
+    with deadline(30):
+        rows = read_imagefolder(root / "data")
+        images = {r.id: load_row_image(r) for r in rows}
     return root / "data", expect, warned, rows, images
 
 
@@ -185,3 +210,140 @@ def test_scan_of_the_bad_corpus_scores_every_good_row_and_explains_every_bad_one
     assert results["no_caption.png"]["caption_source"] == "captioner"  # captioned from the image, and says so
     page = out.with_suffix(".html").read_text()
     assert "Rows that could not be scored" in page and "huge_header.png" in page
+
+
+# ------------------------------------------------------------------------------------------------ hostile files
+
+def test_nothing_outside_the_folder_is_read_into_a_row(corpus):
+    _, _, _, rows, _ = corpus
+    by_id = {r.id: r for r in rows}
+    for row in rows:
+        assert SECRET not in f"{row.caption} {row.error} {row.warnings}", row.id
+    assert by_id["caption_environ.png"].caption is None and "leads outside" in by_id["caption_environ.png"].error
+    assert by_id["caption_inside.png"].caption == "a caption read from a .txt file"  # a link inside is followed
+    assert "is a FIFO" in by_id["fifo.png"].error and "is a FIFO" in by_id["caption_fifo.png"].error
+
+
+def test_shape_limits_refuse_before_decoding_from_files_and_from_bytes(tmp_path, monkeypatch):
+    (tmp_path / "strip.png").write_bytes(strip_png(4_000_000, 2))
+
+    def no_decoding(self):
+        raise AssertionError("decoded an image whose shape is refused")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    for data in (None, (tmp_path / "strip.png").read_bytes()):  # a folder's file, or bytes from HTTP / an upload
+        with pytest.raises(ImageError, match=r"4000000x2 pixels, an aspect ratio above 32:1") as err:
+            load_image(tmp_path / "strip.png", data=data)
+        assert err.value.status == "too_large"
+    check_image_shape("ok.png", 32 * 7, 7)
+    for w, h in ((32 * 7 + 1, 7), (1, 33), (0, 5)):
+        with pytest.raises(ImageError):
+            check_image_shape("x.png", w, h)
+
+
+@pytest.mark.parametrize("kind", [b"zTXt", b"iCCP", b"iTXt"])
+def test_ancillary_chunk_bombs_are_a_row_status_in_bounded_memory(tmp_path, kind):
+    (tmp_path / "b.png").write_bytes(chunk_bomb_png(kind))
+    with pytest.raises(ImageError, match="too large") as err:
+        load_image(tmp_path / "b.png")
+    assert err.value.status == "unreadable" and "\n" not in str(err.value)
+
+
+def _one_error(result, code=1):
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+    assert result.exit_code == code and len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def _hostile_check_inputs(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_text(SECRET)
+    q = tmp_path / "q"
+    q.mkdir()
+    good = strip_png(16, 16)
+    made = {}
+    for name, caption in (("secret", tmp_path / "outside" / "secret.txt"), ("environ", Path("/proc/self/environ"))):
+        (q / f"{name}.png").write_bytes(good)
+        os.symlink(caption, q / f"{name}.txt")
+        made[f"{name}.png"] = "leads outside"
+    (q / "fifo_caption.png").write_bytes(good)
+    os.mkfifo(q / "fifo_caption.txt")
+    made["fifo_caption.png"] = "fifo_caption.txt: is a FIFO"
+    os.mkfifo(q / "fifo.png")
+    made["fifo.png"] = "fifo.png: is a FIFO, not an image"
+    (q / "strip.png").write_bytes(strip_png(4_000_000, 2))
+    made["strip.png"] = "aspect ratio above 32:1"
+    return made
+
+
+def test_check_refuses_hostile_files_and_captions_in_one_line_without_leaking(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_SECRET, SECRET)
+    for name, reason in _hostile_check_inputs(tmp_path).items():
+        with deadline(20):
+            result = CliRunner().invoke(app, ["check", str(tmp_path / "q" / name), "--target", "toy"])
+        line = _one_error(result)
+        assert reason in line, (name, line)
+        assert SECRET not in result.output
+
+
+def _results_line(rid: str) -> str:
+    return json.dumps({"id": rid, "image": rid, "status": "ok", "verdict": "non-member", "probability": 0.1}) + "\n"
+
+
+def test_outputs_that_would_replace_an_input_are_refused_before_anything_is_written(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    (data / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    results = tmp_path / "r.jsonl"
+    results.write_text(_results_line("a.png"))
+    (tmp_path / "store.h5").write_bytes(b"not a store, but an input all the same")
+    before = {p: p.read_bytes() for p in (results, data / "metadata.jsonl", tmp_path / "store.h5")}
+    runs = [
+        ["scan", str(data), "--target", "toy", "--out", str(tmp_path / "new.jsonl"), "--report",
+         str(tmp_path / "new.jsonl")],
+        ["scan", str(data), "--target", "toy", "--out", str(results), "--report", str(results), "--resume"],
+        ["scan", str(data), "--target", "toy", "--out", str(data / "metadata.jsonl"), "--resume"],
+        ["report", str(results), "--out", str(results)],
+        ["report", str(results), "--out", str(tmp_path / "." / "r.jsonl")],
+        ["features", "--target", "toy", "--data", str(data), "--out", str(data / "metadata.jsonl")],
+        ["features", "--target", "toy", "--data", str(data), "--out", str(data / "b.png")],
+        ["train", str(tmp_path / "store.h5"), "--out", str(tmp_path / "store.h5")],
+        ["evaluate", str(tmp_path / "store.h5"), "--json", str(tmp_path / "store.h5")],
+    ]
+    for args in runs:
+        with deadline(30):
+            result = CliRunner().invoke(app, args)
+        line = _one_error(result, code=2)
+        assert "nothing was written" in line, (args, line)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "r.jsonl", "store.h5"]
+    assert sorted(p.name for p in data.iterdir()) == ["a.png", "metadata.jsonl"]
+
+
+@pytest.mark.parametrize("content", [b"hello, not results", b"<html><body>a report</body></html>",
+                                     b'{"file_name": "a.png", "text": "metadata, not results"}',
+                                     b'{"id": "a.png"}\nplain text cut short', b"\x89PNG\r\n\x1a\n"])
+def test_resume_on_a_file_that_is_not_results_refuses_it_unchanged(tmp_path, content):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    out = tmp_path / "out.txt"
+    out.write_bytes(content)
+    with deadline(30):
+        result = CliRunner().invoke(app, ["scan", str(data), "--target", "toy", "--out", str(out), "--resume"])
+    line = _one_error(result)
+    assert "out.txt" in line and "not a results file" in line
+    assert out.read_bytes() == content
+
+
+def test_report_of_results_through_a_fifo_or_naming_one_does_not_block(tmp_path):
+    os.mkfifo(tmp_path / "r.jsonl")
+    with deadline(20):
+        result = CliRunner().invoke(app, ["report", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "r.html")])
+    assert "is a FIFO" in _one_error(result)
+    (tmp_path / "ok.jsonl").write_text(_results_line("a.png"))
+    os.mkfifo(tmp_path / "out.html")
+    with deadline(20):
+        result = CliRunner().invoke(app, ["report", str(tmp_path / "ok.jsonl"), "--out", str(tmp_path / "out.html")])
+    assert "not a regular file" in _one_error(result, code=2)

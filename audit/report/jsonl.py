@@ -114,9 +114,34 @@ def _records(path: Path, data: bytes) -> tuple[list[dict], int]:
                 pos = good_end = end
                 continue
             raise ArtifactError(f"{path}:{lineno}: malformed line in the middle of the file (not an interrupted "
-                                "write); fix or delete the file")
+                                "write): not a results file of this tool, or a damaged one; left unchanged")
         records.append(record)
         pos = good_end = end
+    return records, good_end
+
+
+def check_results(path: str | os.PathLike, data: bytes | None = None,
+                  key: str = "id") -> tuple[list[dict], int]:
+    """``read_jsonl`` for a file about to be resumed: ArtifactError, with the file left unchanged, unless it is
+    a results file of this tool (every record carries ``key``; a last line without its newline is a whole record
+    carrying it, or the beginning of a JSON object cut short)."""
+    path = Path(path)
+    if data is None:
+        if not os.path.lexists(path):
+            return [], 0
+        data = _read_whole(path)
+    records, good_end = _records(path, data)
+    for i, record in enumerate(records, start=1):
+        if key not in record:
+            raise ArtifactError(f"{path}:{i}: record has no {key!r} field; not a results file of this tool (left "
+                                "unchanged)")
+    tail = data[good_end:]
+    if tail:
+        record = _parse(tail)
+        torn = key in record if record is not None else (tail.startswith(b'{"') or b'{"'.startswith(tail))
+        if not torn:
+            raise ArtifactError(f"{path}: its last line is not a record of this tool cut short; not a results "
+                                "file (left unchanged)")
     return records, good_end
 
 
@@ -156,14 +181,9 @@ class JsonlWriter:
 
     def _recover(self) -> None:
         data = _read_whole(self.path)
-        records, good_end = _records(self.path, data)
-        for i, record in enumerate(records, start=1):
-            if self.key not in record:
-                raise ArtifactError(f"{self.path}:{i}: record has no {self.key!r} field; not a results file of "
-                                    "this tool (left unchanged)")
+        records, good_end = check_results(self.path, data, self.key)
         size = len(data)
         if good_end < size:
-            self._check_torn(data[good_end:])
             log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run; its row is redone",
                         self.path, size - good_end)
             with open(self.path, "r+b") as fh:
@@ -174,15 +194,6 @@ class JsonlWriter:
             self.done.add(str(record[self.key]))
         self.n_existing = len(records)
         log.info("%s: resuming after %d finished rows", self.path, len(self.done))
-
-    def _check_torn(self, tail: bytes) -> None:
-        """Refuse a last line that is not what a kill leaves of this writer's records: a whole record without its
-        newline must carry the key; a cut one must begin as a JSON object does."""
-        record = _parse(tail)
-        torn = self.key in record if record is not None else (tail.startswith(b'{"') or b'{"'.startswith(tail))
-        if not torn:
-            raise ArtifactError(f"{self.path}: its last line is not a record of this tool cut short; not a results "
-                                "file (left unchanged)")
 
     def __contains__(self, key: object) -> bool:
         return str(key) in self.done
