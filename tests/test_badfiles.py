@@ -186,18 +186,23 @@ def test_unreadable_permissions(tmp_path):
 
 @pytest.mark.slow
 def test_scan_of_the_bad_corpus_scores_every_good_row_and_explains_every_bad_one(corpus, tiny_world,
-                                                                                  tmp_path_factory):
-    from audit import api
+                                                                                  tmp_path_factory, monkeypatch):
+    """Through the CLI: every row of the corpus gets its status (the 4,000,000 x 2 strip fails as its own row and
+    its batch's other rows are scored), nothing from outside the folder or the environment reaches the results
+    or the report, no markup from a caption is live, and --resume passes over every row."""
     from audit.report.jsonl import read_jsonl
     from tinyheads import tiny_heads
 
+    monkeypatch.setenv(ENV_SECRET, SECRET)
     folder, expect, _, _, _ = corpus
     heads = tiny_heads(tiny_world, tmp_path_factory.mktemp("heads"))
     out = tmp_path_factory.mktemp("scan") / "results.jsonl"
-    summary = api.scan(folder, out, heads=heads["heads"], quiet=True, report=out.with_suffix(".html"),
-                       **heads["kw"])
+    scan = ["scan", str(folder), "--out", str(out), *heads["opts"], "--quiet"]
+    with deadline(600):
+        result = CliRunner().invoke(app, [*scan, "--report", str(out.with_suffix(".html"))])
+    assert result.exit_code == 0, result.output
     results = {r["id"]: r for r in read_jsonl(out)[0]}
-    assert set(results) == set(expect) and summary["rows"] == len(expect)
+    assert set(results) == set(expect)
     for rid, want in expect.items():
         r = results[rid]
         assert r["status"] == want, (rid, r["status"], r["error"])
@@ -210,6 +215,47 @@ def test_scan_of_the_bad_corpus_scores_every_good_row_and_explains_every_bad_one
     assert results["no_caption.png"]["caption_source"] == "captioner"  # captioned from the image, and says so
     page = out.with_suffix(".html").read_text()
     assert "Rows that could not be scored" in page and "huge_header.png" in page
+    again = out.parent / "again.html"
+    result = CliRunner().invoke(app, ["report", str(out), "--out", str(again), "--images", str(folder)])
+    assert result.exit_code == 0, result.output
+    for text in (out.read_text(), page, again.read_text(), result.output):
+        assert SECRET not in text
+    for html in (page, again.read_text()):
+        assert "<script" not in html and "<img src=x" not in html and "&lt;script&gt;" in html
+    before = out.read_bytes()
+    with deadline(300):
+        result = CliRunner().invoke(app, [*scan, "--resume", "--json"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == before  # the strip and every other refused row are passed over, not retried
+
+
+@pytest.mark.slow
+def test_features_of_a_hostile_folder_keeps_every_row(tiny_world, tmp_path, monkeypatch):
+    from audit.features import FeatureStore
+    from tinyheads import FEATURES
+
+    monkeypatch.setenv(ENV_SECRET, SECRET)
+    made = _hostile_check_inputs(tmp_path)
+    folder = tmp_path / "q"
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(folder / f"good{i}.png")
+    listed = [f"good{i}.png" for i in range(3)] + ["strip.png", "fifo.png"]  # captioned: refused for their image
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": name, "text": "a square",
+                                                               "member": i % 2 == 0}) + "\n"
+                                                   for i, name in enumerate(listed)))
+    opts = [f"--{k.replace('_', '-')}={v}" for k, v in FEATURES.items()]
+    with deadline(300):
+        result = CliRunner().invoke(app, ["features", "--target", str(tiny_world["target"]), "--embedder",
+                                          str(tiny_world["clip"]), "--captioner", str(tiny_world["blip"]), "--data",
+                                          str(folder), "--out", str(tmp_path / "s.h5"), "--quiet", *opts])
+    assert result.exit_code == 0, result.output
+    batch = FeatureStore.open(tmp_path / "s.h5").read(ok_only=False)
+    status = dict(zip(batch["ids"], batch["status"]))
+    assert set(status) == set(made) | {f"good{i}.png" for i in range(3)}
+    assert all(status[f"good{i}.png"] == "ok" for i in range(3))
+    assert status["strip.png"] == "too_large" and status["fifo.png"] == "unreadable"
+    assert status["secret.png"] == status["environ.png"] == "outside_folder"
+    assert SECRET not in " ".join(map(str, batch["caption"])) + " ".join(map(str, batch["error"]))
 
 
 # ------------------------------------------------------------------------------------------------ hostile files
