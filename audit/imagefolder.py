@@ -250,6 +250,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | Non
     file is opened by ``open_user_file`` (inside ``root`` when given: a row of a folder).
     """
     path = Path(path)
+    if data is not None and len(data) > MAX_IMAGE_FILE_BYTES:
+        raise ImageError(f"{path}: {len(data)} bytes, above the limit of {MAX_IMAGE_FILE_BYTES} for an image",
+                         "too_large")
     try:
         fh = open_user_file(path, root, MAX_IMAGE_FILE_BYTES, "an image") if data is None else io.BytesIO(data)
     except UserFileError as exc:

@@ -128,11 +128,12 @@ def test_pixel_limit_allocates_nothing_large(tmp_path):
     """In a fresh process, refusing a 10-gigapixel header must not grow memory (decoding would need 30 GB)."""
     for name, (w, h) in {"a.png": (100_000, 100_000), "b.png": (9000, 9000)}.items():
         (tmp_path / name).write_bytes(png_with_header_only(w, h))
+    (tmp_path / "c.png").write_bytes(strip_png(4_000_000, 2))  # decodable: 8 MB; scaled by a model: 448 Gpx
     code = textwrap.dedent(f"""
         import resource, sys
         from audit.imagefolder import ImageError, load_image
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for name in ("a.png", "b.png"):
+        for name in ("a.png", "b.png", "c.png"):
             try:
                 load_image({str(tmp_path)!r} + "/" + name)
                 sys.exit("loaded " + name)
@@ -345,7 +346,13 @@ def test_outputs_that_would_replace_an_input_are_refused_before_anything_is_writ
     results.write_text(_results_line("a.png"))
     (tmp_path / "store.h5").write_bytes(b"not a store, but an input all the same")
     before = {p: p.read_bytes() for p in (results, data / "metadata.jsonl", tmp_path / "store.h5")}
+    links = tmp_path / "links"
+    links.mkdir()
+    os.symlink(results, links / "sym.html")
+    os.link(results, links / "hard.html")  # another name of the same inode
     runs = [
+        ["report", str(results), "--out", str(links / "sym.html")],
+        ["report", str(results), "--out", str(links / "hard.html")],
         ["scan", str(data), "--target", "toy", "--out", str(tmp_path / "new.jsonl"), "--report",
          str(tmp_path / "new.jsonl")],
         ["scan", str(data), "--target", "toy", "--out", str(results), "--report", str(results), "--resume"],
@@ -363,7 +370,7 @@ def test_outputs_that_would_replace_an_input_are_refused_before_anything_is_writ
         line = _one_error(result, code=2)
         assert "nothing was written" in line, (args, line)
     assert {p: p.read_bytes() for p in before} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "r.jsonl", "store.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "links", "r.jsonl", "store.h5"]
     assert sorted(p.name for p in data.iterdir()) == ["a.png", "metadata.jsonl"]
 
 
