@@ -400,3 +400,18 @@ def test_report_of_results_through_a_fifo_or_naming_one_does_not_block(tmp_path)
     with deadline(20):
         result = CliRunner().invoke(app, ["report", str(tmp_path / "ok.jsonl"), "--out", str(tmp_path / "out.html")])
     assert "not a regular file" in _one_error(result, code=2)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "outside", "directory"])
+def test_a_hostile_metadata_file_fails_the_folder_in_one_line_without_blocking(tmp_path, kind):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    (tmp_path / "secret.jsonl").write_text(json.dumps({"file_name": "a.png", "text": SECRET}) + "\n")
+    {"fifo": lambda p: os.mkfifo(p), "outside": lambda p: os.symlink(tmp_path / "secret.jsonl", p),
+     "directory": lambda p: p.mkdir()}[kind](data / "metadata.jsonl")
+    from audit.errors import InputError
+
+    with deadline(20), pytest.raises(InputError) as err:  # the CLI prints it as one line, exit code 1
+        read_imagefolder(data)
+    assert "metadata.jsonl: " in str(err.value) and "\n" not in str(err.value) and SECRET not in str(err.value)
