@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .config import check_device
 from .errors import UsageError
+from .paths import check_outputs
 from .results import EvaluateResult, FeaturesSummary, ScanSummary, TrainResult
 
 
@@ -101,6 +103,8 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
         # The memory that decides is each worker's, which the driver cannot see before the actors start.
         raise UsageError("--batch-size auto measures this machine's memory; with --ray give a number (each worker "
                          "checks that its batch fits before it starts)")
+    check_outputs({"--out": out}, {"--data": data, "--target": _local(target), "--embedder": _local(embedder),
+                                   "--captioner": _local(captioner)})
     refuse_existing(out, resume)  # the user's paths fail here, before any model loads
     require_folder(data)
     if cluster is not None:
@@ -117,6 +121,11 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
         cfg = dataclasses.replace(cfg, batch_size=resolve_batch_size(models, cfg, out if resume else None))
     return FeaturesSummary.from_dict(compute_store(data, out, models, cfg, resume=resume, quiet=quiet,
                                                    on_batch=on_batch))
+
+
+def _local(spec: str | None) -> str | None:
+    """A model spec that names a local path (an input that outputs must not replace), else None."""
+    return spec if spec and os.path.exists(spec) else None
 
 
 def _count(value: int | str) -> int:
@@ -162,6 +171,7 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
 
     cluster = _cluster(ray, workers, threads, device)
     require_folder(folder)  # the user's paths fail here, before any model loads
+    check_outputs({"--out": out, "--report": report}, {"DIR": folder, "--heads": heads})
     refuse_existing_results(out, resume)
     rule = dict(max_fpr=max_fpr, decision=decision, max_miss=max_miss)
     if cluster is not None:
@@ -179,7 +189,7 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
         summary = auditor.scan(folder, out, resume=resume, quiet=quiet)
         generate = auditor.regenerate if auditor.generates else None
     if report is not None:
-        summary["report"] = write_scan_html(out, report, generate=generate)
+        summary["report"] = write_scan_html(out, report, generate=generate, images_root=folder)
     return ScanSummary.from_dict(summary)
 
 
@@ -208,6 +218,7 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
     from .errors import ArtifactError
     from .features.store import FeatureStore
 
+    check_outputs({"--out": out}, {"STORE": store})
     cfg = config or TrainConfig()
     fs = FeatureStore.open(store)
     if (attacks is None and config is None) or (isinstance(attacks, str) and attacks.strip().lower() == "all"):
@@ -251,10 +262,11 @@ def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str |
     if n_boot < 0:
         raise UsageError(f"--bootstrap must be >= 0, got {n_boot}")
     check_budget(max_fpr, max_miss, decision)
-    fs = FeatureStore.open(store)
-    h = resolve_heads(heads, fs.manifest.get("target"))
     if plot is None and json_out is not None:
         plot = Path(json_out).with_suffix(".png")
+    check_outputs({"--json": json_out, "--plot": plot, "--report": report}, {"STORE": store, "--heads": heads})
+    fs = FeatureStore.open(store)
+    h = resolve_heads(heads, fs.manifest.get("target"))
     result = evaluate_heads(fs.read(ok_only=True), h, fs.manifest, str(store), file_sha256(store), n_boot, seed,
                             plot, decision, max_fpr, max_miss)
     if json_out is not None:
@@ -267,24 +279,33 @@ def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str |
 
 
 def report(results: str | Path, out: str | Path, store: str | Path | None = None,
-           heads: str | Path | None = None) -> str:
+           heads: str | Path | None = None, images: str | Path | None = None) -> str:
     """An HTML report from files already written: a scan's JSONL results, or `audit evaluate --json` output
-    (whose ROC curves and images are recomputed from the store and heads it names, or those given here)."""
+    (whose ROC curves and images are recomputed from the store and heads it names, or those given here).
+    ``images``: the scanned folder, the only place a scan report reads query images from (by row id); default:
+    the results file's folder."""
     import json
 
     from .errors import InputError
+    from .imagefolder import UserFileError, read_user_file
     from .report.html import write_evaluate_report, write_scan_report
+    from .report.jsonl import MAX_RESULTS_BYTES
 
     path = Path(results)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(f"{path}: no such file")
+    check_outputs({"--out": out}, {"RESULTS": path, "--store": store, "--heads": heads, "--images": images})
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = read_user_file(path, None, MAX_RESULTS_BYTES, "a results file")
+    except UserFileError as exc:
+        raise InputError(str(exc)) from None
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         doc = None  # several JSON lines (or a torn one): scan results
     if isinstance(doc, dict) and "attacks" in doc:
         return str(write_evaluate_report(doc, out, store=store, heads=heads))
-    return str(write_scan_report(path, out, store=store))
+    return str(write_scan_report(path, out, store=store, images_root=images))
 
 
 # ------------------------------------------------------------------------------------------------ export

@@ -8,6 +8,7 @@ turns the heads' calibrated probabilities into ``Verdict`` objects.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -217,22 +218,25 @@ def image_row(image: str | Path, caption: str | None = None) -> Row:
         row.caption_source = "argument"
         return row
     txt = path.with_suffix(".txt")
-    if txt.is_file():
+    if os.path.lexists(txt):
         try:
-            row.caption, row.warnings = clean_caption(read_caption_file(txt), str(txt))
+            # The caption beside a named image must stay in the image's folder (a link to another user's file or
+            # to /proc/self/environ would put its content in the results).
+            row.caption, row.warnings = clean_caption(read_caption_file(txt, path.parent), str(txt))
         except CaptionError as exc:
             raise InputError(str(exc)) from None
         row.caption_source = "txt" if row.caption else None
     return row
 
 
-def write_scan_html(results: str | Path, out_html: str | Path, generate=None) -> str | None:
+def write_scan_html(results: str | Path, out_html: str | Path, generate=None, images_root=None) -> str | None:
     """The HTML report of a scan's results, when this installation has the report module; else None (logged).
-    ``generate`` (``Auditor.regenerate``) puts the generated images beside the gallery's queries."""
+    ``generate`` (``Auditor.regenerate``) puts the generated images beside the gallery's queries;
+    ``images_root``: the scanned folder, the only place its query images are read from."""
     try:
         from .report.html import write_scan_report
     except ImportError:
         log.warning("HTML reports are not available in this installation; %s was not written", out_html)
         return None
-    write_scan_report(results, out_html, generate=generate)
+    write_scan_report(results, out_html, generate=generate, images_root=images_root)
     return str(out_html)

@@ -246,11 +246,13 @@ def report_cmd(
                                          "queries (evaluate: default, the store the evaluation names)."),
     heads: Optional[Path] = typer.Option(None, "--heads", help="Heads folder (evaluate: default, the heads the "
                                          "evaluation names)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="The scanned folder: a scan report embeds only "
+                                          "query images under it (default: the results file's folder)."),
 ) -> None:
     """Write the HTML report of a finished scan or evaluation."""
     from . import api
 
-    typer.echo(f"report written to {run(lambda: api.report(results, out, store=store, heads=heads))}")
+    typer.echo(f"report written to {run(lambda: api.report(results, out, store=store, heads=heads, images=images))}")
 
 
 # ------------------------------------------------------------------------- features, check, scan, demo

@@ -10,26 +10,33 @@ Every row ends with a status; ``error`` is a one-line message naming the file (a
 status is not ``ok``. Statuses:
 
 ``ok``             the row can be scored
-``unreadable``     not an image, corrupt or truncated data, permission denied, a directory, a bad file name
-``too_large``      width x height above the pixel limit; refused from the header, before decoding
+``unreadable``     not an image, corrupt or truncated data, permission denied, not a regular file (a directory,
+                   FIFO, socket or device), a symlink loop, a bad file name
+``too_large``      a file above its byte limit, width x height above the pixel limit, or a shape whose short edge
+                   scaled up to a model's input side would exceed it (a 4,000,000 x 2 strip); refused from the
+                   header, before decoding
 ``missing``        listed in metadata.jsonl but not on disk (or a broken symlink)
 ``outside_folder`` a symlink or a file_name that leads outside the folder
 ``bad_metadata``   a metadata.jsonl line that is not JSON / not UTF-8 / lacks file_name / has a bad field
 ``duplicate``      a file listed more than once in metadata.jsonl with different values
-``bad_caption``    a .txt caption that is not UTF-8 or is too large
+``bad_caption``    a .txt caption that is not UTF-8, too large, or not a regular file
 ``no_caption``     no caption, where one is required (``require_caption=True``)
 
 Hidden files and folders (names starting with ``.``) are skipped, as the Hugging Face ImageFolder loader does.
+Every file of a folder (image, caption, metadata) is opened by ``open_user_file``, which refuses what leads outside
+the folder, what is not a regular file and what is too large before reading a byte.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import logging
 import os
 import re
+import stat
 import struct
 import unicodedata
 import warnings
@@ -44,6 +51,12 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_PIXELS = 64 * 1024 * 1024  # refuse larger images from their header, before decoding them
+# Embedders, captioners and targets scale an image's short edge up to their input side (224 to 1024 pixels here):
+# a 4,000,000 x 2 strip would become 448 gigapixels. The aspect ratio bounds what that scaling can make.
+MODEL_SIDE = 1024
+MAX_ASPECT = 32  # MODEL_SIDE x (MAX_ASPECT x MODEL_SIDE) = 32 Mpx, below MAX_PIXELS
+MAX_IMAGE_FILE_BYTES = 256 * 1024 * 1024  # an image file larger than this is refused before it is read
+MAX_METADATA_BYTES = 256 * 1024 * 1024  # metadata.jsonl
 MAX_CAPTION_CHARS = 2000  # longer captions are truncated (CLIP reads 77 tokens anyway), with a warning
 MAX_CAPTION_FILE_BYTES = 1 << 20  # a .txt caption larger than this is refused rather than read into memory
 METADATA = "metadata.jsonl"
@@ -62,6 +75,7 @@ class Row:
     status: str = "ok"
     error: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
+    root: str | None = None  # the folder the row's files must stay inside (None: a file the user named)
 
     @property
     def ok(self) -> bool:
@@ -77,7 +91,11 @@ class Row:
 
 
 class CaptionError(InputError):
-    """A caption file that cannot be used (row status ``bad_caption``)."""
+    """A caption file that cannot be used (row status ``bad_caption``, or ``outside_folder``)."""
+
+    def __init__(self, message: str, status: str = "bad_caption"):
+        super().__init__(_one_line(message))
+        self.status = status
 
 
 class ImageError(InputError):
@@ -88,8 +106,94 @@ class ImageError(InputError):
         self.status = status
 
 
+class UserFileError(InputError):
+    """A file refused by ``open_user_file``; ``status`` is the row status it maps to."""
+
+    def __init__(self, message: str, status: str = "unreadable"):
+        super().__init__(_one_line(message))
+        self.status = status
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+# ------------------------------------------------------------------------------------------------ user files
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path: Path, mode: int, what: str) -> UserFileError | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return UserFileError(f"{path}: is {kind}, not {what}" if kind != "not a regular file" else f"{path}: {kind}")
+
+
+def open_user_file(path: str | Path, root: str | Path | None, max_bytes: int, what: str = "a regular file"):
+    """Open a file of a user's folder for reading (a binary file object), or raise UserFileError before reading
+    a byte: when its resolved path (symlinks followed) leaves ``root``, when it is not a regular file (a FIFO
+    would block a reader forever, a device could stream without end) or when it holds more than ``max_bytes``.
+
+    ``root`` None: a file the user named on the command line, which may be anywhere. The file is checked on its
+    path, then opened non-blocking without following a further symlink and checked again on the open descriptor,
+    so a file swapped in between is caught too.
+    """
+    path = Path(path)
+    real = path
+    if root is not None:
+        try:
+            real = path.resolve(strict=True)
+        except FileNotFoundError:
+            raise UserFileError(f"{path}: broken symlink" if path.is_symlink() else f"{path}: file not found",
+                                "missing") from None
+        except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise _os_error(path, exc) from None
+        if not real.is_relative_to(Path(root).resolve()):
+            raise UserFileError(f"{path}: leads outside {root}; refused", "outside_folder")
+    try:
+        refused = _not_regular(path, os.stat(real).st_mode, what)
+        if refused:
+            raise refused
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(real, flags | (os.O_NOFOLLOW if root is not None else 0))
+    except OSError as exc:
+        raise _os_error(path, exc) from None
+    try:
+        st = os.fstat(fd)
+        refused = _not_regular(path, st.st_mode, what)
+        if refused:
+            raise refused
+        if st.st_size > max_bytes:
+            raise UserFileError(f"{path}: {st.st_size} bytes, above the limit of {max_bytes} for {what}",
+                                "too_large")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _os_error(path: Path, exc: BaseException) -> UserFileError:
+    if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        return UserFileError(f"{path}: symlink loop")
+    if isinstance(exc, FileNotFoundError):
+        return UserFileError(f"{path}: file not found", "missing")
+    if isinstance(exc, PermissionError):
+        return UserFileError(f"{path}: permission denied")
+    if getattr(exc, "errno", None) == errno.ENXIO:
+        return UserFileError(f"{path}: is a socket or device without a reader, not a regular file")
+    return UserFileError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or type(exc).__name__})")
+
+
+def read_user_file(path: str | Path, root: str | Path | None, max_bytes: int, what: str = "a regular file") -> bytes:
+    """The bytes of a file, through ``open_user_file``, reading no more than ``max_bytes`` whatever it claims."""
+    with open_user_file(path, root, max_bytes, what) as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew after the check
+        raise UserFileError(f"{path}: above the limit of {max_bytes} bytes for {what}", "too_large")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------- captions
@@ -116,13 +220,14 @@ def clean_caption(text: object, where: str) -> tuple[str | None, list[str]]:
     return (text or None), warns
 
 
-def read_caption_file(path: Path) -> str:
-    """The text of a ``.txt`` caption; CaptionError when it is too large or not UTF-8."""
-    size = path.stat().st_size
-    if size > MAX_CAPTION_FILE_BYTES:
-        raise CaptionError(f"{path}: caption file is {size} bytes, above the limit of {MAX_CAPTION_FILE_BYTES}")
-    with open(path, "rb") as fh:
-        data = fh.read(MAX_CAPTION_FILE_BYTES + 1)
+def read_caption_file(path: Path, root: str | Path | None) -> str:
+    """The text of a ``.txt`` caption inside ``root`` (the folder, or the image's own folder for a single image);
+    CaptionError when it is refused (outside ``root``, not a regular file, too large) or not UTF-8. Its status
+    is ``outside_folder`` for a caption leading outside, else ``bad_caption``."""
+    try:
+        data = read_user_file(path, root, MAX_CAPTION_FILE_BYTES, "a caption file")
+    except UserFileError as exc:
+        raise CaptionError(str(exc), "outside_folder" if exc.status == "outside_folder" else "bad_caption") from None
     try:
         return data.decode("utf-8-sig")  # tolerate the byte-order mark some editors write
     except UnicodeDecodeError as exc:
@@ -131,35 +236,49 @@ def read_caption_file(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------------ images
 
-def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None,
+               root: str | Path | None = None) -> np.ndarray:
     """Decode any common image to uint8 RGB [H, W, 3]; raise ImageError with a one-line reason otherwise.
 
-    The pixel limit is checked on the header before any pixel is decoded, so a decompression bomb costs nothing.
-    EXIF orientation is applied (as viewers show the image); transparency is composited onto white; 16-bit and
-    float images are scaled to 8 bits; CMYK and palette images are converted to RGB. ``data``: the file's bytes
-    as ``read_image_bytes`` read them elsewhere (a cluster worker decodes what the driver read); messages still
-    name ``path``, and the pixels and errors are those of decoding the file itself.
+    The one decode path for every image that enters (folders, ``check``, HTTP responses, uploads). Its limits are
+    checked on the header before any pixel is decoded, so a decompression bomb costs nothing: width x height,
+    and the aspect ratio, which bounds the size a model's resize of the short edge would make (``MODEL_SIDE``).
+    Only the first frame of an animated image is decoded. EXIF orientation is applied (as viewers show the
+    image); transparency is composited onto white; 16-bit and float images are scaled to 8 bits; CMYK and
+    palette images are converted to RGB. ``data``: the image's bytes (read elsewhere, e.g. by
+    ``read_image_bytes`` on another machine, or received over HTTP); messages still name ``path``. Otherwise the
+    file is opened by ``open_user_file`` (inside ``root`` when given: a row of a folder).
     """
     path = Path(path)
+    if data is not None and len(data) > MAX_IMAGE_FILE_BYTES:
+        raise ImageError(f"{path}: {len(data)} bytes, above the limit of {MAX_IMAGE_FILE_BYTES} for an image",
+                         "too_large")
+    try:
+        fh = open_user_file(path, root, MAX_IMAGE_FILE_BYTES, "an image") if data is None else io.BytesIO(data)
+    except UserFileError as exc:
+        raise ImageError(str(exc), "unreadable" if exc.status == "missing" else exc.status) from None
+    with fh:
+        return _decode(path, fh, max_pixels)
+
+
+def _decode(path: Path, fh, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             # PIL warns between its own limit and twice it; our limit is enforced below instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path if data is None else io.BytesIO(data))
+            im = Image.open(fh)
         with im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(f"{path}: image is {w}x{h} pixels, above the limit of {max_pixels} pixels; "
-                                 "refused without decoding", "too_large")
-            if w < 1 or h < 1:
-                raise ImageError(f"{path}: image has no pixels ({w}x{h})")
+            check_image_shape(path, *im.size, max_pixels)
+            if im.mode not in _MODES:
+                raise ImageError(f"{path}: unsupported pixel mode {im.mode}")
             im.load()
+            check_image_shape(path, *im.size, max_pixels)  # a plugin may pick another size when it decodes
             im = ImageOps.exif_transpose(im) or im
             return _to_rgb(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        if (_size(path) if data is None else len(data)) == 0:
+        if (len(fh.getbuffer()) if isinstance(fh, io.BytesIO) else os.fstat(fh.fileno()).st_size) == 0:
             raise ImageError(f"{path}: empty file") from None
         raise ImageError(f"{path}: not a readable image (unknown format or not an image)") from None
     except Image.DecompressionBombError as exc:
@@ -167,8 +286,31 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | Non
                          "too_large") from None
     except MemoryError:
         raise ImageError(f"{path}: out of memory while decoding", "too_large") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError,
+            ZeroDivisionError, OverflowError) as exc:
+        # A hostile header can reach corners of a format plugin that raise more than OSError.
         raise _file_error(path, exc) from None
+
+
+# The modes _to_rgb converts faithfully; anything else (a plugin's raw mode) is refused by name.
+_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA", "RGBa",
+                    "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def check_image_shape(path: str | Path, width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    """ImageError (status ``too_large`` or ``unreadable``) for a width x height this tool refuses to decode:
+    above ``max_pixels``, or so elongated that scaling its short edge to ``MODEL_SIDE`` (as the embedder,
+    captioner and target do) would exceed ``max_pixels``."""
+    if width < 1 or height < 1:
+        raise ImageError(f"{path}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(f"{path}: image is {width}x{height} pixels, above the limit of {max_pixels} pixels; "
+                         "refused without decoding", "too_large")
+    short, long = min(width, height), max(width, height)
+    if long > MAX_ASPECT * short:
+        raise ImageError(f"{path}: image is {width}x{height} pixels, an aspect ratio above {MAX_ASPECT}:1 (a model "
+                         f"scaling its short edge to {MODEL_SIDE} pixels would make it {-(-long * MODEL_SIDE // short)}"
+                         f"x{MODEL_SIDE}); refused without decoding", "too_large")
 
 
 def _file_error(path: Path, exc: BaseException) -> ImageError:
@@ -180,33 +322,19 @@ def _file_error(path: Path, exc: BaseException) -> ImageError:
     if isinstance(exc, IsADirectoryError):
         return ImageError(f"{path}: is a directory, not an image")
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return ImageError(f"{path}: corrupt or truncated image ({reason})")
+    return ImageError(f"{path}: corrupt or truncated image ({reason[:200]})")
 
 
-# Files above this size are decoded where they lie before their bytes are read whole: a huge file that is no image
-# (or too large an image) is refused from its header, as ``load_image`` refuses it, instead of being shipped.
-MAX_SHIPPED_BYTES = 256 * 1024 * 1024
-
-
-def read_image_bytes(path: str | Path, max_pixels: int = MAX_PIXELS) -> bytes:
+def read_image_bytes(path: str | Path, root: str | Path | None = None) -> bytes:
     """The bytes of an image file, for ``load_image(path, data=...)`` on another machine; ImageError with the
-    message ``load_image(path)`` gives when the file cannot be read."""
+    message ``load_image(path, root=root)`` gives when the file is refused or cannot be read."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_SHIPPED_BYTES:
-            load_image(path, max_pixels)
-        with open(path, "rb") as fh:
-            return fh.read()
+        return read_user_file(path, root, MAX_IMAGE_FILE_BYTES, "an image")
+    except UserFileError as exc:
+        raise ImageError(str(exc), "unreadable" if exc.status == "missing" else exc.status) from None
     except OSError as exc:
         raise _file_error(path, exc) from None
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
 
 
 def load_row_image(row: Row, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
@@ -214,7 +342,7 @@ def load_row_image(row: Row, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
     if not row.ok:
         return None
     try:
-        return load_image(row.path, max_pixels)
+        return load_image(row.path, max_pixels, root=row.root)
     except ImageError as exc:
         row.fail(exc.status, str(exc))
         return None
@@ -222,7 +350,7 @@ def load_row_image(row: Row, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
+        arr = np.asarray(im, dtype=np.float32)  # float32: 4 bytes a pixel at most, as the decoded image
         arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
         top = arr.max() if arr.size else 0.0
         if im.mode == "F" and 0 < top <= 1.0:
@@ -314,12 +442,12 @@ def read_metadata(folder: Path) -> tuple[dict[str, dict], dict[str, tuple[str, s
     first_line: dict[str, int] = {}
     errors: dict[str, tuple[str, str]] = {}
     nameless: list[Row] = []
-    if not meta_path.exists():
+    if not os.path.lexists(meta_path):
         return records, errors, nameless
     try:
-        fh = open(meta_path, "rb")
-    except OSError as exc:
-        raise InputError(f"{meta_path}: cannot read ({exc.strerror})") from None
+        fh = open_user_file(meta_path, folder, MAX_METADATA_BYTES, "a metadata file")
+    except UserFileError as exc:
+        raise InputError(str(exc)) from None
     with fh:
         for lineno, line in enumerate(fh, start=1):
             where = f"{meta_path}:{lineno}"
@@ -405,7 +533,7 @@ def read_imagefolder(folder: str | Path, require_member: bool = False, require_c
 def _read_row(folder: Path, name: str, record: dict | None, error: tuple[str, str] | None, require_member: bool,
               require_caption: bool) -> Row:
     path = folder / name
-    row = Row(id=name, path=str(path))
+    row = Row(id=name, path=str(path), root=str(folder))
     if error is not None:
         return row.fail(*error)
     if Path(name).is_absolute() or name.startswith("../") or name == ".." or not _inside(folder, path):
@@ -420,9 +548,9 @@ def _read_row(folder: Path, name: str, record: dict | None, error: tuple[str, st
         return row.fail("unreadable", f"{path}: is a directory, not an image")
     record = record or {}
     try:
-        _caption(row, path, record)
+        _caption(row, path, record, folder)
     except CaptionError as exc:
-        return row.fail("bad_caption", str(exc))
+        return row.fail(exc.status, str(exc))
     except InputError as exc:
         return row.fail("bad_metadata", str(exc))
     member = record.get("member")
@@ -439,11 +567,11 @@ def _read_row(folder: Path, name: str, record: dict | None, error: tuple[str, st
     return row
 
 
-def _caption(row: Row, path: Path, record: dict) -> None:
+def _caption(row: Row, path: Path, record: dict, root: Path) -> None:
     text, source = record.get("text"), "metadata"
     txt = path.with_suffix(".txt")
-    if text is None and txt.is_file():
-        text, source = read_caption_file(txt), "txt"
+    if text is None and os.path.lexists(txt):
+        text, source = read_caption_file(txt, root), "txt"
     if text is None and "text" not in record:
         others = sorted(k for k in record if k in ("caption", "prompt", "captions", "label", "title"))
         if others:

@@ -1,8 +1,11 @@
-"""A folder mixing good images with ~25 kinds of bad input, and the status every row must end with.
+"""A folder mixing good images with ~45 kinds of bad and hostile input, and the status every row must end with.
 
-Used by tests/test_badfiles.py (reader and decoder) and by the scan tests (every good row scored, every bad row
-explained). ``write_bad_corpus(folder, outside)`` returns ``{row id: expected final status}`` (after
-``read_imagefolder`` and ``load_row_image``) plus the ids that must carry a warning.
+Used by tests/test_badfiles.py (reader, decoder, and `scan`/`features`/`report` through the CLI runner: every good
+row scored, every bad row explained, nothing leaked). ``write_bad_corpus(folder, outside)`` returns ``{row id:
+expected final status}`` (after ``read_imagefolder`` and ``load_row_image``) plus the ids that must carry a warning.
+Hostile neighbours: special files named like images or captions (FIFO, socket, device), captions through symlinks
+(to a secret outside the folder, to ``/proc/self/environ``, in a loop), shape bombs (4,000,000 x 2), ancillary
+chunk bombs. ``SECRET`` is the content that must never reach any output.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -40,6 +44,25 @@ def png_with_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
             + _chunk(b"IEND", b""))
+
+
+SECRET = "s3cr3t-token-that-must-never-leak"
+
+
+def chunk_bomb_png(kind: bytes) -> bytes:
+    """An 8x8 PNG carrying an ancillary chunk (zTXt, iCCP, iTXt) whose data inflates to 16 MB from 16 KB."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(buf, format="PNG")
+    png = buf.getvalue()
+    prefix = {b"zTXt": b"k\0\0", b"iCCP": b"p\0\0", b"iTXt": b"k\0\1\0\0\0"}[kind]
+    return png[:33] + _chunk(kind, prefix + zlib.compress(bytes(16 << 20), 9)) + png[33:]
+
+
+def strip_png(width: int, height: int) -> bytes:
+    """A real, decodable PNG of a thin strip: small in pixels and bytes, huge once a model scales its short edge."""
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
 
 def noise(rng: np.random.Generator, size: int = 24, channels: int = 3) -> np.ndarray:
@@ -144,6 +167,37 @@ def write_bad_corpus(folder: Path, outside: Path, seed: int = 0) -> tuple[dict[s
     with open(bad_name, "wb") as fh:
         fh.write(good_png)
     expect["bad\\xffname.png"] = "unreadable"
+    # ---- hostile neighbours: special files, captions through symlinks, shape and chunk bombs
+    os.mkfifo(folder / "fifo.png")  # opening it for reading would block the scan forever
+    expect["fifo.png"] = "unreadable"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(folder / "socket.png"))
+    expect["socket.png"] = "unreadable"
+    if os.geteuid() == 0:
+        os.mknod(folder / "device.png", 0o600 | 0o020000, os.makedev(1, 5))  # a character device (/dev/zero)
+        expect["device.png"] = "unreadable"
+    put("strip.png", strip_png(4_000_000, 2), "too_large")  # 8 KB; its short edge scaled to 224: 448 Gpx
+    put("tall.png", strip_png(2, 100), "too_large")  # aspect 50:1
+    put("wide_ok.png", strip_png(320, 10), "ok")  # aspect 32:1, the limit
+    for kind in (b"zTXt", b"iCCP", b"iTXt"):
+        put(f"bomb_{kind.decode().lower()}.png", chunk_bomb_png(kind), "unreadable")
+    put("animated.png", _apng_bytes(rng), "ok")  # the first frame only
+    (outside / "secret.txt").write_text(SECRET)
+    for name, target, status in (("caption_secret", outside / "secret.txt", "outside_folder"),
+                                 ("caption_environ", Path("/proc/self/environ"), "outside_folder"),
+                                 ("caption_loop", Path("caption_loop.txt"), "bad_caption"),
+                                 ("caption_inside", Path("good.txt"), "ok")):
+        put(f"{name}.png", _png_bytes(noise(rng)), status, caption=None)
+        os.symlink(target, folder / f"{name}.txt")
+    os.mkfifo(folder / "caption_fifo.txt")
+    put("caption_fifo.png", _png_bytes(noise(rng)), "bad_caption", caption=None)
+    (folder / "caption_dir.txt").mkdir()
+    put("caption_dir.png", _png_bytes(noise(rng)), "bad_caption", caption=None)
+    put("caption_big.png", _png_bytes(noise(rng)), "bad_caption", caption=None)
+    (folder / "caption_big.txt").write_bytes(b"a" * ((1 << 20) + 1))
+    put(f"markup_{'x' * 3}.png", _png_bytes(noise(rng)), "ok",
+        caption="<script>alert(1)</script><img src=x onerror=alert(2)>")
+
     # The last line of the file is cut mid-record, as when a writer was killed; it still names its file.
     put("partial.png", _png_bytes(noise(rng)), "bad_metadata", caption=None)
     meta.append(b'{"file_name": "partial.png", "text": "the writer was ki')
@@ -170,6 +224,13 @@ def _gif_bytes(rng: np.random.Generator) -> bytes:
     buf = io.BytesIO()
     frames = [Image.fromarray(noise(rng)).convert("P") for _ in range(2)]
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _apng_bytes(rng: np.random.Generator) -> bytes:
+    buf = io.BytesIO()
+    frames = [Image.fromarray(noise(rng)) for _ in range(3)]
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
     return buf.getvalue()
 
 

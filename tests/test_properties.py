@@ -153,6 +153,44 @@ def test_jsonl_survives_any_cut_and_resumes_without_loss_or_duplicates(rows, dat
     assert back == [json.loads(json.dumps(to_jsonable(r))) for r in rows]
 
 
+def _lines(draw_records):
+    return b"".join(json.dumps(r).encode() + b"\n" for r in draw_records)
+
+
+# Files that may or may not be results: JSON lines with or without "id", other JSON, text, bytes, a cut anywhere.
+maybe_results = st.one_of(
+    st.binary(max_size=120),
+    st.builds(lambda recs, tail: _lines(recs) + tail,
+              st.lists(st.dictionaries(st.sampled_from(["id", "file_name", "text", "x"]), json_scalar, max_size=3),
+                       max_size=4),
+              st.binary(max_size=40) | st.sampled_from([b"", b"{", b'{"', b'{"id": "a', b"[1, 2]", b"<html>"])))
+
+
+@FAST
+@given(maybe_results)
+def test_resume_refuses_any_file_that_is_not_results_unchanged_or_cuts_only_a_torn_record(content):
+    """--resume on any file: either it is refused with its bytes unchanged, or what it keeps is whole records
+    that all carry the key and what it cuts is the start of a JSON object (a kill's trace)."""
+    from audit.errors import ArtifactError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.jsonl"
+        path.write_bytes(content)
+        try:
+            with JsonlWriter(path, resume=True, key="id", fsync=False) as w:
+                done = set(w.done)
+        except ArtifactError:
+            assert path.read_bytes() == content
+            return
+        kept = path.read_bytes()
+    assert content.startswith(kept)
+    records = [json.loads(line) for line in kept.splitlines() if line.strip()]
+    assert all(isinstance(r, dict) and "id" in r for r in records)
+    assert done == {str(r["id"]) for r in records}
+    cut = content[len(kept):]
+    assert not cut or cut.startswith(b'{"') or b'{"'.startswith(cut)
+
+
 # ---------------------------------------------------------------------------------------------------- feature store
 
 # h5py refuses strings holding NUL ("VLEN strings do not support embedded NULLs"); NUL cannot reach the store: file

@@ -49,7 +49,7 @@ def test_evaluate_report_has_metrics_roc_histograms_and_escapes(tmp_path):
     out = write_evaluate_report(_evaluation(), tmp_path / "r.html", predictions=_predictions())
     page = out.read_text()
     _assert_self_contained(page)
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
     assert "0.875" in page and "[0.800, 0.950]" in page and "weights abc123" in page
     for heading in ("ROC curves", "Score histograms", "Most member-like", "Least member-like"):
         assert heading in page
@@ -97,7 +97,7 @@ def _scan_rows(tmp_path, n=6):
 
 def test_scan_report_counts_rows_shows_images_and_lists_errors(tmp_path):
     rows = _scan_rows(tmp_path)
-    page = write_scan_report(rows, tmp_path / "scan.html").read_text()
+    page = write_scan_report(rows, tmp_path / "scan.html", images_root=tmp_path).read_text()
     _assert_self_contained(page)
     assert EVIL not in page and "&lt;script&gt;" in page
     assert "unreadable" in page and "bad.png: not a readable image" in page

@@ -120,7 +120,7 @@ def read_payload(rows_json: str) -> bytes:
     for i, row in enumerate(rows):
         if row["status"] == "ok":
             try:
-                shipped[i] = read_image_bytes(row["path"])
+                shipped[i] = read_image_bytes(row["path"], root=row.get("root"))
             except ImageError as exc:
                 shipped[i] = (exc.status, str(exc))
     # Ray moves Python objects by pickle anyway; these bytes only travel between this run's driver and workers.

@@ -16,7 +16,9 @@ Guarantees:
   descriptor and fsynced, so a kill loses at most the row being written, as a torn last line without a newline.
 - On resume the torn last line is detected, logged and cut off (truncate to the end of the last complete line);
   its row is then not in ``done`` and is redone. A malformed line *before* the last one is not a kill's trace but
-  damage: the writer refuses the file (``ArtifactError``) instead of guessing.
+  damage: the writer refuses the file (``ArtifactError``) instead of guessing. Every check runs before the cut:
+  a file that is not a results file (a record without the key, a last line that is no JSON record cut short)
+  is refused unchanged.
 - Without ``resume`` an existing non-empty file is refused (``UsageError``: pass --resume or delete it), so a run
   never silently appends to, or overwrites, an earlier one.
 - Values are made JSON-safe on the way out: numpy scalars/arrays become numbers/lists, NaN and infinities
@@ -38,6 +40,8 @@ from ..config import atomic_write_text
 from ..errors import ArtifactError, UsageError
 
 log = logging.getLogger(__name__)
+
+MAX_RESULTS_BYTES = 4 * 1024**3  # a results file read back (resume, report) is read whole
 
 
 def to_jsonable(value: Any) -> Any:
@@ -87,12 +91,12 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], int]:
     Raises ArtifactError for a malformed line that is not the last one.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return [], 0
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read ({exc.strerror})") from None
+    return _records(path, _read_whole(path))
+
+
+def _records(path: Path, data: bytes) -> tuple[list[dict], int]:
     records: list[dict] = []
     good_end = 0
     pos = 0
@@ -110,16 +114,51 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], int]:
                 pos = good_end = end
                 continue
             raise ArtifactError(f"{path}:{lineno}: malformed line in the middle of the file (not an interrupted "
-                                "write); fix or delete the file")
+                                "write): not a results file of this tool, or a damaged one; left unchanged")
         records.append(record)
         pos = good_end = end
     return records, good_end
 
 
+def check_results(path: str | os.PathLike, data: bytes | None = None,
+                  key: str = "id") -> tuple[list[dict], int]:
+    """``read_jsonl`` for a file about to be resumed: ArtifactError, with the file left unchanged, unless it is
+    a results file of this tool (every record carries ``key``; a last line without its newline is a whole record
+    carrying it, or the beginning of a JSON object cut short)."""
+    path = Path(path)
+    if data is None:
+        if not os.path.lexists(path):
+            return [], 0
+        data = _read_whole(path)
+    records, good_end = _records(path, data)
+    for i, record in enumerate(records, start=1):
+        if key not in record:
+            raise ArtifactError(f"{path}:{i}: record has no {key!r} field; not a results file of this tool (left "
+                                "unchanged)")
+    tail = data[good_end:]
+    if tail:
+        record = _parse(tail)
+        torn = key in record if record is not None else (tail.startswith(b'{"') or b'{"'.startswith(tail))
+        if not torn:
+            raise ArtifactError(f"{path}: its last line is not a record of this tool cut short; not a results "
+                                "file (left unchanged)")
+    return records, good_end
+
+
+def _read_whole(path: Path) -> bytes:
+    """The whole file; a FIFO in a results file's place would block the reader, a huge file fill memory."""
+    from ..imagefolder import UserFileError, read_user_file
+
+    try:
+        return read_user_file(path, None, MAX_RESULTS_BYTES, "a results file")
+    except UserFileError as exc:
+        raise ArtifactError(str(exc)) from None
+
+
 def _parse(line: bytes) -> dict | None:
     try:
         record = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 
@@ -129,6 +168,8 @@ def refuse_existing_results(path: str | os.PathLike, resume: bool = False) -> No
     path = Path(path)
     if path.exists() and path.stat().st_size > 0 and not resume:
         raise UsageError(f"{path}: already exists; pass --resume to continue it, or delete it")
+    if resume and path.exists():
+        check_results(path)  # not a results file: refused unchanged, before any model loads
 
 
 class JsonlWriter:
@@ -147,8 +188,9 @@ class JsonlWriter:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def _recover(self) -> None:
-        records, good_end = read_jsonl(self.path)
-        size = self.path.stat().st_size
+        data = _read_whole(self.path)
+        records, good_end = check_results(self.path, data, self.key)
+        size = len(data)
         if good_end < size:
             log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run; its row is redone",
                         self.path, size - good_end)
@@ -156,10 +198,7 @@ class JsonlWriter:
                 fh.truncate(good_end)
                 fh.flush()
                 os.fsync(fh.fileno())
-        for i, record in enumerate(records, start=1):
-            if self.key not in record:
-                raise ArtifactError(f"{self.path}:{i}: record has no {self.key!r} field; not a results file of "
-                                    "this tool")
+        for record in records:
             self.done.add(str(record[self.key]))
         self.n_existing = len(records)
         log.info("%s: resuming after %d finished rows", self.path, len(self.done))
