@@ -45,6 +45,10 @@ def make_manifest(kind: str, config: dict[str, Any], target: dict[str, Any] | No
 
 def check_manifest(manifest: dict[str, Any], kind: str, where: str, target: dict[str, Any] | None = None) -> None:
     """Refuse an artifact of another kind, another schema, or made for another target (naming both)."""
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{where}: the manifest is a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("target") is not None and not isinstance(manifest["target"], dict):
+        raise ArtifactError(f"{where}: the manifest's target is not an object")
     if manifest.get("kind") != kind:
         raise ArtifactError(f"{where}: is a {manifest.get('kind')!r} artifact, expected {kind!r}")
     if manifest.get("schema_version") != SCHEMA_VERSION:

@@ -171,3 +171,254 @@ def test_heads_and_store_made_for_one_target_refuse_another(tiny_world, heads, t
     assert "made for target" in err
     with pytest.raises(ArtifactError, match=f"made for target .*{ours['hash']}.*not for .*{theirs['hash']}"):
         FeatureStore.open(heads["store"], target=theirs)
+
+
+# ------------------------------------------------------------------------------------------ hostile artifacts
+# A feature store, a heads folder and an export folder are files passed between people: each is checked against
+# its schema with bounds before anything is allocated, opened or trusted, and refused in one line naming it.
+
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from audit.manifest import make_manifest  # noqa: E402
+
+BUNDLED_HEADS = AUDIT_SRC / "toy" / "bundle" / "heads"
+G, P, D = 1, 8, 4
+
+
+def _store(path: Path, rows: int = 4) -> Path:
+    """A small valid feature store (black-box, ``rows`` rows, half members), made through the writer."""
+    from audit.features.store import FeatureWriter, empty_batch
+
+    manifest = make_manifest("features", {"n_gen": G}, {"name": "t", "hash": "abc"}, n_rows=rows, rows_hash="r")
+    w = FeatureWriter.create(path, manifest, G, P, D)
+    b = empty_batch(rows, G, P, D)
+    b["ids"][:] = [f"i{i}" for i in range(rows)]
+    b["status"][:] = "ok"
+    b["member"][:] = [i % 2 for i in range(rows)]
+    w.append(b)
+    return path
+
+
+def _replace(path: Path, key: str, shape, dtype=np.uint8, **kw) -> None:
+    with h5py.File(path, "a") as f:
+        del f[key]
+        f.create_dataset(key, shape=shape, dtype=dtype, chunks=tuple(min(s, 64) or 1 for s in shape),
+                         compression="gzip", **kw)
+
+
+def _peak_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def test_a_store_declaring_a_447_gib_dataset_is_refused_in_one_line_before_allocating(tmp_path):
+    store = _store(tmp_path / "bomb.h5")
+    _replace(store, "query_pixels", (4, 200000, 200000, 3))
+    assert store.stat().st_size < 64 * 1024  # the whole "447 GiB" in a few KiB
+    before, started = _peak_kib(), time.monotonic()
+    for args in (["train", str(store), "--out", str(tmp_path / "heads")],
+                 ["evaluate", str(store), "--heads", str(BUNDLED_HEADS)]):
+        err = _one_line_error(CliRunner().invoke(app, args), str(store), "query_pixels", "(4, 200000, 200000, 3)")
+        assert "pixel_size must be in [1, 1024]" in err
+    assert _peak_kib() - before < 100 * 1024 and time.monotonic() - started < 20
+    assert not (tmp_path / "heads").exists()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p: _replace(p, "gen_pixels", (4, 1, 8, 8, 3), np.float64), "expected uint8"),
+    (lambda p: _replace(p, "query_img_emb", (4, 5), np.float32), "expected float32 (rows, 5)"),
+    (lambda p: _replace(p, "gen_img_emb", (4, 100000, 4), np.float32), "n_gen must be in [1, 1024]"),
+    (lambda p: _replace(p, "member", (4, 2), np.int8), "expected int8 (rows,)"),
+    (lambda p: _replace(p, "ids", (4,), np.int64), "expected text"),
+    (lambda p: _replace(p, "status", (2,), h5py.string_dtype()), "fewer rows than the 4 committed"),
+    (lambda p: _replace(p, "caption", (10**9,), h5py.string_dtype()), "declares 1000000000 rows"),
+    (lambda p: _set_attr(p, "n_committed", 10**12), "n_committed 1000000000000"),
+    (lambda p: _set_attr(p, "n_committed", -1), "n_committed -1"),
+    (lambda p: _set_attr(p, "n_committed", "four"), "n_committed"),
+    (lambda p: _set_manifest(p, n_rows=2), "not an integer in [0, 2]"),
+    (lambda p: _set_manifest(p, n_rows=-3), "n_rows"),
+    (lambda p: _set_manifest(p, tiers="black-box"), "tiers"),
+    (lambda p: _set_manifest(p, target="someone"), "target is not an object"),
+    (lambda p: _set_attr(p, "manifest", "[" * 100000), "nested too deeply"),
+    (lambda p: _set_attr(p, "manifest", "[1, 2]"), "not an object"),
+    (lambda p: _group(p, "member"), "not a dataset"),
+])
+def test_a_damaged_store_is_refused_in_one_line(tmp_path, damage, needle):
+    from audit.features import FeatureStore
+
+    store = _store(tmp_path / "s.h5")
+    damage(store)
+    with pytest.raises(ArtifactError) as err:
+        FeatureStore.open(store).read()
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def _set_attr(path, name, value):
+    with h5py.File(path, "a") as f:
+        f.attrs[name] = value
+
+
+def _set_manifest(path, **fields):
+    with h5py.File(path, "a") as f:
+        f.attrs["manifest"] = json.dumps({**json.loads(f.attrs["manifest"]), **fields})
+
+
+def _group(path, key):
+    with h5py.File(path, "a") as f:
+        del f[key]
+        f.create_group(key)
+
+
+def test_a_read_larger_than_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    """Within the per-row bounds a store can still be too big to read: counted against the memory available."""
+    from audit.features import FeatureStore
+    import audit.runtime.memory as memory
+
+    store = _store(tmp_path / "s.h5", rows=64)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 4096)
+    with pytest.raises(ArtifactError, match="reading its 64 rows needs .* GiB, more than the 0.0 GiB"):
+        FeatureStore.open(store).read()
+
+
+def test_the_valid_store_reads(tmp_path):
+    """The control for the refusals above: the same store undamaged opens and reads."""
+    from audit.features import FeatureStore
+
+    got = FeatureStore.open(_store(tmp_path / "s.h5")).read()
+    assert got["query_pixels"].shape == (4, P, P, 3) and list(got["member"]) == [0, 1, 0, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["query_pixels", "gen_pixels", "query_img_emb", "gen_img_emb", "member", "ids"]),
+       st.lists(st.integers(0, 10**7), min_size=0, max_size=5),
+       st.sampled_from([np.uint8, np.int8, np.float32, np.float64]))
+def test_any_declared_shape_opens_consistently_or_is_refused(tmp_path_factory, key, shape, dtype):
+    """Whatever shape and dtype a dataset declares, open() either refuses it (ArtifactError) or returns a store
+    whose every dataset has the layout's shape; nothing else is raised and nothing large is allocated."""
+    from audit.features import FeatureStore
+    from audit.features.store import row_shapes
+
+    store = _store(tmp_path_factory.mktemp("prop") / "s.h5")
+    with h5py.File(store, "a") as f:
+        del f[key]
+        f.create_dataset(key, shape=tuple(shape), dtype=dtype)  # contiguous, unwritten: costs nothing on disk
+    try:
+        fs = FeatureStore.open(store)
+    except ArtifactError as exc:
+        assert "\n" not in str(exc)
+        return
+    layout = row_shapes(fs.n_gen, fs.pixel_size, fs.dim)
+    assert all(tuple(fs._shapes[k][1:]) == layout[k][0] for k in layout)
+
+
+# ---------------------------------------------------------------------------------------------- heads.json
+
+def _heads_copy(tmp_path: Path, edit=None) -> Path:
+    folder = shutil.copytree(BUNDLED_HEADS, tmp_path / "heads")
+    if edit is not None:
+        info = json.loads((folder / "heads.json").read_text())
+        edit(info)
+        (folder / "heads.json").write_text(json.dumps(info))
+    return folder
+
+
+def _entry(info):
+    return info["attacks"]["IV"]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda i: _entry(i).update(file="/etc/passwd"), "not a plain file name"),
+    (lambda i: _entry(i).update(file="../heads/IV.onnx"), "not a plain file name"),
+    (lambda i: _entry(i).update(file="sub/IV.onnx"), "not a plain file name"),
+    (lambda i: _entry(i).update(file=".."), "not a plain file name"),
+    (lambda i: _entry(i).update(file=""), "not a plain file name"),
+    (lambda i: _entry(i).update(file=7), "attacks.IV.file is 7"),
+    (lambda i: _entry(i).update(threshold="high"), "attacks.IV.threshold is 'high'"),
+    (lambda i: _entry(i).update(threshold=float("nan")), "threshold"),
+    (lambda i: _entry(i).update(threshold=3.0), "a probability in [0, 1]"),
+    (lambda i: _entry(i).update(sha256=["x"]), "64 hex digits"),
+    (lambda i: _entry(i).update(tier="white-box"), "attacks.IV.tier"),
+    (lambda i: _entry(i).update(input={"shape": "big"}), "input.shape"),
+    (lambda i: _entry(i).update(input={"shape": [None, 10**12]}), "input.shape"),
+    (lambda i: _entry(i)["validation_probabilities"].update(members="all"), "validation_probabilities.members"),
+    (lambda i: _entry(i)["validation_probabilities"].update(members=[0.5, None]), "a list of probabilities"),
+    (lambda i: i["attacks"].update({"V": _entry(i)}), "attack name is 'V'"),
+    (lambda i: i.update(attacks=[]), "no manifest/attacks"),
+    (lambda i: i.update(attacks={}), "1 to 64 attacks"),
+    (lambda i: i.update(default_attack="nope"), "default_attack"),
+    (lambda i: i.update(default_attack=["IV"]), "default_attack"),
+    (lambda i: i.update(input_signature={"n_gen": "two"}), "input_signature"),
+    (lambda i: i.update(blind_baseline=[1]), "blind_baseline"),
+    (lambda i: i.update(split="all"), "split"),
+    (lambda i: i["manifest"].update(embedder="clip"), "manifest.embedder"),
+    (lambda i: i.update(manifest=[]), "no manifest/attacks"),
+])
+def test_malformed_heads_json_is_refused_in_one_line(tmp_path, edit, needle):
+    from audit.attacks import load_heads
+
+    folder = _heads_copy(tmp_path, edit)
+    with pytest.raises(ArtifactError) as err:
+        load_heads(folder)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_head_files_must_be_regular_files_inside_the_folder(tmp_path):
+    from audit.attacks import load_heads
+
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(BUNDLED_HEADS / "IV.onnx", outside)
+    folder = _heads_copy(tmp_path)
+    (folder / "IV.onnx").unlink()
+    (folder / "IV.onnx").symlink_to(outside)  # same bytes, same sha256: only the link gives it away
+    with pytest.raises(ArtifactError, match="IV.onnx: head of attack IV is a symlink"):
+        load_heads(folder)
+    (folder / "IV.onnx").unlink()
+    (folder / "IV.onnx").mkdir()
+    with pytest.raises(ArtifactError, match="not a regular file"):
+        load_heads(folder)
+
+
+def test_heads_json_nested_or_huge_is_refused_without_reading_it_all(tmp_path, monkeypatch):
+    from audit.attacks import load_heads
+    import audit.attacks.heads as heads_module
+
+    folder = _heads_copy(tmp_path)
+    (folder / "heads.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ArtifactError, match="not a heads file"):
+        load_heads(folder)
+    monkeypatch.setattr(heads_module, "MAX_HEADS_JSON_BYTES", 1000)
+    (folder / "heads.json").write_text(" " * 2000)
+    with pytest.raises(ArtifactError, match="2000 bytes, over the 1000"):
+        load_heads(folder)
+
+
+def test_the_bundled_heads_pass_the_schema(tmp_path):
+    from audit.attacks import load_heads
+
+    heads = load_heads(_heads_copy(tmp_path))
+    assert heads.default_attack in heads.attacks and len(heads.attacks) >= 7
+
+
+_values = st.none() | st.booleans() | st.integers(-10**15, 10**15) | st.floats() | st.text(max_size=12) \
+    | st.lists(st.integers(0, 3), max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["file", "threshold", "sha256", "tier", "input", "validation_probabilities", "thresholds"]),
+       _values)
+def test_any_value_of_a_heads_field_loads_or_is_refused_in_one_line(tmp_path_factory, field, value):
+    from audit.attacks import load_heads
+
+    folder = _heads_copy(tmp_path_factory.mktemp("h"), lambda i: _entry(i).update({field: value}))
+    try:
+        heads = load_heads(folder)
+    except ArtifactError as exc:
+        assert "\n" not in str(exc)
+        return
+    # Whatever was accepted is usable as the code uses it.
+    assert 0 <= heads.threshold("IV") <= 1 and heads.decision("IV").attack == "IV"
+    assert (folder / _entry(heads.info)["file"]).resolve().parent == folder.resolve()
