@@ -422,3 +422,50 @@ def test_any_value_of_a_heads_field_loads_or_is_refused_in_one_line(tmp_path_fac
     # Whatever was accepted is usable as the code uses it.
     assert 0 <= heads.threshold("IV") <= 1 and heads.decision("IV").attack == "IV"
     assert (folder / _entry(heads.info)["file"]).resolve().parent == folder.resolve()
+
+
+# ------------------------------------------------------------------------------------------ ONNX external data
+
+def _graph_with_external_data(path: Path, location: str) -> Path:
+    """y = x + w, with w's 4 floats stored as external data at ``location`` (relative to the graph's folder)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones(4, np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("location", ["{outside}", "../outside/secret.bin", "link.bin", "sub/../../outside/secret.bin"])
+def test_onnx_external_data_outside_the_graphs_folder_is_refused(tmp_path, location):
+    """A head or an exported graph naming external data outside its folder is refused by onnxruntime (>= 1.24.1,
+    the minimum in pyproject.toml: 1.23.2 reads the file) as a one-line ArtifactError; the data is never read."""
+    import onnxruntime
+
+    from audit.attacks.export import ort_session
+    from audit.runtime.session import Graph
+
+    assert tuple(map(int, onnxruntime.__version__.split(".")[:3])) >= (1, 24, 1)
+    (tmp_path / "outside").mkdir()
+    secret = tmp_path / "outside" / "secret.bin"
+    secret.write_bytes(np.full(4, 7, np.float32).tobytes())
+    folder = tmp_path / "graphs"
+    folder.mkdir()
+    (folder / "ok.bin").write_bytes(np.full(4, 2, np.float32).tobytes())
+    (folder / "link.bin").symlink_to(secret)
+    good = _graph_with_external_data(folder / "good.onnx", "ok.bin")
+    assert list(Graph(good).run(x=np.zeros(4, np.float32)).values())[0].tolist() == [2.0] * 4  # the control
+    bad = _graph_with_external_data(folder / "bad.onnx", location.format(outside=secret))
+    for load in (ort_session, Graph):
+        with pytest.raises(ArtifactError) as err:
+            load(bad)
+        assert str(bad) in str(err.value) and "\n" not in str(err.value)
