@@ -469,3 +469,102 @@ def test_onnx_external_data_outside_the_graphs_folder_is_refused(tmp_path, locat
         with pytest.raises(ArtifactError) as err:
             load(bad)
         assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ export folder identity
+
+TOY = {"name": "toy", "hash": json.loads((BUNDLED_HEADS / "heads.json").read_text())["manifest"]["target"]["hash"]}
+
+
+def _export_folder(folder: Path, identity: dict = TOY) -> Path:
+    """An export component folder written by export's own metadata writer: a graph with its external data, a
+    tokenizer file, and the export.json / manifest.json that `audit export` writes (content hash included)."""
+    from audit.export.components import ExportConfig, _write_component
+
+    folder.mkdir(parents=True)
+    (folder / "g.bin").write_bytes(np.full(4, 2, np.float32).tobytes())
+    _graph_with_external_data(folder / "g.onnx", "g.bin")
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.txt").write_text("a b c")
+    _write_component(folder, "target", ExportConfig(), identity, identity,
+                     {"family": "diffusion", "graphs": {"unet": {"file": "g.onnx"}}, "settings": {}})
+    return folder
+
+
+def test_an_export_keeps_its_sources_identity_only_while_its_content_is_unchanged(tmp_path, monkeypatch):
+    import os
+
+    import audit.manifest as manifest_module
+    from audit.attacks.heads import find_heads
+    from audit.runtime.folder import ExportFolder
+
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
+    folder = _export_folder(tmp_path / "export")
+    assert ExportFolder(folder).identity == TOY and find_heads(TOY) is not None  # the bundled toy heads
+    # The content hash is cached: loading again reads no file in full.
+    reads = []
+    real = manifest_module._hash_files
+    monkeypatch.setattr(manifest_module, "_hash_files", lambda *a: reads.append(a) or real(*a))
+    assert ExportFolder(folder).identity == TOY and reads == []
+    # One byte of a graph's weights changed in place, mtime put back: no longer the toy, no inherited heads.
+    stat = (folder / "g.bin").stat()
+    data = bytearray((folder / "g.bin").read_bytes())
+    data[0] ^= 1
+    (folder / "g.bin").write_bytes(bytes(data))
+    os.utime(folder / "g.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    edited = ExportFolder(folder).identity
+    assert edited["hash"] != TOY["hash"] and edited["name"] == "toy (edited export)" and len(reads) == 1
+    assert find_heads(edited) is None
+    with pytest.raises(ArtifactError, match="made for target 'toy'"):
+        from audit.attacks import load_heads
+
+        load_heads(BUNDLED_HEADS, target=edited)
+    # Metadata alone is not content: export.json may be rewritten (say, to drop a graph) without losing it, but
+    # dropping the recorded hash (an older export, or a forged one) gives an identity from the content again.
+    fresh = _export_folder(tmp_path / "fresh")
+    info = json.loads((fresh / "export.json").read_text())
+    info["settings"] = {"note": "rewritten"}
+    (fresh / "export.json").write_text(json.dumps(info))
+    assert ExportFolder(fresh).identity == TOY
+    del info["content_sha256"]
+    (fresh / "export.json").write_text(json.dumps(info))
+    assert ExportFolder(fresh).identity["hash"] != TOY["hash"]
+
+
+@pytest.mark.parametrize("field, value", [("graphs", {"unet": {"file": "/etc/passwd"}}),
+                                          ("graphs", {"unet": {"file": "../outside/g.onnx"}}),
+                                          ("graphs", {"unet": "g.onnx"}), ("graphs", ["g.onnx"]),
+                                          ("components", {"target": {"path": "../.."}}), ("identity", "toy"),
+                                          ("identity", {"name": "toy", "hash": 7}), ("component", "weights")])
+def test_export_json_paths_and_fields_are_checked_before_use(tmp_path, field, value):
+    from audit.runtime.folder import ExportFolder
+
+    folder = _export_folder(tmp_path / "export")
+    info = json.loads((folder / "export.json").read_text())
+    info[field] = value
+    (folder / "export.json").write_text(json.dumps(info))
+    with pytest.raises(ArtifactError) as err:
+        ExportFolder(folder).identity  # noqa: B018
+    assert "export.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_folder_laid_out_like_a_hub_snapshot_is_identified_by_its_bytes(tmp_path, monkeypatch):
+    """Only a snapshot in the local hub cache is identified by its commit; the same layout anywhere else (an
+    unpacked archive, a folder someone sent) by hashing its weights."""
+    import huggingface_hub.constants
+
+    from audit.manifest import weights_hash
+    from audit.targets.hub import model_hash
+
+    def snapshot(root: Path) -> Path:
+        folder = root / "models--CompVis--ldm-text2im-large-256" / "snapshots" / "abc123"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"not the real weights")
+        return folder
+
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    planted = snapshot(tmp_path / "elsewhere")
+    cached = snapshot(tmp_path / "hub")
+    assert model_hash(planted) == weights_hash(planted)
+    assert model_hash(cached) != weights_hash(cached)  # the commit: what hf download fetched and checked
