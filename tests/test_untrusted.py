@@ -568,3 +568,25 @@ def test_a_folder_laid_out_like_a_hub_snapshot_is_identified_by_its_bytes(tmp_pa
     cached = snapshot(tmp_path / "hub")
     assert model_hash(planted) == weights_hash(planted)
     assert model_hash(cached) != weights_hash(cached)  # the commit: what hf download fetched and checked
+
+
+def test_special_files_in_place_of_artifacts_are_refused_without_blocking(tmp_path):
+    """A FIFO named like a store, a heads.json or an export.json would block a reader forever."""
+    import os
+
+    from audit.attacks import load_heads
+    from audit.features import FeatureStore
+    from audit.runtime.folder import ExportFolder
+
+    os.mkfifo(tmp_path / "store.h5")
+    with pytest.raises(ArtifactError, match="store.h5: not a regular file"):
+        FeatureStore.open(tmp_path / "store.h5")
+    (tmp_path / "heads").mkdir()
+    os.mkfifo(tmp_path / "heads" / "heads.json")
+    with pytest.raises(ArtifactError, match="heads.json: not a regular file"):
+        load_heads(tmp_path / "heads")
+    folder = _export_folder(tmp_path / "export")
+    (folder / "export.json").unlink()
+    os.mkfifo(folder / "export.json")
+    with pytest.raises(ArtifactError, match="export.json: not a regular file"):
+        ExportFolder(folder)

@@ -98,6 +98,8 @@ def empty_batch(n: int, n_gen: int, pixel_size: int, dim: int, tiers: tuple[str,
 
 
 def _open(path: Path, mode: str) -> h5py.File:
+    if path.exists() and not path.is_file():  # a FIFO would block the open forever, a device read without end
+        raise ArtifactError(f"{path}: not a regular file; not a feature store")
     try:
         return h5py.File(path, mode)
     except FileNotFoundError:

@@ -44,6 +44,9 @@ class ExportFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        for name in METADATA_FILES:  # a FIFO or device would block or never end the read
+            if (self.path / name).exists() and not (self.path / name).is_file():
+                raise ArtifactError(f"{self.path / name}: not a regular file")
         self.manifest = read_manifest(self.path / "manifest.json")
         check_manifest(self.manifest, "export", str(self.path))
         self.info = read_json(self.path / "export.json", missing="not found; not an `audit export` folder")
