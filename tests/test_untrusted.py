@@ -292,9 +292,9 @@ def test_the_valid_store_reads(tmp_path):
     assert got["query_pixels"].shape == (4, P, P, 3) and list(got["member"]) == [0, 1, 0, 1]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.sampled_from(["query_pixels", "gen_pixels", "query_img_emb", "gen_img_emb", "member", "ids"]),
-       st.lists(st.integers(0, 10**7), min_size=0, max_size=5),
+       st.lists(st.integers(0, 10**6), min_size=0, max_size=5),
        st.sampled_from([np.uint8, np.int8, np.float32, np.float64]))
 def test_any_declared_shape_opens_consistently_or_is_refused(tmp_path_factory, key, shape, dtype):
     """Whatever shape and dtype a dataset declares, open() either refuses it (ArtifactError) or returns a store
@@ -305,7 +305,10 @@ def test_any_declared_shape_opens_consistently_or_is_refused(tmp_path_factory, k
     store = _store(tmp_path_factory.mktemp("prop") / "s.h5")
     with h5py.File(store, "a") as f:
         del f[key]
-        f.create_dataset(key, shape=tuple(shape), dtype=dtype)  # contiguous, unwritten: costs nothing on disk
+        try:
+            f.create_dataset(key, shape=tuple(shape), dtype=dtype)  # contiguous, unwritten: nothing on disk
+        except ValueError:  # beyond what HDF5 itself can declare (its storage size overflows)
+            return
     try:
         fs = FeatureStore.open(store)
     except ArtifactError as exc:
