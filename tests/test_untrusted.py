@@ -593,3 +593,17 @@ def test_special_files_in_place_of_artifacts_are_refused_without_blocking(tmp_pa
     os.mkfifo(folder / "export.json")
     with pytest.raises(ArtifactError, match="export.json: not a regular file"):
         ExportFolder(folder)
+
+
+def test_a_bundle_is_identified_as_its_checked_target(tmp_path, monkeypatch):
+    from audit.export.components import ExportConfig, _write_component
+    from audit.runtime.folder import ExportFolder
+
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
+    root = tmp_path / "bundle"
+    _export_folder(root / "target")
+    _write_component(root, "bundle", ExportConfig(), TOY, TOY, {"components": {"target": {"path": "target",
+                                                                                          "identity": TOY}}})
+    assert ExportFolder(root).identity == TOY
+    (root / "target" / "tokenizer" / "vocab.txt").write_text("a b c d")
+    assert ExportFolder(root).identity["hash"] != TOY["hash"]

@@ -86,6 +86,8 @@ class ExportFolder:
     @property
     def identity(self) -> dict:
         """The source model's identity while the content is what export wrote; else one from the content."""
+        if self.component == "bundle":  # a bundle is its target's
+            return self.component_folder("target").identity
         if self._identity is None:
             claimed = self.info.get("identity")
             if not isinstance(claimed, dict) or not all(isinstance(claimed.get(k), str) for k in ("name", "hash")):
