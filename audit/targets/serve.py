@@ -13,8 +13,8 @@ auditing needs:
 Requests are checked before anything reaches the model: a missing, negative or non-integer ``Content-Length``
 (411/400), a body over ``MAX_BODY`` (413), ``NaN``/``Infinity`` or a number out of range (400). A connection that
 sends nothing for ``request_timeout`` seconds is closed, so idle clients hold no thread and cannot keep the server
-from stopping. Generation is serialised (one model, one lock). The server stops by itself after ``max_requests`` requests or
-``idle_timeout`` seconds without one, if given. ``fault`` is a hook for tests: called with the request number,
+from stopping. Generation is serialised (one model, one lock). The server stops by itself after ``max_requests``
+requests or ``idle_timeout`` seconds without one, if given. ``fault`` is a hook for tests: called with the request number,
 the path and the parsed JSON body (None for a GET or a body that is not JSON), it may return ``("status", code)``
 to answer an error or ``("stall", seconds)`` to hang and then drop the connection without an answer.
 """
