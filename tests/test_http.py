@@ -1,13 +1,15 @@
 """The black-box HTTP target against a local /sdapi/v1/txt2img server (127.0.0.1, stops by itself) serving the
 tiny target: same images as the model it serves, the protocol, retries through errors and stalls, a caption that
-keeps failing, the concurrency limit, features and scan that resume after an outage with nothing lost, and the
-`audit serve` command."""
+keeps failing, the concurrency limit, features and scan that resume after an outage with nothing lost, the
+`audit serve` command and its refusals of malformed requests; and against a hostile service (tests/hostile_http.py),
+each misbehaviour giving a row status or a one-line error in bounded time and memory."""
 
 import base64
 import http.client
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -15,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,10 +28,12 @@ from audit.features import FeatureStore, KEYS
 from audit.seeding import image_seeds
 from audit.targets import load_target
 from audit.targets.diffusion import DiffusersGenerator
-from audit.targets.http import GenerationFailed, HTTPGenerator, ServiceError
+from audit.targets.http import BadResponse, GenerationFailed, HTTPGenerator, ServiceError, loads_bounded
 from audit.targets.serve import Txt2ImgServer
 from audit.toy import scenes
 
+import hostile_http as hh
+from badcorpus import png_of_zeros, png_with_header_only
 from targets_fixtures import one_torch_thread  # noqa: F401  (fixture)
 
 CAPTIONS = ["a small red circle at the top left on a grey background", "a large blue square at the center",
@@ -400,12 +405,6 @@ def test_audit_serve_command_serves_until_its_request_budget(tiny_world):
 # Each misbehaviour of tests/hostile_http.py gives a row status (a txt2img answer: that image is refused) or a
 # one-line ServiceError (a probe, or a failure that outlasts the retries), in bounded time, never a traceback.
 
-import resource  # noqa: E402
-import threading as _threading  # noqa: E402
-
-import hostile_http as hh  # noqa: E402
-from badcorpus import png_of_zeros, png_with_header_only  # noqa: E402
-from audit.targets.http import BadResponse, loads_bounded  # noqa: E402
 
 HOSTILE = "timeout=1&retries=1&backoff=0.01&resolution=16"
 
@@ -608,7 +607,6 @@ def test_a_hostile_probe_is_one_line_through_the_cli(hostile, tiny_world, aux, t
 
 # ---------------------------------------------------------------------------------------------- properties
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,

@@ -1,4 +1,6 @@
-"""Untrusted artifacts: no pickle and no remote code by default; artifacts made for one target refuse another.
+"""Untrusted artifacts: no pickle and no remote code by default; artifacts made for one target refuse another;
+hostile feature stores, heads.json, ONNX external data and export folders are refused in one line before anything
+is allocated or trusted, and an export's identity follows its content.
 
 The hostile files here do something observable (write a marker file) when they are executed, so "refused" means
 the marker never appears, not only that an error was raised.
@@ -8,16 +10,22 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import shutil
+import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from audit.cli import app
 from audit.errors import ArtifactError, UnsafeWeightsError
+from audit.manifest import make_manifest
 
 AUDIT_SRC = Path(__file__).resolve().parents[1] / "audit"
 
@@ -177,14 +185,6 @@ def test_heads_and_store_made_for_one_target_refuse_another(tiny_world, heads, t
 # A feature store, a heads folder and an export folder are files passed between people: each is checked against
 # its schema with bounds before anything is allocated, opened or trusted, and refused in one line naming it.
 
-import resource  # noqa: E402
-import time  # noqa: E402
-
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from audit.manifest import make_manifest  # noqa: E402
 
 BUNDLED_HEADS = AUDIT_SRC / "toy" / "bundle" / "heads"
 G, P, D = 1, 8, 4

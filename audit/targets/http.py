@@ -389,7 +389,8 @@ class HTTPGenerator(PerImageSeeds):
                 raise TimeoutError(f"no complete response within {cfg.timeout:g} s")
             return resp.status, b"".join(chunks), kind
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            if expired.is_set():
+            # Every socket timeout is set to what is left of the deadline: any of them, or the cut, means it passed.
+            if expired.is_set() or isinstance(exc, TimeoutError):
                 raise TimeoutError(f"no complete response within {cfg.timeout:g} s") from None
             if isinstance(exc, ValueError):  # a malformed exchange that http.client did not classify
                 raise http.client.HTTPException(str(exc)) from None
