@@ -119,19 +119,27 @@ def audit_cache_dir() -> Path:
 
 
 def snapshot_of(path: str | Path) -> tuple[str, str, str] | None:
-    """(repo id, commit, sub-path) when ``path`` lies in a hub cache snapshot (``models--org--name/snapshots/C``)."""
-    parts = Path(path).absolute().parts  # not resolve(): snapshot files are symlinks into blobs/
-    for i in range(1, len(parts) - 1):
-        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
-            return parts[i - 1][len("models--"):].replace("--", "/"), parts[i + 1], "/".join(parts[i + 2 :])
+    """(repo id, commit, sub-path) when ``path`` lies in a snapshot of the local hub cache
+    (``$HF_HUB_CACHE/models--org--name/snapshots/C``). A folder merely laid out like one elsewhere (an unpacked
+    archive, a folder someone sent) is not a snapshot: its name says nothing about its bytes."""
+    path = Path(path).absolute()  # not resolve(): snapshot files are symlinks into blobs/
+    cache = hub_cache_dir().absolute()
+    for root in {cache, cache.resolve()}:
+        try:
+            parts = path.relative_to(root).parts
+        except ValueError:
+            continue
+        if len(parts) >= 3 and parts[0].startswith("models--") and parts[1] == "snapshots":
+            return parts[0][len("models--"):].replace("--", "/"), parts[2], "/".join(parts[3:])
     return None
 
 
 def model_hash(path: str | Path, label: str = "") -> str:
-    """Identity hash of a model folder: its hub commit when it is a cached snapshot, else its weights' bytes.
+    """Identity hash of a model folder: its hub commit when it is a snapshot in the local hub cache, else its
+    weights' bytes (hashed once, then cached by the files' sizes, inodes and times: ``manifest.cached_hash``).
 
-    A commit names immutable content, and hashing a fully downloaded hub repo (fp16 variants, .ckpt files, ...)
-    would read tens of gigabytes on every load.
+    A commit names immutable content that ``hf download`` checked, and hashing a fully downloaded hub repo (fp16
+    variants, .ckpt files, ...) would read tens of gigabytes once per copy of the cache.
     """
     import hashlib
 

@@ -10,8 +10,11 @@ auditing needs:
 - ``GET /sdapi/v1/sd-models`` (one entry: the target, with an extra ``audit`` field giving its identity and
   native resolution) and ``GET /sdapi/v1/options`` (``sd_model_checkpoint``).
 
-Generation is serialised (one model, one lock). The server stops by itself after ``max_requests`` requests or
-``idle_timeout`` seconds without one, if given. ``fault`` is a hook for tests: called with the request number,
+Requests are checked before anything reaches the model: a missing, negative or non-integer ``Content-Length``
+(411/400), a body over ``MAX_BODY`` (413), ``NaN``/``Infinity`` or a number out of range (400). A connection that
+sends nothing for ``request_timeout`` seconds is closed, so idle clients hold no thread and cannot keep the server
+from stopping. Generation is serialised (one model, one lock). The server stops by itself after ``max_requests``
+requests or ``idle_timeout`` seconds without one, if given. ``fault`` is a hook for tests: called with the request number,
 the path and the parsed JSON body (None for a GET or a body that is not JSON), it may return ``("status", code)``
 to answer an error or ``("stall", seconds)`` to hang and then drop the connection without an answer.
 """
@@ -22,6 +25,7 @@ import base64
 import io
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -37,6 +41,10 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
 MAX_IMAGES = 16  # per request: batch_size x n_iter
+MAX_STEPS = 1000
+MAX_CFG_SCALE = 100.0
+MAX_SIDE = 8192
+REQUEST_TIMEOUT = 30.0  # seconds a connection may stay silent (before and within a request)
 
 Fault = Callable[[int, str, Any], "tuple[str, float] | None"]
 
@@ -57,7 +65,8 @@ class Txt2ImgServer:
     """A ThreadingHTTPServer serving one generator; ``start()`` runs it on a daemon thread."""
 
     def __init__(self, generator, host: str = "127.0.0.1", port: int = 0, max_requests: int | None = None,
-                 idle_timeout: float | None = None, fault: Fault | None = None, default_steps: int = 20):
+                 idle_timeout: float | None = None, fault: Fault | None = None, default_steps: int = 20,
+                 request_timeout: float = REQUEST_TIMEOUT):
         if not hasattr(generator, "generate_with_seeds"):
             raise TypeError(f"{type(generator).__name__} cannot be served: it has no generate_with_seeds()")
         self.generator = generator
@@ -65,6 +74,7 @@ class Txt2ImgServer:
         self.idle_timeout = idle_timeout
         self.fault = fault
         self.default_steps = default_steps
+        self.request_timeout = request_timeout
         self.requests = 0
         self._lock = threading.Lock()  # one generation at a time
         self._count_lock = threading.Lock()
@@ -159,14 +169,22 @@ class Txt2ImgServer:
         cfg_scale = req.get("cfg_scale", 7.0)
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
             raise _BadRequest(422, "cfg_scale must be a number")
+        # Out of range is a bad request (400), caught here before a value reaches the model or sizes an array.
+        if not (math.isfinite(cfg_scale) and 0 <= cfg_scale <= MAX_CFG_SCALE):
+            raise _BadRequest(400, f"cfg_scale must be a finite number in [0, {MAX_CFG_SCALE:g}]")
+        if not 1 <= ints["steps"] <= MAX_STEPS:
+            raise _BadRequest(400, f"steps must be in [1, {MAX_STEPS}]")
+        if not -1 <= ints["seed"] < 2**63 - MAX_IMAGES:
+            raise _BadRequest(400, "seed must be -1 (random) or in [0, 2**63)")
+        for key in ("width", "height", "batch_size", "n_iter"):
+            if not 1 <= ints[key] <= (MAX_SIDE if key in ("width", "height") else MAX_IMAGES):
+                raise _BadRequest(400, f"{key} {ints[key]} is out of range")
         res = int(self.generator.resolution)
         if (ints["width"], ints["height"]) != (res, res):
             raise _BadRequest(422, f"this server generates {res}x{res} images, not {ints['width']}x{ints['height']}")
         count = ints["batch_size"] * ints["n_iter"]
-        if not 1 <= count <= MAX_IMAGES or ints["steps"] < 1 or ints["steps"] > 1000:
-            raise _BadRequest(422, f"need 1 <= batch_size x n_iter <= {MAX_IMAGES} and 1 <= steps <= 1000")
-        if ints["seed"] >= 2**63 - MAX_IMAGES:
-            raise _BadRequest(422, "seed must be below 2**63")
+        if count > MAX_IMAGES:
+            raise _BadRequest(422, f"need 1 <= batch_size x n_iter <= {MAX_IMAGES}")
         seed = ints["seed"] if ints["seed"] >= 0 else secrets.randbelow(2**32)
         seeds = [seed + k for k in range(count)]
         with self._lock:
@@ -180,6 +198,7 @@ class Txt2ImgServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = server.request_timeout  # StreamRequestHandler sets it on the socket: silent clients are cut
 
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("%s " + fmt, self.address_string(), *args)
@@ -206,6 +225,21 @@ class Txt2ImgServer:
                     self.close_connection = True  # drop the connection without an answer
                 return True
 
+            def _content_length(self) -> int:
+                raw = self.headers.get("Content-Length")
+                if raw is None:
+                    if self.headers.get("Transfer-Encoding"):
+                        self.close_connection = True  # the body was not read: the connection cannot be reused
+                    raise _BadRequest(411, "a Content-Length header is required")
+                if not raw.strip().isdigit():  # "-1", "+5", "1e3", "abc" are all refused, not parsed
+                    self.close_connection = True
+                    raise _BadRequest(400, f"Content-Length {raw[:40]!r} is not a non-negative integer")
+                length = int(raw)
+                if length > MAX_BODY:
+                    self.close_connection = True
+                    raise _BadRequest(413, f"request body over {MAX_BODY} bytes")
+                return length
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 n = server._next_request()
                 if self._faulted(n):
@@ -220,19 +254,25 @@ class Txt2ImgServer:
             def do_POST(self) -> None:  # noqa: N802
                 n = server._next_request()
                 try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                    if length > MAX_BODY:
-                        raise _BadRequest(413, f"request body over {MAX_BODY} bytes")
+                    length = self._content_length()
                     try:
-                        req, bad = json.loads(self.rfile.read(length) or b"null"), False
-                    except ValueError:
-                        req, bad = None, True
+                        raw = self.rfile.read(length)
+                    except OSError:  # the client went silent (request_timeout) or away mid-body: nothing to answer
+                        self.close_connection = True
+                        return
+                    try:
+                        req, bad = json.loads(raw or b"null", parse_constant=_no_constant,
+                                               parse_float=_finite), ""
+                    except _NotANumber as exc:
+                        req, bad = None, f"the body is not JSON ({exc})"
+                    except (ValueError, RecursionError):
+                        req, bad = None, "the body is not JSON"
                     if self._faulted(n, req):
                         return
                     if self.path != TXT2IMG:
                         raise _BadRequest(404, f"no endpoint {self.path}")
                     if bad:
-                        raise _BadRequest(400, "the body is not JSON")
+                        raise _BadRequest(400, bad)
                     self._send(200, server.txt2img(req))
                 except _BadRequest as exc:
                     self._send(exc.status, {"error": str(exc)})
@@ -241,6 +281,21 @@ class Txt2ImgServer:
                     self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
 
         return Handler
+
+
+class _NotANumber(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotANumber(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotANumber(f"{text[:40]} is out of the range of a number")
+    return value
 
 
 def serve(target: str, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu", allow_pickle: bool = False,

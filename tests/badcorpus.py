@@ -238,3 +238,12 @@ def _bmp_bytes(rng: np.random.Generator) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(noise(rng)).save(buf, format="BMP")
     return buf.getvalue()
+
+
+def png_of_zeros(width: int, height: int) -> bytes:
+    """A real, fully decodable black PNG of width x height, compressed row by row (never held decoded here)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    z = zlib.compressobj(9)
+    row = b"\x00" * (1 + 3 * width)
+    data = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")

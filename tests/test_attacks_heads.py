@@ -48,10 +48,10 @@ def test_registering_again_replaces_the_previous_heads(heads_dir, home, tmp_path
     changed = tmp_path / "changed"
     shutil.copytree(heads_dir, changed)
     info = json.loads((changed / "heads.json").read_text())
-    info["default_attack"] = "blind-renamed-for-this-test"
+    info["manifest"]["created"] = "changed-for-this-test"  # (a default_attack that is not an attack is refused)
     (changed / "heads.json").write_text(json.dumps(info))
     assert register_heads(changed) == first
-    assert load_heads(first).default_attack == "blind-renamed-for-this-test"
+    assert load_heads(first).info["manifest"]["created"] == "changed-for-this-test"
     assert not list(first.parent.glob(".*"))  # no temporary or old copies left behind
 
 

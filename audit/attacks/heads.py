@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -21,9 +22,10 @@ import numpy as np
 from ..config import audit_home
 from ..errors import ArtifactError, InputError
 from ..manifest import check_manifest
+from ..tiers import TIERS
 from .decision import DEFAULT_MAX_FPR, DEFAULT_RULE, VALIDATION_KEY, Decision, fit_decision
 from .export import ort_session, run_session
-from .inputs import build_inputs, input_signature, tier_of, tiers_of
+from .inputs import ATTACKS, build_inputs, input_signature, tier_of, tiers_of
 from .train import HEADS_FILE, read_heads_json
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,8 @@ class Heads:
 
     def _session(self, attack: str):
         if attack not in self._sessions:
-            self._sessions[attack] = ort_session(self.path / self.info["attacks"][attack]["file"], self.threads)
+            f = head_file(self.path, self.info["attacks"][attack]["file"], attack)
+            self._sessions[attack] = ort_session(f, self.threads)
         return self._sessions[attack]
 
     def _check_signature(self, batch: Mapping[str, np.ndarray]) -> None:
@@ -132,21 +135,151 @@ def load_heads(path: str | os.PathLike, target: dict | None = None, threads: int
     folder = path.parent if path.name == HEADS_FILE else path
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such heads folder; train heads with `audit train STORE.h5 --out {folder}`")
-    info = read_heads_json(folder / HEADS_FILE)
-    if "manifest" not in info or "attacks" not in info:
-        raise ArtifactError(f"{folder / HEADS_FILE}: not a heads file (no manifest/attacks)")
+    info = read_heads_info(folder)
     check_manifest(info["manifest"], "heads", str(folder), target)
     old = [a for a, e in info["attacks"].items() if VALIDATION_KEY not in e]
     if old:
         raise ArtifactError(f"{folder}: heads made by an older audit (no validation probabilities for attack "
                             f"{old[0]}, so no three-way verdicts); retrain them: `audit train STORE.h5 --out {folder}`")
+    check_heads_schema(info, folder)
     for attack, entry in info["attacks"].items():
-        f = folder / entry["file"]
-        if not f.is_file():
-            raise ArtifactError(f"{f}: head of attack {attack} is missing")
-        if entry.get("sha256") and hashlib.sha256(f.read_bytes()).hexdigest() != entry["sha256"]:
+        f = head_file(folder, entry["file"], attack)
+        if entry.get("sha256") and _sha256(f) != entry["sha256"]:
             raise ArtifactError(f"{f}: head of attack {attack} was modified after training (sha256 mismatch)")
     return Heads(folder, info, threads)
+
+
+# ---------------------------------------------------------------- heads.json schema
+# heads.json comes from whoever trained the heads; nothing in it is used before these checks (types, bounds, and
+# head files that are plain regular files inside the folder).
+
+MAX_HEADS_JSON_BYTES = 256 * 2**20  # the split's id lists and the validation probabilities dominate
+MAX_HEAD_BYTES = 256 * 2**20  # a head is a small MLP or CNN (KiB to a few MiB)
+MAX_ATTACKS = 64
+MAX_PROBABILITIES = 10_000_000
+MAX_INPUT_SIZE = 1 << 24
+
+
+def read_heads_info(folder: Path) -> dict:
+    """heads.json of ``folder``, size-checked before it is read, as a dict with a manifest and attacks."""
+    file = folder / HEADS_FILE
+    try:
+        size = file.stat().st_size
+    except OSError:
+        size = 0  # read_heads_json names what is missing
+    if file.is_file() and size > MAX_HEADS_JSON_BYTES:
+        raise ArtifactError(f"{file}: {size} bytes, over the {MAX_HEADS_JSON_BYTES} a heads file may hold")
+    if file.exists() and not file.is_file():
+        raise ArtifactError(f"{file}: not a regular file")
+    try:
+        info = read_heads_json(file)
+    except RecursionError:
+        raise ArtifactError(f"{file}: not a heads file (JSON nested too deeply)") from None
+    if not isinstance(info, dict) or not isinstance(info.get("manifest"), dict) \
+            or not isinstance(info.get("attacks"), dict):
+        raise ArtifactError(f"{file}: not a heads file (no manifest/attacks)")
+    return info
+
+
+def _bad(folder: Path, where: str, value: object, want: str) -> ArtifactError:
+    text = repr(value)
+    return ArtifactError(f"{folder / HEADS_FILE}: {where} is {text[:60] + ('...' if len(text) > 60 else '')}, "
+                         f"expected {want}")
+
+
+def _is_int(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_probability(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and 0.0 <= value <= 1.0
+
+
+def check_heads_schema(info: dict, folder: Path) -> None:
+    """Refuse, in one line naming the field, a heads.json whose fields have the wrong type or are out of bounds."""
+    for role in ("target", "embedder", "captioner"):
+        ident = info["manifest"].get(role)
+        if ident is not None and (not isinstance(ident, dict)
+                                  or not all(isinstance(ident.get(k), (str, type(None))) for k in ("name", "hash"))):
+            raise _bad(folder, f"manifest.{role}", ident, "an object with text name and hash")
+    attacks = info["attacks"]
+    if not 1 <= len(attacks) <= MAX_ATTACKS:
+        raise _bad(folder, "attacks", f"{len(attacks)} entries", f"1 to {MAX_ATTACKS} attacks")
+    for name, entry in attacks.items():
+        if name not in ATTACKS:
+            raise _bad(folder, "an attack name", name, f"one of {', '.join(ATTACKS)}")
+        _check_attack(folder, name, entry)
+    if not isinstance(info.get("default_attack"), str) or info["default_attack"] not in attacks:
+        raise _bad(folder, "default_attack", info.get("default_attack"), f"one of its attacks ({', '.join(attacks)})")
+    signature = info.get("input_signature", {})
+    if not isinstance(signature, dict) or not all(isinstance(k, str) and _is_int(v, 0, MAX_INPUT_SIZE)
+                                                  for k, v in signature.items()):
+        raise _bad(folder, "input_signature", signature, f"an object of integers in [0, {MAX_INPUT_SIZE}]")
+    blind = info.get("blind_baseline")
+    if blind is not None and (not isinstance(blind, dict) or not isinstance(blind.get("message", ""), str)):
+        raise _bad(folder, "blind_baseline", blind, "an object with a text message")
+    split = info.get("split")
+    if split is not None:
+        if not isinstance(split, dict) or not isinstance(split.get("test", []), list) \
+                or not isinstance(split.get("ids_sha256", {}), dict) or not isinstance(split.get("counts", {}), dict):
+            raise _bad(folder, "split", split, "an object with a test list, ids_sha256 and counts objects")
+
+
+def _check_attack(folder: Path, name: str, entry: object) -> None:
+    where = f"attacks.{name}"
+    if not isinstance(entry, dict):
+        raise _bad(folder, where, entry, "an object")
+    if not isinstance(entry.get("file"), str):
+        raise _bad(folder, f"{where}.file", entry.get("file"), "a file name")
+    sha = entry.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise _bad(folder, f"{where}.sha256", sha, "64 hex digits")
+    if not _is_probability(entry.get("threshold")):
+        raise _bad(folder, f"{where}.threshold", entry.get("threshold"), "a probability in [0, 1]")
+    if entry.get("tier") is not None and entry["tier"] not in TIERS:
+        raise _bad(folder, f"{where}.tier", entry["tier"], f"one of {', '.join(TIERS)}")
+    shape = (entry.get("input") or {}).get("shape") if isinstance(entry.get("input"), dict) else None
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 \
+            or not all(_is_int(d, 1, MAX_INPUT_SIZE) for d in shape[1:]):
+        raise _bad(folder, f"{where}.input.shape", shape, f"a list of up to 8 sizes in [1, {MAX_INPUT_SIZE}]")
+    val = entry.get(VALIDATION_KEY)
+    for side in ("members", "nonmembers"):
+        probs = val.get(side) if isinstance(val, dict) else None
+        if not isinstance(probs, list) or len(probs) > MAX_PROBABILITIES or not all(map(_is_probability, probs)):
+            raise _bad(folder, f"{where}.{VALIDATION_KEY}.{side}", probs, "a list of probabilities in [0, 1]")
+    thresholds = entry.get("thresholds")
+    if thresholds is not None and (not isinstance(thresholds, dict)
+                                   or not all(isinstance(v, (dict, int, float)) for v in thresholds.values())):
+        raise _bad(folder, f"{where}.thresholds", thresholds, "an object")
+
+
+def head_file(folder: Path, name: str, attack: str) -> Path:
+    """The head file ``name`` of ``folder``: a plain file name (no path, no ``..``), a regular file that is not a
+    symlink, within the size limit. Anything else is refused before it is opened."""
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or len(name) > 255
+           or os.path.isabs(name))
+    if bad:
+        raise ArtifactError(f"{folder / HEADS_FILE}: attacks.{attack}.file {name[:60]!r} is not a plain file name "
+                            "inside the heads folder")
+    f = folder / name
+    if f.is_symlink():
+        raise ArtifactError(f"{f}: head of attack {attack} is a symlink; heads must be regular files in the folder")
+    if not f.exists():
+        raise ArtifactError(f"{f}: head of attack {attack} is missing")
+    if not f.is_file():
+        raise ArtifactError(f"{f}: head of attack {attack} is not a regular file")
+    if f.stat().st_size > MAX_HEAD_BYTES:
+        raise ArtifactError(f"{f}: head of attack {attack} is over {MAX_HEAD_BYTES} bytes")
+    return f
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- registry
@@ -195,8 +328,8 @@ def register_heads(heads_dir: str | os.PathLike) -> Path:
 
 def _hash_of(folder: Path) -> str | None:
     try:
-        return (read_heads_json(folder / HEADS_FILE)["manifest"].get("target") or {}).get("hash")
-    except (ArtifactError, KeyError, TypeError):
+        return (read_heads_info(folder)["manifest"].get("target") or {}).get("hash")
+    except (ArtifactError, KeyError, TypeError, AttributeError):
         return None
 
 

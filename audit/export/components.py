@@ -109,6 +109,10 @@ def _export_graphs(spec_list, folder: Path, cfg: ExportConfig, bar=None) -> dict
 def _write_component(folder: Path, component: str, cfg: ExportConfig, target_identity: dict, identity: dict,
                      info: dict) -> None:
     info = {"format": EXPORT_FORMAT, "component": component, "identity": identity, **info}
+    if component != "bundle":  # what the folder's identity is checked against when it loads (runtime.folder)
+        from ..runtime.folder import export_content_hash
+
+        info["content_sha256"] = export_content_hash(folder)
     atomic_write_text(folder / "export.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
     manifest = make_manifest("export", cfg.to_dict(), target_identity, component=component, model=identity)
     atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")

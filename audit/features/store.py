@@ -13,6 +13,11 @@ Layout (one row per input row, in the ImageFolder's sorted order; failed rows ke
   gray-box tier (``features.graybox``):
     graybox_loss, graybox_pia, graybox_secmi        float32 [N, K]  each attack's error at the K timesteps
 
+Nothing in a store is trusted before it is checked: ``FeatureStore.open`` validates every dataset's kind, dtype and
+shape against this layout, the sizes against ``LIMITS`` and each other, and ``n_committed`` against the rows, and
+``read`` refuses to allocate more than the memory available, so a small file declaring a huge dataset is refused in
+one line before anything is allocated.
+
 Root attributes: ``manifest`` (JSON, see ``audit.manifest``; ``tiers`` names the tiers it holds, a store without
 it is black-box) and ``n_committed``. A batch is committed by writing
 its arrays, then raising ``n_committed`` last; the file is open only while a batch is written. A run killed
@@ -42,6 +47,9 @@ TIER_KEYS = {BLACK_BOX: ("gen_captions", "gen_pixels", "gen_img_emb", "gen_capti
              GRAY_BOX: ("graybox_loss", "graybox_pia", "graybox_secmi")}
 ARRAY_KEYS = COMMON_KEYS + TIER_KEYS[BLACK_BOX]
 KEYS = STR_KEYS + ARRAY_KEYS  # a black-box store's datasets
+# Bounds on what a store may declare (far above any real store: 1024 px thumbnails, 16k-wide embeddings).
+LIMITS = {"rows": 100_000_000, "pixel_size": 1024, "dim": 16384, "n_gen": 1024, "n_timesteps": 1000}
+MAX_MANIFEST_CHARS = 1 << 20
 # Rows per HDF5 chunk along axis 0: small enough that a resumed run rewrites little, large enough to compress.
 CHUNK_ROWS = 32
 
@@ -90,6 +98,8 @@ def empty_batch(n: int, n_gen: int, pixel_size: int, dim: int, tiers: tuple[str,
 
 
 def _open(path: Path, mode: str) -> h5py.File:
+    if path.exists() and not path.is_file():  # a FIFO would block the open forever, a device read without end
+        raise ArtifactError(f"{path}: not a regular file; not a feature store")
     try:
         return h5py.File(path, mode)
     except FileNotFoundError:
@@ -103,10 +113,77 @@ def _read_manifest(f: h5py.File, path: Path) -> dict:
     raw = f.attrs.get("manifest")
     if raw is None:
         raise ArtifactError(f"{path}: HDF5 file has no audit manifest; not a feature store")
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if not isinstance(raw, str) or len(raw) > MAX_MANIFEST_CHARS:
+        raise ArtifactError(f"{path}: feature store manifest is not a JSON text of at most {MAX_MANIFEST_CHARS} "
+                            "characters")
     try:
-        return json.loads(raw)
+        manifest = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path}: feature store manifest is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: feature store manifest is nested too deeply") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: feature store manifest is a JSON {type(manifest).__name__}, not an object")
+    n_rows = manifest.get("n_rows")
+    if n_rows is not None and not _count(n_rows, LIMITS["rows"]):
+        raise ArtifactError(f"{path}: feature store manifest gives n_rows {str(n_rows)[:40]!r}, not an integer in "
+                            f"[0, {LIMITS['rows']}]")
+    return manifest
+
+
+def _count(value: Any, limit: int, low: int = 0) -> bool:
+    """``value`` is an integer (Python or numpy scalar, not bool) in [low, limit]."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and low <= value <= limit
+
+
+def check_layout(f: h5py.File, path: Path, manifest: dict) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """(n_committed, shape of each dataset) once the store's layout is checked against the schema: every dataset
+    of its tiers present as a dataset of the right dtype and rank, per-row sizes within ``LIMITS`` and the same
+    in every dataset that shares them, rows within ``LIMITS`` and at least ``n_committed``. Reads no data."""
+    keys = store_keys(store_tiers(manifest))
+    missing = [k for k in keys if k not in f]
+    if missing:
+        raise ArtifactError(f"{path}: feature store lacks dataset(s) {missing}")
+    datasets = {k: f[k] for k in keys}
+    for key, ds in datasets.items():
+        if not isinstance(ds, h5py.Dataset):
+            raise ArtifactError(f"{path}: {key} is an HDF5 {type(ds).__name__}, not a dataset; not a feature store")
+    sizes = {}
+    for name, key, axis in (("pixel_size", "query_pixels", 1), ("dim", "query_img_emb", 1),
+                            ("n_gen", "gen_img_emb", 1), ("n_timesteps", "graybox_loss", 1)):
+        if key in datasets:
+            shape = datasets[key].shape
+            value = shape[axis] if shape is not None and len(shape) > axis else None
+            if not _count(value, LIMITS[name], 1):
+                raise ArtifactError(f"{path}: dataset {key} has shape {shape}: its {name} must be in "
+                                    f"[1, {LIMITS[name]}]; the store is damaged or not a feature store")
+            sizes[name] = int(value)
+    expected = row_shapes(sizes.get("n_gen", 0), sizes["pixel_size"], sizes["dim"], store_tiers(manifest),
+                          sizes.get("n_timesteps", 0))
+    for key, (row, dtype) in expected.items():
+        ds = datasets[key]
+        text = isinstance(dtype, np.dtype) and dtype.kind == "O"
+        kind_ok = (h5py.check_string_dtype(ds.dtype) is not None) if text else ds.dtype == np.dtype(dtype)
+        if not kind_ok or ds.shape is None or tuple(ds.shape[1:]) != tuple(row) or len(ds.shape) != 1 + len(row):
+            want = "text" if text else np.dtype(dtype).name
+            layout = "(rows,)" if not row else f"(rows, {', '.join(map(str, row))})"
+            raise ArtifactError(f"{path}: dataset {key} is {ds.dtype} {ds.shape}, expected {want} {layout}; the "
+                                "store is damaged or not a feature store")
+        if ds.shape[0] > LIMITS["rows"]:
+            raise ArtifactError(f"{path}: dataset {key} declares {ds.shape[0]} rows, over {LIMITS['rows']}")
+    n = f.attrs.get("n_committed", 0)
+    n_rows = manifest.get("n_rows")
+    if not _count(n, LIMITS["rows"]) or (n_rows is not None and n > n_rows):
+        raise ArtifactError(f"{path}: n_committed {str(n)[:40]} is not an integer in [0, "
+                            f"{n_rows if n_rows is not None else LIMITS['rows']}]; the store is damaged")
+    shapes = {k: tuple(ds.shape) for k, ds in datasets.items()}
+    short = [k for k, s in shapes.items() if s[0] < n]
+    if short:
+        raise ArtifactError(f"{path}: dataset(s) {short} hold fewer rows than the {int(n)} committed; the store is "
+                            "damaged, delete it and recompute")
+    return int(n), shapes
 
 
 class FeatureStore:
@@ -126,16 +203,7 @@ class FeatureStore:
         with _open(path, "r") as f:
             manifest = _read_manifest(f, path)
             check_manifest(manifest, KIND, str(path), target)
-            keys = store_keys(store_tiers(manifest))
-            missing = [k for k in keys if k not in f]
-            if missing:
-                raise ArtifactError(f"{path}: feature store lacks dataset(s) {missing}")
-            n = int(f.attrs.get("n_committed", 0))
-            shapes = {k: f[k].shape for k in keys}
-        short = [k for k, s in shapes.items() if s[0] < n]
-        if short:
-            raise ArtifactError(f"{path}: dataset(s) {short} hold fewer rows than the {n} committed; the store is "
-                                "damaged, delete it and recompute")
+            n, shapes = check_layout(f, path, manifest)
         return cls(path, manifest, n, shapes)
 
     @property
@@ -180,19 +248,34 @@ class FeatureStore:
             log.warning("%s: store is incomplete (%d of %d rows); run `audit features ... --resume` to finish it",
                         self.path, self.n_committed, self.n_rows)
         n = self.n_committed
+        self._check_memory(keys, n)
         out: dict[str, np.ndarray] = {}
-        with _open(self.path, "r") as f:
-            status = f["status"].asstr()[:n]
-            keep = np.flatnonzero(np.asarray(status, dtype=object) == "ok") if ok_only else None
-            for key in keys:
-                ds = f[key]
-                if h5py.check_string_dtype(ds.dtype) is not None:
-                    arr = ds.asstr()[:n]
-                    arr = np.asarray(arr, dtype=str) if arr.size else np.zeros(arr.shape, dtype=str)
-                else:
-                    arr = ds[:n]
-                out[key] = arr[keep] if keep is not None else arr
+        try:
+            with _open(self.path, "r") as f:
+                status = f["status"].asstr()[:n]
+                keep = np.flatnonzero(np.asarray(status, dtype=object) == "ok") if ok_only else None
+                for key in keys:
+                    ds = f[key]
+                    if h5py.check_string_dtype(ds.dtype) is not None:
+                        arr = ds.asstr()[:n]
+                        arr = np.asarray(arr, dtype=str) if arr.size else np.zeros(arr.shape, dtype=str)
+                    else:
+                        arr = ds[:n]
+                    out[key] = arr[keep] if keep is not None else arr
+        except (OSError, KeyError, ValueError) as exc:  # a damaged chunk, an unknown filter, a changed file
+            raise ArtifactError(f"{self.path}: cannot read the feature store ({str(exc).splitlines()[0]}); delete "
+                                "it and recompute") from None
         return out
+
+    def _check_memory(self, keys: tuple[str, ...], n: int) -> None:
+        """Refuse, before allocating, a read larger than the memory this process can take."""
+        from ..runtime.memory import available_bytes
+
+        need = sum(n * int(np.prod(self._shapes[k][1:], dtype=np.int64)) * _itemsize(k) for k in keys)
+        free = available_bytes()
+        if free is not None and need > free:
+            raise ArtifactError(f"{self.path}: reading its {n} rows needs {need / 2**30:.1f} GiB, more than the "
+                                f"{free / 2**30:.1f} GiB of memory available")
 
     def status_counts(self) -> dict[str, int]:
         status = self.read(ok_only=False, keys=("status",))["status"]
@@ -200,9 +283,19 @@ class FeatureStore:
         return {str(v): int(c) for v, c in zip(values, counts)}
 
 
+def _itemsize(key: str) -> int:
+    """Bytes per element of ``key`` once read (text: a pointer and a short string, 64 as an estimate)."""
+    dtype = row_shapes(1, 8, 1, TIERS, 1)[key][1]
+    return 64 if isinstance(dtype, np.dtype) and dtype.kind == "O" else np.dtype(dtype).itemsize
+
+
 def store_tiers(manifest: dict) -> tuple[str, ...]:
     """The tiers a store's manifest says it holds (stores made before the gray-box tier hold black-box only)."""
-    tiers = tuple(manifest.get("tiers") or (BLACK_BOX,))
+    tiers = manifest.get("tiers") or (BLACK_BOX,)
+    if not isinstance(tiers, (list, tuple)) or not all(isinstance(t, str) for t in tiers):
+        raise ArtifactError(f"feature store manifest gives tiers {str(tiers)[:60]!r}, not a list of names; valid "
+                            f"tiers are {', '.join(TIERS)}")
+    tiers = tuple(tiers)
     unknown = [t for t in tiers if t not in TIERS]
     if unknown:
         raise ArtifactError(f"feature store manifest names unknown tier(s) {unknown}; valid tiers are "

@@ -10,6 +10,12 @@ Options come as keyword arguments or in the URL's query string, so a command lin
 (``http://user:password@host:7860``, as A1111's ``--api-auth``) are sent as HTTP basic auth. Neither options
 nor credentials are part of the target's identity: the URL without them is.
 
+Nothing a service answers is trusted: every JSON body is parsed with a bound on its size and nesting depth, every
+field used (the reported resolution, model entries, images, ``info`` and its seed) is checked against its type
+and bounds, and images are decoded only through ``audit.imagefolder.load_image`` with its limits. An invalid answer
+to a probe is a one-line ``ServiceError``; an invalid answer to a txt2img request fails that row
+(``BadResponse``, a refusal: the row gets ``generation_refused``) and the run goes on.
+
 Seeds: image ``j`` of caption ``c`` is sent with ``image_seeds(seed, c, n_gen)[j] % 2**32``; services commonly
 take 32-bit seeds. A service that ignores the seed makes every result irreproducible; the client warns when
 the seed it reports back differs from the one sent.
@@ -26,6 +32,8 @@ import http.client
 import io
 import json
 import logging
+import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -36,6 +44,7 @@ from PIL import Image
 
 from ..config import Config
 from ..errors import AuditError, UsageError
+from ..imagefolder import MAX_PIXELS, ImageError, load_image
 from .base import PerImageSeeds
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,15 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # A txt2img answer with one of these refuses this request (a filtered prompt, an invalid one): that row fails and
 # the scan goes on. Any other failure that outlasts the retries is the service's and stops the run (--resume).
 REFUSED_STATUSES = frozenset({400, 413, 422})
+# Bounds on what a service may answer. The resolution sizes every array the client allocates; a txt2img answer is
+# one image (a few MiB of base64) with a short info text; the model list is a handful of entries.
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 2048
+MAX_JSON_DEPTH = 32
+MAX_INFO_CHARS = 1 << 20
+MAX_IMAGES_PER_ANSWER = 64
+MAX_MODELS = 1000
+MAX_FIELD_CHARS = 4096
+JSON_TYPES = ("application/json", "text/json")
 
 
 class ServiceError(AuditError):
@@ -56,6 +74,11 @@ class ServiceError(AuditError):
 
 class PromptRefused(ServiceError):
     """The service answered this request with a refusal (HTTP 400/413/422): retrying will not help."""
+
+
+class BadResponse(PromptRefused):
+    """The service answered this request with something invalid (an image over the limits, a malformed field, a
+    body too large or too deeply nested): that row fails like a refused prompt, and is not retried."""
 
 
 class GenerationFailed(ServiceError):
@@ -114,8 +137,7 @@ class HTTPGenerator(PerImageSeeds):
             self._headers["Authorization"] = "Basic " + base64.b64encode(userpass.encode()).decode("ascii")
         self.name = name or self.url
         self.model_info = self._probe()
-        reported = int((self.model_info.get("audit") or {}).get("resolution") or 0)
-        self.resolution = self.config.resolution or reported or 512
+        self.resolution = self.config.resolution or (self.model_info.get("audit") or {}).get("resolution") or 512
         blob = json.dumps({"url": self.url, "model": self.model_info}, sort_keys=True)
         self._hash = hashlib.sha256(blob.encode()).hexdigest()[:16]
         self._cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
@@ -190,33 +212,59 @@ class HTTPGenerator(PerImageSeeds):
         return image
 
     def _decode(self, body: Any, seed: int) -> np.ndarray:
-        if not isinstance(body, dict) or not isinstance(body.get("images"), list) or not body["images"]:
-            raise ServiceError(f"{self.url}{TXT2IMG}: the response has no images")
-        data = body["images"][0]
-        if isinstance(data, str) and data.startswith("data:"):
+        where = f"{self.url}{TXT2IMG}"
+        if not isinstance(body, dict):
+            raise BadResponse(f"{where}: the response is a JSON {type(body).__name__}, not an object")
+        images = body.get("images")
+        if not isinstance(images, list) or not 1 <= len(images) <= MAX_IMAGES_PER_ANSWER:
+            raise BadResponse(f"{where}: the response has no images (`images` must be a list of 1 to "
+                              f"{MAX_IMAGES_PER_ANSWER} base64 strings)")
+        data = images[0]
+        if not isinstance(data, str):
+            raise BadResponse(f"{where}: images[0] is a {type(data).__name__}, not a base64 string")
+        if data.startswith("data:"):
             data = data.split(",", 1)[-1]
+        reported = self._reported_seed(body, where)
         try:
-            with Image.open(io.BytesIO(base64.b64decode(data, validate=False))) as im:
-                im = im.convert("RGB")
-                if im.size != (self.resolution, self.resolution):
-                    self._warn_once("size", "%s returned %dx%d images for %dx%d requests; resizing them", self.url,
-                                    im.size[0], im.size[1], self.resolution, self.resolution)
-                    im = im.resize((self.resolution, self.resolution), Image.BICUBIC)
-                image = np.asarray(im, dtype=np.uint8)
-        except (OSError, ValueError, TypeError) as exc:
-            raise ServiceError(f"{self.url}{TXT2IMG}: an image in the response is not decodable ({exc})") from None
-        self._check_seed(body, seed)
-        return image
-
-    def _check_seed(self, body: dict, seed: int) -> None:
+            raw = base64.b64decode(data, validate=False)
+        except ValueError as exc:
+            raise BadResponse(f"{where}: images[0] is not base64 ({exc})") from None
+        r = self.resolution
         try:
-            info = json.loads(body.get("info") or "{}")
-            reported = info.get("seed") if isinstance(info, dict) else None
-        except (TypeError, ValueError):
-            return
-        if reported is not None and int(reported) != seed:
+            # Sized from what was asked: a service may answer a larger image (it is scaled down below), not a bomb.
+            image = load_image("images[0]", max_pixels=min(MAX_PIXELS, max(16 * r * r, 1 << 20)), data=raw)
+        except ImageError as exc:
+            raise BadResponse(f"{where}: {exc}") from None
+        if image.shape[:2] != (r, r):
+            self._warn_once("size", "%s returned %dx%d images for %dx%d requests; resizing them", self.url,
+                            image.shape[1], image.shape[0], r, r)
+            image = np.asarray(Image.fromarray(image).resize((r, r), Image.BICUBIC), dtype=np.uint8)
+        if reported is not None and reported != seed:
             self._warn_once("seed", "%s used seed %s for a request with seed %s: its images are not reproducible",
                             self.url, reported, seed)
+        return image
+
+    @staticmethod
+    def _reported_seed(body: dict, where: str) -> int | None:
+        """The seed ``info`` reports (A1111: a JSON text holding an object), checked; None where it reports none."""
+        info = body.get("info")
+        if info is None or info == "":
+            return None
+        if isinstance(info, str):
+            if len(info) > MAX_INFO_CHARS:
+                raise BadResponse(f"{where}: `info` is {len(info)} characters, over {MAX_INFO_CHARS}")
+            try:
+                info = loads_bounded(info.encode("utf-8", "surrogatepass"))
+            except ValueError as exc:
+                raise BadResponse(f"{where}: `info` is not valid JSON ({exc})") from None
+        if not isinstance(info, dict):
+            raise BadResponse(f"{where}: `info` is a JSON {type(info).__name__}, not an object")
+        seed = info.get("seed")
+        if seed is None:
+            return None
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed < 2**64:
+            raise BadResponse(f"{where}: `info` reports seed {_short(seed)}, not an integer in [-1, 2**64)")
+        return seed
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:
@@ -226,22 +274,26 @@ class HTTPGenerator(PerImageSeeds):
     # -- transport -------------------------------------------------------------------------------------------
 
     def _probe(self) -> dict:
-        """What the service says it runs (GET sd-models / options); {} where it does not say."""
+        """What the service says it runs (GET sd-models / options), checked; {} where it does not say."""
         info: dict[str, Any] = {}
         try:
             options = self._request("GET", OPTIONS, None, missing_ok=True)
             models = self._request("GET", SD_MODELS, None, missing_ok=True)
         except ServiceError as exc:
             raise ServiceError(f"cannot reach the http target: {exc}") from None
-        checkpoint = options.get("sd_model_checkpoint") if isinstance(options, dict) else None
+        checkpoint = _text(options.get("sd_model_checkpoint"), f"{self.url}{OPTIONS}: sd_model_checkpoint") \
+            if isinstance(options, dict) else None
         if isinstance(models, list):
+            if len(models) > MAX_MODELS:
+                raise ServiceError(f"{self.url}{SD_MODELS}: lists {len(models)} models, over {MAX_MODELS}")
             entries = [m for m in models if isinstance(m, dict)]
             current = [m for m in entries if checkpoint and checkpoint in (m.get("title"), m.get("model_name"))]
             chosen = current or entries
-            info["models"] = [{k: m.get(k) for k in ("title", "model_name", "hash", "sha256")} for m in chosen]
+            info["models"] = [{k: _text(m.get(k), f"{self.url}{SD_MODELS}: {k}")
+                               for k in ("title", "model_name", "hash", "sha256")} for m in chosen]
             audit = [m["audit"] for m in chosen if isinstance(m.get("audit"), dict)]
             if len(audit) == 1:
-                info["audit"] = audit[0]
+                info["audit"] = _audit_entry(audit[0], f"{self.url}{SD_MODELS}", self.config.resolution)
         if checkpoint:
             info["checkpoint"] = checkpoint
         return info
@@ -251,12 +303,16 @@ class HTTPGenerator(PerImageSeeds):
         attempt = 0
         while True:
             try:
-                status, data = self._once(method, path, payload)
+                status, data, kind = self._once(method, path, payload)
                 if status == 404 and missing_ok:
                     return None
                 if status == 200:
+                    if kind and kind not in JSON_TYPES and not kind.endswith("+json"):
+                        raise _Invalid(f"{self.url}{path}: the response is {kind}, not JSON")
                     try:
-                        return json.loads(data)
+                        return loads_bounded(data)
+                    except _TooDeep as exc:
+                        raise _Invalid(f"{self.url}{path}: {exc}") from None
                     except ValueError:
                         raise _Retryable(f"{self.url}{path}: the response is not JSON") from None
                 snippet = data[:200].decode("utf-8", "replace").strip().replace("\n", " ")
@@ -266,8 +322,13 @@ class HTTPGenerator(PerImageSeeds):
                 if status not in RETRY_STATUSES:
                     raise ServiceError(message)
                 raise _Retryable(message)
+            except _Invalid as exc:
+                # Not retried: a hostile or broken answer is not an outage. On txt2img it costs one row.
+                raise (BadResponse if path == TXT2IMG else ServiceError)(str(exc)) from None
             except (_Retryable, OSError, http.client.HTTPException) as exc:
-                reason = str(exc) if isinstance(exc, _Retryable) else f"{self.url}{path}: {type(exc).__name__}: {exc}"
+                # One line whatever the service sent (a status line of garbage lands in http.client's messages).
+                detail = " ".join(str(exc).split())[:300]
+                reason = detail if isinstance(exc, _Retryable) else f"{self.url}{path}: {type(exc).__name__}: {detail}"
                 if attempt >= cfg.retries:
                     raise ServiceError(f"{reason} (gave up after {attempt + 1} attempts)") from None
                 wait = min(cfg.backoff * 2**attempt, cfg.max_backoff)
@@ -275,38 +336,149 @@ class HTTPGenerator(PerImageSeeds):
                 time.sleep(wait)
                 attempt += 1
 
-    def _once(self, method: str, path: str, payload: Any) -> tuple[int, bytes]:
+    def _once(self, method: str, path: str, payload: Any) -> tuple[int, bytes, str]:
+        """(status, body, media type) of one exchange, all of it (connect, headers, body) within ``timeout``.
+
+        A per-read socket timeout alone lets a service trickle a byte at a time forever; so a timer also shuts the
+        socket down at the deadline, which ends whatever read is blocked (headers included) at once.
+        """
         cfg = self.config
-        deadline = time.monotonic() + cfg.timeout
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         conn = cls(self._host, self._port, timeout=cfg.timeout)
+        expired = threading.Event()
+
+        def cut() -> None:
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the raw socket, under any TLS layer
+                except OSError:
+                    pass
+
+        deadline = time.monotonic() + cfg.timeout
+        timer = threading.Timer(cfg.timeout, cut)
+        timer.daemon = True
+        timer.start()
         try:
+            conn.connect()
+            sock = conn.sock  # kept: the connection drops its reference once the response says "close"
+            if expired.is_set():
+                cut()
             body = None if payload is None else json.dumps(payload).encode("utf-8")
             conn.request(method, self._base + path, body=body, headers=self._headers)
-            sock = conn.sock  # kept: the connection drops its reference once the response says "close"
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             resp = conn.getresponse()
+            kind = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+            declared = resp.getheader("Content-Length")
+            if declared and declared.strip().isdigit() and int(declared) > cfg.max_response_bytes:
+                raise _Invalid(f"{self.url}{path}: response of {int(declared)} bytes, over the limit of "
+                               f"{cfg.max_response_bytes}")
             chunks, size = [], 0
             while True:
-                # A total deadline, not only a per-read one: a service trickling bytes must not hold a row forever.
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"no complete response within {cfg.timeout:g} s")
-                sock.settimeout(remaining)
-                chunk = resp.read1(1 << 16) if hasattr(resp, "read1") else resp.read(1 << 16)
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = resp.read1(1 << 16)
                 if not chunk:
                     break
                 size += len(chunk)
                 if size > cfg.max_response_bytes:
-                    raise ServiceError(f"{self.url}{path}: response larger than {cfg.max_response_bytes} bytes")
+                    raise _Invalid(f"{self.url}{path}: response larger than the limit of {cfg.max_response_bytes} "
+                                   "bytes")
                 chunks.append(chunk)
-            return resp.status, b"".join(chunks)
+            if expired.is_set():  # the cut can look like the end of a body without a length
+                raise TimeoutError(f"no complete response within {cfg.timeout:g} s")
+            return resp.status, b"".join(chunks), kind
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            # Every socket timeout is set to what is left of the deadline: any of them, or the cut, means it passed.
+            if expired.is_set() or isinstance(exc, TimeoutError):
+                raise TimeoutError(f"no complete response within {cfg.timeout:g} s") from None
+            if isinstance(exc, ValueError):  # a malformed exchange that http.client did not classify
+                raise http.client.HTTPException(str(exc)) from None
+            raise
         finally:
+            timer.cancel()
             conn.close()
 
 
 class _Retryable(Exception):
     pass
+
+
+class _Invalid(Exception):
+    """An answer that breaks the protocol's schema or bounds (not retried)."""
+
+
+class _TooDeep(ValueError):
+    pass
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_depth(data: bytes, limit: int) -> int:
+    """The nesting depth of a JSON text (strings skipped), counted without recursion and stopping past ``limit``."""
+    structure = _JSON_STRING.sub(b"", data)
+    depth = deepest = 0
+    step = 1 << 20
+    for start in range(0, len(structure), step):
+        arr = np.frombuffer(structure, np.uint8, count=min(step, len(structure) - start), offset=start)
+        delta = ((arr == 0x5B) | (arr == 0x7B)).astype(np.int32) - ((arr == 0x5D) | (arr == 0x7D))
+        if delta.any():
+            running = depth + np.cumsum(delta)
+            deepest = max(deepest, int(running.max()))
+            depth = int(running[-1])
+            if deepest > limit:
+                break
+    return deepest
+
+
+def loads_bounded(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` of an answer, refusing (``ValueError``) one nested deeper than ``max_depth`` before parsing
+    it: the recursive parser would otherwise raise RecursionError, or exhaust the stack, on a hostile body."""
+    depth = json_depth(data, max_depth)
+    if depth > max_depth:
+        raise _TooDeep(f"JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(data)
+    except RecursionError:  # the scan above should make this unreachable
+        raise _TooDeep(f"JSON nested deeper than {max_depth} levels") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason})") from None
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _text(value: Any, where: str) -> str | None:
+    """A short text field of an answer (None stays None); anything else is a one-line ServiceError."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_FIELD_CHARS:
+        raise ServiceError(f"{where}: {_short(value)} is not a text of at most {MAX_FIELD_CHARS} characters")
+    return value
+
+
+def _audit_entry(entry: dict, where: str, override: int = 0) -> dict:
+    """The ``audit`` field of an ``audit serve`` model entry: its identity and native resolution, checked (an
+    invalid resolution is an error unless the user's ``override`` replaces it, then it is dropped)."""
+    out: dict[str, Any] = {}
+    resolution = entry.get("resolution")
+    if resolution is not None:
+        if isinstance(resolution, bool) or not isinstance(resolution, int) \
+                or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+            if not override:
+                raise ServiceError(f"{where}: the service reports resolution {_short(resolution)}, not an integer "
+                                   f"in [{MIN_RESOLUTION}, {MAX_RESOLUTION}]; pass ?resolution=N to override it")
+        else:
+            out["resolution"] = resolution
+    identity = entry.get("identity")
+    if identity is not None:
+        if not isinstance(identity, dict):
+            raise ServiceError(f"{where}: audit.identity is not an object")
+        out["identity"] = {k: _text(identity.get(k), f"{where}: audit.identity.{k}") for k in ("name", "hash")}
+    return out
 
 
 def _config(base: HTTPTargetConfig, options: dict[str, Any], url: str) -> HTTPTargetConfig:
@@ -324,7 +496,10 @@ def _config(base: HTTPTargetConfig, options: dict[str, Any], url: str) -> HTTPTa
             what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
             raise UsageError(f"{url}: http target option {name}={value!r} is not {what}") from None
     cfg = dataclasses.replace(base, **values)
-    if cfg.concurrency < 1 or cfg.retries < 0 or cfg.timeout <= 0 or cfg.backoff < 0 or cfg.resolution < 0:
-        raise UsageError(f"{url}: http target options need concurrency >= 1, retries >= 0, timeout > 0, "
-                         "backoff >= 0, resolution >= 0")
+    if (cfg.concurrency < 1 or cfg.retries < 0 or not 0 < cfg.timeout < float("inf") or not cfg.backoff >= 0
+            or not (cfg.resolution == 0 or MIN_RESOLUTION <= cfg.resolution <= MAX_RESOLUTION)
+            or cfg.max_response_bytes < 1):
+        raise UsageError(f"{url}: http target options need concurrency >= 1, retries >= 0, 0 < timeout < inf, "
+                         f"backoff >= 0, resolution 0 or in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], "
+                         "max_response_bytes >= 1")
     return cfg
