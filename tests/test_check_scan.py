@@ -113,7 +113,7 @@ def test_check_uses_registered_heads_and_the_captioner_when_no_caption(world):
     r = _check(world, str(img))
     assert r.exit_code == 0, r.output
     assert "(written by the captioner)" in r.stdout
-    assert f"heads: {world['registered']}" in r.stdout
+    assert f"heads: {world['registered']} (registered " in r.stderr
     assert "the captioner wrote it" in r.stderr
     (world["root"] / "lone.txt").write_text("a small red square at the top", encoding="utf-8")
     v = json.loads(_check(world, str(img), "--json").stdout)

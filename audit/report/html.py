@@ -440,6 +440,8 @@ _VERDICT_COLS = [("decided_fraction", "decided"), ("fpr", "FPR"), ("precision", 
 
 
 def _verdicts_section(evaluation: Mapping) -> str:
+    from ..attacks.evaluate import calibration_text
+
     attacks = {a: m["verdicts"] for a, m in (evaluation.get("attacks") or {}).items()
                if isinstance(m, Mapping) and isinstance(m.get("verdicts"), Mapping)}
     if not attacks:
@@ -456,9 +458,11 @@ def _verdicts_section(evaluation: Mapping) -> str:
                  f" / {c.get('inconclusive', 0)}</td><td>{_num(v.get('member_threshold'))}</td>"
                  f"<td>{_num(v.get('nonmember_threshold'))}</td></tr>")
     first = next(iter(attacks.values()))
+    fitted_on = (calibration_text(evaluation["calibration"]) if evaluation.get("calibration") else
+                 f"the validation split ({first.get('n_validation_nonmembers')} non-members, "
+                 f"{first.get('n_validation_members')} members)")
     note = (f"<p class=note>Verdicts at {html.escape(_rule_text(evaluation.get('decision')))}, thresholds fitted on "
-            f"the validation split ({first.get('n_validation_nonmembers')} non-members, "
-            f"{first.get('n_validation_members')} members) and applied to the test rows. FPR: member verdicts per "
+            f"{html.escape(fitted_on)} and applied to the test rows. FPR: member verdicts per "
             "test non-member (what the budget bounds); precision: members among member verdicts; TPR: member "
             "verdicts per test member; miss rate: non-member verdicts per test member. – : no threshold (the "
             "budget cannot be resolved with these validation rows) or no verdict to measure.</p>")
