@@ -123,7 +123,7 @@ def test_realised_fpr_on_unseen_nonmembers_stays_within_the_budget(tmp_path):
     """Weak signal, 300 held-out non-members none of the heads or thresholds saw; budget 0.1 (sd of one test
     split's FPR about 0.02)."""
     batch = planted_batch(120, 400, seed=4, strength=0.4)
-    _train(batch, tmp_path / "h", attacks=("II-S",), folds=5, train_fraction=0.2, val_fraction=0.1)
+    _train(batch, tmp_path / "h", attacks=("II-S",), folds=5, train_fraction=0.2, val_fraction=0.1, epochs=10)
     heads = load_heads(tmp_path / "h")
     test = _rows(batch, heads.info["split"]["test"])
     y = test["member"]
@@ -137,7 +137,7 @@ def test_realised_fpr_on_unseen_nonmembers_stays_within_the_budget(tmp_path):
 
 
 def test_no_test_split_with_folds_and_evaluate_says_so(planted, tmp_path):
-    info = _train(planted, tmp_path / "h", attacks=("II-S",), folds=2, train_fraction=0.6, val_fraction=0.4)
+    info = _train(planted, tmp_path / "h", attacks=("blind",), folds=2, train_fraction=0.6, val_fraction=0.4)
     assert info["split"]["test"] == [] and len(info["split"]["out_of_fold"]) == 60
     assert info["blind_baseline"]["on"] == "out-of-fold"
     store = write_store(planted, tmp_path / "s.h5")
@@ -160,7 +160,7 @@ def home(tmp_path, monkeypatch):
 
 def test_train_folds_through_the_cli_registers_nothing_unless_asked(planted, tmp_path, home):
     store = write_store(planted, tmp_path / "s.h5")
-    r = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "h"), "--attacks", "II-S", "--epochs", "5",
+    r = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "h"), "--attacks", "blind", "--epochs", "5",
                             "--folds", "3", "--test-fraction", "0.5"])
     assert r.exit_code == 0, r.output
     assert "out-of-fold 15/15, test 15/15" in r.output and "3 cross-fitted folds" in r.output
@@ -175,7 +175,7 @@ def test_train_folds_through_the_cli_registers_nothing_unless_asked(planted, tmp
 
 def test_heads_use_list_remove(planted, tmp_path, home):
     store = write_store(planted, tmp_path / "s.h5")
-    api.train(store, tmp_path / "h", attacks="II-S", epochs=3, quiet=True)
+    api.train(store, tmp_path / "h", attacks="blind", epochs=3, quiet=True)
     assert api.heads_list() == [e for e in api.heads_list() if e["source"] == "bundled"]
     r = runner.invoke(app, ["heads", "use", str(tmp_path / "h")])
     assert r.exit_code == 0, r.output
@@ -191,6 +191,6 @@ def test_heads_use_list_remove(planted, tmp_path, home):
     assert r.exit_code == 0 and not (home / "heads" / key).exists()
     r = runner.invoke(app, ["heads", "remove", "planted"])
     assert r.exit_code == 1 and "no registered heads named 'planted'" in r.stderr
-    r = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "h2"), "--attacks", "II-S", "--epochs", "2",
+    r = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "h2"), "--attacks", "blind", "--epochs", "2",
                             "--register"])
     assert r.exit_code == 0 and f"registered at {home / 'heads' / key}" in r.output
