@@ -72,6 +72,9 @@ def test_check_json_has_every_field_and_matches_the_store(world):
     assert r.exit_code in (0,), r.output
     v = json.loads(r.stdout)
     assert FIELDS <= set(v)
+    assert v["heads_source"]["source"] == "given" and v["heads_source"]["store"] == str(world["store"].resolve())
+    assert v["heads_source"]["calibrated_on"] == "validation" and v["heads_source"]["n_calibration"] == 2
+    assert f"heads: {v['heads']} (given with --heads; trained on" in r.stderr
     assert v["status"] == "ok" and v["error"] is None and v["caption_source"] == "argument"
     assert v["attack"] == "IV" and set(v["scores"]) == {"II-S", "IV", "blind"}
     # These heads hold 1 validation row per class: the default 1% budget is unresolvable on both sides, so every
