@@ -194,3 +194,17 @@ def test_heads_use_list_remove(planted, tmp_path, home):
     r = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "h2"), "--attacks", "blind", "--epochs", "2",
                             "--register"])
     assert r.exit_code == 0 and f"registered at {home / 'heads' / key}" in r.output
+
+
+def test_evaluation_reports_say_the_thresholds_come_from_out_of_fold_scores():
+    from audit.attacks.evaluate import format_verdicts_table
+    from audit.report.html import _verdicts_section
+
+    evaluation = {"decision": {"rule": "budget", "max_fpr": 0.01, "max_miss": 0.01}, "default_attack": "IV",
+                  "calibration": {"on": "out-of-fold", "folds": 5, "n_members": 150, "n_nonmembers": 150},
+                  "attacks": {"IV": {"verdicts": {"decided_fraction": {"value": 0.5, "ci95": [0.4, 0.6]},
+                                                  "tpr": {"value": 0.3, "ci95": [0.2, 0.4]}, "counts": {}}}}}
+    said = "the out-of-fold scores of 5 cross-fitted folds (150 non-members, 150 members)"
+    assert said in format_verdicts_table(evaluation)[0]
+    page = _verdicts_section(evaluation)
+    assert said in page and "0.500 <span class=ci>[0.400, 0.600]" in page  # decided fraction with its interval
