@@ -11,8 +11,8 @@ thresholds of any budget are the split-conformal ones of ``attacks/decision.py``
 probabilities (n = every labelled row outside the test split instead of the validation quarter). One map for all
 members, not one per fold: a map fitted on a fold's labels would pull that fold's own non-members down, below where
 an unseen non-member lands, and the pooled thresholds would admit more than the budget. A shared increasing map
-keeps the out-of-fold ranks, so the thresholds are those of the raw out-of-fold logits. docs/verdicts.md states what that guarantees and
-benchmarks/verdict_budget.py measures it.
+keeps the out-of-fold ranks, so the thresholds are those of the raw out-of-fold logits. docs/verdicts.md states
+what that guarantees and benchmarks/verdict_budget.py measures it.
 """
 
 from __future__ import annotations

@@ -288,7 +288,8 @@ def folder_provenance(folder: Path, info: dict, source: str) -> dict:
     store = (info.get("manifest") or {}).get("feature_store") or {}
     return {"source": source, "path": str(Path(folder).resolve()), "registered": reg.get("registered"),
             "registered_from": reg.get("from"), "store": store.get("path"),
-            "store_sha256": (store.get("sha256") or "")[:16] or None, "target": (info.get("manifest") or {}).get("target"),
+            "store_sha256": (store.get("sha256") or "")[:16] or None,
+            "target": (info.get("manifest") or {}).get("target"),
             **_calibration_rows(info)}
 
 
