@@ -201,9 +201,16 @@ def demo(workdir: str | Path | None = None, quiet: bool = False, **settings) -> 
 
 
 def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = None, seed: int | None = None,
-          register: bool = True, config=None, quiet: bool = False, **options) -> TrainResult:
+          register: bool = False, config=None, quiet: bool = False, folds: int | None = None,
+          test_fraction: float | None = None, **options) -> TrainResult:
     """Train the attack heads (and the blind baseline) on a feature store; write ONNX heads + heads.json to
-    ``out`` and, with ``register``, register them for the store's target so check/scan find them.
+    ``out`` and, with ``register``, register them as the store target's default heads, which check/scan use
+    without ``heads`` (nothing is registered unless asked: ``audit heads use`` does it later).
+
+    ``folds``: K >= 2 cross-fits K heads per attack on every labelled row outside the test split and calibrates on
+    all their out-of-fold scores (``audit.attacks.crossfit``); 0 or None, one train/validation split.
+    ``test_fraction``: the share of rows held out as the test split (default 0.25; 0 only with ``folds``); the
+    rest is split 2:1 into train and validation (or dealt into the folds).
 
     ``attacks``: a comma-separated subset, or None / ``"all"`` for every attack whose features the store holds
     (with a ``config``, None keeps its attacks).
@@ -227,6 +234,10 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
         cfg = dataclasses.replace(cfg, attacks=parse_attacks(attacks if isinstance(attacks, str) else ",".join(attacks)))
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
+    if folds is not None:
+        cfg = dataclasses.replace(cfg, folds=int(folds))
+    if test_fraction is not None:
+        cfg = dataclasses.replace(cfg, **_fractions(test_fraction, bool(cfg.folds)))
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise UsageError(f"unknown training option(s) {unknown}")
@@ -238,6 +249,38 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
                        quiet=quiet)
     registered = register_heads(out) if register else None
     return TrainResult(heads=str(out), registered=str(registered) if registered else None, info=info)
+
+
+def heads_list() -> list[dict]:
+    """The registered heads (one default per target: ``key`` NAME-HASH, provenance) and the bundled toy heads."""
+    from .attacks.heads import list_registered
+
+    return list_registered()
+
+
+def heads_use(heads: str | Path) -> dict:
+    """Make a heads folder the default of the target it was trained for (a copy in the registry); its provenance."""
+    from .attacks.heads import folder_provenance, read_heads_json, register_heads
+
+    dest = register_heads(heads)
+    return {"key": dest.name, **folder_provenance(dest, read_heads_json(dest / "heads.json"), "registered")}
+
+
+def heads_remove(name: str) -> list[str]:
+    """Unregister heads by key (as ``heads_list`` gives it) or target name; returns the folders removed."""
+    from .attacks.heads import remove_registered
+
+    return [str(p) for p in remove_registered(name)]
+
+
+def _fractions(test_fraction: float, folds: bool) -> dict:
+    """``--test-fraction`` as TrainConfig's train/validation fractions (2:1, as the default 50/25/25)."""
+    low_ok = folds and test_fraction == 0
+    if not (0 < test_fraction < 1 or low_ok):
+        raise UsageError(f"--test-fraction must be in (0, 1){' or 0 with --folds' if folds else ''}, got "
+                         f"{test_fraction}")
+    rest = 1.0 - float(test_fraction)
+    return {"train_fraction": round(rest * 2 / 3, 10), "val_fraction": round(rest - round(rest * 2 / 3, 10), 10)}
 
 
 def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str | Path | None = None,

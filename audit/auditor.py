@@ -31,12 +31,14 @@ CAPTIONER_WARNING = "no caption was given: the captioner wrote it from the image
 class Auditor:
     """Loaded models and heads that score images: ``check(image, caption)``, ``score_rows(rows)``, ``scan(dir)``.
 
-    ``heads`` is a heads folder, or None for the heads registered for the target (``audit train`` registers them;
-    the bundled toy target ships with its own). ``attack`` picks the attack whose probability decides the verdict
-    (default: the heads' default, attack IV when trained). ``decision`` (``budget``, the default, or ``balanced``),
+    ``heads`` is a heads folder, or None for the heads registered for the target (``audit train --register`` or
+    ``audit heads use`` registers them; the bundled toy target ships with its own); ``heads_source`` says which
+    heads, and where they came from. ``attack`` picks the attack whose probability decides the verdict (default:
+    the heads' default, attack IV when trained). ``decision`` (``budget``, the default, or ``balanced``),
     ``max_fpr`` and ``max_miss`` (default: ``max_fpr``) set the verdict rule (``audit.attacks.decision``): at a
-    budget, thresholds are fitted on the heads' validation split when the Auditor is made. Feature settings (n_gen, steps, guidance, seed) come from
-    the feature store the heads were trained on; pass them only to override (the heads may then not fit).
+    budget, thresholds are fitted on the heads' validation split (or, for cross-fitted heads, on their out-of-fold
+    scores) when the Auditor is made. Feature settings (n_gen, steps, guidance, seed) come from the feature store
+    the heads were trained on; pass them only to override (the heads may then not fit).
     """
 
     def __init__(self, target: str, heads: str | Path | None = None, embedder: str | None = None,
@@ -45,6 +47,7 @@ class Auditor:
                  max_fpr: float = 0.01, decision: str = "budget", max_miss: float | None = None, **overrides):
         from .attacks import resolve_heads
         from .attacks.decision import check_budget
+        from .attacks.heads import provenance, provenance_line
 
         check_budget(max_fpr, max_miss, decision)  # before any model loads
         self.models = models or Models.load(target, embedder, captioner, device, allow_pickle)
@@ -81,9 +84,12 @@ class Auditor:
                                      **settings).validate()
         self.target_name = ids["target"]["name"]
         self.heads_path = str(Path(self.heads.path).resolve())
+        self.heads_source = provenance(self.heads)
+        log.info(provenance_line(self.heads_source))
 
     def describe(self) -> dict:
-        return {"target": self.models.generator.identity(), "heads": self.heads_path, "attack": self.attack,
+        return {"target": self.models.generator.identity(), "heads": self.heads_path,
+                "heads_source": self.heads_source, "attack": self.attack,
                 "tier": self.heads.tier(self.attack), "decision": self.decision.to_dict(),
                 "features": self.config.for_store()}
 
@@ -106,7 +112,7 @@ class Auditor:
         for i, row in enumerate(rows):
             v = Verdict(image=row.path, id=row.id, target=self.target_name, status=row.status,
                         caption=row.caption, caption_source=row.caption_source, error=row.error,
-                        heads=self.heads_path, warnings=list(row.warnings))
+                        heads=self.heads_path, heads_source=self.heads_source, warnings=list(row.warnings))
             if row.ok:
                 j = pos[i]
                 for attack, p in preds.items():

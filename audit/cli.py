@@ -73,6 +73,9 @@ app = _Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enabl
 toy_app = _Typer(prog="audit toy", no_args_is_help=True,
                  help="The bundled toy world: rebuild it, or draw auxiliary data from it.")
 app.add_typer(toy_app, name="toy")
+heads_app = _Typer(prog="audit heads", no_args_is_help=True,
+                   help="The default heads of each target: list, choose, remove.")
+app.add_typer(heads_app, name="heads")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -174,8 +177,14 @@ def train_cmd(
                                 "attack whose features the store holds. The blind baseline is always trained too."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/validation/test split and of training."),
     epochs: int = typer.Option(200, "--epochs", help="Most epochs per head (early stopping on rows held out of the training split)."),
-    register: bool = typer.Option(True, "--register/--no-register",
-                                  help="Register the heads for the store's target (in $AUDIT_HOME or ~/.cache/audit)."),
+    folds: int = typer.Option(0, "--folds", help="Cross-fit K heads per attack (K >= 2; 5 serves a few hundred "
+                              "rows): every row outside the test split is scored out of fold and all of them calibrate "
+                              "the verdicts. 0: one train/validation split."),
+    test_fraction: float = typer.Option(0.25, "--test-fraction", help="Share of rows held out as the test split "
+                                        "`evaluate` measures on (0 only with --folds)."),
+    register: bool = typer.Option(False, "--register/--no-register",
+                                  help="Make these the default heads of the store's target, used by check/scan "
+                                  "without --heads (in $AUDIT_HOME or ~/.cache/audit; see `audit heads`)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for fitting the (tiny) heads; 0: library default."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -184,24 +193,64 @@ def train_cmd(
     from . import api
 
     res = run(lambda: api.train(store, out, attacks=attacks, seed=seed, register=register, epochs=epochs,
-                                threads=threads, quiet=quiet))
+                                threads=threads, quiet=quiet, folds=folds, test_fraction=test_fraction))
     if json_out:
         return _echo_json(res.to_dict())
     info = res.info
-    typer.echo(f"{'attack':<11} {'tier':<9} {'val AUC':>8} {'val acc':>8} {'threshold':>10} {'epochs':>7}")
+    on = "oof" if info["split"].get("mode") == "cross-fit" else "val"
+    typer.echo(f"{'attack':<11} {'tier':<9} {on + ' AUC':>8} {on + ' acc':>8} {'threshold':>10} {'epochs':>7}")
     for name, e in info["attacks"].items():
         v = e["validation"]
         auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
         typer.echo(f"{name:<11} {e.get('tier', '-'):<9} {auc:>8} {v['accuracy']:>8.3f} {e['threshold']:>10.3f} "
                    f"{e['training']['epochs_run']:>7}")
     counts = info["split"]["counts"]
-    typer.echo("split (members/non-members): " + ", ".join(f"{s} {c['members']}/{c['nonmembers']}"
-                                                           for s, c in counts.items()))
+    typer.echo("split (members/non-members): " + ", ".join(f"{s.replace('_', '-')} {c['members']}/{c['nonmembers']}"
+                                                           for s, c in counts.items() if isinstance(c, dict))
+               + (f"; {info['split']['folds']} cross-fitted folds" if info["split"].get("folds") else ""))
     blind = info.get("blind_baseline") or {}
     if blind.get("distribution_shift_warning"):
         typer.echo(f"warning: {blind['message']}", err=True)
     typer.echo(f"heads written to {res.heads} (default attack {info['default_attack']})"
                + (f"; registered at {res.registered}" if res.registered else ""))
+
+
+@heads_app.command("list")
+def heads_list(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The heads check/scan use without --heads: one registered folder per target, and the bundled toy heads."""
+    from . import api
+    from .attacks.heads import provenance_line
+
+    rows = run(api.heads_list)
+    if json_out:
+        return _echo_json(rows)
+    if not rows:
+        typer.echo("no heads registered; `audit heads use HEADS` or `audit train ... --register` registers some")
+    for r in rows:
+        target = r.get("target") or {}
+        over = f"; not in use: {r['overridden_by']} is registered for it" if r.get("overridden_by") else ""
+        typer.echo(f"{r['key']}: target {target.get('name')!r} (weights {target.get('hash')}){over}")
+        typer.echo(f"  {provenance_line(r)}")
+
+
+@heads_app.command("use")
+def heads_use(heads: Path = typer.Argument(..., help="Heads folder from `audit train`.")) -> None:
+    """Make these heads the default of the target they were trained for (copied into the registry)."""
+    from . import api
+
+    r = run(lambda: api.heads_use(heads))
+    typer.echo(f"{r['key']}: check/scan of target {(r.get('target') or {}).get('name')!r} now use {r['path']} "
+               f"(copied from {r['registered_from']})")
+
+
+@heads_app.command("remove")
+def heads_remove(name: str = typer.Argument(..., help="Registry key as `audit heads list` shows it, or a target "
+                                            "name (all its registered heads).")) -> None:
+    """Unregister a target's default heads (the bundled toy heads become the toy target's default again)."""
+    from . import api
+
+    for p in run(lambda: api.heads_remove(name)):
+        typer.echo(f"removed {p}")
 
 
 @app.command("evaluate")
@@ -333,6 +382,14 @@ def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
         raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None
 
 
+def _heads_line(source: dict | None) -> None:
+    """Which heads decide, and where they came from, in one line on stderr (--json carries it as heads_source)."""
+    from .attacks.heads import provenance_line
+
+    if source:
+        typer.echo(provenance_line(source), err=True)
+
+
 def _verdict_line(v) -> str:
     if v.status != "ok":
         return f"{v.image}: not scored ({v.status}): {v.error}"
@@ -377,6 +434,7 @@ def check(
                               decision=decision, max_miss=max_miss))
     if json_out:
         typer.echo(v.to_json(indent=2))
+    _heads_line(v.heads_source)
     if v.status != "ok":
         raise InputError(v.error or v.status)
     if not json_out:
@@ -386,7 +444,6 @@ def check(
         typer.echo(f"caption{source}: {v.caption}")
         typer.echo("scores: " + ", ".join(f"{a} ({s['tier']}) {s['probability']:.3f} ({s['verdict']})"
                                           for a, s in v.scores.items()))
-        typer.echo(f"heads: {v.heads}")
         for w in v.warnings:
             typer.echo(f"warning: {w}", err=True)
     if fail_on_member and v.is_member:
@@ -425,6 +482,7 @@ def scan(
                              attack=attack, report=report, resume=resume, batch_size=batch_size, quiet=quiet,
                              device=device, allow_pickle=allow_pickle, max_fpr=max_fpr, decision=decision,
                              max_miss=max_miss, ray=ray, workers=workers, threads=threads))
+    _heads_line(s.heads_source)
     if json_out:
         _echo_json(s.to_dict())
         if fail_on_member and s.members:
@@ -436,7 +494,6 @@ def scan(
     typer.echo(_rule_line(s.decision))
     for note in (s.decision or {}).get("notes") or []:
         typer.echo(f"warning: {note}", err=True)
-    typer.echo(f"heads: {s.heads}")
     if report is not None:
         typer.echo(f"report: {s.report}" if s.report else "report: skipped (no HTML report module)")
     if fail_on_member and s.members:

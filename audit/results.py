@@ -71,6 +71,7 @@ class ScanSummary(Result):
     features: dict[str, Any]
     ray: dict[str, Any] | None = _optional()
     report: str | None = _optional()  # the HTML report, when asked for
+    heads_source: dict[str, Any] | None = _optional()  # where the heads came from (``attacks.heads.provenance``)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property

@@ -44,6 +44,9 @@ class Verdict:
     warnings: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
     heads: str | None = None  # the heads folder whose ONNX heads scored this image
+    # where those heads came from: source (given / registered / bundled), registered (when) and registered_from,
+    # store, calibrated_on, folds, n_calibration (audit.attacks.heads.provenance)
+    heads_source: dict[str, Any] | None = None
     id: str | None = None  # row id inside a scanned folder (the key `scan --resume` skips on)
 
     @property

@@ -1,10 +1,13 @@
 """Do three-way verdicts keep their false-positive budget on rows that touched nothing? Side by side per budget:
-the nominal rate of the split-conformal rule, (k + 1) / (n + 1) for n validation non-members, and the FPR / miss
-rate measured on the test split, averaged over many train/validation/test splits (seeds) of one feature store.
+the nominal rate of the conformal rule, (k + 1) / (n + 1) for n calibration non-members, and the FPR / miss rate
+measured on the test split, averaged over many train/validation/test splits (seeds) of one feature store; with
+``--folds 0,5`` for the split rule (n = the validation non-members) and the cross-fitted one (n = every
+out-of-fold non-member) on the same test rows of each seed.
 
     python benchmarks/verdict_budget.py STORE.h5 [--seeds 20] [--attacks II-S] [--budgets 0.05,0.1,0.2]
+                                                 [--folds 0] [--test-fraction 0.25]
 
-The guarantee is marginal (over the draw of the validation split): one split's FPR spreads around the budget by
+The guarantee is marginal (over the draw of the calibration rows): one split's FPR spreads around the budget by
 about sqrt(budget / n); the mean over seeds is what must stay within it. Heads are retrained per seed (the blind
 baseline too, which sees no generated image: a head at chance on this data).
 """
@@ -20,44 +23,70 @@ from pathlib import Path
 import numpy as np
 
 
+def calibration_counts(info: dict) -> dict:
+    """Members / non-members the thresholds are fitted on: the validation split, or every out-of-fold row."""
+    counts = info["split"]["counts"]
+    return counts["out_of_fold"] if info["split"].get("mode") == "cross-fit" else counts["validation"]
+
+
+def nominal(budget: float, n: int) -> float:
+    k = math.floor(budget * (n + 1) + 1e-9) - 1
+    return (k + 1) / (n + 1) if k >= 0 else 0.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("store")
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--attacks", default="II-S")
     ap.add_argument("--budgets", default="0.05,0.1,0.2")
+    ap.add_argument("--folds", default="0", help="comma-separated: 0 for the split rule, K for K cross-fitted folds")
+    ap.add_argument("--test-fraction", type=float, default=0.25)
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
     from audit import api
 
     budgets = [float(b) for b in args.budgets.split(",")]
+    folds = [int(k) for k in args.folds.split(",")]
     rates: dict = {}
-    n_val = None
+    n_cal: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            heads = Path(tmp) / f"heads{seed}"
-            info = api.train(args.store, heads, attacks=args.attacks, seed=seed, register=False, quiet=True).info
-            n_val = info["split"]["counts"]["validation"]
-            for b in budgets:
-                ev = api.evaluate(args.store, heads, n_boot=0, seed=seed, max_fpr=b)
-                for attack, m in ev.attacks.items():
-                    v = m["verdicts"]
-                    rates.setdefault((attack, b), []).append((v["fpr"]["value"], v["miss_rate"]["value"]))
+            for k in folds:
+                heads = Path(tmp) / f"heads{seed}-{k}"
+                info = api.train(args.store, heads, attacks=args.attacks, seed=seed, register=False, quiet=True,
+                                 folds=k, test_fraction=args.test_fraction).info
+                n_cal[k] = calibration_counts(info)
+                for b in budgets:
+                    ev = api.evaluate(args.store, heads, n_boot=0, seed=seed, max_fpr=b)
+                    for attack, m in ev.attacks.items():
+                        v = m["verdicts"]
+                        rates.setdefault((k, attack, b), []).append(
+                            (v["fpr"]["value"], v["miss_rate"]["value"], v["decided_fraction"]["value"],
+                             v["tpr"]["value"]))
     rows = []
-    print(f"{args.seeds} splits; validation {n_val['nonmembers']} non-members / {n_val['members']} members per split")
-    print(f"{'attack':<7} {'budget':>7} {'nominal':>8} {'FPR mean':>9} {'miss mean':>10} {'sd of mean':>11}")
-    for (attack, b), r in rates.items():
+    print(f"{args.seeds} seeds; calibration rows (members / non-members): "
+          + ", ".join(f"{'split' if k == 0 else f'{k} folds'} {n_cal[k]['members']}/{n_cal[k]['nonmembers']}"
+                      for k in folds))
+    print(f"{'rule':<9} {'attack':<7} {'budget':>7} {'nominal':>8} {'FPR mean':>9} {'sd of mean':>11} "
+          f"{'miss mean':>10} {'decided':>8} {'TPR':>6}")
+    for (k, attack, b), r in rates.items():
         a = np.array(r, dtype=np.float64)
-        k = math.floor(b * (n_val["nonmembers"] + 1) + 1e-9) - 1
-        nominal = (k + 1) / (n_val["nonmembers"] + 1) if k >= 0 else 0.0
         sd = float(np.nanstd(a[:, 0]) / np.sqrt(len(a)))
-        rows.append({"attack": attack, "budget": b, "nominal": nominal, "fpr_mean": float(np.nanmean(a[:, 0])),
-                     "miss_mean": float(np.nanmean(a[:, 1])), "fpr_sd_of_mean": sd, "splits": len(a)})
-        print(f"{attack:<7} {b:>7g} {nominal:>8.3f} {rows[-1]['fpr_mean']:>9.3f} {rows[-1]['miss_mean']:>10.3f} "
-              f"{sd:>11.3f}")
+        rows.append({"folds": k, "attack": attack, "budget": b, "nominal": nominal(b, n_cal[k]["nonmembers"]),
+                     "fpr_mean": float(np.nanmean(a[:, 0])), "miss_mean": float(np.nanmean(a[:, 1])),
+                     "decided_mean": float(np.nanmean(a[:, 2])), "tpr_mean": float(np.nanmean(a[:, 3])),
+                     "fpr_sd_of_mean": sd, "splits": len(a)})
+        x = rows[-1]
+        rule = "split" if k == 0 else f"{k} folds"
+        print(f"{rule:<9} {attack:<7} {b:>7g} {x['nominal']:>8.3f} {x['fpr_mean']:>9.3f} {sd:>11.3f} "
+              f"{x['miss_mean']:>10.3f} {x['decided_mean']:>8.3f} {x['tpr_mean']:>6.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"splits": args.seeds, "validation": n_val, "rows": rows}, indent=2))
+        out = {"splits": args.seeds, "folds": folds, "calibration": {str(k): n_cal[k] for k in folds}, "rows": rows}
+        if folds == [0]:  # the split rule alone: its calibration rows are the validation split
+            out["validation"] = n_cal[0]
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

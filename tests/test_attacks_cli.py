@@ -23,7 +23,8 @@ def trained(store, tmp_path_factory):
     heads = tmp_path_factory.mktemp("out") / "heads"
     mp = pytest.MonkeyPatch()
     mp.setenv("AUDIT_HOME", str(home))
-    result = runner.invoke(app, ["train", str(store), "--out", str(heads), "--attacks", "II-S", "--epochs", "30"])
+    result = runner.invoke(app, ["train", str(store), "--out", str(heads), "--attacks", "II-S", "--epochs", "30",
+                                 "--register"])
     mp.undo()
     return result, heads, home
 

@@ -34,7 +34,10 @@ def test_registry_round_trip(heads_dir, home):
     assert find_heads(TARGET) == registered
     heads = resolve_heads(None, TARGET)
     assert heads.path == registered and heads.info == load_heads(heads_dir).info
-    assert sorted(p.name for p in registered.iterdir()) == ["blind.onnx", "heads.json", "train_config.json"]
+    assert sorted(p.name for p in registered.iterdir()) == ["blind.onnx", "heads.json", "registered.json",
+                                                            "train_config.json"]
+    assert heads.source == "registered" and json.loads((registered / "registered.json").read_text())["from"] == str(
+        heads_dir.resolve())
 
 
 def test_same_weights_under_another_name_find_the_heads_by_hash(heads_dir, home):

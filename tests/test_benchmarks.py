@@ -61,14 +61,17 @@ def test_verdict_budget_benchmark_runs_on_a_store(tmp_path):
     out = tmp_path / "budget.json"
     script = SCRIPT.parent / "verdict_budget.py"
     proc = subprocess.run([sys.executable, str(script), str(store), "--seeds", "2", "--budgets", "0.2,0.5",
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+                           "--folds", "0,2", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["splits"] == 2 and result["validation"] == {"members": 6, "nonmembers": 6}
-    rows = {(r["attack"], r["budget"]): r for r in result["rows"]}
-    assert set(rows) == {(a, b) for a in ("II-S", "blind") for b in (0.2, 0.5)}
-    # 6 validation non-members: at 0.2 k = 0, nominal 1/7; at 0.5 k = 2, nominal 3/7.
-    assert rows["II-S", 0.2]["nominal"] == pytest.approx(1 / 7) and rows["II-S", 0.5]["nominal"] == pytest.approx(3 / 7)
+    assert result["splits"] == 2 and result["calibration"] == {"0": {"members": 6, "nonmembers": 6},
+                                                                "2": {"members": 18, "nonmembers": 18}}
+    rows = {(r["folds"], r["attack"], r["budget"]): r for r in result["rows"]}
+    assert set(rows) == {(k, a, b) for k in (0, 2) for a in ("II-S", "blind") for b in (0.2, 0.5)}
+    # 6 validation non-members: at 0.2 k = 0, nominal 1/7; at 0.5 k = 2, nominal 3/7. Cross-fitted: 18 out of fold.
+    assert rows[0, "II-S", 0.2]["nominal"] == pytest.approx(1 / 7)
+    assert rows[0, "II-S", 0.5]["nominal"] == pytest.approx(3 / 7)
+    assert rows[2, "II-S", 0.2]["nominal"] == pytest.approx(3 / 19)
     assert all(0 <= r["fpr_mean"] <= 1 and r["splits"] == 2 for r in rows.values())
 
 

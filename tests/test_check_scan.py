@@ -72,6 +72,9 @@ def test_check_json_has_every_field_and_matches_the_store(world):
     assert r.exit_code in (0,), r.output
     v = json.loads(r.stdout)
     assert FIELDS <= set(v)
+    assert v["heads_source"]["source"] == "given" and v["heads_source"]["store"] == str(world["store"].resolve())
+    assert v["heads_source"]["calibrated_on"] == "validation" and v["heads_source"]["n_calibration"] == 2
+    assert f"heads: {v['heads']} (given with --heads; trained on" in r.stderr
     assert v["status"] == "ok" and v["error"] is None and v["caption_source"] == "argument"
     assert v["attack"] == "IV" and set(v["scores"]) == {"II-S", "IV", "blind"}
     # These heads hold 1 validation row per class: the default 1% budget is unresolvable on both sides, so every
@@ -113,7 +116,7 @@ def test_check_uses_registered_heads_and_the_captioner_when_no_caption(world):
     r = _check(world, str(img))
     assert r.exit_code == 0, r.output
     assert "(written by the captioner)" in r.stdout
-    assert f"heads: {world['registered']}" in r.stdout
+    assert f"heads: {world['registered']} (registered " in r.stderr
     assert "the captioner wrote it" in r.stderr
     (world["root"] / "lone.txt").write_text("a small red square at the top", encoding="utf-8")
     v = json.loads(_check(world, str(img), "--json").stdout)

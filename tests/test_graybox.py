@@ -228,7 +228,7 @@ def test_check_scores_with_graybox_heads_and_says_the_tier(gray_store, tiny_worl
                                  "--target", str(tiny_world["target"]), "--heads", str(heads), "--json",
                                  *_models(tiny_world)])
     assert r.exit_code == 0, r.output
-    v = json.loads(r.output)
+    v = json.loads(r.stdout)  # stderr names the heads
     assert v["tier"] == "gray-box" and v["attack"] in ("PIA", "PIA-score")
     assert {a: s["tier"] for a, s in v["scores"].items()} == {"PIA": "gray-box", "PIA-score": "gray-box",
                                                                "blind": "black-box"}

@@ -70,6 +70,9 @@ class Decision:
     n_validation_nonmembers: int
     n_validation_members: int
     notes: tuple[str, ...] = ()
+    # Which rows the thresholds were fitted on: "validation" (a split), or "out-of-fold" (cross-fitted heads, whose
+    # validation_* fields then count every out-of-fold row).
+    calibrated_on: str = "validation"
 
     @property
     def member_resolvable(self) -> bool:
@@ -103,7 +106,8 @@ class Decision:
                   else f"member at P >= {self.member_threshold:.3f}")
         nonmember = ("no non-member verdict possible" if self.nonmember_threshold is None
                      else f"non-member below {self.nonmember_threshold:.3f}")
-        return (f"{rule_text(self.to_dict())}: {member}, {nonmember}; on validation FPR {_rate(self.validation_fpr)} "
+        return (f"{rule_text(self.to_dict())}: {member}, {nonmember}; on {self.calibrated_on} FPR "
+                f"{_rate(self.validation_fpr)} "
                 f"(resolution 1/{self.n_validation_nonmembers}), miss rate {_rate(self.validation_miss)} "
                 f"(resolution 1/{self.n_validation_members})")
 
@@ -131,6 +135,7 @@ class Decision:
             "member_resolvable": self.member_resolvable,
             "nonmember_resolvable": self.nonmember_resolvable,
             "notes": list(self.notes),
+            "calibrated_on": self.calibrated_on,
         }
 
 
@@ -179,6 +184,7 @@ def fit_decision(entry: dict, attack: str, rule: str = DEFAULT_RULE, max_fpr: fl
                             "older audit, before three-way verdicts); retrain them with `audit train STORE.h5 "
                             "--out HEADS`")
     neg, pos = np.asarray(val["nonmembers"], np.float64), np.asarray(val["members"], np.float64)
+    on = "out-of-fold" if entry.get("cross_fit") else "validation"
     notes: list[str] = []
     if rule == "balanced":
         t = float(entry["threshold"])
@@ -187,16 +193,16 @@ def fit_decision(entry: dict, attack: str, rule: str = DEFAULT_RULE, max_fpr: fl
     else:
         member_t, nonmember_t = conformal_thresholds(neg, pos, max_fpr, max_miss)
         if member_t is None:
-            notes.append(f"max-fpr {max_fpr:g} needs >= {rows_needed(max_fpr)} validation non-members; these heads "
+            notes.append(f"max-fpr {max_fpr:g} needs >= {rows_needed(max_fpr)} {on} non-members; these heads "
                          f"have {len(neg)} (attack {attack}), so no verdict can be 'member'")
         if nonmember_t is None:
             flag = "max-miss" if max_miss != max_fpr else "the miss budget (max-fpr)"
-            notes.append(f"{flag} {max_miss:g} needs >= {rows_needed(max_miss)} validation members; these heads "
+            notes.append(f"{flag} {max_miss:g} needs >= {rows_needed(max_miss)} {on} members; these heads "
                          f"have {len(pos)} (attack {attack}), so no verdict can be 'non-member'")
     fpr = float((neg >= member_t).mean()) if member_t is not None and len(neg) else None
     miss = float((pos < nonmember_t).mean()) if nonmember_t is not None and len(pos) else None
     return Decision(rule, attack, max_fpr, max_miss, member_t, nonmember_t, fpr, miss, int(len(neg)), int(len(pos)),
-                    tuple(notes))
+                    tuple(notes), on)
 
 
 def validation_record(probs: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:

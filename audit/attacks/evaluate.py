@@ -22,6 +22,9 @@ def test_rows(batch: Mapping[str, np.ndarray], heads: Heads, store: str) -> np.n
     """Row indices of the heads' test split in this batch; every test id must be present and labelled."""
     index = {i: k for k, i in enumerate(_str_ids(batch["ids"]))}
     test_ids = heads.info["split"]["test"]
+    if not test_ids:
+        raise ArtifactError(f"{heads.path}: these heads hold no test split (trained with --test-fraction 0), so "
+                            "nothing is left to evaluate them on; their out-of-fold figures are in heads.json")
     missing = [i for i in test_ids if i not in index]
     if missing:
         raise ArtifactError(
@@ -86,6 +89,7 @@ def evaluate_heads(batch: Mapping[str, np.ndarray], heads: Heads, store_manifest
         "attacks": out_attacks,
         "default_attack": heads.default_attack,
         "decision": {"rule": chosen.rule, "max_fpr": chosen.max_fpr, "max_miss": chosen.max_miss},
+        "calibration": calibration_summary(heads.info),
         "n_test": int(len(y)),
         "n_test_members": int((y == 1).sum()),
         "n_test_nonmembers": int((y == 0).sum()),
@@ -100,6 +104,28 @@ def evaluate_heads(batch: Mapping[str, np.ndarray], heads: Heads, store_manifest
         title = f"ROC on {len(y)} test rows ({result['n_test_members']} members)"
         result["plot"] = str(metrics.plot_roc(curves, plot, title))
     return _jsonable(result)
+
+
+def calibration_summary(info: Mapping) -> dict:
+    """Where the heads' thresholds come from: ``{"on": "validation"}`` or ``{"on": "out-of-fold", "folds": K,
+    "rule": ...}``, with the number of rows of each class they were fitted on."""
+    from .crossfit import crossfit_summary
+
+    split = info.get("split") or {}
+    cross = crossfit_summary(info)
+    counts = (split.get("counts") or {}).get("out_of_fold" if cross else "validation") or {}
+    out = {"on": "out-of-fold" if cross else "validation", "n_members": counts.get("members"),
+           "n_nonmembers": counts.get("nonmembers")}
+    return {**out, "folds": cross["folds"], "rule": cross["rule"]} if cross else out
+
+
+def calibration_text(cal: Mapping | None) -> str:
+    """``validation (50 non-members, 50 members)`` or ``out-of-fold scores of 5 cross-fitted folds (...)``."""
+    cal = cal or {}
+    rows = f"{cal.get('n_nonmembers')} non-members, {cal.get('n_members')} members"
+    if cal.get("on") == "out-of-fold":
+        return f"the out-of-fold scores of {cal.get('folds')} cross-fitted folds ({rows})"
+    return f"validation ({rows})" if cal else "validation"
 
 
 def _fmt(m) -> str:
@@ -121,7 +147,8 @@ def format_verdicts_table(result: dict) -> list[str]:
         return []
     cols = ("decided_fraction", "fpr", "precision", "tpr")
     head = ("attack", "decided", "FPR", "precision", "TPR (member verdicts)")
-    lines = [f"verdicts at {rule_text(result.get('decision'))}, thresholds fitted on validation:",
+    lines = [f"verdicts at {rule_text(result.get('decision'))}, thresholds fitted on "
+             f"{calibration_text(result.get('calibration'))}:",
              f"{head[0]:<11} " + " ".join(f"{h:>20}" for h in head[1:]) + "   member/non-member/inconclusive"]
     names = [a for a in result["attacks"] if a != "blind"] + [a for a in result["attacks"] if a == "blind"]
     for a in names:

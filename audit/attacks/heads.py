@@ -2,12 +2,17 @@
 per-user registry that lets ``check``/``scan`` find the heads of a target without ``--heads``.
 
 Registry layout: ``$AUDIT_HOME`` (default ``~/.cache/audit``) ``/heads/<target name>-<target hash>/`` holds a copy
-of the heads folder. The bundled toy target's heads live in ``audit/toy/bundle/heads`` and are found by hash.
+of the heads folder and ``registered.json`` (when, and from which folder). Nothing is registered unless asked
+(``audit train --register``, ``audit heads use``). The bundled toy target's heads live in ``audit/toy/bundle/heads``
+and are found by hash. ``Heads.source`` says which of the three a loaded folder is; ``provenance`` and
+``provenance_line`` say it in full, as check/scan report it.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import logging
 import math
 import os
@@ -34,10 +39,11 @@ log = logging.getLogger(__name__)
 class Heads:
     """A loaded heads folder. ``predict`` runs every (or the chosen) attack's ONNX head on a feature batch."""
 
-    def __init__(self, path: Path, info: dict, threads: int | None = 1):
+    def __init__(self, path: Path, info: dict, threads: int | None = 1, source: str = "given"):
         self.path = path
         self.info = info
         self.threads = threads
+        self.source = source  # given (--heads), registered, or bundled
         self._sessions: dict = {}
 
     @property
@@ -126,7 +132,8 @@ class Heads:
         return f"Heads({str(self.path)!r}, attacks={self.attacks}, default={self.default_attack!r})"
 
 
-def load_heads(path: str | os.PathLike, target: dict | None = None, threads: int | None = 1) -> Heads:
+def load_heads(path: str | os.PathLike, target: dict | None = None, threads: int | None = 1,
+               source: str = "given") -> Heads:
     """Open a heads folder (or its heads.json), checking manifest, target and the ONNX files' integrity.
 
     ``threads``: onnxruntime threads per head (the heads are tiny; 1 is fastest; None for the library default).
@@ -146,7 +153,7 @@ def load_heads(path: str | os.PathLike, target: dict | None = None, threads: int
         f = head_file(folder, entry["file"], attack)
         if entry.get("sha256") and _sha256(f) != entry["sha256"]:
             raise ArtifactError(f"{f}: head of attack {attack} was modified after training (sha256 mismatch)")
-    return Heads(folder, info, threads)
+    return Heads(folder, info, threads, source)
 
 
 # ---------------------------------------------------------------- heads.json schema
@@ -295,6 +302,13 @@ def bundled_heads_path() -> Path:
     return BUNDLE / "heads"
 
 
+REGISTERED_FILE = "registered.json"
+
+
+def registry_root() -> Path:
+    return audit_home() / "heads"
+
+
 def register_heads(heads_dir: str | os.PathLike) -> Path:
     """Copy a heads folder into the user's registry under its target's key; returns the registered folder."""
     heads = load_heads(heads_dir)
@@ -311,6 +325,9 @@ def register_heads(heads_dir: str | os.PathLike) -> Path:
         for f in [HEADS_FILE, *{e["file"] for e in heads.info["attacks"].values()}, "train_config.json"]:
             if (heads.path / f).is_file():
                 shutil.copy2(heads.path / f, tmp / f)
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        (tmp / REGISTERED_FILE).write_text(json.dumps({"registered": when, "from": str(heads.path.resolve())},
+                                                      indent=2) + "\n")
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
@@ -355,8 +372,15 @@ def no_heads_message(target: dict) -> str:
     return (
         f"no heads registered for target {target.get('name')!r} (weights {target.get('hash')}) in "
         f"{audit_home() / 'heads'}; train them: `audit features --target ... --data AUX_DIR --out store.h5` then "
-        "`audit train store.h5 --out HEADS` (registers them), or pass --heads HEADS"
+        "`audit train store.h5 --out HEADS --register` (or `audit heads use HEADS`), or pass --heads HEADS"
     )
+
+
+def _source_of(folder: Path) -> str:
+    folder = folder.resolve()
+    if folder == bundled_heads_path().resolve():
+        return "bundled"
+    return "registered" if folder.parent == registry_root().resolve() else "given"
 
 
 def resolve_heads(heads: str | os.PathLike | None, target: dict, threads: int | None = 1) -> Heads:
@@ -366,4 +390,86 @@ def resolve_heads(heads: str | os.PathLike | None, target: dict, threads: int | 
     found = find_heads(target)
     if found is None:
         raise ArtifactError(no_heads_message(target))
-    return load_heads(found, target=target, threads=threads)
+    return load_heads(found, target=target, threads=threads, source=_source_of(found))
+
+
+# ---------------------------------------------------------------- provenance and the `audit heads` commands
+
+def _calibration_rows(info: dict) -> dict:
+    from .crossfit import crossfit_summary
+
+    cross = crossfit_summary(info)
+    if cross:
+        return {"calibrated_on": "out-of-fold", "folds": cross["folds"], "n_calibration": cross["n_out_of_fold"]}
+    counts = ((info.get("split") or {}).get("counts") or {}).get("validation") or {}
+    return {"calibrated_on": "validation", "folds": None,
+            "n_calibration": int(counts.get("members", 0)) + int(counts.get("nonmembers", 0))}
+
+
+def folder_provenance(folder: Path, info: dict, source: str) -> dict:
+    """Where a heads folder came from: ``source`` (given / registered / bundled), ``path``, when and from which
+    folder it was registered, the feature store it was trained on, and the rows its thresholds were fitted on."""
+    reg = {}
+    if (folder / REGISTERED_FILE).is_file():
+        try:
+            reg = json.loads((folder / REGISTERED_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            reg = {}
+    store = (info.get("manifest") or {}).get("feature_store") or {}
+    return {"source": source, "path": str(Path(folder).resolve()), "registered": reg.get("registered"),
+            "registered_from": reg.get("from"), "store": store.get("path"),
+            "store_sha256": (store.get("sha256") or "")[:16] or None,
+            "target": (info.get("manifest") or {}).get("target"),
+            **_calibration_rows(info)}
+
+
+def provenance(heads: Heads) -> dict:
+    return folder_provenance(Path(heads.path), heads.info, heads.source)
+
+
+def provenance_line(p: dict) -> str:
+    """One line: which heads, and where they came from."""
+    where = {"given": "given with --heads", "bundled": "bundled with the toy target",
+             "registered": f"registered {p.get('registered') or '(time unrecorded)'} from "
+                           f"{p.get('registered_from') or '(folder unrecorded)'}"}[p["source"]]
+    rows = (f"{p['folds']} cross-fitted folds, {p['n_calibration']} out-of-fold rows" if p.get("folds")
+            else f"{p['n_calibration']} validation rows")
+    return f"heads: {p['path']} ({where}; trained on {p.get('store') or 'an unrecorded store'}; {rows})"
+
+
+def list_registered() -> list[dict]:
+    """Every registered heads folder (``key``, provenance), and the bundled toy heads, the fallback of their target."""
+    out = []
+    root = registry_root()
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.name.startswith(".") or not (folder / HEADS_FILE).is_file():
+            continue
+        try:
+            info = read_heads_json(folder / HEADS_FILE)
+        except ArtifactError:
+            continue
+        out.append({"key": folder.name, **folder_provenance(folder, info, "registered")})
+    bundled = bundled_heads_path()
+    if (bundled / HEADS_FILE).is_file():
+        entry = {"key": "(bundled)", **folder_provenance(bundled, read_heads_json(bundled / HEADS_FILE), "bundled")}
+        h = (entry.get("target") or {}).get("hash")
+        # Registered heads of the same weights outrank the bundle (find_heads' order).
+        entry["overridden_by"] = next((e["key"] for e in out if (e.get("target") or {}).get("hash") == h), None)
+        out.append(entry)
+    return out
+
+
+def remove_registered(name: str) -> list[Path]:
+    """Unregister heads by registry key (``NAME-HASH``, as ``audit heads list`` shows) or by target name (every
+    key of that name). The bundled heads cannot be removed; they are the toy target's fallback."""
+    entries = [e for e in list_registered() if e["source"] == "registered"]
+    chosen = [e for e in entries if e["key"] == name] or [
+        e for e in entries if (e.get("target") or {}).get("name") == name]
+    if not chosen:
+        keys = ", ".join(e["key"] for e in entries) or "none"
+        raise ArtifactError(f"no registered heads named {name!r}; registered: {keys}")
+    removed = []
+    for e in chosen:
+        shutil.rmtree(e["path"])
+        removed.append(Path(e["path"]))
+    return removed

@@ -3,6 +3,8 @@
 Fitting uses the training split (weights, standardisation statistics) and the validation split (early stopping,
 Platt calibration, thresholds). The test split is only ever scored, for the blind-baseline report here and for
 ``evaluate``; tests/test_attacks_train.py proves that changing test rows changes nothing that was fitted.
+With ``folds`` (``audit train --folds K``) the training and validation splits are pooled and cross-fitted instead
+(``attacks/crossfit.py``); the test split is the same rows either way.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class TrainConfig(Config):
     seed: int = 0
     train_fraction: float = 0.5
     val_fraction: float = 0.25  # the rest is the test split
+    # 0: one train/validation split. K >= 2: K cross-fitted heads per attack on the train + validation rows, every
+    # one of them scored out of fold and all of them serving calibration (attacks/crossfit.py). With folds the
+    # fractions sum to 1 when no test split is wanted.
+    folds: int = 0
     # Share of the training split held out for early stopping. Early stopping never looks at the validation split:
     # the conformal thresholds (attacks/decision.py) bound the FPR on unseen rows only if nothing that chose the
     # network saw the validation rows they are fitted on.
@@ -68,11 +74,14 @@ class TrainConfig(Config):
             get_attack(n)
         if not self.attacks:
             raise UsageError(f"no attacks to train; valid attacks are: {', '.join(ATTACKS)}")
+        if int(self.folds) != self.folds or self.folds == 1 or self.folds < 0:
+            raise UsageError(f"folds must be 0 (one validation split) or at least 2, got {self.folds}")
+        total = self.train_fraction + self.val_fraction
         if not (0 < self.train_fraction < 1 and 0 < self.val_fraction < 1
-                and self.train_fraction + self.val_fraction < 1):
+                and (total < 1 or (self.folds and total <= 1 + 1e-9))):
             raise UsageError(
                 f"split fractions train={self.train_fraction}, validation={self.val_fraction} must be in (0, 1) "
-                "and leave a test split (sum < 1)"
+                "and leave a test split (sum < 1; with folds the test split may be empty)"
             )
         for name in ("epochs", "patience", "batch_size", "cnn_hidden"):
             if int(getattr(self, name)) < 1:
@@ -104,22 +113,24 @@ def ids_digest(ids: list[str]) -> str:
 
 def stratified_split(ids: list[str], labels: np.ndarray, seed: int, train_fraction: float,
                      val_fraction: float) -> dict[str, np.ndarray]:
-    """Row indices per split. Depends on the ids, labels and seed only, never on the row order of the store."""
+    """Row indices per split. Depends on the ids, labels and seed only, never on the row order of the store.
+    Fractions summing to 1 leave the test split empty (cross-fitting with ``--test-fraction 0``)."""
     labels = np.asarray(labels)
+    test = 0 if train_fraction + val_fraction >= 1 - 1e-9 else 1  # fewest test rows per class
     out: dict[str, list[int]] = {s: [] for s in SPLITS}
     for cls in (1, 0):
         rows = np.flatnonzero(labels == cls)
         name = "members" if cls == 1 else "non-members"
-        if len(rows) < 3:
+        if len(rows) < 2 + test:
             raise InputError(
-                f"training needs at least 3 labelled {name} (one per train/validation/test split); "
-                f"the store has {len(rows)}"
+                f"training needs at least {2 + test} labelled {name} (one per train/validation"
+                f"{'/test' if test else ''} split); the store has {len(rows)}"
             )
         rows = rows[np.argsort([ids[i] for i in rows], kind="stable")]
         rows = rows[np.random.default_rng(derive_seed("split", seed, cls)).permutation(len(rows))]
         n = len(rows)
-        n_train = min(max(1, int(round(train_fraction * n))), n - 2)
-        n_val = min(max(1, int(round(val_fraction * n))), n - n_train - 1)
+        n_train = min(max(1, int(round(train_fraction * n))), n - 1 - test)
+        n_val = n - n_train if not test else min(max(1, int(round(val_fraction * n))), n - n_train - 1)
         out["train"] += rows[:n_train].tolist()
         out["validation"] += rows[n_train : n_train + n_val].tolist()
         out["test"] += rows[n_train + n_val :].tolist()
@@ -285,24 +296,41 @@ def labelled_rows(batch: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray
     return rows, ids, labels_all[keep]
 
 
-def _fit_all(rows: Mapping[str, np.ndarray], y: np.ndarray, split: Mapping[str, np.ndarray], cfg: TrainConfig,
+def _checked_inputs(rows: Mapping[str, np.ndarray], attack: str) -> np.ndarray:
+    x = build_inputs(rows, attack)
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        raise InputError(f"attack {attack}: {int(bad.sum())} row(s) have non-finite features (first id "
+                         f"{_str_ids(rows['ids'][bad][:1])[0]!r}); the feature store is damaged, recompute it")
+    return x
+
+
+def _fit_all(rows: Mapping[str, np.ndarray], y: np.ndarray, split: Mapping[str, Any], cfg: TrainConfig,
              out_dir: Path, quiet: bool = False) -> tuple[dict, dict | None]:
+    """Every attack's heads.json entry, and the blind baseline's report (on the test split; with cross-fitting
+    and no test split, on the out-of-fold scores, which no member that made them saw either)."""
     from ..progress import progress
+    from .crossfit import fit_crossfit_attack
 
     attacks: dict[str, Any] = {}
     blind = None
     for attack in progress(cfg.attacks, desc="train", unit="head", quiet=quiet):
-        x = build_inputs(rows, attack)
-        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-        if bad.any():
-            raise InputError(f"attack {attack}: {int(bad.sum())} row(s) have non-finite features (first id "
-                             f"{_str_ids(rows['ids'][bad][:1])[0]!r}); the feature store is damaged, recompute it")
-        attacks[attack] = fit_attack(attack, x, y, split, cfg, out_dir)
+        x = _checked_inputs(rows, attack)
+        if cfg.folds:
+            attacks[attack], oof = fit_crossfit_attack(attack, x, y, split["plan"], split["pool"], cfg, out_dir)
+        else:
+            attacks[attack] = fit_attack(attack, x, y, split, cfg, out_dir)
         if attack == "blind":
             te = split["test"]
-            _, p_te = run_session(ort_session(out_dir / attacks[attack]["file"], cfg.threads or None), x[te])
-            blind = blind_baseline(p_te, y[te], attacks[attack]["validation"]["auc"], cfg.n_boot,
+            if len(te):
+                _, p_te = run_session(ort_session(out_dir / attacks[attack]["file"], cfg.threads or None), x[te])
+                y_te = y[te]
+            else:
+                p_te, y_te = oof, y[split["pool"]]
+            blind = blind_baseline(p_te, y_te, attacks[attack]["validation"]["auc"], cfg.n_boot,
                                    derive_seed("blind", cfg.seed))
+            if not len(te):
+                blind["on"] = "out-of-fold"
     return attacks, blind
 
 
@@ -324,8 +352,15 @@ def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: Train
         # be the user's.
         raise UsageError(f"{out_dir}: folder is not empty and holds no heads; choose an empty or new folder")
     rows, ids, y = labelled_rows(batch)
-    split = stratified_split(ids, y, cfg.seed, cfg.train_fraction, cfg.val_fraction)
-    split["fit"], split["early_stop"] = early_stop_split(split["train"], y, ids, cfg.seed, cfg.early_stop_fraction)
+    split: dict[str, Any] = stratified_split(ids, y, cfg.seed, cfg.train_fraction, cfg.val_fraction)
+    if cfg.folds:
+        from .crossfit import fold_plan
+
+        split["pool"] = np.sort(np.concatenate([split["train"], split["validation"]]))
+        split["plan"] = fold_plan(split["pool"], y, ids, int(cfg.folds), cfg.seed, cfg.early_stop_fraction)
+    else:
+        split["fit"], split["early_stop"] = early_stop_split(split["train"], y, ids, cfg.seed,
+                                                             cfg.early_stop_fraction)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # A half-retrained folder must not look valid: heads.json goes first and comes back last.
@@ -356,16 +391,7 @@ def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: Train
     info = {
         "manifest": manifest,
         "input_signature": input_signature(rows),
-        "split": {
-            "seed": cfg.seed,
-            "fractions": {"train": cfg.train_fraction, "validation": cfg.val_fraction,
-                          "test": round(1 - cfg.train_fraction - cfg.val_fraction, 10)},
-            **{s: [ids[i] for i in split[s]] for s in SPLITS},
-            "early_stop": [ids[i] for i in split["early_stop"]],  # held out of `train` for early stopping
-            "ids_sha256": {s: ids_digest([ids[i] for i in split[s]]) for s in SPLITS},
-            "counts": {s: {"members": int((y[split[s]] == 1).sum()), "nonmembers": int((y[split[s]] == 0).sum())}
-                       for s in SPLITS},
-        },
+        "split": _split_record(split, y, ids, cfg),
         "default_attack": default,
         "attacks": attacks,
         "blind_baseline": blind,
@@ -373,6 +399,25 @@ def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: Train
     cfg.save(out_dir / CONFIG_FILE)
     atomic_write_text(out_dir / HEADS_FILE, json.dumps(_jsonable(info), indent=2) + "\n")
     return info
+
+
+def _split_record(split: Mapping[str, Any], y: np.ndarray, ids: list[str], cfg: TrainConfig) -> dict:
+    """heads.json's ``split``: which rows each part of the procedure used, by id."""
+    test_fraction = round(1 - cfg.train_fraction - cfg.val_fraction, 10)
+    if cfg.folds:
+        from .crossfit import split_record
+
+        return split_record(split["plan"], split["pool"], split["test"], y, ids, cfg.seed, max(0.0, test_fraction))
+    return {
+        "mode": "split",
+        "seed": cfg.seed,
+        "fractions": {"train": cfg.train_fraction, "validation": cfg.val_fraction, "test": test_fraction},
+        **{s: [ids[i] for i in split[s]] for s in SPLITS},
+        "early_stop": [ids[i] for i in split["early_stop"]],  # held out of `train` for early stopping
+        "ids_sha256": {s: ids_digest([ids[i] for i in split[s]]) for s in SPLITS},
+        "counts": {s: {"members": int((y[split[s]] == 1).sum()), "nonmembers": int((y[split[s]] == 0).sum())}
+                   for s in SPLITS},
+    }
 
 
 def _written_by_train(path: Path) -> bool:

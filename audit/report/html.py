@@ -481,6 +481,8 @@ _VERDICT_COLS = [("decided_fraction", "decided"), ("fpr", "FPR"), ("precision", 
 
 
 def _verdicts_section(evaluation: Mapping) -> list[dict]:
+    from ..attacks.evaluate import calibration_text
+
     attacks = {a: m["verdicts"] for a, m in _mapping(evaluation.get("attacks")).items()
                if isinstance(m, Mapping) and isinstance(m.get("verdicts"), Mapping)}
     if not attacks:
@@ -493,9 +495,12 @@ def _verdicts_section(evaluation: Mapping) -> list[dict]:
                   _num(v.get("member_threshold")), _num(v.get("nonmember_threshold"))]
         rows.append({"cls": _row_class(name, evaluation), "cells": cells})
     first = next(iter(attacks.values()))
+    calibration = evaluation.get("calibration")
+    fitted_on = (calibration_text(calibration) if isinstance(calibration, Mapping) else
+                 f"the validation split ({first.get('n_validation_nonmembers')} non-members, "
+                 f"{first.get('n_validation_members')} members)")
     note = (f"Verdicts at {_rule_text(evaluation.get('decision'))}, thresholds fitted on "
-            f"the validation split ({first.get('n_validation_nonmembers')} non-members, "
-            f"{first.get('n_validation_members')} members) and applied to the test rows. FPR: member verdicts per "
+            f"{fitted_on} and applied to the test rows. FPR: member verdicts per "
             "test non-member (what the budget bounds); precision: members among member verdicts; TPR: member "
             "verdicts per test member; miss rate: non-member verdicts per test member. – : no threshold (the "
             "budget cannot be resolved with these validation rows) or no verdict to measure.")
