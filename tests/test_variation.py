@@ -183,3 +183,18 @@ def test_variation_on_a_dalle_target_fails_in_one_line(tiny_world, labelled, tmp
     r = CliRunner().invoke(app, ["features", "--target", str(tiny_world["target"]), "--data", str(labelled),
                                  "--out", str(tmp_path / "y.h5"), "--tier", "variation", "--var-strengths", "0.5,0.2"])
     assert r.exit_code == 2 and "--var-strengths must be strictly increasing" in r.stderr
+
+
+def test_compiled_variations_equal_the_torch_path(tiny_export, tiny_target, queries):
+    """The export's vae_encoder, UNet and DDIM schedule make the torch path's variations within the export's
+    stated image tolerance (tests/test_runtime.py: 2 uint8 levels)."""
+    compiled = load_target(str(tiny_export["path"]))
+    images, captions = queries
+    for strength, guidance in ((0.5, 1.0), (0.8, 3.0)):
+        a = compiled.vary_with_seeds(images, captions, [5, 6, 7, 8], strength, 6, guidance)
+        b = tiny_target.vary_with_seeds(images, captions, [5, 6, 7, 8], strength, 6, guidance)
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert a.shape == b.shape and diff.max() <= 2 and diff.mean() < 0.05, (strength, diff.max())
+    # Per-image seeds on the compiled path too.
+    alone = compiled.vary_with_seeds(images[3:], captions[3:], [8], 0.8, 6, 3.0)
+    np.testing.assert_array_equal(alone[0], a[3])

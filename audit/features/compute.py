@@ -264,11 +264,7 @@ def featurize_rows(rows: Sequence[Row], backends: Backends, cfg: FeaturesConfig,
         for key, value in errors.items():
             out[key][ok] = value
     if VARIATION in tiers and ok:
-        feats = variation.variation_features(backends.varier(), backends.embedder, [queries[i] for i in ok],
-                                             [rows[i].caption or "" for i in ok], cfg.var_strengths, cfg.n_var,
-                                             cfg.steps, cfg.seed, cfg.guidance)
-        for key, value in feats.items():
-            out[key][ok] = value
+        _variations(rows, ok, queries, backends, cfg, out)
 
     for i, row in enumerate(rows):
         out["ids"][i] = row.id
@@ -305,6 +301,33 @@ def _black_box(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray
     out["gen_captions"][ok] = np.asarray(gen_captions, dtype=object).reshape(n, g)
     out["query_pixels"][ok] = np.stack([resize_pixels(queries[i], p) for i in ok])
     out["gen_pixels"][ok] = np.stack([resize_pixels(im, p) for im in flat]).reshape(n, g, p, p, 3)
+
+
+def _variations(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray], backends: Backends,
+                cfg: FeaturesConfig, out: dict[str, np.ndarray]) -> None:
+    """The variation tier's features of the rows ``ok``, into ``out``. A row a variation of which the target
+    refused (an HTTP service's filter) becomes ``generation_refused`` and the others are computed again (an HTTP
+    target answers them from its cache); any other failure propagates, as in ``_generate``."""
+    from ..targets.http import GenerationFailed
+
+    while ok:
+        try:
+            feats = variation.variation_features(backends.varier(), backends.embedder, [queries[i] for i in ok],
+                                                 [rows[i].caption or "" for i in ok], cfg.var_strengths, cfg.n_var,
+                                                 cfg.steps, cfg.seed, cfg.guidance)
+        except GenerationFailed as exc:
+            if not exc.refused or set(exc.errors) != exc.refused:
+                raise
+            for j in sorted(exc.refused):
+                row = rows[ok[j // cfg.n_var]]
+                if row.ok:
+                    row.fail("generation_refused", f"{row.path}: the target refused a variation of it "
+                                                   f"({exc.errors[j]})")
+            ok = [i for i in ok if rows[i].ok]
+            continue
+        for key, value in feats.items():
+            out[key][ok] = value
+        return
 
 
 def _query_side(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray], backends: Backends,
