@@ -255,10 +255,10 @@ def features(
                                                     "timesteps at which each attack's error is read (default "
                                                     "100,200,300)."),
     var_strengths: Optional[str] = typer.Option(None, "--var-strengths", help="Variation: comma-separated img2img "
-                                                "strengths of the sweep (default 0.2,0.4,0.6; each runs the last "
+                                                "strengths of the sweep (default 0.1,0.2,0.4; each runs the last "
                                                 "strength x --steps DDIM steps)."),
     n_var: Optional[int] = typer.Option(None, "--n-var", help="Variation: variations (seeds) per strength "
-                                        "(default 3)."),
+                                        "(default 2)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted store."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),

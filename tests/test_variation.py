@@ -198,3 +198,20 @@ def test_compiled_variations_equal_the_torch_path(tiny_export, tiny_target, quer
     # Per-image seeds on the compiled path too.
     alone = compiled.vary_with_seeds(images[3:], captions[3:], [8], 0.8, 6, 3.0)
     np.testing.assert_array_equal(alone[0], a[3])
+
+
+def test_the_variation_benchmark_times_every_tier_and_counts_unet_evaluations(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "variation.py"
+    spec = importlib.util.spec_from_file_location("bench_variation", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--queries", "2", "--rounds", "1", "--steps", "4", "--n-gen", "1", "--strengths", "0.25,0.5",
+                      "--n-var", "2", "--caption-tokens", "4", "--json", str(tmp_path / "b.json")])
+    table = out["toy"]
+    assert {k: t["unet_evaluations_per_query"] for k, t in table.items()} == {"black-box": 4, "variation": 6,
+                                                                             "gray-box": 10}
+    assert all(t["seconds_per_query"] > 0 for t in table.values()) and table["black-box"]["iv_over_this"] == 1.0
+    assert json.loads((tmp_path / "b.json").read_text())["toy"]["variation"]["verdicts"].startswith("var-pixel")
