@@ -5,8 +5,8 @@ pixel array (the blind baseline's and the reports' inputs). Black-box tier: ``n_
 with content-derived seeds, a caption of each by the captioner, their image embeddings, the text embeddings of their
 captions, and the generated images as small pixel arrays. Gray-box tier: each gray-box attack's error vector
 (``features.graybox``) from the target's own VAE encoder and UNet. Variation tier: the distances of the target's
-variations (img2img) of ``x`` to ``x`` and to each other (``features.variation``). Only ``targets.base`` protocols are used, so
-torch and ONNX backends plug in unchanged.
+variations (img2img) of ``x`` to ``x`` and to each other (``features.variation``). Only ``targets.base`` protocols
+are used, so torch, ONNX and HTTP backends plug in unchanged.
 """
 
 from __future__ import annotations
