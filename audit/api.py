@@ -77,11 +77,12 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
               batch_size: int | str = 8, caption_tokens: int = 30, pixel_size: int = 32, resume: bool = False,
               quiet: bool = False, device: str = "cpu", allow_pickle: bool = False, on_batch=None,
               ray: str | None = None, workers: int = 1, threads: int = 0, tier: str = "black-box",
-              graybox_timesteps=None) -> FeaturesSummary:
+              graybox_timesteps=None, var_strengths=None, n_var: int | None = None) -> FeaturesSummary:
     """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses).
 
     ``tier``: ``black-box`` (generate, caption, embed), ``gray-box`` (the target's own denoising errors; a local
-    diffusion target only) or ``all``; ``graybox_timesteps`` overrides the gray-box timesteps.
+    diffusion target only), ``variation`` (the target's img2img variations of each image) or ``all``;
+    ``graybox_timesteps`` overrides the gray-box timesteps, ``var_strengths`` and ``n_var`` the variation sweep.
     ``batch_size="auto"`` picks the largest batch that fits in the memory available (compiled targets; see
     ``audit.runtime.memory``), or, resuming, the batch size the store was begun with.
     ``ray``: compute the batches on a Ray cluster (``local``, ``auto``, ``ray://HEAD:10001``) with ``workers``
@@ -91,10 +92,14 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
     from .features.compute import FeaturesConfig, Models, compute_store, resolve_batch_size
     from .features.store import refuse_existing
     from .imagefolder import require_folder
-    from .tiers import GRAY_BOX
+    from .tiers import GRAY_BOX, VARIATION
 
     auto = batch_size == "auto"
     extra = {"graybox_timesteps": tuple(graybox_timesteps)} if graybox_timesteps else {}
+    if var_strengths:
+        extra["var_strengths"] = tuple(var_strengths)
+    if n_var is not None:
+        extra["n_var"] = int(n_var)
     cfg = FeaturesConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", n_gen=n_gen,
                          steps=steps, guidance=guidance, seed=seed, batch_size=8 if auto else _count(batch_size),
                          caption_tokens=caption_tokens, pixel_size=pixel_size, tier=tier, **extra).validate()
@@ -107,6 +112,10 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
                                    "--captioner": _local(captioner)})
     refuse_existing(out, resume)  # the user's paths fail here, before any model loads
     require_folder(data)
+    if VARIATION in cfg.tiers:
+        from .targets.variation import check_variation_spec
+
+        check_variation_spec(str(target))  # a DALL-E target fails here, before any model loads
     if cluster is not None:
         from .cluster import featurize_on_ray
 

@@ -19,7 +19,7 @@ import numpy as np
 from .errors import InputError, UsageError
 from .features.compute import FeaturesConfig, Models, batch_slices, featurize_rows
 from .imagefolder import CaptionError, Row, clean_caption, read_caption_file, read_imagefolder
-from .tiers import BLACK_BOX, GRAY_BOX, parse_tier, tier_name
+from .tiers import BLACK_BOX, GRAY_BOX, VARIATION, parse_tier, tier_name
 from .verdict import VERDICTS, Verdict
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,17 @@ class Auditor:
         self.decision = self.decisions[self.attack]
         trained = ((self.heads.info.get("manifest") or {}).get("feature_store") or {}).get("config") or {}
         settings = {k: trained[k] for k in ("n_gen", "steps", "guidance", "seed", "pixel_size", "caption_tokens",
-                                            "graybox_timesteps") if k in trained}
-        if "graybox_timesteps" in settings:
-            settings["graybox_timesteps"] = tuple(settings["graybox_timesteps"])
+                                            "graybox_timesteps", "var_strengths", "n_var") if k in trained}
+        for key in ("graybox_timesteps", "var_strengths"):
+            if key in settings:
+                settings[key] = tuple(settings[key])
         # Compute the tiers the heads read, no more: heads of gray-box attacks only never generate an image.
         tiers = self.heads.tiers or parse_tier(trained.get("tier", BLACK_BOX))
         settings["tier"] = tier_name(tiers)
         if GRAY_BOX in tiers:
             self.models.denoiser()  # a target without gray-box access fails here, in one line
+        if VARIATION in tiers:
+            self.models.varier()  # likewise without variation access
         self.graybox_attacks = tuple(dict.fromkeys(
             a.removesuffix("-score") for a in self.heads.attacks if self.heads.tier(a) == GRAY_BOX))
         unknown = sorted(set(overrides) - {"n_gen", "steps", "guidance", "seed"})

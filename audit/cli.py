@@ -338,10 +338,16 @@ def features(
     embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
     captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
     tier: str = typer.Option("black-box", "--tier", help="black-box (generate, caption, embed), gray-box (the "
-                             "target's own denoising errors: loss, PIA, SecMI; local diffusion targets) or all."),
+                             "target's own denoising errors: loss, PIA, SecMI; local diffusion targets), variation "
+                             "(the target's img2img variations of each image) or all."),
     graybox_timesteps: Optional[str] = typer.Option(None, "--graybox-timesteps", help="Gray-box: comma-separated "
                                                     "timesteps at which each attack's error is read (default "
                                                     "100,200,300)."),
+    var_strengths: Optional[str] = typer.Option(None, "--var-strengths", help="Variation: comma-separated img2img "
+                                                "strengths of the sweep (default 0.1,0.2,0.4; each runs the last "
+                                                "strength x --steps DDIM steps)."),
+    n_var: Optional[int] = typer.Option(None, "--n-var", help="Variation: variations (seeds) per strength "
+                                        "(default 2)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted store."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
@@ -352,7 +358,8 @@ def features(
     threads: int = typer.Option(0, "--threads", help=_THREADS_HELP),
 ) -> None:
     """The features the attacks read, for every row of an ImageFolder: generated images, their captions and
-    embeddings (black-box tier) and/or the target's denoising errors on each image (gray-box tier)."""
+    embeddings (black-box tier), the target's denoising errors on each image (gray-box tier) and/or how close the
+    target's variations of each image come back to it (variation tier)."""
     from . import api
 
     s = run(lambda: api.featurize(target, data, out, embedder=embedder, captioner=captioner, n_gen=n_gen,
@@ -360,7 +367,8 @@ def features(
                                   caption_tokens=caption_tokens, pixel_size=pixel_size, resume=resume,
                                   quiet=quiet, device=device, allow_pickle=allow_pickle, ray=ray, workers=workers,
                                   threads=threads, tier=tier,
-                                  graybox_timesteps=_int_list(graybox_timesteps, "--graybox-timesteps")))
+                                  graybox_timesteps=_int_list(graybox_timesteps, "--graybox-timesteps"),
+                                  var_strengths=_float_list(var_strengths, "--var-strengths"), n_var=n_var))
     if json_out:
         return _echo_json(s.to_dict())
     failed = ", ".join(f"{n} {k}" for k, n in sorted(s.status.items()) if k != "ok")
@@ -388,6 +396,19 @@ def _heads_line(source: dict | None) -> None:
 
     if source:
         typer.echo(provenance_line(source), err=True)
+
+
+def _float_list(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
+    """``"0.2,0.4"`` -> (0.2, 0.4); a usage error naming the option otherwise."""
+    from .errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        return run(lambda: (_ for _ in ()).throw(UsageError(f"{option}: expected comma-separated numbers, got "
+                                                             f"{text!r}")))
 
 
 def _verdict_line(v) -> str:

@@ -24,3 +24,9 @@ def query_seed(seed: int, caption: str, pixels: bytes, purpose: str) -> int:
     """Seed of the noise a gray-box attack draws for one query image: it depends on the run seed, the caption and
     the image's pixels (as the target sees them) only, so a query gets the same noise in any batch or file name."""
     return derive_seed("graybox", purpose, seed, caption, hashlib.sha256(pixels).hexdigest())
+
+
+def variation_seeds(seed: int, prompt: str, pixels_digest: str, n_var: int) -> list[int]:
+    """Seeds of the ``n_var`` variations of one query image (the same at every strength of a sweep): they depend on
+    the run seed, the prompt, the digest of the image's pixels as the target takes them and the index only."""
+    return [derive_seed("variation", seed, prompt, pixels_digest, j) for j in range(n_var)]

@@ -8,7 +8,14 @@ auditing needs:
   ``{"images": [base64 PNG, ...], "parameters": {...}, "info": "<json with seed, all_seeds>"}``; image ``k``
   uses seed ``seed + k`` (A1111's convention), ``seed`` -1 draws one;
 - ``GET /sdapi/v1/sd-models`` (one entry: the target, with an extra ``audit`` field giving its identity and
-  native resolution) and ``GET /sdapi/v1/options`` (``sd_model_checkpoint``).
+  native resolution) and ``GET /sdapi/v1/options`` (``sd_model_checkpoint``);
+- ``POST /sdapi/v1/img2img`` ``{init_images: [base64 image], denoising_strength, prompt, seed, steps, cfg_scale,
+  width, height, sampler_name, batch_size, n_iter}`` -> the txt2img response: the target's ``vary_with_seeds``
+  (DDIM over ``steps`` of which the last ``int(denoising_strength x steps)`` run, as the web UI counts them), image
+  ``k`` from ``init_images[k % len]`` with seed ``seed + k``;
+- ``GET /sdapi/v1/samplers`` (``[{name, aliases, options}]``: DDIM, the one sampler served), ``GET
+  /sdapi/v1/progress`` (``{progress, eta_relative, state, current_image, textinfo}``) and ``POST
+  /sdapi/v1/options`` (sets options; answers ``null`` as the web UI does; another checkpoint is refused, 422).
 
 Requests are checked before anything reaches the model: a missing, negative or non-integer ``Content-Length``
 (411/400), a body over ``MAX_BODY`` (413), ``NaN``/``Infinity`` or a number out of range (400). A connection that
@@ -35,7 +42,15 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from .targets.http import OPTIONS, SD_MODELS, TXT2IMG
+from .imagefolder import ImageError, load_image
+from .targets.http import IMG2IMG, OPTIONS, SD_MODELS, TXT2IMG
+from .targets.variation import init_pixels
+
+PROGRESS = "/sdapi/v1/progress"
+SAMPLERS = "/sdapi/v1/samplers"
+SAMPLER = {"name": "DDIM", "aliases": ["ddim"], "options": {}}
+# An img2img body carries its init images (base64): room for a few full-size PNGs.
+MAX_IMG2IMG_BODY = 64 << 20
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +102,9 @@ class Txt2ImgServer:
         self.httpd.block_on_close = True
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
+        self.options = {"sd_model_checkpoint": generator.identity()["name"], "samples_format": "png",
+                        "eta_ddim": 0.0, "img2img_fix_steps": False}
+        self._job: dict | None = None  # the generation in progress, for /progress
 
     @property
     def url(self) -> str:
@@ -193,6 +211,88 @@ class Txt2ImgServer:
                 "width": res, "height": res, "sd_model_name": self.generator.identity()["name"]}
         return {"images": [_png_b64(im) for im in images], "parameters": req, "info": json.dumps(info)}
 
+    # -- the endpoints common A1111 clients call besides txt2img ------------------------------------------------
+
+    def img2img(self, req: Any) -> dict:
+        vary = getattr(self.generator, "vary_with_seeds", None)
+        if vary is None:
+            raise _BadRequest(404, f"{self.generator.identity()['name']} has no image-variation (img2img) access")
+        if not isinstance(req, dict):
+            raise _BadRequest(422, "the body must be a JSON object")
+        prompt = req.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise _BadRequest(422, "prompt must be a string")
+        inits = req.get("init_images")
+        if not isinstance(inits, list) or not inits or not all(isinstance(i, str) for i in inits):
+            raise _BadRequest(422, "init_images must be a non-empty list of base64 images")
+        strength = req.get("denoising_strength", 0.75)  # the web UI's default
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise _BadRequest(422, "denoising_strength must be a number in (0, 1]")
+        sampler = req.get("sampler_name") or req.get("sampler_index") or "DDIM"
+        if str(sampler).lower() not in ("ddim",):
+            raise _BadRequest(404, f"Sampler not found: {sampler!r}; this server samples with DDIM")
+        images = [init_pixels(_decode_init(i)[None], int(self.generator.resolution))[0] for i in inits]
+        fields = self._generation_fields(req)
+        count, seed = fields["count"], fields["seed"]
+        seeds = [seed + k for k in range(count)]
+        if int(float(strength) * fields["steps"]) < 1:
+            raise _BadRequest(422, f"denoising_strength {strength} x steps {fields['steps']} runs no step")
+        with self._lock:
+            self._job = {"job": "img2img", "sampling_steps": int(float(strength) * fields["steps"])}
+            try:
+                out = vary(np.stack([images[k % len(images)] for k in range(count)]), [prompt] * count, seeds,
+                           float(strength), fields["steps"], fields["cfg_scale"])
+            finally:
+                self._job = None
+        res = int(self.generator.resolution)
+        info = {"prompt": prompt, "seed": seed, "all_seeds": seeds, "steps": fields["steps"],
+                "cfg_scale": fields["cfg_scale"], "denoising_strength": strength, "sampler_name": "DDIM",
+                "width": res, "height": res, "sd_model_name": self.generator.identity()["name"]}
+        parameters = dict(req)
+        if not req.get("include_init_images"):
+            parameters["init_images"] = None  # as the web UI answers: the images are not echoed back
+        return {"images": [_png_b64(im) for im in out], "parameters": parameters, "info": json.dumps(info)}
+
+    def _generation_fields(self, req: dict) -> dict:
+        """The integer and guidance fields txt2img and img2img share, checked as txt2img checks them."""
+        ints = {}
+        res = int(self.generator.resolution)
+        for key, default in (("steps", self.default_steps), ("seed", -1), ("batch_size", 1), ("n_iter", 1),
+                             ("width", res), ("height", res)):
+            value = req.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _BadRequest(422, f"{key} must be an integer")
+            ints[key] = value
+        cfg_scale = req.get("cfg_scale", 7.0)
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)):
+            raise _BadRequest(422, "cfg_scale must be a number")
+        if (ints["width"], ints["height"]) != (res, res):
+            raise _BadRequest(422, f"this server makes {res}x{res} images, not {ints['width']}x{ints['height']}")
+        count = ints["batch_size"] * ints["n_iter"]
+        if not 1 <= count <= MAX_IMAGES or ints["steps"] < 1 or ints["steps"] > 1000:
+            raise _BadRequest(422, f"need 1 <= batch_size x n_iter <= {MAX_IMAGES} and 1 <= steps <= 1000")
+        if ints["seed"] >= 2**63 - MAX_IMAGES:
+            raise _BadRequest(422, "seed must be below 2**63")
+        seed = ints["seed"] if ints["seed"] >= 0 else secrets.randbelow(2**32)
+        return {"steps": ints["steps"], "seed": seed, "count": count, "cfg_scale": float(cfg_scale)}
+
+    def progress(self) -> dict:
+        """The web UI's ProgressResponse; a generation in progress counts as one job not yet done."""
+        job = self._job
+        state = {"skipped": False, "interrupted": False, "job": (job or {}).get("job", ""),
+                 "job_count": 1 if job else 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                 "sampling_steps": (job or {}).get("sampling_steps", 0)}
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+
+    def set_options(self, req: Any) -> None:
+        if not isinstance(req, dict):
+            raise _BadRequest(422, "the body must be a JSON object of options")
+        checkpoint = req.get("sd_model_checkpoint")
+        names = {self.model_entry()["title"], self.model_entry()["model_name"]}
+        if checkpoint is not None and checkpoint not in names:
+            raise _BadRequest(422, f"model {checkpoint!r} not found; this server runs {sorted(names)[0]!r}")
+        self.options.update(req)
+
     def _handler_class(self):
         server = self
 
@@ -234,10 +334,10 @@ class Txt2ImgServer:
                 if not raw.strip().isdigit():  # "-1", "+5", "1e3", "abc" are all refused, not parsed
                     self.close_connection = True
                     raise _BadRequest(400, f"Content-Length {raw[:40]!r} is not a non-negative integer")
-                length = int(raw)
-                if length > MAX_BODY:
+                length, limit = int(raw), MAX_IMG2IMG_BODY if self.path == IMG2IMG else MAX_BODY
+                if length > limit:
                     self.close_connection = True
-                    raise _BadRequest(413, f"request body over {MAX_BODY} bytes")
+                    raise _BadRequest(413, f"request body over {limit} bytes")
                 return length
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -247,7 +347,11 @@ class Txt2ImgServer:
                 if self.path == SD_MODELS:
                     self._send(200, [server.model_entry()])
                 elif self.path == OPTIONS:
-                    self._send(200, {"sd_model_checkpoint": server.generator.identity()["name"]})
+                    self._send(200, dict(server.options))
+                elif self.path == SAMPLERS:
+                    self._send(200, [SAMPLER])
+                elif self.path.split("?", 1)[0] == PROGRESS:
+                    self._send(200, server.progress())
                 else:
                     self._send(404, {"error": "Not Found", "detail": self.path})
 
@@ -269,11 +373,12 @@ class Txt2ImgServer:
                         req, bad = None, "the body is not JSON"
                     if self._faulted(n, req):
                         return
-                    if self.path != TXT2IMG:
+                    routes = {TXT2IMG: server.txt2img, IMG2IMG: server.img2img, OPTIONS: server.set_options}
+                    if self.path not in routes:
                         raise _BadRequest(404, f"no endpoint {self.path}")
                     if bad:
                         raise _BadRequest(400, bad)
-                    self._send(200, server.txt2img(req))
+                    self._send(200, routes[self.path](req))
                 except _BadRequest as exc:
                     self._send(exc.status, {"error": str(exc)})
                 except Exception as exc:  # the model failed: answer 500, keep serving
@@ -296,6 +401,20 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise _NotANumber(f"{text[:40]} is out of the range of a number")
     return value
+
+
+def _decode_init(data: str) -> np.ndarray:
+    """A base64 image (optionally a ``data:`` URL, as web clients send) -> uint8 RGB [H, W, 3]."""
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    try:
+        raw = base64.b64decode(data, validate=False)
+    except ValueError as exc:
+        raise _BadRequest(422, f"an init image is not base64 ({exc})") from None
+    try:  # the one decode path, with the image limits every image that enters gets
+        return load_image("init_images", data=raw)
+    except ImageError as exc:
+        raise _BadRequest(422, f"an init image is refused ({exc})") from None
 
 
 def serve(target: str, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu", allow_pickle: bool = False,

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from audit.attacks.inputs import (ATTACKS, GRAYBOX_ATTACKS, PAPER_ATTACKS, available_attacks, build_inputs,
-                                  get_attack, parse_attacks, tier_of)
+from audit.attacks.inputs import (ATTACKS, GRAYBOX_ATTACKS, PAPER_ATTACKS, VARIATION_ATTACKS, available_attacks,
+                                  build_inputs, get_attack, parse_attacks, tier_of)
 from audit.errors import InputError, UnknownNameError
 from audit.features.graybox import graybox_errors
+from audit.features.variation import DATASETS as VARIATION_KEYS, variation_features
 
 G = 3  # three generated images per query, so "sorted" and "pairwise" are not trivial
 
@@ -28,8 +29,10 @@ def tiny_batch(tiny_world):
     gen_caps = cap.caption(flat, max_new_tokens=8)
     n = len(captions)
     errors, _ = graybox_errors(gen.denoiser(), images, captions, (100, 300, 500), seed=0)
+    variations = variation_features(gen, emb, images, captions, (0.5, 1.0), 3, 2, seed=0)  # 2 strengths, 3 seeds
     return {
         **errors,
+        **variations,
         "ids": np.array([f"q{i}" for i in range(n)]),
         "member": np.array([1, 0, 1], np.int8),
         "query_pixels": images,
@@ -52,6 +55,8 @@ def _expected_shape(attack, n, d, p):
         return (n, G, 9, p, p)
     if attack in GRAYBOX_ATTACKS:  # the error at each of the 3 timesteps, or the one untrained score
         return (n, 1) if attack.endswith("-score") else (n, 3)
+    if attack in VARIATION_ATTACKS:  # per strength 6 summaries (+ the average image's distance for pixels)
+        return (n, 1) if attack.endswith("-score") else (n, {"var-pixel": 14, "var-clip": 12, "var-all": 26}[attack])
     return (n, sizes[attack])
 
 
@@ -95,11 +100,11 @@ def test_each_attack_reads_exactly_the_features_it_declares(tiny_batch, attack):
     base = build_inputs(tiny_batch, attack)
     rng = np.random.default_rng(1)
     for key in ("query_pixels", "gen_pixels", "query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb",
-                "graybox_loss", "graybox_pia", "graybox_secmi"):
+                "graybox_loss", "graybox_pia", "graybox_secmi", *VARIATION_KEYS):
         v = tiny_batch[key]
         other = (rng.integers(0, 256, v.shape).astype(v.dtype) if v.dtype == np.uint8
                  else rng.normal(size=v.shape).astype(v.dtype))
-        if key.startswith("graybox_"):  # errors are positive
+        if key.startswith(("graybox_", "var_")):  # errors and distances are positive
             other = np.abs(other)
         changed = build_inputs({**tiny_batch, key: other}, attack)
         if key in spec.needs:
@@ -156,13 +161,18 @@ def test_graybox_inputs_are_log_errors_and_scores_minus_log_mean_error(tiny_batc
 def test_every_attack_names_its_tier_and_a_store_trains_what_it_holds(tiny_batch):
     assert {tier_of(a) for a in PAPER_ATTACKS + ("blind",)} == {"black-box"}
     assert {tier_of(a) for a in GRAYBOX_ATTACKS} == {"gray-box"}
-    black = {k: v for k, v in tiny_batch.items() if not k.startswith("graybox_")}
-    gray = {k: v for k, v in tiny_batch.items() if not k.startswith("gen_")}
+    assert {tier_of(a) for a in VARIATION_ATTACKS} == {"variation"}
+    black = {k: v for k, v in tiny_batch.items() if not k.startswith(("graybox_", "var_"))}
+    gray = {k: v for k, v in tiny_batch.items() if not k.startswith(("gen_", "var_"))}
+    variation = {k: v for k, v in tiny_batch.items() if not k.startswith(("gen_", "graybox_"))}
     assert available_attacks(black) == PAPER_ATTACKS + ("blind",)
     assert available_attacks(gray) == GRAYBOX_ATTACKS + ("blind",)
-    assert available_attacks(tiny_batch) == PAPER_ATTACKS + GRAYBOX_ATTACKS + ("blind",)
+    assert available_attacks(variation) == VARIATION_ATTACKS + ("blind",)
+    assert available_attacks(tiny_batch) == PAPER_ATTACKS + GRAYBOX_ATTACKS + VARIATION_ATTACKS + ("blind",)
     with pytest.raises(InputError, match=r"PIA \(gray-box\).*--tier gray-box"):
         build_inputs(black, "PIA")
+    with pytest.raises(InputError, match=r"var-clip \(variation\).*--tier variation"):
+        build_inputs(black, "var-clip")
 
 
 def test_attack_names_are_checked_and_blind_is_always_trained():

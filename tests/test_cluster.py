@@ -264,20 +264,21 @@ def test_a_worker_with_other_weights_stops_the_run_naming_both_nodes():
 
 
 def test_graybox_features_on_ray_equal_one_machine(ray_cluster, tiny_world, folder, tmp_path):
-    """Both tiers in one store: the workers' gray-box errors are the one-machine ones, bit for bit."""
-    settings = dict(SETTINGS, tier="all", graybox_timesteps=(100, 300))
+    """Every tier in one store: the workers' gray-box errors and variation distances are the one-machine ones, bit
+    for bit."""
+    settings = dict(SETTINGS, tier="all", graybox_timesteps=(100, 300), var_strengths=(0.5,), n_var=2)
     ref, out = tmp_path / "ref.h5", tmp_path / "ray.h5"
     with one_thread():
         api.featurize(str(tiny_world["target"]), folder, ref, quiet=True, **_models(tiny_world), **settings)
     summary = api.featurize(str(tiny_world["target"]), folder, out, quiet=True, ray=ray_cluster.address, workers=2,
                             threads=1, **_models(tiny_world), **settings)
-    assert summary.tiers == ["black-box", "gray-box"]
-    assert summary.unet_evaluations_per_query == {"black-box": 2, "gray-box": 7}
+    assert summary.tiers == ["black-box", "gray-box", "variation"]
+    assert summary.unet_evaluations_per_query == {"black-box": 2, "gray-box": 7, "variation": 2}
     got, want = FeatureStore.open(out), FeatureStore.open(ref)
-    assert got.tiers == want.tiers == ("black-box", "gray-box") and got.keys == want.keys
+    assert got.tiers == want.tiers == ("black-box", "gray-box", "variation") and got.keys == want.keys
     a, b = got.read(ok_only=False), want.read(ok_only=False)
     for key in got.keys:
         assert np.array_equal(a[key], b[key]), key
-    assert (a["graybox_pia"][a["status"] == "ok"] > 0).all()
+    assert (a["graybox_pia"][a["status"] == "ok"] > 0).all() and (a["var_pixel_dist"][a["status"] == "ok"] > 0).all()
     assert {k: v for k, v in got.manifest.items() if k != "created"} == \
         {k: v for k, v in want.manifest.items() if k != "created"}

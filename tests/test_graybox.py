@@ -238,7 +238,7 @@ def test_a_store_with_both_tiers_trains_every_attack(tiny_world, labelled, tmp_p
     monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
     store = tmp_path / "all.h5"
     r = CliRunner().invoke(app, ["features", "--target", str(tiny_world["target"]), "--data", str(labelled),
-                                 "--out", str(store), "--tier", "all", "--graybox-timesteps", "200", "--n-gen", "1",
+                                 "--out", str(store), "--tier", "black-box,gray-box", "--graybox-timesteps", "200", "--n-gen", "1",
                                  "--steps", "2", "--caption-tokens", "4", "--batch-size", "13", "-q",
                                  *_models(tiny_world)])
     assert r.exit_code == 0, r.output

@@ -700,7 +700,7 @@ def test_a_folder_laid_out_like_a_hub_snapshot_is_identified_by_its_bytes(tmp_pa
     import huggingface_hub.constants
 
     from audit.manifest import weights_hash
-    from audit.targets.hub import model_hash
+    from audit.hub import model_hash
 
     def snapshot(root: Path) -> Path:
         folder = root / "models--CompVis--ldm-text2im-large-256" / "snapshots" / "abc123"

@@ -7,12 +7,16 @@ here looks at labels or at other rows: a single query is featurised exactly as i
 A batch is the dict ``FeatureStore.read()`` returns: ``query_pixels`` uint8 [N,P,P,3], ``gen_pixels`` uint8
 [N,G,P,P,3], ``query_img_emb`` [N,D], ``gen_img_emb`` [N,G,D], ``caption_emb`` [N,D], ``gen_caption_emb`` [N,G,D]
 (black-box tier), and ``graybox_loss``, ``graybox_pia``, ``graybox_secmi`` float32 [N,K], each attack's error at
-the K gray-box timesteps (gray-box tier; see ``features.graybox``).
+the K gray-box timesteps (gray-box tier; see ``features.graybox``), and ``var_pixel_dist``, ``var_clip_dist``
+[N,S,V], ``var_mean_pixel_dist`` [N,S], ``var_pixel_pair``, ``var_clip_pair`` [N,S,P]: the distances of the
+target's V variations of the query at S strengths to it and to each other (variation tier; ``features.variation``).
 
 Every attack names its access tier (``audit.tiers``). Each gray-box attack comes twice: ``PIA`` is a head (MLP) over
 the log of its per-timestep error vector; ``PIA-score`` is the paper's untrained single score, minus the log of the
 mean error over the timesteps (lower error = more member-like), which the same machinery standardises, calibrates
-and thresholds on validation data like any head.
+and thresholds on validation data like any head. The variation attacks likewise: ``var-pixel`` (pixel distances),
+``var-clip`` (embedding distances), ``var-all`` (both) are MLPs over per-strength summaries, ``var-*-score`` their
+untrained scores (minus the log distance, averaged over the strengths).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import InputError, UnknownNameError
-from ..tiers import BLACK_BOX, GRAY_BOX
+from ..tiers import BLACK_BOX, GRAY_BOX, TIERS, VARIATION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +155,77 @@ def _graybox_specs() -> tuple[AttackSpec, ...]:
     return tuple(out)
 
 
+def _log(x) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(x, dtype=np.float64), _LOG_FLOOR))
+
+
+def _summary(dist, pair) -> np.ndarray:
+    """[N, S, V] distances to the query and [N, S, P] between variations -> [N, S * 6]: per strength the mean,
+    spread, least and largest log distance to the query (order-free over the seeds), and the mean and spread of
+    the log distances between the variations (zeros with one variation)."""
+    d, p = _log(dist), _log(pair)
+    parts = [d.mean(2), d.std(2), d.min(2), d.max(2)]
+    if p.shape[2]:
+        parts += [p.mean(2), p.std(2)]
+    else:
+        parts += [np.zeros(d.shape[:2]), np.zeros(d.shape[:2])]
+    return np.stack(parts, axis=2).reshape(len(d), -1)
+
+
+def attack_var_pixel(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([_summary(b["var_pixel_dist"], b["var_pixel_pair"]),
+                           _log(b["var_mean_pixel_dist"])], axis=1).astype(np.float32)
+
+
+def attack_var_clip(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    return _summary(b["var_clip_dist"], b["var_clip_pair"]).astype(np.float32)
+
+
+def attack_var_all(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([attack_var_pixel(b), attack_var_clip(b)], axis=1)
+
+
+def score_var_pixel(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    """ReDiffuse's statistic: minus the log pixel distance of the variations' average to the query, averaged over
+    the strengths."""
+    return (-_log(b["var_mean_pixel_dist"]).mean(axis=1, keepdims=True)).astype(np.float32)
+
+
+def score_var_clip(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Minus the log of the mean embedding distance of the variations to the query, averaged over the strengths."""
+    mean = np.asarray(b["var_clip_dist"], np.float64).mean(axis=2)
+    return (-_log(mean).mean(axis=1, keepdims=True)).astype(np.float32)
+
+
+def score_var_all(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    return ((score_var_pixel(b) + score_var_clip(b)) / 2).astype(np.float32)
+
+
+_VAR_PIXEL = ("var_pixel_dist", "var_pixel_pair", "var_mean_pixel_dist")
+_VAR_CLIP = ("var_clip_dist", "var_clip_pair")
+
+
+def _variation_specs() -> tuple[AttackSpec, ...]:
+    return (
+        AttackSpec("var-pixel", "semantic", attack_var_pixel, _VAR_PIXEL,
+                   "variations' pixel distances to the query (per strength: mean, spread, extremes; their average's "
+                   "distance; distances between them) -> MLP", VARIATION),
+        AttackSpec("var-pixel-score", "score", score_var_pixel, ("var_mean_pixel_dist",),
+                   "ReDiffuse: minus the log pixel distance of the variations' average to the query, untrained",
+                   VARIATION),
+        AttackSpec("var-clip", "semantic", attack_var_clip, _VAR_CLIP,
+                   "variations' image-embedding distances to the query and to each other, per strength -> MLP",
+                   VARIATION),
+        AttackSpec("var-clip-score", "score", score_var_clip, ("var_clip_dist",),
+                   "minus the log mean image-embedding distance of the variations to the query, untrained",
+                   VARIATION),
+        AttackSpec("var-all", "semantic", attack_var_all, _VAR_PIXEL + _VAR_CLIP,
+                   "var-pixel and var-clip inputs together -> MLP", VARIATION),
+        AttackSpec("var-all-score", "score", score_var_all, ("var_mean_pixel_dist", "var_clip_dist"),
+                   "the mean of var-pixel-score and var-clip-score, untrained", VARIATION),
+    )
+
+
 _SEMANTIC_ALL = ("query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb")
 
 ATTACKS: dict[str, AttackSpec] = {
@@ -169,6 +244,7 @@ ATTACKS: dict[str, AttackSpec] = {
                    "caption vs captions of the generated images, text embeddings -> MLP (faithfulness)"),
         AttackSpec("IV", "semantic", attack_iv, _SEMANTIC_ALL, "I-S, II-S, III-X and III-T inputs together -> MLP"),
         *_graybox_specs(),
+        *_variation_specs(),
         AttackSpec("blind", "semantic", attack_blind, ("query_img_emb", "caption_emb"),
                    "query-side only (query image and caption embeddings, their cosine): the distribution-shift "
                    "baseline"),
@@ -178,6 +254,7 @@ ATTACKS: dict[str, AttackSpec] = {
 # The paper's attacks, in its order; `blind` is trained alongside whenever any attack is.
 PAPER_ATTACKS = ("I-P", "I-S", "II-P", "II-S", "III-X", "III-T", "IV")
 GRAYBOX_ATTACKS = ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score")
+VARIATION_ATTACKS = ("var-pixel", "var-pixel-score", "var-clip", "var-clip-score", "var-all", "var-all-score")
 
 
 def tier_of(attack: str) -> str:
@@ -195,7 +272,7 @@ def available_attacks(batch: Mapping[str, object]) -> tuple[str, ...]:
 def tiers_of(attacks) -> tuple[str, ...]:
     """The tiers whose features ``attacks`` read (the blind baseline reads only query-side features)."""
     used = {tier_of(a) for a in attacks if a != "blind"}
-    return tuple(t for t in (BLACK_BOX, GRAY_BOX) if t in used)
+    return tuple(t for t in TIERS if t in used)
 
 
 def get_attack(name: str) -> AttackSpec:
@@ -226,7 +303,7 @@ def build_inputs(batch: Mapping[str, np.ndarray], attack: str) -> np.ndarray:
     missing = [k for k in spec.needs if k not in batch]
     if missing:
         hint = (f"; compute them with `audit features --tier {spec.tier}` (or --tier all)"
-                if all(k.startswith("graybox_") or k.startswith("gen_") for k in missing) else "")
+                if all(k.startswith(("graybox_", "gen_", "var_")) for k in missing) else "")
         raise InputError(f"attack {attack} ({spec.tier}): the feature batch lacks {missing}{hint}")
     return np.ascontiguousarray(spec.build(batch), dtype=np.float32)
 
@@ -245,4 +322,7 @@ def input_signature(batch: Mapping[str, np.ndarray]) -> dict:
     for key in ("graybox_loss", "graybox_pia", "graybox_secmi"):
         if key in batch:
             sig["graybox_timesteps"] = int(np.shape(batch[key])[1])
+    for key in ("var_pixel_dist", "var_clip_dist"):
+        if key in batch:
+            sig["var_strengths"], sig["n_var"] = (int(v) for v in np.shape(batch[key])[1:3])
     return sig

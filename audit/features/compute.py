@@ -4,8 +4,9 @@ For each row with image ``x`` and caption ``c``, always: embedder embeddings of 
 pixel array (the blind baseline's and the reports' inputs). Black-box tier: ``n_gen`` images generated from ``c``
 with content-derived seeds, a caption of each by the captioner, their image embeddings, the text embeddings of their
 captions, and the generated images as small pixel arrays. Gray-box tier: each gray-box attack's error vector
-(``features.graybox``) from the target's own VAE encoder and UNet. Only ``targets.base`` protocols are used, so
-torch and ONNX models plug in unchanged.
+(``features.graybox``) from the target's own VAE encoder and UNet. Variation tier: the distances of the target's
+variations (img2img) of ``x`` to ``x`` and to each other (``features.variation``). Only ``targets.base`` protocols
+are used, so torch, ONNX and HTTP backends plug in unchanged.
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
-
 from ..config import Config
 from ..errors import UsageError
 from ..imagefolder import Row, load_row_image, read_imagefolder
+from ..kernels.preprocess import resize_pixels
 from ..manifest import make_manifest
 from ..progress import progress
-from ..tiers import BLACK_BOX, GRAY_BOX, parse_tier
-from . import graybox
+from ..tiers import BLACK_BOX, GRAY_BOX, VARIATION, parse_tier, tier_name
+from . import graybox, variation
 from .store import KIND, FeatureStore, FeatureWriter, empty_batch, store_tiers
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class FeaturesConfig(Config):
     # Gray-box: the timesteps (of the target's training schedule, 0-999 for SD) at which each attack's error is
     # read; SecMI's DDIM inversion takes one step per timestep, from 0.
     graybox_timesteps: tuple = graybox.DEFAULT_TIMESTEPS
+    # Variation: the img2img strengths of the sweep and the variations (seeds) at each, over ``steps`` DDIM steps.
+    var_strengths: tuple = variation.DEFAULT_STRENGTHS
+    n_var: int = variation.DEFAULT_N_VAR
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -74,6 +77,10 @@ class FeaturesConfig(Config):
                              f"got {self.missing_caption!r}")
         if GRAY_BOX in self.tiers:
             self.graybox_timesteps = graybox.check_timesteps(self.graybox_timesteps)
+        if VARIATION in self.tiers:
+            if self.n_var < 1:
+                raise UsageError(f"--n-var must be >= 1, got {self.n_var}")
+            self.var_strengths = variation.check_strengths(self.var_strengths, self.steps)
         return self
 
     def for_store(self) -> dict:
@@ -83,9 +90,14 @@ class FeaturesConfig(Config):
         d = self.to_dict()
         for key in ("target", "embedder", "captioner"):
             d.pop(key)
+        d["tier"] = tier_name(self.tiers)
         if GRAY_BOX not in self.tiers:
-            d.pop("tier")
             d.pop("graybox_timesteps")
+        if VARIATION not in self.tiers:
+            d.pop("var_strengths")
+            d.pop("n_var")
+        if self.tiers == (BLACK_BOX,):
+            d.pop("tier")
         return d
 
     def unet_evaluations(self) -> dict[str, int]:
@@ -95,7 +107,16 @@ class FeaturesConfig(Config):
             out[BLACK_BOX] = self.n_gen * self.steps * (2 if self.guidance > 1.0 else 1)
         if GRAY_BOX in self.tiers:
             out[GRAY_BOX] = graybox.unet_evaluations(tuple(graybox.DATASETS), len(self.graybox_timesteps))
+        if VARIATION in self.tiers:
+            out[VARIATION] = variation.unet_evaluations(self.var_strengths, self.n_var, self.steps,
+                                                        self.guidance > 1.0)
         return out
+
+    @property
+    def needs_caption(self) -> bool:
+        """Whether a row needs a caption: the variation tier alone varies an uncaptioned image on the empty
+        prompt."""
+        return self.tiers != (VARIATION,)
 
 
 @dataclasses.dataclass
@@ -138,20 +159,15 @@ class Models:
             denoiser,
         )
 
+    def varier(self):
+        """The target's image-variation access, or a one-line error for targets without one (DALL-E mini)."""
+        from ..targets.variation import varier_for
+
+        return varier_for(self.generator)
+
     def identities(self) -> dict:
         return {"target": self.generator.identity(), "embedder": self.embedder.identity(),
                 "captioner": self.captioner.identity()}
-
-
-def resize_pixels(image: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crop to a square, then PIL bicubic resize to ``size`` x ``size`` (no-op when already that size)."""
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return image
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = Image.fromarray(image[top:top + side, left:left + side])
-    return np.asarray(square.resize((size, size), Image.BICUBIC), dtype=np.uint8)
 
 
 def _by_shape(images: Sequence[np.ndarray], fn: Callable[[np.ndarray], object]) -> list:
@@ -197,12 +213,13 @@ def featurize_rows(rows: Sequence[Row], models: Models, cfg: FeaturesConfig,
     """
     g, p = cfg.n_gen, cfg.pixel_size
     tiers = cfg.tiers
-    out = empty_batch(len(rows), g, p, models.embedder.dim, tiers, len(cfg.graybox_timesteps))
+    out = empty_batch(len(rows), g, p, models.embedder.dim, tiers, len(cfg.graybox_timesteps),
+                      len(cfg.var_strengths), cfg.n_var)
     queries: dict[int, np.ndarray] = {}
     for i, row in enumerate(rows):
         if not row.ok:
             continue
-        if row.caption is None and cfg.missing_caption == "no_caption":
+        if row.caption is None and cfg.missing_caption == "no_caption" and cfg.needs_caption:
             row.fail("no_caption", f"{row.path}: no caption (no text in metadata.jsonl and no non-empty .txt file)")
             continue
         image = images[i] if images and i in images else load_row_image(row)
@@ -211,7 +228,7 @@ def featurize_rows(rows: Sequence[Row], models: Models, cfg: FeaturesConfig,
     def caption(images: np.ndarray) -> list[str]:
         return models.captioner.caption(images, max_new_tokens=cfg.caption_tokens)
 
-    uncaptioned = [i for i in queries if rows[i].caption is None]
+    uncaptioned = [i for i in queries if rows[i].caption is None] if cfg.needs_caption else []
     if uncaptioned:
         for i, text in zip(uncaptioned, _by_shape([queries[i] for i in uncaptioned], caption)):
             text = " ".join(str(text).split())
@@ -234,6 +251,8 @@ def featurize_rows(rows: Sequence[Row], models: Models, cfg: FeaturesConfig,
                                            cfg.seed, graybox_attacks)
         for key, value in errors.items():
             out[key][ok] = value
+    if VARIATION in tiers and ok:
+        _variations(rows, ok, queries, models, cfg, out)
 
     for i, row in enumerate(rows):
         out["ids"][i] = row.id
@@ -272,6 +291,33 @@ def _black_box(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray
     out["gen_pixels"][ok] = np.stack([resize_pixels(im, p) for im in flat]).reshape(n, g, p, p, 3)
 
 
+def _variations(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray], models: Models,
+                cfg: FeaturesConfig, out: dict[str, np.ndarray]) -> None:
+    """The variation tier's features of the rows ``ok``, into ``out``. A row a variation of which the target
+    refused (an HTTP service's filter) becomes ``generation_refused`` and the others are computed again (an HTTP
+    target answers them from its cache); any other failure propagates, as in ``_generate``."""
+    from ..targets.http import GenerationFailed
+
+    while ok:
+        try:
+            feats = variation.variation_features(models.varier(), models.embedder, [queries[i] for i in ok],
+                                                 [rows[i].caption or "" for i in ok], cfg.var_strengths, cfg.n_var,
+                                                 cfg.steps, cfg.seed, cfg.guidance)
+        except GenerationFailed as exc:
+            if not exc.refused or set(exc.errors) != exc.refused:
+                raise
+            for j in sorted(exc.refused):
+                row = rows[ok[j // cfg.n_var]]
+                if row.ok:
+                    row.fail("generation_refused", f"{row.path}: the target refused a variation of it "
+                                                   f"({exc.errors[j]})")
+            ok = [i for i in ok if rows[i].ok]
+            continue
+        for key, value in feats.items():
+            out[key][ok] = value
+        return
+
+
 def _query_side(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarray], models: Models,
                 cfg: FeaturesConfig, out: dict[str, np.ndarray]) -> None:
     """Without the black-box tier: only the query-side features (the blind baseline's) of the rows ``ok``."""
@@ -279,7 +325,8 @@ def _query_side(rows: Sequence[Row], ok: list[int], queries: dict[int, np.ndarra
         return
     out["query_img_emb"][ok] = np.asarray(_by_shape([queries[i] for i in ok], models.embedder.embed_images),
                                           dtype=np.float32)
-    out["caption_emb"][ok] = np.asarray(models.embedder.embed_texts([rows[i].caption for i in ok]), np.float32)
+    out["caption_emb"][ok] = np.asarray(models.embedder.embed_texts([rows[i].caption or "" for i in ok]),
+                                        np.float32)
     out["query_pixels"][ok] = np.stack([resize_pixels(queries[i], cfg.pixel_size) for i in ok])
 
 
@@ -305,7 +352,7 @@ def batch_slices(n_rows: int, batch_size: int, start: int = 0) -> list[tuple[int
 
 def read_rows(data: str | Path, cfg: FeaturesConfig) -> list[Row]:
     """The rows a feature store holds, in its order: rows without a caption fail unless the captioner writes one."""
-    return read_imagefolder(data, require_caption=cfg.missing_caption == "no_caption")
+    return read_imagefolder(data, require_caption=cfg.missing_caption == "no_caption" and cfg.needs_caption)
 
 
 def store_manifest(cfg: FeaturesConfig, identities: dict, rows: Sequence[Row], data: str | Path) -> dict:
@@ -324,8 +371,11 @@ def open_store(out: Path, manifest: dict, cfg: FeaturesConfig, dim: int, resume:
         if writer.n_committed:
             log.info("%s: resuming after %d of %d rows", out, writer.n_committed, writer.n_rows)
         return writer
+    variation_tier = VARIATION in cfg.tiers
     return FeatureWriter.create(out, manifest, cfg.n_gen, cfg.pixel_size, dim, chunk_rows=cfg.batch_size,
-                                n_timesteps=len(cfg.graybox_timesteps))
+                                n_timesteps=len(cfg.graybox_timesteps),
+                                n_strengths=len(cfg.var_strengths) if variation_tier else 0,
+                                n_var=cfg.n_var if variation_tier else 0)
 
 
 def store_summary(out: Path, manifest: dict, seconds: float, first_batch_seconds: float | None = None) -> dict:
@@ -368,6 +418,8 @@ def compute_store(data: str | Path, out: str | Path, models: Models, cfg: Featur
         # A target without gray-box access fails here, in one line, before any row is read.
         d = models.denoiser()
         graybox.check_timesteps(cfg.graybox_timesteps, len(d.alphas_cumprod))
+    if VARIATION in cfg.tiers:
+        models.varier()  # a target without variation access fails here too
     rows = read_rows(data, cfg)
     if BLACK_BOX in cfg.tiers:  # before any row is computed: the batch that will run (at most the row count)
         check_batch_fits(models, max(1, min(cfg.batch_size, len(rows))), cfg.n_gen, cfg.guidance)

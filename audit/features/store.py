@@ -12,6 +12,10 @@ Layout (one row per input row, in the ImageFolder's sorted order; failed rows ke
     gen_img_emb, gen_caption_emb                    float32 [N, G, D]
   gray-box tier (``features.graybox``):
     graybox_loss, graybox_pia, graybox_secmi        float32 [N, K]  each attack's error at the K timesteps
+  variation tier (``features.variation``; S strengths, V variations, P = V(V-1)/2 pairs):
+    var_pixel_dist, var_clip_dist                   float32 [N, S, V]  each variation's distance to the query
+    var_mean_pixel_dist                             float32 [N, S]     the variations' average's pixel distance
+    var_pixel_pair, var_clip_pair                   float32 [N, S, P]  the variations' distances to each other
 
 Nothing in a store is trusted before it is checked: ``FeatureStore.open`` validates every dataset's kind, dtype and
 shape against this layout, the sizes against ``LIMITS`` and each other, and ``n_committed`` against the rows, and
@@ -36,7 +40,7 @@ import numpy as np
 
 from ..errors import ArtifactError, UsageError
 from ..manifest import check_manifest
-from ..tiers import BLACK_BOX, GRAY_BOX, TIERS
+from ..tiers import BLACK_BOX, GRAY_BOX, TIERS, VARIATION
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,9 @@ KIND = "features"
 STR_KEYS = ("ids", "status", "error", "caption", "caption_source")
 COMMON_KEYS = ("member", "query_pixels", "query_img_emb", "caption_emb")
 TIER_KEYS = {BLACK_BOX: ("gen_captions", "gen_pixels", "gen_img_emb", "gen_caption_emb"),
-             GRAY_BOX: ("graybox_loss", "graybox_pia", "graybox_secmi")}
+             GRAY_BOX: ("graybox_loss", "graybox_pia", "graybox_secmi"),
+             VARIATION: ("var_pixel_dist", "var_clip_dist", "var_mean_pixel_dist", "var_pixel_pair",
+                         "var_clip_pair")}
 ARRAY_KEYS = COMMON_KEYS + TIER_KEYS[BLACK_BOX]
 KEYS = STR_KEYS + ARRAY_KEYS  # a black-box store's datasets
 # Bounds on what a store may declare (far above any real store: 1024 px thumbnails, 16k-wide embeddings).
@@ -60,7 +66,7 @@ def store_keys(tiers: tuple[str, ...] = (BLACK_BOX,)) -> tuple[str, ...]:
 
 
 def row_shapes(n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (BLACK_BOX,),
-               n_timesteps: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
+               n_timesteps: int = 0, n_strengths: int = 0, n_var: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-row shape and dtype of every dataset of a store holding ``tiers``."""
     s = h5py.string_dtype("utf-8")
     p = pixel_size
@@ -80,14 +86,21 @@ def row_shapes(n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (
         })
     if GRAY_BOX in tiers:
         shapes.update({key: ((n_timesteps,), np.float32) for key in TIER_KEYS[GRAY_BOX]})
+    if VARIATION in tiers:
+        pairs = n_var * (n_var - 1) // 2
+        shapes.update({"var_pixel_dist": ((n_strengths, n_var), np.float32),
+                       "var_clip_dist": ((n_strengths, n_var), np.float32),
+                       "var_mean_pixel_dist": ((n_strengths,), np.float32),
+                       "var_pixel_pair": ((n_strengths, pairs), np.float32),
+                       "var_clip_pair": ((n_strengths, pairs), np.float32)})
     return shapes
 
 
 def empty_batch(n: int, n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (BLACK_BOX,),
-                n_timesteps: int = 0) -> dict[str, np.ndarray]:
+                n_timesteps: int = 0, n_strengths: int = 0, n_var: int = 0) -> dict[str, np.ndarray]:
     """A batch of ``n`` rows filled with the values failed rows keep: empty strings, zeros, member -1."""
     out = {}
-    for key, (shape, dtype) in row_shapes(n_gen, pixel_size, dim, tiers, n_timesteps).items():
+    for key, (shape, dtype) in row_shapes(n_gen, pixel_size, dim, tiers, n_timesteps, n_strengths, n_var).items():
         if dtype is np.int8:
             out[key] = np.full((n, *shape), -1, np.int8)
         elif isinstance(dtype, np.dtype) and dtype.kind == "O":
@@ -230,6 +243,16 @@ class FeatureStore:
         return int(self._shapes["graybox_loss"][1]) if "graybox_loss" in self._shapes else 0
 
     @property
+    def n_strengths(self) -> int:
+        """Variation strengths per row (0 in a store without the variation tier)."""
+        return int(self._shapes["var_pixel_dist"][1]) if "var_pixel_dist" in self._shapes else 0
+
+    @property
+    def n_var(self) -> int:
+        """Variations per strength (0 in a store without the variation tier)."""
+        return int(self._shapes["var_pixel_dist"][2]) if "var_pixel_dist" in self._shapes else 0
+
+    @property
     def dim(self) -> int:
         return int(self._shapes["query_img_emb"][1])
 
@@ -350,14 +373,15 @@ class FeatureWriter:
 
     @classmethod
     def create(cls, path: str | Path, manifest: dict, n_gen: int, pixel_size: int, dim: int,
-               chunk_rows: int = CHUNK_ROWS, n_timesteps: int = 0) -> "FeatureWriter":
+               chunk_rows: int = CHUNK_ROWS, n_timesteps: int = 0, n_strengths: int = 0,
+               n_var: int = 0) -> "FeatureWriter":
         """``chunk_rows`` should equal the rows per ``append``: then an append only ever writes fresh chunks, and a
         kill mid-append cannot damage a chunk holding committed rows (a compressed chunk shared with the next batch
         is read back and rewritten, and a kill during that rewrite left committed rows unreadable)."""
         path = Path(path)
         refuse_existing(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shapes = row_shapes(n_gen, pixel_size, dim, store_tiers(manifest), n_timesteps)
+        shapes = row_shapes(n_gen, pixel_size, dim, store_tiers(manifest), n_timesteps, n_strengths, n_var)
         tmp = path.with_name(f".{path.name}.creating")
         with h5py.File(tmp, "w") as f:
             for key, (shape, dtype) in shapes.items():
@@ -382,7 +406,8 @@ class FeatureWriter:
                 if f[key].shape[0] != n:
                     log.info("%s: dropping %d uncommitted row(s) of %s", path, f[key].shape[0] - n, key)
                     f[key].resize(n, axis=0)
-        shapes = row_shapes(store.n_gen, store.pixel_size, store.dim, store.tiers, store.n_timesteps)
+        shapes = row_shapes(store.n_gen, store.pixel_size, store.dim, store.tiers, store.n_timesteps,
+                            store.n_strengths, store.n_var)
         # Keep the original manifest (creation time included): a resumed store equals an uninterrupted one.
         return cls(path, store.manifest, n, shapes)
 

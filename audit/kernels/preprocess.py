@@ -295,3 +295,16 @@ def _preprocess_triton(images: np.ndarray, transform: ImageTransform) -> np.ndar
     block = 256
     _triton_kernel()[(x.shape[0], triton.cdiv(h * w, block))](x, out, h * w, *mean, *std, BLOCK=block)
     return out.cpu().numpy()
+
+
+def resize_pixels(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop to a square, then PIL bicubic resize to ``size`` x ``size`` (no-op when already that size)."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    from PIL import Image  # Pillow only where an image is resized
+
+    square = Image.fromarray(image[top:top + side, left:left + side])
+    return np.asarray(square.resize((size, size), Image.BICUBIC), dtype=np.uint8)

@@ -69,6 +69,7 @@ class OnnxGenerator:
         self.unet_context = folder.load_graph("unet_context", self.options) if has_context else None
         self.vae_decoder = folder.load_graph("vae_decoder", self.options)
         self._uncond: np.ndarray | None = None
+        self._encoder = None  # the VAE encoder (gray-box access), loaded on the first variation
 
     def identity(self) -> dict:
         return dict(self._identity)
@@ -78,6 +79,33 @@ class OnnxGenerator:
         from .denoiser import OnnxDenoiser
 
         return OnnxDenoiser(self)
+
+    def vary_with_seeds(self, images: np.ndarray, prompts: Sequence[str], seeds: Sequence[int], strength: float,
+                        steps: int, guidance: float = 1.0) -> np.ndarray:
+        """Image variations (``Varier``), reproducing ``targets.variation``: the ``vae_encoder`` graph's latents
+        noised to the first of the last ``int(strength x steps)`` DDIM timesteps with each image's own noise, those
+        steps, then the decoder."""
+        from ..targets.variation import check_inputs, init_pixels, variation_noise, variation_steps
+
+        check_inputs(images, prompts, seeds)
+        k, r = variation_steps(strength, steps), self.resolution
+        if len(images) == 0:
+            return np.zeros((0, r, r, 3), np.uint8)
+        if self._encoder is None:
+            self._encoder = self.denoiser()
+        z0 = self._encoder.encode_images(init_pixels(images, r))
+        plan = self.schedule.plan(steps)[-k:]
+        a = self.schedule.alphas_cumprod[plan[0][0]]
+        # diffusers' add_noise: float32 square roots of the cumulative alpha at the first timestep that runs
+        sa, sb = np.float32(a**0.5), np.float32((1 - a) ** 0.5)
+        latents = sa * z0 + sb * variation_noise(seeds, (self.latent_channels, self.latent_size))
+        unique = list(dict.fromkeys(prompts))
+        row = {c: i for i, c in enumerate(unique)}
+        cond = self.encode(unique)[[row[c] for c in prompts]]
+        g = float(guidance) if self.guided(guidance) else None
+        step = self.images_per_call(g is not None)
+        return np.concatenate([self._denoise_decode(latents[i:i + step], cond[i:i + step], plan, g)
+                               for i in range(0, len(latents), step)])
 
     def guided(self, guidance: float) -> bool:
         """Whether the pipeline this target came from would run classifier-free guidance at this scale."""

@@ -95,6 +95,15 @@ class DiffusersGenerator(PerImageSeeds):
 
         return DiffusersDenoiser(self)
 
+    def vary_with_seeds(self, images: np.ndarray, prompts: Sequence[str], seeds: Sequence[int], strength: float,
+                        steps: int, guidance: float = 1.0) -> np.ndarray:
+        """Image variations (img2img) from this pipeline's own modules (``Varier``; ``targets.variation``)."""
+        from .variation import DiffusersVarier
+
+        if getattr(self, "_varier", None) is None:
+            self._varier = DiffusersVarier(self)
+        return self._varier.vary(images, prompts, seeds, strength, steps, guidance)
+
     @torch.no_grad()
     def generate_with_seeds(self, prompts: Sequence[str], seeds: Sequence[int], steps: int,
                             guidance: float = 1.0) -> np.ndarray:

@@ -50,6 +50,7 @@ from .base import PerImageSeeds
 log = logging.getLogger(__name__)
 
 TXT2IMG = "/sdapi/v1/txt2img"
+IMG2IMG = "/sdapi/v1/img2img"
 SD_MODELS = "/sdapi/v1/sd-models"
 OPTIONS = "/sdapi/v1/options"
 SEED_MODULUS = 2**32
@@ -211,8 +212,8 @@ class HTTPGenerator(PerImageSeeds):
                 self._cache.popitem(last=False)
         return image
 
-    def _decode(self, body: Any, seed: int) -> np.ndarray:
-        where = f"{self.url}{TXT2IMG}"
+    def _decode(self, body: Any, seed: int, path: str = TXT2IMG) -> np.ndarray:
+        where = f"{self.url}{path}"
         if not isinstance(body, dict):
             raise BadResponse(f"{where}: the response is a JSON {type(body).__name__}, not an object")
         images = body.get("images")
@@ -271,6 +272,61 @@ class HTTPGenerator(PerImageSeeds):
             self._warned.add(key)
             log.warning(msg, *args)
 
+    # -- image variations (img2img) --------------------------------------------------------------------------
+
+    def vary_with_seeds(self, images: np.ndarray, prompts: Sequence[str], seeds: Sequence[int], strength: float,
+                        steps: int, guidance: float = 1.0) -> np.ndarray:
+        """``Varier`` over ``POST /sdapi/v1/img2img``: one request per variation (its init image as a PNG, its seed
+        modulo 2**32), with txt2img's pool, retries and deadlines; raises GenerationFailed (``refused`` for the
+        refusals) if any variation is missing."""
+        from .variation import check_inputs, init_pixels, variation_steps
+
+        check_inputs(images, prompts, seeds)
+        variation_steps(strength, steps)
+        r = self.resolution
+        out = np.zeros((len(images), r, r, 3), np.uint8)
+        if len(images) == 0:
+            return out
+        pngs = [_png_b64(im) for im in init_pixels(images, r)]
+        errors: dict[int, str] = {}
+        refused: set[int] = set()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
+            futures = {pool.submit(self._variation, png, p, int(s) % SEED_MODULUS, float(strength), steps,
+                                   guidance): i for i, (png, p, s) in enumerate(zip(pngs, prompts, seeds))}
+            for fut in concurrent.futures.as_completed(futures):
+                i = futures[fut]
+                try:
+                    out[i] = fut.result()
+                except ServiceError as exc:
+                    errors[i] = str(exc)
+                    if isinstance(exc, PromptRefused):
+                        refused.add(i)
+        if errors:
+            first = errors[min(errors)]
+            raise GenerationFailed(f"{self.url}: {len(errors)} of {len(images)} variations failed ({first})", out,
+                                   errors, refused)
+        return out
+
+    def _variation(self, png: str, prompt: str, seed: int, strength: float, steps: int, guidance: float) -> np.ndarray:
+        key = ("img2img", hashlib.sha256(png.encode("ascii")).hexdigest(), prompt, seed, strength, int(steps),
+               float(guidance), self.resolution)
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        payload = {
+            "init_images": [png], "denoising_strength": strength, "prompt": prompt, "negative_prompt": "",
+            "seed": seed, "steps": int(steps), "cfg_scale": float(guidance), "width": self.resolution,
+            "height": self.resolution, "batch_size": 1, "n_iter": 1, "resize_mode": 1, "send_images": True,
+            "save_images": False, "include_init_images": False, "sampler_name": self.config.sampler or "DDIM",
+        }
+        image = self._decode(self._request("POST", IMG2IMG, payload), seed, IMG2IMG)
+        with self._cache_lock:
+            self._cache[key] = image
+            while len(self._cache) > 256:
+                self._cache.popitem(last=False)
+        return image
+
     # -- transport -------------------------------------------------------------------------------------------
 
     def _probe(self) -> dict:
@@ -317,7 +373,7 @@ class HTTPGenerator(PerImageSeeds):
                         raise _Retryable(f"{self.url}{path}: the response is not JSON") from None
                 snippet = data[:200].decode("utf-8", "replace").strip().replace("\n", " ")
                 message = f"{self.url}{path}: HTTP {status}{(': ' + snippet) if snippet else ''}"
-                if status in REFUSED_STATUSES and path == TXT2IMG:
+                if status in REFUSED_STATUSES and path in (TXT2IMG, IMG2IMG):
                     raise PromptRefused(message)
                 if status not in RETRY_STATUSES:
                     raise ServiceError(message)
@@ -398,6 +454,12 @@ class HTTPGenerator(PerImageSeeds):
         finally:
             timer.cancel()
             conn.close()
+
+
+def _png_b64(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 class _Retryable(Exception):
