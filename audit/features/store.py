@@ -12,9 +12,13 @@ Layout (one row per input row, in the ImageFolder's sorted order; failed rows ke
     gen_img_emb, gen_caption_emb                    float32 [N, G, D]
   gray-box tier (``features.graybox``):
     graybox_loss, graybox_pia, graybox_secmi        float32 [N, K]  each attack's error at the K timesteps
+    graybox_clid                                    float32 [N, K', 3]  CLiD's conditional, unconditional and
+                                                                       masked-caption losses at its K' timesteps
+  with a reference model (``--reference``): ``ref_`` + each tier dataset above but the query side (the reference's
+  generated images, captions, embeddings; its gray-box errors), computed with the same seeds and noise
 
 Root attributes: ``manifest`` (JSON, see ``audit.manifest``; ``tiers`` names the tiers it holds, a store without
-it is black-box) and ``n_committed``. A batch is committed by writing
+it is black-box; ``reference`` the reference model's identity, absent without one) and ``n_committed``. A batch is committed by writing
 its arrays, then raising ``n_committed`` last; the file is open only while a batch is written. A run killed
 mid-write leaves rows past ``n_committed`` that no reader sees and that ``--resume`` truncates and redoes.
 """
@@ -39,20 +43,35 @@ KIND = "features"
 STR_KEYS = ("ids", "status", "error", "caption", "caption_source")
 COMMON_KEYS = ("member", "query_pixels", "query_img_emb", "caption_emb")
 TIER_KEYS = {BLACK_BOX: ("gen_captions", "gen_pixels", "gen_img_emb", "gen_caption_emb"),
-             GRAY_BOX: ("graybox_loss", "graybox_pia", "graybox_secmi")}
+             GRAY_BOX: ("graybox_loss", "graybox_pia", "graybox_secmi", "graybox_clid")}
+# The reference model's copy of a tier dataset (the query side is the same for both models and is stored once).
+REF_PREFIX = "ref_"
+# CLiD's three losses per timestep: conditional, unconditional, masked caption.
+CLID_TERMS = 3
 ARRAY_KEYS = COMMON_KEYS + TIER_KEYS[BLACK_BOX]
 KEYS = STR_KEYS + ARRAY_KEYS  # a black-box store's datasets
 # Rows per HDF5 chunk along axis 0: small enough that a resumed run rewrites little, large enough to compress.
 CHUNK_ROWS = 32
 
 
-def store_keys(tiers: tuple[str, ...] = (BLACK_BOX,)) -> tuple[str, ...]:
-    """The datasets of a store holding ``tiers``."""
-    return STR_KEYS + COMMON_KEYS + tuple(k for t in TIERS if t in tiers for k in TIER_KEYS[t])
+def tier_keys(tiers: tuple[str, ...], reference: bool = False) -> tuple[str, ...]:
+    """The tier datasets of ``tiers`` (with ``reference``, followed by the reference's copies)."""
+    keys = tuple(k for t in TIERS if t in tiers for k in TIER_KEYS[t])
+    return keys + (tuple(REF_PREFIX + k for k in keys) if reference else ())
+
+
+def store_keys(tiers: tuple[str, ...] = (BLACK_BOX,), reference: bool = False) -> tuple[str, ...]:
+    """The datasets of a store holding ``tiers`` (and a reference model's features)."""
+    return STR_KEYS + COMMON_KEYS + tier_keys(tiers, reference)
+
+
+def has_reference(manifest: dict) -> bool:
+    return bool(manifest.get("reference"))
 
 
 def row_shapes(n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (BLACK_BOX,),
-               n_timesteps: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
+               n_timesteps: int = 0, reference: bool = False,
+               n_clid: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-row shape and dtype of every dataset of a store holding ``tiers``."""
     s = h5py.string_dtype("utf-8")
     p = pixel_size
@@ -72,14 +91,17 @@ def row_shapes(n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (
         })
     if GRAY_BOX in tiers:
         shapes.update({key: ((n_timesteps,), np.float32) for key in TIER_KEYS[GRAY_BOX]})
+        shapes["graybox_clid"] = ((n_clid, CLID_TERMS), np.float32)
+    if reference:
+        shapes.update({REF_PREFIX + key: shapes[key] for key in tier_keys(tiers)})
     return shapes
 
 
 def empty_batch(n: int, n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (BLACK_BOX,),
-                n_timesteps: int = 0) -> dict[str, np.ndarray]:
+                n_timesteps: int = 0, reference: bool = False, n_clid: int = 0) -> dict[str, np.ndarray]:
     """A batch of ``n`` rows filled with the values failed rows keep: empty strings, zeros, member -1."""
     out = {}
-    for key, (shape, dtype) in row_shapes(n_gen, pixel_size, dim, tiers, n_timesteps).items():
+    for key, (shape, dtype) in row_shapes(n_gen, pixel_size, dim, tiers, n_timesteps, reference, n_clid).items():
         if dtype is np.int8:
             out[key] = np.full((n, *shape), -1, np.int8)
         elif isinstance(dtype, np.dtype) and dtype.kind == "O":
@@ -126,7 +148,9 @@ class FeatureStore:
         with _open(path, "r") as f:
             manifest = _read_manifest(f, path)
             check_manifest(manifest, KIND, str(path), target)
-            keys = store_keys(store_tiers(manifest))
+            keys = store_keys(store_tiers(manifest), has_reference(manifest))
+            # Stores made before CLiD hold every other gray-box dataset.
+            keys = tuple(k for k in keys if k in f or k.removeprefix(REF_PREFIX) != "graybox_clid")
             missing = [k for k in keys if k not in f]
             if missing:
                 raise ArtifactError(f"{path}: feature store lacks dataset(s) {missing}")
@@ -152,6 +176,11 @@ class FeatureStore:
         return store_tiers(self.manifest)
 
     @property
+    def reference(self) -> dict | None:
+        """The reference model's identity (name, weights hash), None for a store made without one."""
+        return self.manifest.get("reference") or None
+
+    @property
     def n_gen(self) -> int:
         """Generated images per row (0 in a store without the black-box tier)."""
         return int(self._shapes["gen_img_emb"][1]) if "gen_img_emb" in self._shapes else 0
@@ -160,6 +189,11 @@ class FeatureStore:
     def n_timesteps(self) -> int:
         """Gray-box timesteps per row (0 in a store without the gray-box tier)."""
         return int(self._shapes["graybox_loss"][1]) if "graybox_loss" in self._shapes else 0
+
+    @property
+    def n_clid(self) -> int:
+        """CLiD's timesteps per row (0 in a store without them)."""
+        return int(self._shapes["graybox_clid"][1]) if "graybox_clid" in self._shapes else 0
 
     @property
     def dim(self) -> int:
@@ -217,7 +251,7 @@ def _differences(old: dict, new: dict) -> list[str]:
         a, b = old.get("config", {}).get(key), new.get("config", {}).get(key)
         if a != b:
             diffs.append(f"{key}: store has {a!r}, this run has {b!r}")
-    for key in ("target", "embedder", "captioner"):
+    for key in ("target", "embedder", "captioner", "reference"):
         a, b = old.get(key) or {}, new.get(key) or {}
         if a.get("hash") != b.get("hash"):
             diffs.append(f"{key}: store was made with {a.get('name')!r} (weights {a.get('hash')}), this run uses "
@@ -251,7 +285,7 @@ class FeatureWriter:
 
     @classmethod
     def create(cls, path: str | Path, manifest: dict, n_gen: int, pixel_size: int, dim: int,
-               chunk_rows: int = CHUNK_ROWS, n_timesteps: int = 0) -> "FeatureWriter":
+               chunk_rows: int = CHUNK_ROWS, n_timesteps: int = 0, n_clid: int = 0) -> "FeatureWriter":
         """``chunk_rows`` should equal the rows per ``append``: then an append only ever writes fresh chunks, and a
         kill mid-append cannot damage a chunk holding committed rows (a compressed chunk shared with the next batch
         is read back and rewritten, and a kill during that rewrite left committed rows unreadable)."""
@@ -259,7 +293,8 @@ class FeatureWriter:
         if path.exists():
             raise UsageError(f"{path}: feature store already exists; pass --resume to continue it, or delete it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        shapes = row_shapes(n_gen, pixel_size, dim, store_tiers(manifest), n_timesteps)
+        shapes = row_shapes(n_gen, pixel_size, dim, store_tiers(manifest), n_timesteps, has_reference(manifest),
+                            n_clid)
         tmp = path.with_name(f".{path.name}.creating")
         with h5py.File(tmp, "w") as f:
             for key, (shape, dtype) in shapes.items():
@@ -284,7 +319,9 @@ class FeatureWriter:
                 if f[key].shape[0] != n:
                     log.info("%s: dropping %d uncommitted row(s) of %s", path, f[key].shape[0] - n, key)
                     f[key].resize(n, axis=0)
-        shapes = row_shapes(store.n_gen, store.pixel_size, store.dim, store.tiers, store.n_timesteps)
+        shapes = row_shapes(store.n_gen, store.pixel_size, store.dim, store.tiers, store.n_timesteps,
+                            has_reference(store.manifest), store.n_clid)
+        shapes = {k: v for k, v in shapes.items() if k in store.keys}
         # Keep the original manifest (creation time included): a resumed store equals an uninterrupted one.
         return cls(path, store.manifest, n, shapes)
 
