@@ -50,8 +50,8 @@ def models(tiny_world, tmp_path_factory):
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ref_data")
-    images, captions = scenes.scene_images(2, "members", 4)
-    scenes.write_imagefolder(folder, images, captions, [i % 2 == 0 for i in range(4)])
+    images, captions = scenes.scene_images(2, "members", 6)
+    scenes.write_imagefolder(folder, images, captions, [i % 2 == 0 for i in range(6)])
     return folder
 
 
@@ -63,10 +63,17 @@ def _features(models, data, out, target, *extra):
     return r
 
 
-def test_reference_features_equal_the_reference_featurised_alone(models, labelled, tmp_path):
+@pytest.fixture(scope="module")
+def ref_store(models, labelled, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref_store") / "ref.h5"
+    return out, _features(models, labelled, out, models["target"], "--reference", str(models["reference"]))
+
+
+def test_reference_features_equal_the_reference_featurised_alone(models, labelled, ref_store, tmp_path):
     from audit.features.store import FeatureStore
 
-    r = _features(models, labelled, tmp_path / "ref.h5", models["target"], "--reference", str(models["reference"]))
+    (tmp_path / "ref.h5").symlink_to(ref_store[0])
+    r = ref_store[1]
     # Both models' UNet evaluations: n_gen x steps, and eps(z_0, 0) + K for each of loss, PIA, SecMI + 3 x 3 for
     # CLiD (K = 1), twice.
     assert "black-box 4, gray-box 26" in r.output and "reference base" in r.output
@@ -87,6 +94,29 @@ def test_reference_features_equal_the_reference_featurised_alone(models, labelle
     ident = load_target(str(models["reference"])).identity()
     assert with_ref.reference == ident and with_ref.manifest["reference"]["hash"] == ident["hash"]
     assert alone.reference is None and target.reference is None
+
+
+def test_heads_trained_with_a_reference_check_with_it_and_refuse_without(models, ref_store, tmp_path, monkeypatch):
+    from audit import api
+
+    monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
+    heads = tmp_path / "heads"
+    api.train(ref_store[0], heads, attacks="PIA-ref,PIA-ref-score", epochs=1, register=False, quiet=True)
+    info = json.loads((heads / "heads.json").read_text())
+    assert info["attacks"]["PIA-ref-score"]["standardisation"]["fitted_on"] == "train non-members"
+    assert info["manifest"]["feature_store"]["reference"]["name"] == "base"
+    images, captions = scenes.scene_images(5, "members", 1)
+    scenes.write_imagefolder(tmp_path / "q", images, captions)
+    query = [str(tmp_path / "q" / "img_00000.png"), "--caption", captions[0], "--target", str(models["target"]),
+             "--heads", str(heads), *models["args"]]
+    r = CliRunner().invoke(app, ["check", *query, "--json", "--reference", str(models["reference"])])
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.output)
+    assert set(v["scores"]) == {"PIA-ref", "PIA-ref-score", "blind"} and v["tier"] == "gray-box"
+    for extra, message in (([], "pass it with --reference"), (["--reference", str(models["target"])],
+                                                              "this run's reference is 'target'")):
+        r = CliRunner().invoke(app, ["check", *query, *extra])
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.output
 
 
 def test_a_reference_that_does_not_fit_is_refused_in_one_line_before_any_work(models, labelled, tmp_path):
