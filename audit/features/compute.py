@@ -6,8 +6,8 @@ with content-derived seeds, a caption of each by the captioner, their image embe
 captions, and the generated images as small pixel arrays. Gray-box tier: each gray-box attack's error vector
 (``features.graybox``) from the target's own VAE encoder and UNet. With a reference model (``--reference``, e.g. the
 base model a fine-tune started from), every tier feature is computed on the reference too, with the very same seeds
-and noise (``features.reference``), and stored beside the target's under ``ref_`` names. Only ``targets.base`` protocols are used, so
-torch and ONNX backends plug in unchanged.
+and noise (``features.reference``), and stored beside the target's under ``ref_`` names. Only ``targets.base``
+protocols are used, so torch and ONNX backends plug in unchanged.
 """
 
 from __future__ import annotations

@@ -17,10 +17,11 @@ Layout (one row per input row, in the ImageFolder's sorted order; failed rows ke
   with a reference model (``--reference``): ``ref_`` + each tier dataset above but the query side (the reference's
   generated images, captions, embeddings; its gray-box errors), computed with the same seeds and noise
 
-Root attributes: ``manifest`` (JSON, see ``audit.manifest``; ``tiers`` names the tiers it holds, a store without
-it is black-box; ``reference`` the reference model's identity, absent without one) and ``n_committed``. A batch is committed by writing
-its arrays, then raising ``n_committed`` last; the file is open only while a batch is written. A run killed
-mid-write leaves rows past ``n_committed`` that no reader sees and that ``--resume`` truncates and redoes.
+Root attributes: ``manifest`` (JSON, see ``audit.manifest``; ``tiers`` names the tiers it holds, a store without it
+is black-box; ``reference`` the reference model's identity, absent without one) and ``n_committed``. A batch is
+committed by writing its arrays, then raising ``n_committed`` last; the file is open only while a batch is written.
+A run killed mid-write leaves rows past ``n_committed`` that no reader sees and that ``--resume`` truncates and
+redoes.
 """
 
 from __future__ import annotations
