@@ -77,7 +77,8 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
               batch_size: int | str = 8, caption_tokens: int = 30, pixel_size: int = 32, resume: bool = False,
               quiet: bool = False, device: str = "cpu", allow_pickle: bool = False, on_batch=None,
               ray: str | None = None, workers: int = 1, threads: int = 0, tier: str = "black-box",
-              graybox_timesteps=None, var_strengths=None, n_var: int | None = None) -> FeaturesSummary:
+              graybox_timesteps=None, var_strengths=None, n_var: int | None = None,
+              reference: str | None = None) -> FeaturesSummary:
     """Features of every row of an ImageFolder into an HDF5 feature store; returns a summary (rows, statuses).
 
     ``tier``: ``black-box`` (generate, caption, embed), ``gray-box`` (the target's own denoising errors; a local
@@ -86,7 +87,9 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
     ``batch_size="auto"`` picks the largest batch that fits in the memory available (compiled targets; see
     ``audit.runtime.memory``), or, resuming, the batch size the store was begun with.
     ``ray``: compute the batches on a Ray cluster (``local``, ``auto``, ``ray://HEAD:10001``) with ``workers``
-    actors of ``threads`` threads each (0: this machine's single-process setting); the store is the same."""
+    actors of ``threads`` threads each (0: this machine's single-process setting); the store is the same.
+    ``reference``: a second model (the base of a fine-tune) whose features are computed with the same seeds and
+    noise and stored beside the target's (``audit.features.reference``); about twice the cost."""
     import dataclasses
 
     from .features.compute import FeaturesConfig, Models, compute_store, resolve_batch_size
@@ -102,7 +105,8 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
         extra["n_var"] = int(n_var)
     cfg = FeaturesConfig(target=str(target), embedder=embedder or "", captioner=captioner or "", n_gen=n_gen,
                          steps=steps, guidance=guidance, seed=seed, batch_size=8 if auto else _count(batch_size),
-                         caption_tokens=caption_tokens, pixel_size=pixel_size, tier=tier, **extra).validate()
+                         caption_tokens=caption_tokens, pixel_size=pixel_size, tier=tier,
+                         reference=_model_spec(reference), **extra).validate()
     cluster = _cluster(ray, workers, threads, device)
     if auto and cluster is not None:
         # The memory that decides is each worker's, which the driver cannot see before the actors start.
@@ -123,9 +127,12 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
             from .targets.denoiser import check_graybox_spec
 
             check_graybox_spec(str(target))  # an HTTP or DALL-E target fails here, not in every worker
+            if cfg.reference:
+                check_graybox_spec(cfg.reference)
         return FeaturesSummary.from_dict(featurize_on_ray(data, out, cfg, cluster, allow_pickle=allow_pickle,
                                                           resume=resume, quiet=quiet, on_batch=on_batch))
-    models = Models.load(str(target), embedder, captioner, device, allow_pickle, graybox=GRAY_BOX in cfg.tiers)
+    models = Models.load(str(target), embedder, captioner, device, allow_pickle, graybox=GRAY_BOX in cfg.tiers,
+                         reference=cfg.reference or None)
     if auto:
         cfg = dataclasses.replace(cfg, batch_size=resolve_batch_size(models, cfg, out if resume else None))
     return FeaturesSummary.from_dict(compute_store(data, out, models, cfg, resume=resume, quiet=quiet,
@@ -135,6 +142,13 @@ def featurize(target: str, data: str | Path, out: str | Path, *, embedder: str |
 def _local(spec: str | None) -> str | None:
     """A model spec that names a local path (an input that outputs must not replace), else None."""
     return spec if spec and os.path.exists(spec) else None
+
+
+def _model_spec(spec: str | None) -> str:
+    """A model spec as workers on other processes can load it: an existing folder made absolute ("" for none)."""
+    if not spec:
+        return ""
+    return str(Path(spec).resolve()) if Path(spec).is_dir() else str(spec)
 
 
 def _count(value: int | str) -> int:
@@ -148,7 +162,7 @@ def _count(value: int | str) -> int:
 def check(image: str | Path, caption: str | None = None, *, target: str, heads: str | Path | None = None,
           embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
           device: str = "cpu", allow_pickle: bool = False, max_fpr: float = 0.01, decision: str = "budget",
-          max_miss: float | None = None):
+          max_miss: float | None = None, reference: str | None = None):
     """The Verdict for one image (with its caption; without one the captioner writes it): ``member``,
     ``non-member`` or ``inconclusive`` at the false-positive budget ``max_fpr`` (``decision="balanced"``: the
     two-way rule); see ``audit.attacks.decision``."""
@@ -159,7 +173,7 @@ def check(image: str | Path, caption: str | None = None, *, target: str, heads: 
     image_row(image, caption)
     pixels = load_image(image)
     auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
-                      max_fpr=max_fpr, decision=decision, max_miss=max_miss)
+                      max_fpr=max_fpr, decision=decision, max_miss=max_miss, reference=reference)
     return auditor.check(image, caption, pixels=pixels)
 
 
@@ -167,7 +181,8 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
          embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
          report: str | Path | None = None, resume: bool = False, batch_size: int = 8, quiet: bool = False,
          device: str = "cpu", allow_pickle: bool = False, max_fpr: float = 0.01, decision: str = "budget",
-         max_miss: float | None = None, ray: str | None = None, workers: int = 1, threads: int = 0) -> ScanSummary:
+         max_miss: float | None = None, ray: str | None = None, workers: int = 1, threads: int = 0,
+         reference: str | None = None) -> ScanSummary:
     """Verdicts for every image of a folder, one JSONL line each (resumable); optionally an HTML report.
     ``max_fpr``, ``decision``, ``max_miss``: the verdict rule, as for ``check``.
 
@@ -183,6 +198,8 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
     check_outputs({"--out": out, "--report": report}, {"DIR": folder, "--heads": heads})
     refuse_existing_results(out, resume)
     rule = dict(max_fpr=max_fpr, decision=decision, max_miss=max_miss)
+    if reference:  # the Auditor's argument, handed to every Ray worker's Auditor with the rule
+        rule["reference"] = _model_spec(reference)
     if cluster is not None:
         from .cluster import scan_on_ray
 

@@ -17,6 +17,7 @@ from typing import Container, Iterable, Sequence
 import numpy as np
 
 from .errors import InputError, UsageError
+from .attacks.inputs import base_attack
 from .features.compute import FeaturesConfig, Models, batch_slices, featurize_rows
 from .imagefolder import CaptionError, Row, clean_caption, read_caption_file, read_imagefolder
 from .tiers import BLACK_BOX, GRAY_BOX, VARIATION, parse_tier, tier_name
@@ -39,21 +40,25 @@ class Auditor:
     budget, thresholds are fitted on the heads' validation split (or, for cross-fitted heads, on their out-of-fold
     scores) when the Auditor is made. Feature settings (n_gen, steps, guidance, seed) come from the feature store
     the heads were trained on; pass them only to override (the heads may then not fit).
+    ``reference``: the reference model heads trained on a store with ``--reference`` need (the same model: its
+    weights hash must match the one recorded in the heads).
     """
 
     def __init__(self, target: str, heads: str | Path | None = None, embedder: str | None = None,
                  captioner: str | None = None, attack: str | None = None, device: str = "cpu",
                  allow_pickle: bool = False, batch_size: int = 8, models: Models | None = None,
-                 max_fpr: float = 0.01, decision: str = "budget", max_miss: float | None = None, **overrides):
+                 max_fpr: float = 0.01, decision: str = "budget", max_miss: float | None = None,
+                 reference: str | None = None, **overrides):
         from .attacks import resolve_heads
         from .attacks.decision import check_budget
         from .attacks.heads import provenance, provenance_line
 
         check_budget(max_fpr, max_miss, decision)  # before any model loads
-        self.models = models or Models.load(target, embedder, captioner, device, allow_pickle)
+        self.models = models or Models.load(target, embedder, captioner, device, allow_pickle, reference=reference)
         ids = self.models.identities()
         self.heads = resolve_heads(heads, ids["target"])
         self.heads.check_compatible(ids["target"], ids["embedder"], ids["captioner"])
+        _check_reference(self.heads, ids.get("reference"))
         self.attack = attack or self.heads.default_attack
         if self.attack not in self.heads.attacks:
             raise UsageError(f"attack {self.attack!r} is not in {self.heads.path}; it has: "
@@ -74,7 +79,7 @@ class Auditor:
         if VARIATION in tiers:
             self.models.varier()  # likewise without variation access
         self.graybox_attacks = tuple(dict.fromkeys(
-            a.removesuffix("-score") for a in self.heads.attacks if self.heads.tier(a) == GRAY_BOX))
+            base_attack(a) for a in self.heads.attacks if self.heads.tier(a) == GRAY_BOX))
         unknown = sorted(set(overrides) - {"n_gen", "steps", "guidance", "seed"})
         if unknown:
             raise TypeError(f"unexpected argument(s) {unknown}")
@@ -84,14 +89,15 @@ class Auditor:
                     log.warning("%s=%r differs from the %r the heads were trained with", k, v, settings[k])
                 settings[k] = v
         self.config = FeaturesConfig(target=str(target), batch_size=batch_size, missing_caption="captioner",
-                                     **settings).validate()
+                                     reference=str(reference or ""), **settings).validate()
         self.target_name = ids["target"]["name"]
         self.heads_path = str(Path(self.heads.path).resolve())
         self.heads_source = provenance(self.heads)
         log.info(provenance_line(self.heads_source))
 
     def describe(self) -> dict:
-        return {"target": self.models.generator.identity(), "heads": self.heads_path,
+        ref = {"reference": self.models.reference.identity()} if self.models.reference is not None else {}
+        return {"target": self.models.generator.identity(), **ref, "heads": self.heads_path,
                 "heads_source": self.heads_source, "attack": self.attack,
                 "tier": self.heads.tier(self.attack), "decision": self.decision.to_dict(),
                 "features": self.config.for_store()}
@@ -170,6 +176,24 @@ class Auditor:
                                               counts))
         return {"out": str(out), "rows": len(rows), "counts": scan_counts(counts),
                 "seconds": round(time.perf_counter() - started, 2), **self.describe()}
+
+
+def _check_reference(heads, reference: dict | None) -> None:
+    """Heads trained with a reference model need that model; a reference the heads were not trained with is
+    refused rather than silently computed."""
+    from .attacks.inputs import uses_reference
+
+    recorded = ((heads.info.get("manifest") or {}).get("feature_store") or {}).get("reference")
+    needs = [a for a in heads.attacks if uses_reference(a)]
+    if needs and reference is None:
+        raise UsageError(f"{heads.path}: the heads' attacks {', '.join(needs)} compare the target with the reference "
+                         f"model {(recorded or {}).get('name')!r}; pass it with --reference")
+    if reference is not None and not recorded:
+        raise UsageError(f"{heads.path}: these heads were trained without a reference model; leave --reference out")
+    if reference is not None and recorded.get("hash") != reference.get("hash"):
+        raise UsageError(f"{heads.path}: trained with reference {recorded.get('name')!r} (weights "
+                         f"{recorded.get('hash')}), this run's reference is {reference.get('name')!r} (weights "
+                         f"{reference.get('hash')})")
 
 
 def pending_slices(rows: Sequence[Row], batch_size: int, done: Container[str]) -> list[tuple[int, int]]:

@@ -320,6 +320,13 @@ def _on_ray(ray: dict | None) -> str:
     return f" on Ray ({ray['workers']} worker{'s' if ray['workers'] > 1 else ''})" if ray else ""
 
 
+_REFERENCE_HELP = ("A reference model (the base a fine-tune started from; `toy-base` for the toy target): every "
+                   "feature is computed on it too, with the same seeds and noise, for the calibrated attacks (X-ref, "
+                   "X-ref-score). It must share the target's resolution, latent shape, noise schedule and VAE. About "
+                   "doubles the featurising cost.")
+_REFERENCE_CHECK_HELP = "The reference model the heads were trained with (`features --reference`), if any."
+
+
 @app.command()
 def features(
     target: str = typer.Option(..., "--target", help=_TARGET_HELP),
@@ -348,6 +355,7 @@ def features(
                                                 "strength x --steps DDIM steps)."),
     n_var: Optional[int] = typer.Option(None, "--n-var", help="Variation: variations (seeds) per strength "
                                         "(default 2)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help=_REFERENCE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted store."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
@@ -366,7 +374,7 @@ def features(
                                   steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                   caption_tokens=caption_tokens, pixel_size=pixel_size, resume=resume,
                                   quiet=quiet, device=device, allow_pickle=allow_pickle, ray=ray, workers=workers,
-                                  threads=threads, tier=tier,
+                                  threads=threads, tier=tier, reference=reference,
                                   graybox_timesteps=_int_list(graybox_timesteps, "--graybox-timesteps"),
                                   var_strengths=_float_list(var_strengths, "--var-strengths"), n_var=n_var))
     if json_out:
@@ -375,7 +383,8 @@ def features(
     evals = ", ".join(f"{t} {n}" for t, n in s.unet_evaluations_per_query.items())
     typer.echo(f"wrote {s.rows} rows to {s.out} ({s.ok} ok{'; ' + failed if failed else ''}) in "
                f"{s.seconds:.1f} s{_on_ray(s.ray)}; tiers {', '.join(s.tiers)} (UNet evaluations per query: "
-               f"{evals}); embedder {s.embedder['name']}, captioner {s.captioner['name']}")
+               f"{evals}); embedder {s.embedder['name']}, captioner {s.captioner['name']}"
+               + (f"; reference {s.reference['name']}" if s.reference else ""))
 
 
 def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
@@ -437,6 +446,7 @@ def check(
     attack: Optional[str] = typer.Option(None, "--attack", help="Attack that decides (default: the heads')."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
     captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
+    reference: Optional[str] = typer.Option(None, "--reference", help=_REFERENCE_CHECK_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
     fail_on_member: bool = typer.Option(False, "--fail-on-member", help="Exit with code 3 on a member verdict "
                                         "(never on inconclusive)."),
@@ -452,7 +462,7 @@ def check(
 
     v = run(lambda: api.check(image, caption, target=target, heads=heads, embedder=embedder, captioner=captioner,
                               attack=attack, device=device, allow_pickle=allow_pickle, max_fpr=max_fpr,
-                              decision=decision, max_miss=max_miss))
+                              decision=decision, max_miss=max_miss, reference=reference))
     if json_out:
         typer.echo(v.to_json(indent=2))
     _heads_line(v.heads_source)
@@ -481,6 +491,7 @@ def scan(
     attack: Optional[str] = typer.Option(None, "--attack", help="Attack that decides (default: the heads')."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
     captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
+    reference: Optional[str] = typer.Option(None, "--reference", help=_REFERENCE_CHECK_HELP),
     resume: bool = typer.Option(False, "--resume", help="Skip images already in --out."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per batch."),
     fail_on_member: bool = typer.Option(False, "--fail-on-member", help="Exit with code 3 if any verdict is member "
@@ -502,7 +513,7 @@ def scan(
     s = run(lambda: api.scan(folder, out, target=target, heads=heads, embedder=embedder, captioner=captioner,
                              attack=attack, report=report, resume=resume, batch_size=batch_size, quiet=quiet,
                              device=device, allow_pickle=allow_pickle, max_fpr=max_fpr, decision=decision,
-                             max_miss=max_miss, ray=ray, workers=workers, threads=threads))
+                             max_miss=max_miss, ray=ray, workers=workers, threads=threads, reference=reference))
     _heads_line(s.heads_source)
     if json_out:
         _echo_json(s.to_dict())

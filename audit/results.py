@@ -52,6 +52,7 @@ class FeaturesSummary(Result):
     unet_evaluations_per_query: dict[str, int]
     first_batch_seconds: float | None
     ray: dict[str, Any] | None = _optional()  # the cluster's run, when on Ray
+    reference: dict[str, Any] | None = _optional()  # the reference model's identity (--reference)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

@@ -113,6 +113,8 @@ def print_table(table: dict, title: str) -> None:
     for name, t in table.items():
         print(f"| {name} | {t['verdicts']} | {t['unet_evaluations_per_query']} | {t['seconds_per_query']:.3f} | "
               f"{t['iv_over_this']:.1f}x |")
+    print("With `--reference` (calibration against a base model) every row costs about twice this: the same features "
+          "are computed on the reference with the same seeds and noise.")
 
 
 def toy_models(args):

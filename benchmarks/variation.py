@@ -36,7 +36,7 @@ def _configs(args) -> list[tuple[str, object, str]]:
             ("gray-box", FeaturesConfig(tier="gray-box", **common).validate(), "loss, PIA, SecMI")]
 
 
-def time_tiers(backends, images, captions, args, label: str, warmup: bool = True) -> dict:
+def time_tiers(models, images, captions, args, label: str, warmup: bool = True) -> dict:
     from audit.features.compute import featurize_rows
     from audit.imagefolder import Row
 
@@ -47,7 +47,7 @@ def time_tiers(backends, images, captions, args, label: str, warmup: bool = True
         t = time.perf_counter()
         for start in range(0, n, cfg.batch_size):
             chunk = rows[start:start + cfg.batch_size]
-            featurize_rows(chunk, backends, cfg, {i: images[start + i] for i in range(len(chunk))})
+            featurize_rows(chunk, models, cfg, {i: images[start + i] for i in range(len(chunk))})
         assert all(r.ok for r in rows), [r.error for r in rows if not r.ok]
         return (time.perf_counter() - t) / n
 
@@ -83,9 +83,9 @@ def toy(args) -> dict:
     target = args.export if args.backend == "onnx" else "toy"
     if args.backend == "onnx" and not args.export:
         raise SystemExit("--backend onnx needs --export DIR (an `audit export --target toy` folder)")
-    backends = Models.load(target, graybox=True)
+    models = Models.load(target, graybox=True)
     images, captions = scenes.scene_images(7, "members", args.queries)
-    return time_tiers(backends, list(images), captions, args, f"toy ({args.backend})")
+    return time_tiers(models, list(images), captions, args, f"toy ({args.backend})")
 
 
 def fullsize(args) -> dict:
@@ -96,13 +96,13 @@ def fullsize(args) -> dict:
 
     w = fs.world("sd-1.5", tiny=args.fullsize_tiny)
     t = time.perf_counter()
-    backends = Models.load(str(w["target"]), str(w["embedder"]), str(w["captioner"]), graybox=True)
+    models = Models.load(str(w["target"]), str(w["embedder"]), str(w["captioner"]), graybox=True)
     print(f"[full-size] loaded in {time.perf_counter() - t:.0f} s (random weights: time only)", flush=True)
-    r = backends.generator.resolution
+    r = models.generator.resolution
     n = args.fullsize_queries
     images = list(np.random.default_rng(0).integers(0, 256, (n, r, r, 3), dtype=np.uint8))
     captions = [f"a photograph of a red bicycle leaning on a wall, number {i}" for i in range(n)]
-    return time_tiers(backends, images, captions, args, "full-size SD-1.5", warmup=False)
+    return time_tiers(models, images, captions, args, "full-size SD-1.5", warmup=False)
 
 
 def main(argv=None) -> dict:

@@ -44,7 +44,27 @@ def tiny_batch(tiny_world):
     }
 
 
+@pytest.fixture(scope="module")
+def ref_batch(tiny_batch):
+    """The tiny batch with reference features: each model feature of the next query (real values, not the row's)."""
+    from audit.attacks.inputs import _MODEL_KEYS
+
+    return {**tiny_batch, **{"ref_" + k: np.roll(tiny_batch[k], 1, axis=0) for k in _MODEL_KEYS if k in tiny_batch}}
+
+
+BASE_ATTACKS = [a for a in ATTACKS if "-ref" not in a]
+REF_ATTACKS = [a for a in ATTACKS if "-ref" in a]
+
+
 def _expected_shape(attack, n, d, p):
+    if attack.endswith("-ref-score"):
+        return (n, 1)
+    if attack.endswith("-ref"):  # the target's input, the reference's and their difference
+        shape = list(_expected_shape(attack.removesuffix("-ref"), n, d, p))
+        shape[2 if len(shape) == 5 else 1] *= 3
+        return tuple(shape)
+    if attack == "CLiD":  # log conditional loss and two log-ratios at each of CLiD's 3 timesteps
+        return (n, 9)
     pairs = G * (G - 1) // 2 + 1
     sizes = {"I-S": 2 * d + pairs, "II-S": 4 * d + G + 1, "III-X": 3 * d + G + 1, "III-T": 3 * d + G + 1,
              "blind": 2 * d + 1}
@@ -61,9 +81,9 @@ def _expected_shape(attack, n, d, p):
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_each_attack_builds_finite_float32_inputs_of_its_documented_shape(tiny_batch, attack):
-    x = build_inputs(tiny_batch, attack)
-    n, d, p = 3, tiny_batch["query_img_emb"].shape[1], tiny_batch["query_pixels"].shape[1]
+def test_each_attack_builds_finite_float32_inputs_of_its_documented_shape(ref_batch, attack):
+    x = build_inputs(ref_batch, attack)
+    n, d, p = 3, ref_batch["query_img_emb"].shape[1], ref_batch["query_pixels"].shape[1]
     assert x.dtype == np.float32
     assert x.shape == _expected_shape(attack, n, d, p)
     assert np.isfinite(x).all()
@@ -72,14 +92,16 @@ def test_each_attack_builds_finite_float32_inputs_of_its_documented_shape(tiny_b
 def _permute_generated(batch, perm):
     out = dict(batch)
     for k in ("gen_pixels", "gen_img_emb", "gen_caption_emb"):
-        out[k] = batch[k][:, perm]
+        for key in (k, "ref_" + k):
+            if key in batch:
+                out[key] = batch[key][:, perm]
     return out
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_inputs_do_not_depend_on_the_order_of_the_generated_images(tiny_batch, attack):
-    x = build_inputs(tiny_batch, attack)
-    y = build_inputs(_permute_generated(tiny_batch, [2, 0, 1]), attack)
+def test_inputs_do_not_depend_on_the_order_of_the_generated_images(ref_batch, attack):
+    x = build_inputs(ref_batch, attack)
+    y = build_inputs(_permute_generated(ref_batch, [2, 0, 1]), attack)
     if get_attack(attack).kind == "pixel":
         # The CNN pools over the G axis, so the same images in another order is the same input set.
         y = y[:, np.argsort([2, 0, 1])]
@@ -87,26 +109,27 @@ def test_inputs_do_not_depend_on_the_order_of_the_generated_images(tiny_batch, a
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_a_row_gets_the_same_input_alone_as_in_a_batch(tiny_batch, attack):
+def test_a_row_gets_the_same_input_alone_as_in_a_batch(ref_batch, attack):
     # check/scan score one image at a time; training featurised it in a batch: nothing may be pooled over rows.
-    whole = build_inputs(tiny_batch, attack)
-    alone = build_inputs({k: v[1:2] for k, v in tiny_batch.items()}, attack)
+    whole = build_inputs(ref_batch, attack)
+    alone = build_inputs({k: v[1:2] for k, v in ref_batch.items()}, attack)
     np.testing.assert_array_equal(whole[1:2], alone)
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_each_attack_reads_exactly_the_features_it_declares(tiny_batch, attack):
+def test_each_attack_reads_exactly_the_features_it_declares(ref_batch, attack):
     spec = get_attack(attack)
-    base = build_inputs(tiny_batch, attack)
+    base = build_inputs(ref_batch, attack)
     rng = np.random.default_rng(1)
-    for key in ("query_pixels", "gen_pixels", "query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb",
-                "graybox_loss", "graybox_pia", "graybox_secmi", *VARIATION_KEYS):
-        v = tiny_batch[key]
+    keys = ("query_pixels", "gen_pixels", "query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb",
+            "graybox_loss", "graybox_pia", "graybox_secmi", "graybox_clid")
+    for key in keys + VARIATION_KEYS + tuple("ref_" + k for k in keys if not k.startswith(("query_", "caption_"))):
+        v = ref_batch[key]
         other = (rng.integers(0, 256, v.shape).astype(v.dtype) if v.dtype == np.uint8
                  else rng.normal(size=v.shape).astype(v.dtype))
-        if key.startswith(("graybox_", "var_")):  # errors and distances are positive
+        if "graybox_" in key or key.startswith("var_"):  # errors and distances are positive
             other = np.abs(other)
-        changed = build_inputs({**tiny_batch, key: other}, attack)
+        changed = build_inputs({**ref_batch, key: other}, attack)
         if key in spec.needs:
             assert not np.allclose(changed, base), f"{attack} ignores {key}"
         else:
@@ -173,6 +196,8 @@ def test_every_attack_names_its_tier_and_a_store_trains_what_it_holds(tiny_batch
         build_inputs(black, "PIA")
     with pytest.raises(InputError, match=r"var-clip \(variation\).*--tier variation"):
         build_inputs(black, "var-clip")
+    with pytest.raises(InputError, match=r"PIA-ref \(gray-box\).*--reference MODEL"):
+        build_inputs(tiny_batch, "PIA-ref")
 
 
 def test_attack_names_are_checked_and_blind_is_always_trained():

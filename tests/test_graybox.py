@@ -50,8 +50,8 @@ def test_each_attack_is_its_definition_on_the_pipelines_own_modules(tiny_world, 
     images, captions = queries
     pipe = load_target(str(tiny_world["target"])).pipe
     got, evals = graybox_errors(torch_denoiser, images, captions, TIMESTEPS, seed=5)
-    # K for the loss, 1 + K each for PIA and SecMI, eps(z_0, 0) shared: 3K + 1 per query.
-    assert evals == unet_evaluations(tuple(DATASETS), len(TIMESTEPS)) * len(images) == (3 * 3 + 1) * 6
+    # K for the loss, 1 + K each for PIA and SecMI, eps(z_0, 0) shared: 3K + 1 per query; 3 x 3 for CLiD.
+    assert evals == unet_evaluations(tuple(DATASETS), len(TIMESTEPS)) * len(images) == (3 * 3 + 1 + 9) * 6
     i = 2
     ac = pipe.scheduler.alphas_cumprod
     with torch.no_grad():
@@ -161,7 +161,7 @@ def gray_store(tiny_world, labelled, tmp_path_factory):
                                  "--out", str(out), "--tier", "gray-box", "--graybox-timesteps", "100,250,400",
                                  "--batch-size", "5", "-q", *_models(tiny_world)])
     assert r.exit_code == 0, r.output
-    assert "tiers gray-box (UNet evaluations per query: gray-box 10)" in r.output and "12 ok" in r.output
+    assert "tiers gray-box (UNet evaluations per query: gray-box 19)" in r.output and "12 ok" in r.output
     return out
 
 
@@ -171,12 +171,13 @@ def test_store_holds_the_graybox_datasets_and_records_tier_and_cost(gray_store, 
     fs = FeatureStore.open(gray_store)
     assert fs.tiers == ("gray-box",) and fs.n_gen == 0 and fs.n_timesteps == 3
     assert fs.manifest["tiers"] == ["gray-box"]
-    assert fs.manifest["unet_evaluations_per_query"] == {"gray-box": 10}
+    assert fs.manifest["unet_evaluations_per_query"] == {"gray-box": 19}
     assert fs.manifest["config"]["graybox_timesteps"] == [100, 250, 400]
+    assert fs.manifest["config"]["clid_timesteps"] == [440, 450, 460] and fs.n_clid == 3
     b = fs.read(ok_only=False)
     assert not any(k.startswith("gen_") for k in b)
     for key in DATASETS.values():
-        assert b[key].shape == (13, 3) and b[key].dtype == np.float32
+        assert b[key].shape == ((13, 3, 3) if key == "graybox_clid" else (13, 3)) and b[key].dtype == np.float32
     ok = b["status"] == "ok"
     assert (b[key][ok] > 0).all() and (b[key][~ok] == 0).all()
     # The rows equal the library call on the same images (the seed and content decide, not the batch of 5).
@@ -193,13 +194,13 @@ def test_train_and_evaluate_report_graybox_attacks_with_tiers_cis_and_the_blind_
     heads = tmp_path / "heads"
     r = CliRunner().invoke(app, ["train", str(gray_store), "--out", str(heads), "--epochs", "3", "-q"])
     assert r.exit_code == 0, r.output
-    for name in ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score", "blind"):
+    for name in ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score", "CLiD", "CLiD-score", "blind"):
         assert any(line.split()[:1] == [name] for line in r.output.splitlines()), name
     assert "PIA-score   gray-box" in r.output and "blind       black-box" in r.output
     info = json.loads((heads / "heads.json").read_text())
     assert info["attacks"]["PIA"]["tier"] == "gray-box" and info["attacks"]["PIA-score"]["kind"] == "score"
     assert info["attacks"]["PIA-score"]["training"]["epochs_run"] == 0  # untrained: calibrated only
-    assert info["input_signature"] == {"embedding_dim": 64, "graybox_timesteps": 3}
+    assert info["input_signature"] == {"embedding_dim": 64, "graybox_timesteps": 3, "clid_timesteps": 3}
     out = tmp_path / "ev.json"
     r = CliRunner().invoke(app, ["evaluate", str(gray_store), "--heads", str(heads), "--json", str(out),
                                  "--bootstrap", "50", "--report", str(tmp_path / "ev.html")])
@@ -208,7 +209,8 @@ def test_train_and_evaluate_report_graybox_attacks_with_tiers_cis_and_the_blind_
     assert "<th>tier</th>" in page and "<td>PIA-score</td><td>gray-box</td>" in page
     assert "gray-box attacks read none" in page  # the gallery shows the queries alone: no generated images
     ev = json.loads(out.read_text())
-    assert set(ev["attacks"]) == {"loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score", "blind"}
+    assert set(ev["attacks"]) == {"loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score", "CLiD",
+                                  "CLiD-score", "blind"}
     for name, m in ev["attacks"].items():
         assert m["tier"] == ("black-box" if name == "blind" else "gray-box")
         assert len(m["auc"]["ci95"]) == 2
@@ -242,12 +244,12 @@ def test_a_store_with_both_tiers_trains_every_attack(tiny_world, labelled, tmp_p
                                  "--steps", "2", "--caption-tokens", "4", "--batch-size", "13", "-q",
                                  *_models(tiny_world)])
     assert r.exit_code == 0, r.output
-    assert "(UNet evaluations per query: black-box 2, gray-box 4)" in r.output
+    assert "(UNet evaluations per query: black-box 2, gray-box 13)" in r.output
     r = CliRunner().invoke(app, ["train", str(store), "--out", str(tmp_path / "heads"), "--epochs", "1", "--json"])
     assert r.exit_code == 0, r.output
     attacks = json.loads(r.output)["info"]["attacks"]
     assert list(attacks) == ["I-P", "I-S", "II-P", "II-S", "III-X", "III-T", "IV", "loss", "loss-score", "PIA",
-                             "PIA-score", "SecMI", "SecMI-score", "blind"]
+                             "PIA-score", "SecMI", "SecMI-score", "CLiD", "CLiD-score", "blind"]
     assert json.loads(r.output)["info"]["default_attack"] == "IV"
 
 
@@ -282,6 +284,10 @@ def test_the_bundled_toy_target_memorises_and_the_untrained_scores_see_it(tmp_pa
     images = np.stack([load_row_image(r) for r in rows])
     y = np.array([int(r.member) for r in rows])
     errors, _ = graybox_errors(load_target("toy").denoiser(), images, [r.caption for r in rows], (100, 300), 0)
+    clid = errors.pop("graybox_clid")
     for key, e in errors.items():
         assert roc_auc_score(y, -e.mean(1)) > 0.9, key
         assert e[y == 1].mean() < e[y == 0].mean(), key
+    # CLiD: a member's own caption lowers its loss more than the empty or a masked caption does.
+    discrepancy = (clid[..., 1:] - clid[..., :1]).mean(axis=(1, 2))
+    assert roc_auc_score(y, discrepancy) > 0.9

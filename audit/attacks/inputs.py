@@ -7,9 +7,11 @@ here looks at labels or at other rows: a single query is featurised exactly as i
 A batch is the dict ``FeatureStore.read()`` returns: ``query_pixels`` uint8 [N,P,P,3], ``gen_pixels`` uint8
 [N,G,P,P,3], ``query_img_emb`` [N,D], ``gen_img_emb`` [N,G,D], ``caption_emb`` [N,D], ``gen_caption_emb`` [N,G,D]
 (black-box tier), and ``graybox_loss``, ``graybox_pia``, ``graybox_secmi`` float32 [N,K], each attack's error at
-the K gray-box timesteps (gray-box tier; see ``features.graybox``), and ``var_pixel_dist``, ``var_clip_dist``
-[N,S,V], ``var_mean_pixel_dist`` [N,S], ``var_pixel_pair``, ``var_clip_pair`` [N,S,P]: the distances of the
-target's V variations of the query at S strengths to it and to each other (variation tier; ``features.variation``).
+the K gray-box timesteps, ``graybox_clid`` [N,K',3] (gray-box tier; see ``features.graybox``), and
+``var_pixel_dist``, ``var_clip_dist`` [N,S,V], ``var_mean_pixel_dist`` [N,S], ``var_pixel_pair``, ``var_clip_pair``
+[N,S,P]: the distances of the target's V variations of the query at S strengths to it and to each other (variation
+tier; ``features.variation``); with a reference model, ``ref_`` + each black-box and gray-box key: the same
+features computed on the reference (``features.reference``).
 
 Every attack names its access tier (``audit.tiers``). Each gray-box attack comes twice: ``PIA`` is a head (MLP) over
 the log of its per-timestep error vector; ``PIA-score`` is the paper's untrained single score, minus the log of the
@@ -17,6 +19,11 @@ mean error over the timesteps (lower error = more member-like), which the same m
 and thresholds on validation data like any head. The variation attacks likewise: ``var-pixel`` (pixel distances),
 ``var-clip`` (embedding distances), ``var-all`` (both) are MLPs over per-strength summaries, ``var-*-score`` their
 untrained scores (minus the log distance, averaged over the strengths).
+
+With a reference model in the store, every attack ``X`` but the blind baseline also comes as ``X-ref``: the same
+head over the target's input, the reference's and their difference (target minus reference); and every attack with
+a single membership score as ``X-ref-score``: target's score minus reference's, untrained, standardised on the
+training split's non-members only (kind ``calibrated``: a z-score against non-members, never pooled over labels).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from ..tiers import BLACK_BOX, GRAY_BOX, TIERS, VARIATION
 class AttackSpec:
     name: str
     # "pixel" (CNN over [N, G, C, P, P]), "semantic" (MLP over [N, F]) or "score" (no trainable weights: the
-    # single column of [N, 1] is the score, standardised and calibrated like a head's)
+    # single column of [N, 1] is the score, standardised and calibrated like a head's); "calibrated": a score
+    # standardised on the non-members only
     kind: str
     build: Callable[[Mapping[str, np.ndarray]], np.ndarray]
     needs: tuple[str, ...]  # batch keys it reads
@@ -138,6 +146,20 @@ def _graybox_score(key: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]
     return build
 
 
+def attack_clid(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per CLiD timestep: log conditional loss and the log-ratios unconditional/conditional, masked/conditional."""
+    logs = np.log(np.maximum(np.asarray(b["graybox_clid"], np.float64), _LOG_FLOOR))  # [N, K', 3]
+    out = np.concatenate([logs[..., :1], logs[..., 1:] - logs[..., :1]], axis=2)
+    return out.reshape(len(out), -1).astype(np.float32)
+
+
+def clid_score(b: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The paper's discrepancy: unconditional and masked-caption losses minus the conditional one, averaged over the
+    two and the timesteps (higher: the caption helps more, member-like)."""
+    x = np.asarray(b["graybox_clid"], np.float64)
+    return (x[..., 1:] - x[..., :1]).mean(axis=(1, 2))[:, None].astype(np.float32)
+
+
 def _graybox_specs() -> tuple[AttackSpec, ...]:
     what = {
         "loss": ("graybox_loss", "denoising loss ||eps_theta(x_t, t) - eps||^2 at fresh seeded noise eps"),
@@ -152,6 +174,91 @@ def _graybox_specs() -> tuple[AttackSpec, ...]:
                               f"{desc}: log error at each timestep -> MLP", GRAY_BOX))
         out.append(AttackSpec(f"{name}-score", "score", _graybox_score(key), (key,),
                               f"{desc}: minus the log of its mean over the timesteps, untrained", GRAY_BOX))
+    clid = "CLiD (Zhai et al. 2024): conditional vs unconditional and masked-caption denoising losses"
+    out.append(AttackSpec("CLiD", "semantic", attack_clid, ("graybox_clid",),
+                          f"{clid}: log loss and log-ratios at each timestep -> MLP", GRAY_BOX))
+    out.append(AttackSpec("CLiD-score", "score", clid_score, ("graybox_clid",),
+                          f"{clid}: their mean discrepancy, untrained", GRAY_BOX))
+    return tuple(out)
+
+
+# Black-box attacks' single scores (higher: member-like), for the reference-calibrated scores: the mean cosine of
+# what each attack compares. I-P and IV have no single score.
+def _mean_cos_query_gen(b):
+    return _cos_to_each(b["query_img_emb"], b["gen_img_emb"]).mean(1, keepdims=True)
+
+
+def _neg_pixel_mse(b):
+    g, q = _pixels(b["gen_pixels"]), _pixels(b["query_pixels"])[:, None]
+    return -((g - q) ** 2).mean(axis=(1, 2, 3, 4))[:, None]
+
+
+def _mean_pairwise_gen(b):
+    return _pairwise_gen(b["gen_img_emb"])[:, -1:]
+
+
+_BLACK_BOX_SCORES = {
+    "I-S": _mean_pairwise_gen,
+    "II-P": _neg_pixel_mse,
+    "II-S": _mean_cos_query_gen,
+    "III-X": lambda b: _cos_to_each(b["caption_emb"], b["gen_img_emb"]).mean(1, keepdims=True),
+    "III-T": lambda b: _cos_to_each(b["caption_emb"], b["gen_caption_emb"]).mean(1, keepdims=True),
+}
+REF_PREFIX = "ref_"
+# Features the reference computes too (the query side is shared).
+_MODEL_KEYS = ("gen_captions", "gen_pixels", "gen_img_emb", "gen_caption_emb", "graybox_loss", "graybox_pia",
+               "graybox_secmi", "graybox_clid")
+
+
+class _ReferenceView(Mapping):
+    """A feature batch as the reference model saw it: each model key replaced by its ``ref_`` copy."""
+
+    def __init__(self, batch: Mapping[str, np.ndarray]):
+        self.batch = batch
+
+    def __getitem__(self, key):
+        return self.batch[REF_PREFIX + key] if key in _MODEL_KEYS else self.batch[key]
+
+    def __iter__(self):
+        return (k for k in self.batch if not k.startswith(REF_PREFIX))
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+def _ref_head(spec: AttackSpec) -> AttackSpec:
+    axis = 2 if spec.kind == "pixel" else 1  # pixel inputs [N, G, C, P, P] stack on channels
+
+    def build(b):
+        t, r = spec.build(b), spec.build(_ReferenceView(b))
+        return np.concatenate([t, r, t - r], axis=axis)
+
+    needs = spec.needs + tuple(REF_PREFIX + k for k in spec.needs if k in _MODEL_KEYS)
+    return AttackSpec(f"{spec.name}-ref", spec.kind, build, needs,
+                      f"{spec.name} on the target and on the reference model, and their difference", spec.tier)
+
+
+def _ref_score(name: str, score: Callable, needs: tuple[str, ...], tier: str) -> AttackSpec:
+    def build(b):
+        return (np.asarray(score(b), np.float64) - np.asarray(score(_ReferenceView(b)), np.float64)).astype(np.float32)
+
+    needs = needs + tuple(REF_PREFIX + k for k in needs if k in _MODEL_KEYS)
+    return AttackSpec(f"{name}-ref-score", "calibrated", build, needs,
+                      f"{name}'s score on the target minus on the reference model, untrained, standardised on "
+                      "non-members", tier)
+
+
+def _reference_specs(specs: tuple[AttackSpec, ...]) -> tuple[AttackSpec, ...]:
+    out = []
+    for spec in specs:
+        if spec.name == "blind" or spec.tier == VARIATION:  # the variation tier has no reference features yet
+            continue
+        if spec.kind == "score":
+            out.append(_ref_score(spec.name.removesuffix("-score"), spec.build, spec.needs, spec.tier))
+        else:
+            out.append(_ref_head(spec))
+            if spec.name in _BLACK_BOX_SCORES:
+                out.append(_ref_score(spec.name, _BLACK_BOX_SCORES[spec.name], spec.needs, spec.tier))
     return tuple(out)
 
 
@@ -228,9 +335,7 @@ def _variation_specs() -> tuple[AttackSpec, ...]:
 
 _SEMANTIC_ALL = ("query_img_emb", "gen_img_emb", "caption_emb", "gen_caption_emb")
 
-ATTACKS: dict[str, AttackSpec] = {
-    s.name: s
-    for s in (
+_BASE_SPECS = (
         AttackSpec("I-P", "pixel", attack_i_p, ("gen_pixels",), "generated pixels -> CNN (quality)"),
         AttackSpec("I-S", "semantic", attack_i_s, ("gen_img_emb",),
                    "generated image embeddings: mean, spread, pairwise cosines -> MLP (quality)"),
@@ -248,13 +353,22 @@ ATTACKS: dict[str, AttackSpec] = {
         AttackSpec("blind", "semantic", attack_blind, ("query_img_emb", "caption_emb"),
                    "query-side only (query image and caption embeddings, their cosine): the distribution-shift "
                    "baseline"),
-    )
-}
+)
+ATTACKS: dict[str, AttackSpec] = {s.name: s for s in (*_BASE_SPECS, *_reference_specs(_BASE_SPECS))}
 
 # The paper's attacks, in its order; `blind` is trained alongside whenever any attack is.
 PAPER_ATTACKS = ("I-P", "I-S", "II-P", "II-S", "III-X", "III-T", "IV")
-GRAYBOX_ATTACKS = ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score")
+GRAYBOX_ATTACKS = ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score", "CLiD", "CLiD-score")
 VARIATION_ATTACKS = ("var-pixel", "var-pixel-score", "var-clip", "var-clip-score", "var-all", "var-all-score")
+
+
+def base_attack(name: str) -> str:
+    """The attack whose features ``name`` reads: ``PIA-ref-score`` -> ``PIA``."""
+    return name.removesuffix("-score").removesuffix("-ref").removesuffix("-score")
+
+
+def uses_reference(name: str) -> bool:
+    return any(k.startswith(REF_PREFIX) for k in get_attack(name).needs)
 
 
 def tier_of(attack: str) -> str:
@@ -304,6 +418,8 @@ def build_inputs(batch: Mapping[str, np.ndarray], attack: str) -> np.ndarray:
     if missing:
         hint = (f"; compute them with `audit features --tier {spec.tier}` (or --tier all)"
                 if all(k.startswith(("graybox_", "gen_", "var_")) for k in missing) else "")
+        if all(k.startswith(REF_PREFIX) for k in missing):
+            hint = "; compute them with `audit features --reference MODEL` (the reference model's features)"
         raise InputError(f"attack {attack} ({spec.tier}): the feature batch lacks {missing}{hint}")
     return np.ascontiguousarray(spec.build(batch), dtype=np.float32)
 
@@ -325,4 +441,6 @@ def input_signature(batch: Mapping[str, np.ndarray]) -> dict:
     for key in ("var_pixel_dist", "var_clip_dist"):
         if key in batch:
             sig["var_strengths"], sig["n_var"] = (int(v) for v in np.shape(batch[key])[1:3])
+    if "graybox_clid" in batch:
+        sig["clid_timesteps"] = int(np.shape(batch["graybox_clid"])[1])
     return sig

@@ -84,14 +84,18 @@ def build_net(kind: str, input_shape: tuple[int, ...], mlp_hidden: tuple[int, ..
         return MLP(int(input_shape[0]), tuple(mlp_hidden), dropout)
     if kind == "pixel":
         return PixelCNN(int(input_shape[1]), tuple(cnn_channels), int(cnn_hidden), dropout)
-    if kind == "score":
+    if kind in ("score", "calibrated"):
         return FixedScore()
     raise ValueError(f"unknown head kind {kind!r}")
 
 
-def standardisation(kind: str, x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature (semantic, score) or per-channel (pixel) mean/std of the training split only."""
-    if kind in ("semantic", "score"):
+def standardisation(kind: str, x_train: np.ndarray, y_train: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature (semantic, score) or per-channel (pixel) mean/std of the training split only; a ``calibrated``
+    score's of the training split's non-members only (``y_train`` 0), so it reads as a z-score against them."""
+    if kind == "calibrated":
+        nonmembers = x_train[np.asarray(y_train) == 0] if y_train is not None else x_train
+        x_train = nonmembers if len(nonmembers) > 1 else x_train
+    if kind in ("semantic", "score", "calibrated"):
         mean, std = x_train.mean(0), x_train.std(0)
     else:  # [N, G, C, P, P] -> per channel, shaped to broadcast over [G, C, P, P]
         mean = x_train.mean(axis=(0, 1, 3, 4)).reshape(1, -1, 1, 1)

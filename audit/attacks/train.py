@@ -157,7 +157,7 @@ def _fit_network(kind: str, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray
     """AdamW on cross-entropy, early stopping on the loss of (x_va, y_va) — the early-stopping rows held out of the
     training split, never the validation split; returns the head of the best early-stopping loss."""
     torch.manual_seed(seed)
-    mean, std = standardisation(kind, x_tr)
+    mean, std = standardisation(kind, x_tr, y_tr)
     net = build_net(kind, x_tr.shape[1:], cfg.mlp_hidden, cfg.cnn_channels, cfg.cnn_hidden, cfg.dropout)
     head = ScoringHead(net, mean, std)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr.astype(np.float32))
@@ -243,7 +243,7 @@ def fit_attack(attack: str, x: np.ndarray, y: np.ndarray, split: Mapping[str, np
         # Kept so that check/scan/evaluate fit the conformal thresholds of any --max-fpr without retraining.
         VALIDATION_KEY: validation_record(val_probs, y[va]),
         "calibration": {"method": "platt", "a": a, "b": b, "fitted_on": "validation"},
-        "standardisation": {"fitted_on": "train"},
+        "standardisation": {"fitted_on": "train non-members" if spec.kind == "calibrated" else "train"},
         "validation": {
             "n": int(len(va)),
             "auc": metrics.auc(y[va], val_probs),
@@ -386,7 +386,7 @@ def train_heads(batch: Mapping[str, np.ndarray], out_dir: str | Path, cfg: Train
         "heads", cfg.to_dict(), store_manifest.get("target"),
         embedder=store_manifest.get("embedder"), captioner=store_manifest.get("captioner"),
         feature_store={"path": store_path, "sha256": store_sha256, "created": store_manifest.get("created"),
-                       "config": store_manifest.get("config")},
+                       "config": store_manifest.get("config"), "reference": store_manifest.get("reference")},
     )
     info = {
         "manifest": manifest,

@@ -192,7 +192,8 @@ class FeaturesWorker(BatchWorker):
         from ..features.compute import Models
 
         self.config = spec.config
-        self.models = Models.load(spec.target, spec.embedder, spec.captioner, spec.device, spec.allow_pickle)
+        self.models = Models.load(spec.target, spec.embedder, spec.captioner, spec.device, spec.allow_pickle,
+                                  reference=self.config.reference or None)
         if BLACK_BOX in self.config.tiers:  # this node's memory, before its first batch
             from ..runtime.memory import check_batch_fits
 

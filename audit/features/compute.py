@@ -5,8 +5,10 @@ pixel array (the blind baseline's and the reports' inputs). Black-box tier: ``n_
 with content-derived seeds, a caption of each by the captioner, their image embeddings, the text embeddings of their
 captions, and the generated images as small pixel arrays. Gray-box tier: each gray-box attack's error vector
 (``features.graybox``) from the target's own VAE encoder and UNet. Variation tier: the distances of the target's
-variations (img2img) of ``x`` to ``x`` and to each other (``features.variation``). Only ``targets.base`` protocols
-are used, so torch, ONNX and HTTP backends plug in unchanged.
+variations (img2img) of ``x`` to ``x`` and to each other (``features.variation``). With a reference model
+(``--reference``, e.g. the base model a fine-tune started from), every black-box and gray-box feature is computed on
+the reference too, with the very same seeds and noise (``features.reference``), and stored beside the target's under
+``ref_`` names. Only ``targets.base`` protocols are used, so torch, ONNX and HTTP backends plug in unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..manifest import make_manifest
 from ..progress import progress
 from ..tiers import BLACK_BOX, GRAY_BOX, VARIATION, parse_tier, tier_name
 from . import graybox, variation
-from .store import KIND, FeatureStore, FeatureWriter, empty_batch, store_tiers
+from .store import KIND, REF_PREFIX, TIER_KEYS, FeatureStore, FeatureWriter, empty_batch, store_tiers
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class FeaturesConfig(Config):
     # Variation: the img2img strengths of the sweep and the variations (seeds) at each, over ``steps`` DDIM steps.
     var_strengths: tuple = variation.DEFAULT_STRENGTHS
     n_var: int = variation.DEFAULT_N_VAR
+    clid_timesteps: tuple = graybox.CLID_TIMESTEPS  # CLiD reads its own timesteps (the paper's)
+    reference: str = ""  # --reference: a model computed with the same seeds and noise ("" = none)
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -77,10 +81,14 @@ class FeaturesConfig(Config):
                              f"got {self.missing_caption!r}")
         if GRAY_BOX in self.tiers:
             self.graybox_timesteps = graybox.check_timesteps(self.graybox_timesteps)
+            self.clid_timesteps = graybox.check_timesteps(self.clid_timesteps)
         if VARIATION in self.tiers:
             if self.n_var < 1:
                 raise UsageError(f"--n-var must be >= 1, got {self.n_var}")
             self.var_strengths = variation.check_strengths(self.var_strengths, self.steps)
+            if self.reference:
+                raise UsageError("--reference applies to the black-box and gray-box tiers; the variation tier has "
+                                 "no reference features yet: drop --reference or choose --tier black-box,gray-box")
         return self
 
     def for_store(self) -> dict:
@@ -88,11 +96,12 @@ class FeaturesConfig(Config):
         it, so ``toy`` and the bundled folder it names count as the same target. A black-box store records no
         gray-box settings, so its manifest is what it was before the gray-box tier (and older stores resume)."""
         d = self.to_dict()
-        for key in ("target", "embedder", "captioner"):
+        for key in ("target", "embedder", "captioner", "reference"):
             d.pop(key)
         d["tier"] = tier_name(self.tiers)
         if GRAY_BOX not in self.tiers:
             d.pop("graybox_timesteps")
+            d.pop("clid_timesteps")
         if VARIATION not in self.tiers:
             d.pop("var_strengths")
             d.pop("n_var")
@@ -101,12 +110,15 @@ class FeaturesConfig(Config):
         return d
 
     def unet_evaluations(self) -> dict[str, int]:
-        """UNet evaluations per query of each tier computed (guidance above 1 evaluates the UNet twice a step)."""
+        """UNet evaluations per query of each tier computed (guidance above 1 evaluates the UNet twice a step), the
+        reference model's included: a reference doubles them."""
         out = {}
+        models = 2 if self.reference else 1
         if BLACK_BOX in self.tiers:
-            out[BLACK_BOX] = self.n_gen * self.steps * (2 if self.guidance > 1.0 else 1)
+            out[BLACK_BOX] = models * self.n_gen * self.steps * (2 if self.guidance > 1.0 else 1)
         if GRAY_BOX in self.tiers:
-            out[GRAY_BOX] = graybox.unet_evaluations(tuple(graybox.DATASETS), len(self.graybox_timesteps))
+            out[GRAY_BOX] = models * graybox.unet_evaluations(tuple(graybox.DATASETS), len(self.graybox_timesteps),
+                                                              len(self.clid_timesteps))
         if VARIATION in self.tiers:
             out[VARIATION] = variation.unet_evaluations(self.var_strengths, self.n_var, self.steps,
                                                         self.guidance > 1.0)
@@ -127,36 +139,52 @@ class Models:
     embedder: object
     captioner: object
     _denoiser: object = None
+    reference: object = None  # a second Generator computed with the same seeds and noise (--reference)
+    _ref_denoiser: object = None
 
     def denoiser(self):
         """The target's gray-box access (loaded once), or a one-line error for targets without local weights."""
         if self._denoiser is None:
-            from ..runtime.memory import fit_graybox_rows
-            from ..targets.denoiser import denoiser_for
-
-            denoiser = denoiser_for(self.generator)
-            fit_graybox_rows(denoiser)
-            self._denoiser = denoiser
+            self._denoiser = _checked_denoiser(self.generator)
         return self._denoiser
+
+    def ref_denoiser(self):
+        """The reference's gray-box access (loaded once)."""
+        if self._ref_denoiser is None:
+            self._ref_denoiser = _checked_denoiser(self.reference)
+        return self._ref_denoiser
+
+    def for_reference(self) -> "Models":
+        """The reference in the target's place, with the same embedder and captioner."""
+        return Models(self.reference, self.embedder, self.captioner,
+                        self.ref_denoiser() if self._ref_denoiser is not None else None)
 
     @classmethod
     def load(cls, target: str, embedder: str | None = None, captioner: str | None = None, device: str = "cpu",
-             allow_pickle: bool = False, graybox: bool = False) -> "Models":
-        """The three models; with ``graybox`` the target's gray-box access too, checked before the embedder and
-        captioner load (a target without one fails first, in one line)."""
+             allow_pickle: bool = False, graybox: bool = False, reference: str | None = None) -> "Models":
+        """The three models (and the ``reference`` model); with ``graybox`` the gray-box access of the target (and
+        reference) too, checked before the embedder and captioner load (a target without one fails first, in one
+        line). A reference that does not fit the target is refused before anything is computed."""
         from ..targets.builtin import default_models, load_captioner, load_embedder, load_target
         from ..targets.denoiser import check_graybox_spec, denoiser_for
+        from .reference import check_reference_fits
 
         if graybox:
             check_graybox_spec(target)
+            if reference:
+                check_graybox_spec(reference)
         default_e, default_c = default_models(target)
         generator = load_target(target, device=device, allow_pickle=allow_pickle)
         denoiser = denoiser_for(generator) if graybox else None
+        ref = load_target(reference, device=device, allow_pickle=allow_pickle) if reference else None
+        ref_denoiser = denoiser_for(ref) if graybox and ref is not None else None
+        if ref is not None:
+            check_reference_fits(generator, ref, denoiser, ref_denoiser)
         return cls(
             generator,
             load_embedder(embedder or default_e, device=device, allow_pickle=allow_pickle),
             load_captioner(captioner or default_c, device=device, allow_pickle=allow_pickle),
-            denoiser,
+            denoiser, ref, ref_denoiser,
         )
 
     def varier(self):
@@ -166,8 +194,20 @@ class Models:
         return varier_for(self.generator)
 
     def identities(self) -> dict:
-        return {"target": self.generator.identity(), "embedder": self.embedder.identity(),
-                "captioner": self.captioner.identity()}
+        out = {"target": self.generator.identity(), "embedder": self.embedder.identity(),
+               "captioner": self.captioner.identity()}
+        if self.reference is not None:
+            out["reference"] = self.reference.identity()
+        return out
+
+
+def _checked_denoiser(generator):
+    from ..runtime.memory import fit_graybox_rows
+    from ..targets.denoiser import denoiser_for
+
+    denoiser = denoiser_for(generator)
+    fit_graybox_rows(denoiser)
+    return denoiser
 
 
 def _by_shape(images: Sequence[np.ndarray], fn: Callable[[np.ndarray], object]) -> list:
@@ -213,8 +253,9 @@ def featurize_rows(rows: Sequence[Row], models: Models, cfg: FeaturesConfig,
     """
     g, p = cfg.n_gen, cfg.pixel_size
     tiers = cfg.tiers
+    reference = models.reference is not None
     out = empty_batch(len(rows), g, p, models.embedder.dim, tiers, len(cfg.graybox_timesteps),
-                      len(cfg.var_strengths), cfg.n_var)
+                      len(cfg.var_strengths), cfg.n_var, reference, len(cfg.clid_timesteps))
     queries: dict[int, np.ndarray] = {}
     for i, row in enumerate(rows):
         if not row.ok:
@@ -241,16 +282,28 @@ def featurize_rows(rows: Sequence[Row], models: Models, cfg: FeaturesConfig,
     ok = sorted(queries)
     if BLACK_BOX in tiers:
         _black_box(rows, ok, queries, models, cfg, caption, out)
+        if reference:
+            # The same captions and per-image seeds on the reference; its images captioned and embedded by the
+            # same models (a row the reference refuses fails as a whole).
+            ref = empty_batch(len(rows), g, p, models.embedder.dim, (BLACK_BOX,))
+            _black_box(rows, [i for i in ok if rows[i].ok], queries, models.for_reference(), cfg, caption, ref)
+            for key in TIER_KEYS[BLACK_BOX]:
+                out[REF_PREFIX + key] = ref[key]
     else:
         _query_side(rows, ok, queries, models, cfg, out)
     ok = [i for i in ok if rows[i].ok]
     if GRAY_BOX in tiers and ok and graybox_attacks:
         d = models.denoiser()
         pixels = np.stack([resize_pixels(queries[i], d.resolution) for i in ok])
-        errors, _ = graybox.graybox_errors(d, pixels, [rows[i].caption for i in ok], cfg.graybox_timesteps,
-                                           cfg.seed, graybox_attacks)
-        for key, value in errors.items():
-            out[key][ok] = value
+        captions = [rows[i].caption for i in ok]
+        latents = d.encode_images(pixels)
+        denoisers = [("", d)] + ([(REF_PREFIX, models.ref_denoiser())] if reference else [])
+        for prefix, model in denoisers:
+            # The reference shares the target's VAE (checked when it loaded): the same latents, the same noise.
+            errors, _ = graybox.graybox_errors(model, pixels, captions, cfg.graybox_timesteps, cfg.seed,
+                                               graybox_attacks, cfg.clid_timesteps, latents)
+            for key, value in errors.items():
+                out[prefix + key][ok] = value
     if VARIATION in tiers and ok:
         _variations(rows, ok, queries, models, cfg, out)
 
@@ -358,10 +411,11 @@ def read_rows(data: str | Path, cfg: FeaturesConfig) -> list[Row]:
 def store_manifest(cfg: FeaturesConfig, identities: dict, rows: Sequence[Row], data: str | Path) -> dict:
     """The manifest of the store ``cfg`` makes from ``rows`` with the models of ``identities``
     (``Models.identities()``); ``--resume`` compares it with the stored one."""
+    extra = {"reference": identities["reference"]} if identities.get("reference") else {}
     return make_manifest(KIND, cfg.for_store(), identities["target"], embedder=identities["embedder"],
                          captioner=identities["captioner"], n_rows=len(rows), rows_hash=rows_hash(rows),
                          data=str(Path(data).resolve()), tiers=list(cfg.tiers),
-                         unet_evaluations_per_query=cfg.unet_evaluations())
+                         unet_evaluations_per_query=cfg.unet_evaluations(), **extra)
 
 
 def open_store(out: Path, manifest: dict, cfg: FeaturesConfig, dim: int, resume: bool) -> FeatureWriter:
@@ -375,7 +429,7 @@ def open_store(out: Path, manifest: dict, cfg: FeaturesConfig, dim: int, resume:
     return FeatureWriter.create(out, manifest, cfg.n_gen, cfg.pixel_size, dim, chunk_rows=cfg.batch_size,
                                 n_timesteps=len(cfg.graybox_timesteps),
                                 n_strengths=len(cfg.var_strengths) if variation_tier else 0,
-                                n_var=cfg.n_var if variation_tier else 0)
+                                n_var=cfg.n_var if variation_tier else 0, n_clid=len(cfg.clid_timesteps))
 
 
 def store_summary(out: Path, manifest: dict, seconds: float, first_batch_seconds: float | None = None) -> dict:
@@ -384,7 +438,8 @@ def store_summary(out: Path, manifest: dict, seconds: float, first_batch_seconds
     counts = FeatureStore.open(out).status_counts()
     summary = {"out": str(out), "rows": manifest["n_rows"], "ok": counts.get("ok", 0), "status": counts,
                "seconds": round(seconds, 2), "target": manifest["target"], "embedder": manifest["embedder"],
-               "captioner": manifest["captioner"], "tiers": list(store_tiers(manifest)),
+               "captioner": manifest["captioner"], "reference": manifest.get("reference"),
+               "tiers": list(store_tiers(manifest)),
                "unet_evaluations_per_query": manifest.get("unet_evaluations_per_query", {}),
                "first_batch_seconds": None if first_batch_seconds is None else round(first_batch_seconds, 2)}
     log.info("features: %s", summary)
@@ -414,10 +469,13 @@ def compute_store(data: str | Path, out: str | Path, models: Models, cfg: Featur
 
     cfg.validate()
     out = Path(out)
+    if bool(cfg.reference) != (models.reference is not None):
+        raise UsageError("the features config and the loaded models disagree on the reference model")
     if GRAY_BOX in cfg.tiers:
         # A target without gray-box access fails here, in one line, before any row is read.
         d = models.denoiser()
         graybox.check_timesteps(cfg.graybox_timesteps, len(d.alphas_cumprod))
+        graybox.check_timesteps(cfg.clid_timesteps, len(d.alphas_cumprod))
     if VARIATION in cfg.tiers:
         models.varier()  # a target without variation access fails here too
     rows = read_rows(data, cfg)

@@ -16,6 +16,14 @@ graybox_timesteps``) and ``z_t(e) = sqrt(a_t) z_0 + sqrt(1 - a_t) e``:
   ``mean((denoised - z_{t_{k-1}})^2)`` is error k. The inversion's next step uses that same evaluation, so SecMI
   costs K + 1 UNet evaluations (PIA's code evaluates it twice), the first of them PIA's ``e_0``.
 
+- ``CLiD`` (Zhai et al. 2024, conditional likelihood discrepancy): at each of its own timesteps ``s_j``
+  (``FeaturesConfig.clid_timesteps``, the paper's 440, 450, 460 for a 1000-step schedule) and one fresh noise ``n_j``
+  (seeded like the loss's, under its own label), the denoising loss ``mean((eps(z_s(n_j), s_j | c') - n_j)^2)`` for
+  three conditionings ``c'``: the caption ``c``, the empty caption (unconditional) and ``c`` with about half its words
+  removed (``masked_caption``: a seeded choice per caption, where the paper drops the words a separate importance
+  model ranks highest). Stored as [K, 3]; the discrepancies (unconditional or masked minus conditional: a member's
+  caption lowers its loss more) are formed by the attack (``attacks.inputs``). 3 K UNet evaluations.
+
 Means are over the latent's elements (the papers sum; the mean divides by a constant). Every value depends on its
 row alone: UNet batches mix rows, but nothing is computed across them.
 """
@@ -30,9 +38,11 @@ from ..errors import UsageError
 from ..seeding import query_seed
 
 # Attack -> store dataset; the order is the store's.
-DATASETS = {"loss": "graybox_loss", "PIA": "graybox_pia", "SecMI": "graybox_secmi"}
+DATASETS = {"loss": "graybox_loss", "PIA": "graybox_pia", "SecMI": "graybox_secmi", "CLiD": "graybox_clid"}
 MAX_TIMESTEPS = 32
 DEFAULT_TIMESTEPS = (100, 200, 300)
+# CLiD's timesteps in its code (Tmid 450, spacing 10, 3 samples) for SD's 1000-step schedule.
+CLID_TIMESTEPS = (440, 450, 460)
 
 
 def check_timesteps(timesteps: Sequence[int], train_steps: int | None = None) -> tuple[int, ...]:
@@ -47,12 +57,25 @@ def check_timesteps(timesteps: Sequence[int], train_steps: int | None = None) ->
     return ts
 
 
-def unet_evaluations(attacks: Sequence[str], n_timesteps: int) -> int:
+def unet_evaluations(attacks: Sequence[str], n_timesteps: int, n_clid_timesteps: int = len(CLID_TIMESTEPS)) -> int:
     """UNet evaluations per query for these gray-box attacks computed together (PIA and SecMI share eps(z_0, 0)):
-    K for the loss, 1 + K for PIA, 1 + K for SecMI."""
+    K for the loss, 1 + K for PIA, 1 + K for SecMI, 3 K' for CLiD (K' its own timesteps)."""
     k = n_timesteps
     shared = 1 if "PIA" in attacks or "SecMI" in attacks else 0
-    return shared + k * sum(a in attacks for a in ("loss", "PIA", "SecMI"))
+    return shared + k * sum(a in attacks for a in ("loss", "PIA", "SecMI")) + 3 * n_clid_timesteps * ("CLiD" in attacks)
+
+
+def masked_caption(caption: str, seed: int) -> str:
+    """``caption`` with about half its words removed, the same for the same caption and seed: each word is dropped
+    with probability 1/2, at least one dropped and one kept (a one-word caption becomes empty)."""
+    words = caption.split()
+    if len(words) < 2:
+        return ""
+    rng = np.random.default_rng(query_seed(seed, caption, b"", "clid-mask"))
+    drop = rng.random(len(words)) < 0.5
+    if drop.all() or not drop.any():
+        drop[rng.integers(len(words))] = not drop[0]
+    return " ".join(w for w, d in zip(words, drop) if not d)
 
 
 class _Unet:
@@ -90,20 +113,23 @@ def _mean_power(x: np.ndarray, p: int) -> np.ndarray:
     return np.mean(np.abs(x.astype(np.float64)) ** p, axis=tuple(range(1, x.ndim))).astype(np.float32)
 
 
-def _loss_noise(images: np.ndarray, captions: Sequence[str], seed: int, k: int, shape: tuple) -> np.ndarray:
+def _loss_noise(images: np.ndarray, captions: Sequence[str], seed: int, k: int, shape: tuple,
+                label: str = "loss") -> np.ndarray:
     import torch
 
     out = np.empty((len(images), k, *shape), np.float32)
     for i, (im, c) in enumerate(zip(images, captions)):
-        g = torch.Generator("cpu").manual_seed(query_seed(seed, c, np.ascontiguousarray(im).tobytes(), "loss"))
+        g = torch.Generator("cpu").manual_seed(query_seed(seed, c, np.ascontiguousarray(im).tobytes(), label))
         out[i] = torch.randn((k, *shape), generator=g, dtype=torch.float32).numpy()
     return out
 
 
 def graybox_errors(denoiser, images: np.ndarray, captions: Sequence[str], timesteps: Sequence[int], seed: int,
-                   attacks: Sequence[str] = tuple(DATASETS)) -> tuple[dict[str, np.ndarray], int]:
-    """({dataset: float32 [N, K]} for the wanted ``attacks``, UNet evaluations done) for uint8 ``images``
-    [N, R, R, 3] at the denoiser's resolution with their ``captions``."""
+                   attacks: Sequence[str] = tuple(DATASETS), clid_timesteps: Sequence[int] = CLID_TIMESTEPS,
+                   latents: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """({dataset: float32 [N, K] (CLiD: [N, K', 3])} for the wanted ``attacks``, UNet evaluations done) for uint8
+    ``images`` [N, R, R, 3] at the denoiser's resolution with their ``captions``. ``latents``: the images' latents
+    when already encoded (a reference model reuses the target's, as it shares its VAE)."""
     unknown = sorted(set(attacks) - set(DATASETS))
     if unknown:
         raise UsageError(f"unknown gray-box attack(s) {unknown}; valid: {', '.join(DATASETS)}")
@@ -111,8 +137,9 @@ def graybox_errors(denoiser, images: np.ndarray, captions: Sequence[str], timest
     n, k = len(images), len(ts)
     if n == 0:
         return {DATASETS[a]: np.zeros((0, k), np.float32) for a in attacks}, 0
-    z0 = np.asarray(denoiser.encode_images(images), np.float32)
-    unique = list(dict.fromkeys(captions))
+    z0 = np.asarray(denoiser.encode_images(images) if latents is None else latents, np.float32)
+    masked = [masked_caption(c, seed) for c in captions] if "CLiD" in attacks else []
+    unique = list(dict.fromkeys([*captions, *masked, *([""] if masked else [])]))
     where = {c: i for i, c in enumerate(unique)}
     rows = np.array([where[c] for c in captions], np.int64)
     unet = _Unet(denoiser, denoiser.text_context(unique))
@@ -134,6 +161,9 @@ def graybox_errors(denoiser, images: np.ndarray, captions: Sequence[str], timest
         e0_rep = e0[rep]
         pred = unet(_noised(z0[rep], e0_rep, a_rep), t_rep, rows[rep])
         out[DATASETS["PIA"]] = _mean_power(pred - e0_rep, 4).reshape(n, k)
+    if "CLiD" in attacks:
+        out[DATASETS["CLiD"]] = _clid(unet, z0, images, captions, masked, where, seed,
+                                      check_timesteps(clid_timesteps, len(ac)), ac)
     if "SecMI" in attacks:
         # Inversion t_0 = 0 -> t_1 -> ... -> t_K; eps(z_{t_k}, t_k) both denoises z_{t_k} one step back and makes
         # the next inversion step (eps(z_0, 0) is PIA's e_0).
@@ -146,3 +176,19 @@ def graybox_errors(denoiser, images: np.ndarray, captions: Sequence[str], timest
             a_prev, z = a[j], z_next
         out[DATASETS["SecMI"]] = errors
     return out, unet.calls
+
+
+def _clid(unet: _Unet, z0: np.ndarray, images: np.ndarray, captions: Sequence[str], masked: Sequence[str],
+          where: dict, seed: int, timesteps: Sequence[int], ac: np.ndarray) -> np.ndarray:
+    """float32 [N, K', 3]: the conditional, unconditional and masked-caption losses at the same noise."""
+    n, k = len(z0), len(timesteps)
+    ts = np.asarray(timesteps, np.int64)
+    noise = _loss_noise(images, captions, seed, k, z0.shape[1:], "clid").reshape(n * k, *z0.shape[1:])
+    rep = np.repeat(np.arange(n), k)
+    zt = _noised(z0[rep], noise, ac[ts].astype(np.float32)[np.tile(np.arange(k), n)][:, None, None, None])
+    t_rep = np.tile(ts, n)
+    out = np.empty((n, k, 3), np.float32)
+    for j, texts in enumerate((captions, [""] * n, masked)):
+        rows = np.array([where[c] for c in texts], np.int64)[rep]
+        out[:, :, j] = _mean_power(unet(zt, t_rep, rows) - noise, 2).reshape(n, k)
+    return out

@@ -12,6 +12,10 @@ Layout (one row per input row, in the ImageFolder's sorted order; failed rows ke
     gen_img_emb, gen_caption_emb                    float32 [N, G, D]
   gray-box tier (``features.graybox``):
     graybox_loss, graybox_pia, graybox_secmi        float32 [N, K]  each attack's error at the K timesteps
+    graybox_clid                                    float32 [N, K', 3]  CLiD's conditional, unconditional and
+                                                                       masked-caption losses at its K' timesteps
+  with a reference model (``--reference``): ``ref_`` + each tier dataset above but the query side (the reference's
+  generated images, captions, embeddings; its gray-box errors), computed with the same seeds and noise
   variation tier (``features.variation``; S strengths, V variations, P = V(V-1)/2 pairs):
     var_pixel_dist, var_clip_dist                   float32 [N, S, V]  each variation's distance to the query
     var_mean_pixel_dist                             float32 [N, S]     the variations' average's pixel distance
@@ -22,10 +26,11 @@ shape against this layout, the sizes against ``LIMITS`` and each other, and ``n_
 ``read`` refuses to allocate more than the memory available, so a small file declaring a huge dataset is refused in
 one line before anything is allocated.
 
-Root attributes: ``manifest`` (JSON, see ``audit.manifest``; ``tiers`` names the tiers it holds, a store without
-it is black-box) and ``n_committed``. A batch is committed by writing
-its arrays, then raising ``n_committed`` last; the file is open only while a batch is written. A run killed
-mid-write leaves rows past ``n_committed`` that no reader sees and that ``--resume`` truncates and redoes.
+Root attributes: ``manifest`` (JSON, see ``audit.manifest``; ``tiers`` names the tiers it holds, a store without it
+is black-box; ``reference`` the reference model's identity, absent without one) and ``n_committed``. A batch is
+committed by writing its arrays, then raising ``n_committed`` last; the file is open only while a batch is written.
+A run killed mid-write leaves rows past ``n_committed`` that no reader sees and that ``--resume`` truncates and
+redoes.
 """
 
 from __future__ import annotations
@@ -48,25 +53,41 @@ KIND = "features"
 STR_KEYS = ("ids", "status", "error", "caption", "caption_source")
 COMMON_KEYS = ("member", "query_pixels", "query_img_emb", "caption_emb")
 TIER_KEYS = {BLACK_BOX: ("gen_captions", "gen_pixels", "gen_img_emb", "gen_caption_emb"),
-             GRAY_BOX: ("graybox_loss", "graybox_pia", "graybox_secmi"),
+             GRAY_BOX: ("graybox_loss", "graybox_pia", "graybox_secmi", "graybox_clid"),
              VARIATION: ("var_pixel_dist", "var_clip_dist", "var_mean_pixel_dist", "var_pixel_pair",
                          "var_clip_pair")}
+# The reference model's copy of a tier dataset (the query side is the same for both models and is stored once).
+REF_PREFIX = "ref_"
+# CLiD's three losses per timestep: conditional, unconditional, masked caption.
+CLID_TERMS = 3
 ARRAY_KEYS = COMMON_KEYS + TIER_KEYS[BLACK_BOX]
 KEYS = STR_KEYS + ARRAY_KEYS  # a black-box store's datasets
 # Bounds on what a store may declare (far above any real store: 1024 px thumbnails, 16k-wide embeddings).
-LIMITS = {"rows": 100_000_000, "pixel_size": 1024, "dim": 16384, "n_gen": 1024, "n_timesteps": 1000}
+LIMITS = {"rows": 100_000_000, "pixel_size": 1024, "dim": 16384, "n_gen": 1024, "n_timesteps": 1000, "n_clid": 1000,
+          "n_strengths": 64, "n_var": 64}
 MAX_MANIFEST_CHARS = 1 << 20
 # Rows per HDF5 chunk along axis 0: small enough that a resumed run rewrites little, large enough to compress.
 CHUNK_ROWS = 32
 
 
-def store_keys(tiers: tuple[str, ...] = (BLACK_BOX,)) -> tuple[str, ...]:
-    """The datasets of a store holding ``tiers``."""
-    return STR_KEYS + COMMON_KEYS + tuple(k for t in TIERS if t in tiers for k in TIER_KEYS[t])
+def tier_keys(tiers: tuple[str, ...], reference: bool = False) -> tuple[str, ...]:
+    """The tier datasets of ``tiers`` (with ``reference``, followed by the reference's copies)."""
+    keys = tuple(k for t in TIERS if t in tiers for k in TIER_KEYS[t])
+    return keys + (tuple(REF_PREFIX + k for k in keys) if reference else ())
+
+
+def store_keys(tiers: tuple[str, ...] = (BLACK_BOX,), reference: bool = False) -> tuple[str, ...]:
+    """The datasets of a store holding ``tiers`` (and a reference model's features)."""
+    return STR_KEYS + COMMON_KEYS + tier_keys(tiers, reference)
+
+
+def has_reference(manifest: dict) -> bool:
+    return bool(manifest.get("reference"))
 
 
 def row_shapes(n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (BLACK_BOX,),
-               n_timesteps: int = 0, n_strengths: int = 0, n_var: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
+               n_timesteps: int = 0, n_strengths: int = 0, n_var: int = 0, reference: bool = False,
+               n_clid: int = 0) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-row shape and dtype of every dataset of a store holding ``tiers``."""
     s = h5py.string_dtype("utf-8")
     p = pixel_size
@@ -86,6 +107,7 @@ def row_shapes(n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (
         })
     if GRAY_BOX in tiers:
         shapes.update({key: ((n_timesteps,), np.float32) for key in TIER_KEYS[GRAY_BOX]})
+        shapes["graybox_clid"] = ((n_clid, CLID_TERMS), np.float32)
     if VARIATION in tiers:
         pairs = n_var * (n_var - 1) // 2
         shapes.update({"var_pixel_dist": ((n_strengths, n_var), np.float32),
@@ -93,14 +115,18 @@ def row_shapes(n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (
                        "var_mean_pixel_dist": ((n_strengths,), np.float32),
                        "var_pixel_pair": ((n_strengths, pairs), np.float32),
                        "var_clip_pair": ((n_strengths, pairs), np.float32)})
+    if reference:
+        shapes.update({REF_PREFIX + key: shapes[key] for key in tier_keys(tiers)})
     return shapes
 
 
 def empty_batch(n: int, n_gen: int, pixel_size: int, dim: int, tiers: tuple[str, ...] = (BLACK_BOX,),
-                n_timesteps: int = 0, n_strengths: int = 0, n_var: int = 0) -> dict[str, np.ndarray]:
+                n_timesteps: int = 0, n_strengths: int = 0, n_var: int = 0, reference: bool = False,
+                n_clid: int = 0) -> dict[str, np.ndarray]:
     """A batch of ``n`` rows filled with the values failed rows keep: empty strings, zeros, member -1."""
     out = {}
-    for key, (shape, dtype) in row_shapes(n_gen, pixel_size, dim, tiers, n_timesteps, n_strengths, n_var).items():
+    for key, (shape, dtype) in row_shapes(n_gen, pixel_size, dim, tiers, n_timesteps, n_strengths, n_var, reference,
+                                          n_clid).items():
         if dtype is np.int8:
             out[key] = np.full((n, *shape), -1, np.int8)
         elif isinstance(dtype, np.dtype) and dtype.kind == "O":
@@ -155,7 +181,10 @@ def check_layout(f: h5py.File, path: Path, manifest: dict) -> tuple[int, dict[st
     """(n_committed, shape of each dataset) once the store's layout is checked against the schema: every dataset
     of its tiers present as a dataset of the right dtype and rank, per-row sizes within ``LIMITS`` and the same
     in every dataset that shares them, rows within ``LIMITS`` and at least ``n_committed``. Reads no data."""
-    keys = store_keys(store_tiers(manifest))
+    reference = has_reference(manifest)
+    keys = store_keys(store_tiers(manifest), reference)
+    # Stores made before CLiD hold every other gray-box dataset.
+    keys = tuple(k for k in keys if k in f or k.removeprefix(REF_PREFIX) != "graybox_clid")
     missing = [k for k in keys if k not in f]
     if missing:
         raise ArtifactError(f"{path}: feature store lacks dataset(s) {missing}")
@@ -165,7 +194,9 @@ def check_layout(f: h5py.File, path: Path, manifest: dict) -> tuple[int, dict[st
             raise ArtifactError(f"{path}: {key} is an HDF5 {type(ds).__name__}, not a dataset; not a feature store")
     sizes = {}
     for name, key, axis in (("pixel_size", "query_pixels", 1), ("dim", "query_img_emb", 1),
-                            ("n_gen", "gen_img_emb", 1), ("n_timesteps", "graybox_loss", 1)):
+                            ("n_gen", "gen_img_emb", 1), ("n_timesteps", "graybox_loss", 1),
+                            ("n_clid", "graybox_clid", 1), ("n_strengths", "var_pixel_dist", 1),
+                            ("n_var", "var_pixel_dist", 2)):
         if key in datasets:
             shape = datasets[key].shape
             value = shape[axis] if shape is not None and len(shape) > axis else None
@@ -174,8 +205,11 @@ def check_layout(f: h5py.File, path: Path, manifest: dict) -> tuple[int, dict[st
                                     f"[1, {LIMITS[name]}]; the store is damaged or not a feature store")
             sizes[name] = int(value)
     expected = row_shapes(sizes.get("n_gen", 0), sizes["pixel_size"], sizes["dim"], store_tiers(manifest),
-                          sizes.get("n_timesteps", 0))
+                          sizes.get("n_timesteps", 0), sizes.get("n_strengths", 0), sizes.get("n_var", 0), reference,
+                          sizes.get("n_clid", 0))
     for key, (row, dtype) in expected.items():
+        if key not in datasets:  # graybox_clid in a store made before CLiD
+            continue
         ds = datasets[key]
         text = isinstance(dtype, np.dtype) and dtype.kind == "O"
         kind_ok = (h5py.check_string_dtype(ds.dtype) is not None) if text else ds.dtype == np.dtype(dtype)
@@ -233,6 +267,11 @@ class FeatureStore:
         return store_tiers(self.manifest)
 
     @property
+    def reference(self) -> dict | None:
+        """The reference model's identity (name, weights hash), None for a store made without one."""
+        return self.manifest.get("reference") or None
+
+    @property
     def n_gen(self) -> int:
         """Generated images per row (0 in a store without the black-box tier)."""
         return int(self._shapes["gen_img_emb"][1]) if "gen_img_emb" in self._shapes else 0
@@ -251,6 +290,11 @@ class FeatureStore:
     def n_var(self) -> int:
         """Variations per strength (0 in a store without the variation tier)."""
         return int(self._shapes["var_pixel_dist"][2]) if "var_pixel_dist" in self._shapes else 0
+
+    @property
+    def n_clid(self) -> int:
+        """CLiD's timesteps per row (0 in a store without them)."""
+        return int(self._shapes["graybox_clid"][1]) if "graybox_clid" in self._shapes else 0
 
     @property
     def dim(self) -> int:
@@ -333,7 +377,7 @@ def _differences(old: dict, new: dict) -> list[str]:
         a, b = old.get("config", {}).get(key), new.get("config", {}).get(key)
         if a != b:
             diffs.append(f"{key}: store has {a!r}, this run has {b!r}")
-    for key in ("target", "embedder", "captioner"):
+    for key in ("target", "embedder", "captioner", "reference"):
         a, b = old.get(key) or {}, new.get(key) or {}
         if a.get("hash") != b.get("hash"):
             diffs.append(f"{key}: store was made with {a.get('name')!r} (weights {a.get('hash')}), this run uses "
@@ -374,14 +418,15 @@ class FeatureWriter:
     @classmethod
     def create(cls, path: str | Path, manifest: dict, n_gen: int, pixel_size: int, dim: int,
                chunk_rows: int = CHUNK_ROWS, n_timesteps: int = 0, n_strengths: int = 0,
-               n_var: int = 0) -> "FeatureWriter":
+               n_var: int = 0, n_clid: int = 0) -> "FeatureWriter":
         """``chunk_rows`` should equal the rows per ``append``: then an append only ever writes fresh chunks, and a
         kill mid-append cannot damage a chunk holding committed rows (a compressed chunk shared with the next batch
         is read back and rewritten, and a kill during that rewrite left committed rows unreadable)."""
         path = Path(path)
         refuse_existing(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shapes = row_shapes(n_gen, pixel_size, dim, store_tiers(manifest), n_timesteps, n_strengths, n_var)
+        shapes = row_shapes(n_gen, pixel_size, dim, store_tiers(manifest), n_timesteps, n_strengths, n_var,
+                            has_reference(manifest), n_clid)
         tmp = path.with_name(f".{path.name}.creating")
         with h5py.File(tmp, "w") as f:
             for key, (shape, dtype) in shapes.items():
@@ -407,7 +452,8 @@ class FeatureWriter:
                     log.info("%s: dropping %d uncommitted row(s) of %s", path, f[key].shape[0] - n, key)
                     f[key].resize(n, axis=0)
         shapes = row_shapes(store.n_gen, store.pixel_size, store.dim, store.tiers, store.n_timesteps,
-                            store.n_strengths, store.n_var)
+                            store.n_strengths, store.n_var, has_reference(store.manifest), store.n_clid)
+        shapes = {k: v for k, v in shapes.items() if k in store.keys}
         # Keep the original manifest (creation time included): a resumed store equals an uninterrupted one.
         return cls(path, store.manifest, n, shapes)
 

@@ -19,6 +19,13 @@ def _toy_target(device: str = "cpu", allow_pickle: bool = False, **kw):
                                           **kw)
 
 
+def _toy_base(device: str = "cpu", allow_pickle: bool = False, **kw):
+    from .diffusion import DiffusersGenerator
+
+    return DiffusersGenerator.from_folder(bundle_path("base"), name="toy-base", device=device,
+                                          allow_pickle=allow_pickle, **kw)
+
+
 def _toy_clip(device: str = "cpu", allow_pickle: bool = False, **kw):
     from ..models.embedders import TransformersCLIPEmbedder  # torch and transformers, as above
 
@@ -34,6 +41,9 @@ def _toy_blip(device: str = "cpu", allow_pickle: bool = False, **kw):
 
 TARGETS.register("toy", _toy_target, f"bundled: {BUNDLE / 'target'}", "tiny latent diffusion model fine-tuned on the "
                  "toy world's members", family="diffusion", embedder="toy-clip", captioner="toy-blip")
+TARGETS.register("toy-base", _toy_base, f"bundled: {BUNDLE / 'base'}", "the toy target before fine-tuning: "
+                 "pre-trained on the public split only (the reference for --reference)", family="diffusion",
+                 embedder="toy-clip", captioner="toy-blip")
 EMBEDDERS.register("toy-clip", _toy_clip, f"bundled: {BUNDLE / 'clip'}", "tiny CLIP trained on the toy world's public split")
 CAPTIONERS.register("toy-blip", _toy_blip, f"bundled: {BUNDLE / 'blip'}", "tiny BLIP trained on the toy world's public split")
 

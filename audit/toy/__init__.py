@@ -10,7 +10,7 @@ BUNDLE = Path(__file__).parent / "bundle"
 
 
 def bundle_path(component: str) -> Path:
-    """Folder of a bundled component: ``target``, ``clip`` or ``blip``."""
+    """Folder of a bundled component: ``target``, ``base`` (the target before fine-tuning), ``clip`` or ``blip``."""
     path = BUNDLE / component
     if not path.is_dir():
         raise ModelNotFoundError(

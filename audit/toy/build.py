@@ -1,6 +1,8 @@
 """Build the toy world from a seed: data splits, then target, embedder and captioner, then measurements.
 
-The output folder holds ``target/`` (a StableDiffusionPipeline), ``clip/`` (CLIPModel + CLIPProcessor),
+The output folder holds ``target/`` (a StableDiffusionPipeline), ``base/`` (the same pipeline as it was after
+public pre-training, before fine-tuning on the members: the reference ``--reference toy-base`` calibrates
+against), ``clip/`` (CLIPModel + CLIPProcessor),
 ``blip/`` (BlipForConditionalGeneration + BlipProcessor), each loadable with plain ``from_pretrained``, and
 ``world.json``: the build config (which fixes every split), the measurements and the build time.
 """
@@ -112,6 +114,11 @@ def build_world(out: Path, cfg: ToyBuildConfig, device: str = "cpu") -> dict:
     losses["pretrain"] = train_denoiser(pipe, lat_public, public[1], cfg.pretrain_steps, cfg.pretrain_batch,
                                         cfg.pretrain_lr, cfg.seed + 1, device, caption_dropout=0.1, phase="pretrain")
     times["pretrain"] = timer()
+    _save_pipeline(pipe, out / "base", device)
+    atomic_write_text(out / "base" / "base.json", json.dumps(
+        {"made_by": "build_world", "stage": "pretrain", "steps": cfg.pretrain_steps, "batch": cfg.pretrain_batch,
+         "lr": cfg.pretrain_lr, "seed": cfg.seed + 1, "device": device, "torch": torch.__version__,
+         "pretrain_loss": losses["pretrain"]}, indent=2) + "\n")
     lat_members = encode_latents(pipe.vae, members[0], device)
     losses["finetune"] = train_denoiser(pipe, lat_members, members[1], cfg.finetune_steps, cfg.finetune_batch,
                                         cfg.finetune_lr, cfg.seed + 2, device, phase="finetune",
@@ -158,6 +165,52 @@ def build_world(out: Path, cfg: ToyBuildConfig, device: str = "cpu") -> dict:
     atomic_write_text(out / "world.json", json.dumps(world, indent=2) + "\n")
     log.info("toy world written to %s in %.0f s", out, world["build_seconds"])
     return world
+
+
+def _save_pipeline(pipe, folder: Path, device: str) -> None:
+    pipe.to("cpu")
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipe.save_pretrained(folder)
+    pipe.to(device)
+
+
+def rebuild_base(world_dir: Path, out: Path | None = None, device: str = "cpu", batch: int | None = None,
+                 steps: int | None = None) -> dict:
+    """Re-run the pre-training stage of an existing world on its own VAE and write ``base/`` (with ``base.json``
+    saying how it was made).
+
+    Same initial weights, data, learning-rate schedule and seeds as ``build_world``; the noise, timesteps and
+    caption dropout come from a generator on ``device``, so at the world's own batch size the weights equal the
+    ones a build made on the same kind of device (a world built on CUDA and re-based on a CPU gets a sibling
+    pre-training, not its own). ``batch`` and ``steps`` override the pre-training's batch and step count (a cheaper,
+shorter pre-training on a machine without the build's accelerator)."""
+    from ..targets.diffusion import load_pipeline
+
+    world_dir = Path(world_dir)
+    out = Path(out) if out else world_dir / "base"
+    cfg = load_world_config(world_dir)
+    timer = Timer()
+    torch.manual_seed(cfg.seed)
+    public = split_data(cfg, "public")
+    tok_dir = out.parent / f"_{out.name}_tokenizers"
+    clip_tok = build_clip_tokenizer(tok_dir / "clip")
+    pipe = build_target(clip_tok, ToyModelSizes.from_dict(cfg.sizes), cfg.seed)
+    shutil.rmtree(tok_dir)
+    # The VAE is frozen after its own stage: the built target's VAE is exactly the one pre-training encoded with.
+    built = load_pipeline(world_dir / "target")
+    pipe.vae, pipe.tokenizer, pipe.scheduler = built.vae, built.tokenizer, built.scheduler
+    lat_public = encode_latents(pipe.vae, public[0], device)
+    batch, steps = int(batch or cfg.pretrain_batch), int(steps or cfg.pretrain_steps)
+    loss = train_denoiser(pipe, lat_public, public[1], steps, batch, cfg.pretrain_lr,
+                          cfg.seed + 1, device, caption_dropout=0.1, phase="pretrain")
+    _save_pipeline(pipe, out, device)
+    record = {"made_by": "rebuild_base", "stage": "pretrain", "steps": steps, "batch": batch,
+              "lr": cfg.pretrain_lr, "seed": cfg.seed + 1, "device": device, "torch": torch.__version__,
+              "pretrain_loss": loss, "seconds": timer(),
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_text(out / "base.json", json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def load_world_config(world_dir: Path) -> ToyBuildConfig:
