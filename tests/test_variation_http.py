@@ -142,7 +142,7 @@ def test_features_over_http_mark_a_refused_variation_and_go_on(server, tiny_worl
     s = api.featurize(f"{server.url}?timeout=20&retries=1&backoff=0.01", folder, tmp_path / "v.h5",
                       embedder=str(tiny_world["clip"]), captioner=str(tiny_world["blip"]), tier="variation",
                       var_strengths=(0.5,), n_var=2, steps=2, quiet=True)
-    assert s["status"] == {"ok": 3, "generation_refused": 1}
+    assert s.status == {"ok": 3, "generation_refused": 1}
     b = FeatureStore.open(tmp_path / "v.h5").read(ok_only=False)
     assert b["status"][2] == "generation_refused" and "HTTP 422" in b["error"][2]
     assert (b["var_pixel_dist"][[0, 1, 3]] > 0).all() and not b["var_pixel_dist"][2].any()
