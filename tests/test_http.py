@@ -1,7 +1,7 @@
 """The black-box HTTP target against a local /sdapi/v1/txt2img server (127.0.0.1, stops by itself) serving the
 tiny target: same images as the model it serves, the protocol, retries through errors and stalls, a caption that
 keeps failing, the concurrency limit, features and scan that resume after an outage with nothing lost, and the
-`audit serve` command."""
+`audit serve-target` command."""
 
 import base64
 import http.client
@@ -317,10 +317,10 @@ def test_a_refused_prompt_fails_its_row_and_the_run_goes_on(server, tiny_world, 
 
 
 @pytest.mark.slow
-def test_audit_serve_command_serves_until_its_request_budget(tiny_world):
+def test_audit_serve_target_command_serves_until_its_request_budget(tiny_world):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "audit.cli", "serve", "--target", str(tiny_world["target"]), "--port", "0",
+        [sys.executable, "-m", "audit.cli", "serve-target", "--target", str(tiny_world["target"]), "--port", "0",
          "--max-requests", "3", "--idle-timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
