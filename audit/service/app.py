@@ -72,9 +72,10 @@ class Service:
             models = self._given_models or Models.load(self.config)
         except Exception as exc:  # noqa: BLE001 (reported by readiness and by `audit serve`)
             self.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            log.error("error: %s", self.load_error)
             if self.on_load_error:
                 self.on_load_error(exc)
+            else:
+                log.error("error: %s", self.load_error)
             return
         self.jobs = Jobs(self.evidence, models, self.state_dir, on_change=self._jobs_changed)
         self._jobs_changed(self.jobs.counts_by_state())

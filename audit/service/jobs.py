@@ -189,7 +189,7 @@ class Jobs:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=5)  # a slice still scoring is redone on the next start
 
     def _next(self) -> str | None:
         with self.engine.connect() as conn:
