@@ -5,7 +5,7 @@ For each service: time to ready, then 1, 4 and 16 concurrent clients on loopback
 with their captions; throughput (checks/s), latency p50/p95/p99, errors, and the server's resident memory after
 the warm-up and after every request. The CLI is timed on a few images (each pays the whole start-up).
 
-    python benchmarks/service.py --requests 32 --cli-images 3 --json benchmarks/results/service.json
+    python benchmarks/service.py --requests 8 --cli-images 2 --json benchmarks/results/service.json
 """
 
 from __future__ import annotations
@@ -122,13 +122,13 @@ def bench_service(name: str, args: list[str], queries, levels: list[int], reques
         rss = [_rss_mib(proc.pid)]
         runs = []
         for clients in levels:
-            runs.append(_load(url, queries, clients, requests))
+            runs.append(_load(url, queries, clients, max(requests, clients)))
             rss.append(_rss_mib(proc.pid))
             print(f"{name:>10} {clients:>3} clients: {runs[-1]['checks_per_s']:.2f} checks/s, p50 "
                   f"{runs[-1]['p50_ms']} ms, errors {runs[-1]['errors']}", flush=True)
         return {"time_to_ready_s": round(ready, 2), "runs": runs, "rss_mib_after_warmup": round(rss[0], 1),
                 "rss_mib_after_each_level": [round(x, 1) for x in rss[1:]],
-                "requests_total": 2 + requests * len(levels)}
+                "requests_total": 2 + sum(max(requests, c) for c in levels)}
     finally:
         proc.terminate()
         proc.wait(60)
@@ -148,7 +148,8 @@ def bench_cli(queries, n: int, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=32, help="Checks per concurrency level and service.")
+    ap.add_argument("--requests", type=int, default=32, help="Checks per concurrency level and service (at least "
+                    "one per client).")
     ap.add_argument("--clients", default="1,4,16", help="Concurrency levels.")
     ap.add_argument("--cli-images", type=int, default=3, help="Images checked by one `audit check` process each.")
     ap.add_argument("--max-batch-size", type=int, default=16)

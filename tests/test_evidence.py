@@ -176,6 +176,7 @@ def toy_cli(tmp_path_factory):
     from audit.toy import scenes
 
     root = tmp_path_factory.mktemp("cli")
+    mp.setenv("AUDIT_HOME", str(root / "home"))  # the bundled heads, not heads registered on this machine
     images, captions = scenes.scene_images(5, "members", 3)
     folder = scenes.write_imagefolder(root / "set", images, captions, [None] * 3)
     yield {"root": root, "folder": folder, "captions": captions}

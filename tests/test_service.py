@@ -26,12 +26,15 @@ from servicekit import InProcess, png_bytes
 def toy(tmp_path_factory):
     """The toy Auditor loaded once, a few toy images on disk, and a data root holding a scannable folder."""
     root = tmp_path_factory.mktemp("service")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUDIT_HOME", str(root / "home"))  # the bundled heads, not heads registered on this machine
     images, captions = scenes.scene_images(3, "members", 6)
     data = root / "data"
     folder = scenes.write_imagefolder(data / "set", images[:5], captions[:5], [None] * 5)
     models = Models.load(ServiceConfig(targets=["toy"]))
-    return {"root": root, "images": images, "captions": captions, "models": models, "data": data,
-            "folder": folder}
+    yield {"root": root, "images": images, "captions": captions, "models": models, "data": data,
+           "folder": folder}
+    mp.undo()
 
 
 def _service(toy, tmp_path_factory, **options) -> InProcess:

@@ -39,12 +39,15 @@ def world(tmp_path_factory):
     args = ["--target", "toy", "--db", str(root / "evidence.db"), "--data-root", str(data), "--config", str(settings)]
     env = {"AUDIT_HOME": str(home), "OMP_NUM_THREADS": "2"}  # this process's torch threads (conftest)
     server = ServeProcess(args, env)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUDIT_HOME", str(home))  # the bundled heads, not heads registered on this machine
     auditor = api.Auditor("toy")  # the local side of every comparison, loaded while the server loads
     server.wait_ready()
     state = {"server": server, "args": args, "env": env}
     yield {"root": root, "folder": folder, "query": query, "caption": captions[0], "auditor": auditor,
            "db": root / "evidence.db", "state": state}
     state["server"].stop()
+    mp.undo()
 
 
 def test_check_over_the_server_prints_and_returns_what_the_local_command_does(world):
