@@ -5,7 +5,7 @@ For each service: time to ready, then 1, 4 and 16 concurrent clients on loopback
 with their captions; throughput (checks/s), latency p50/p95/p99, errors, and the server's resident memory after
 the warm-up and after every request. The CLI is timed on a few images (each pays the whole start-up).
 
-    python benchmarks/service.py --requests 32 --cli-images 3 --json benchmarks/results/service.json
+    python benchmarks/service.py --requests 8 --cli-images 2 --json benchmarks/results/service.json
 """
 
 from __future__ import annotations
