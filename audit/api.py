@@ -57,6 +57,10 @@ def __getattr__(name: str):
         from .verdict import Verdict
 
         return Verdict
+    if name == "Client":
+        from .service.client import Client
+
+        return Client
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -162,19 +166,53 @@ def _count(value: int | str) -> int:
 def check(image: str | Path, caption: str | None = None, *, target: str, heads: str | Path | None = None,
           embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
           device: str = "cpu", allow_pickle: bool = False, max_fpr: float = 0.01, decision: str = "budget",
-          max_miss: float | None = None, reference: str | None = None):
+          max_miss: float | None = None, reference: str | None = None,
+          evidence: str | Path | None = None):
     """The Verdict for one image (with its caption; without one the captioner writes it): ``member``,
     ``non-member`` or ``inconclusive`` at the false-positive budget ``max_fpr`` (``decision="balanced"``: the
-    two-way rule); see ``audit.attacks.decision``."""
+    two-way rule); see ``audit.attacks.decision``. ``evidence``: a database (file or URL) to log the verdict
+    in (``audit.evidence``); the record's id is then the Verdict's ``evidence_id`` attribute."""
     from .auditor import Auditor, image_row
     from .imagefolder import load_image
 
     # An unreadable image fails before any model loads (the Auditor checks the verdict rule before it loads them).
     image_row(image, caption)
     pixels = load_image(image)
+    log = _evidence_log(evidence)
     auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
                       max_fpr=max_fpr, decision=decision, max_miss=max_miss, reference=reference)
-    return auditor.check(image, caption, pixels=pixels)
+    verdict = auditor.check(image, caption, pixels=pixels)
+    if log is not None:
+        from .evidence import file_sha256, verdict_record
+
+        verdict.evidence_id = log.append(verdict_record(verdict.to_dict(), auditor, file_sha256(image)))["id"]
+    return verdict
+
+
+def _evidence_log(evidence: str | Path | None):
+    """The EvidenceLog of ``--evidence`` (opened before any model loads, so a bad URL fails fast), or None."""
+    if evidence is None:
+        return None
+    from .evidence import EvidenceLog
+
+    return EvidenceLog(evidence)
+
+
+def log_scan_results(log, results: str | Path, auditor, job_id: str) -> int:
+    """Append a scan's result lines to the evidence log, each row once (a resumed scan logs only its new rows);
+    returns how many records were added."""
+    from .evidence import file_sha256, verdict_record
+    from .report.jsonl import read_jsonl
+
+    before = log.count(job_id)
+    for line in read_jsonl(results)[0]:
+        try:
+            digest = file_sha256(line["image"])
+        except (OSError, TypeError, KeyError):
+            digest = None
+        log.append(verdict_record(line, auditor, digest, job_id=job_id, row_id=line.get("id"), source="scan"),
+                   skip_existing=True)
+    return log.count(job_id) - before
 
 
 def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path | None = None,
@@ -182,9 +220,10 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
          report: str | Path | None = None, resume: bool = False, batch_size: int = 8, quiet: bool = False,
          device: str = "cpu", allow_pickle: bool = False, max_fpr: float = 0.01, decision: str = "budget",
          max_miss: float | None = None, ray: str | None = None, workers: int = 1, threads: int = 0,
-         reference: str | None = None) -> ScanSummary:
+         reference: str | None = None, evidence: str | Path | None = None) -> ScanSummary:
     """Verdicts for every image of a folder, one JSONL line each (resumable); optionally an HTML report.
-    ``max_fpr``, ``decision``, ``max_miss``: the verdict rule, as for ``check``.
+    ``max_fpr``, ``decision``, ``max_miss``: the verdict rule, as for ``check``. ``evidence``: a database to log
+    every row's verdict in, once per row of the results file (its job id is in the summary's ``evidence``).
 
     ``ray``: score the batches on a Ray cluster, as ``featurize`` does; the results are the same lines. Its HTML
     report shows the queries without their generated images (the driver holds no target to regenerate them)."""
@@ -200,6 +239,9 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
     rule = dict(max_fpr=max_fpr, decision=decision, max_miss=max_miss)
     if reference:  # the Auditor's argument, handed to every Ray worker's Auditor with the rule
         rule["reference"] = _model_spec(reference)
+    if evidence is not None and cluster is not None:
+        raise UsageError("--evidence logs verdicts from this machine's models; it does not apply with --ray yet")
+    log = _evidence_log(evidence)
     if cluster is not None:
         from .cluster import scan_on_ray
 
@@ -214,9 +256,48 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
                           batch_size=batch_size, **rule)
         summary = auditor.scan(folder, out, resume=resume, quiet=quiet)
         generate = auditor.regenerate if auditor.generates else None
+        if log is not None:
+            import hashlib
+
+            job = "scan-" + hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:24]
+            summary["evidence"] = {"db": log.url, "job_id": job,
+                                   "added": log_scan_results(log, out, auditor, job)}
     if report is not None:
         summary["report"] = write_scan_html(out, report, generate=generate, images_root=folder)
     return ScanSummary.from_dict(summary)
+
+
+def evidence_verify(db: str | Path) -> dict:
+    """Check an evidence log's whole hash chain: ``{"ok", "records", "first_bad", "head"}``."""
+    from .evidence import EvidenceLog
+
+    _existing_db(db)
+    return EvidenceLog(db).verify()
+
+
+def evidence_export(db: str | Path, out: str | Path, since: str | None = None, until: str | None = None,
+                    job: str | None = None) -> dict:
+    """Write an evidence log's records (optionally a time range, ``since <= time < until`` in ISO UTC, or one
+    job) as JSONL, each with its in-toto Statement; returns ``{"out", "records"}``."""
+    from .evidence import EvidenceLog, export_jsonl
+
+    _existing_db(db)
+    return {"out": str(out), "records": export_jsonl(EvidenceLog(db), out, since=since, until=until, job=job)}
+
+
+def _existing_db(db: str | Path) -> None:
+    """A file path must name an existing database: reading a log never creates an empty one."""
+    from .errors import InputError
+
+    if "://" not in str(db) and not Path(db).is_file():
+        raise InputError(f"{db}: no such evidence database")
+
+
+def serve(config) -> None:
+    """Run the auditing service (``audit.service.ServiceConfig``) until interrupted."""
+    from .service import serve as _serve
+
+    _serve(config)
 
 
 def demo(workdir: str | Path | None = None, quiet: bool = False, **settings) -> dict:

@@ -310,6 +310,8 @@ _TARGET_HELP = "Registered name, diffusers folder, `audit export` folder, or htt
 _EMBEDDER_HELP = "Embedder: registered name or CLIP folder (default: the target's)."
 _CAPTIONER_HELP = "Captioner: registered name or BLIP folder (default: the target's)."
 _HEADS_HELP = "Heads folder from `audit train` (default: the heads registered for the target)."
+_EVIDENCE_HELP = ("Log each verdict in this evidence database (SQLite file or postgresql://...), as `audit serve` "
+                  "does; check it with `audit evidence verify`.")
 _RAY_HELP = ("Compute the batches on a Ray cluster: ray://HEAD:10001, auto, HOST:PORT, or local (a private cluster "
              "on this machine, stopped afterwards); the output is the same. Needs pip install 'audit[ray]'.")
 _WORKERS_HELP = "With --ray: workers, each holding its own copy of the models (and with --device cuda one GPU)."
@@ -455,14 +457,21 @@ def check(
     decision: str = _decision_option(),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
+    evidence: Optional[str] = typer.Option(None, "--evidence", help=_EVIDENCE_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help="Ask a running `audit serve` at this URL instead "
+                                         "of loading the models here (key: $AUDIT_API_KEY)."),
 ) -> None:
     """Was this image (with this caption) in the target's training data? member, non-member or inconclusive."""
     from . import api
     from .errors import InputError
 
-    v = run(lambda: api.check(image, caption, target=target, heads=heads, embedder=embedder, captioner=captioner,
-                              attack=attack, device=device, allow_pickle=allow_pickle, max_fpr=max_fpr,
-                              decision=decision, max_miss=max_miss, reference=reference))
+    if server:
+        v = run(lambda: _check_on_server(server, image, caption, target, heads, attack, max_fpr, evidence))
+    else:
+        v = run(lambda: api.check(image, caption, target=target, heads=heads, embedder=embedder,
+                                  captioner=captioner, attack=attack, device=device, allow_pickle=allow_pickle,
+                                  max_fpr=max_fpr, decision=decision, max_miss=max_miss, reference=reference,
+                                  evidence=evidence))
     if json_out:
         typer.echo(v.to_json(indent=2))
     _heads_line(v.heads_source)
@@ -477,8 +486,22 @@ def check(
                                           for a, s in v.scores.items()))
         for w in v.warnings:
             typer.echo(f"warning: {w}", err=True)
+    if getattr(v, "evidence_id", None):
+        typer.echo(f"evidence record: {v.evidence_id}", err=True)
     if fail_on_member and v.is_member:
         raise typer.Exit(EXIT_MEMBER_FOUND)
+
+
+def _check_on_server(server, image, caption, target, heads, attack, max_fpr, evidence):
+    from .errors import UsageError
+    from .service.client import Client
+
+    if evidence:
+        raise UsageError("--evidence logs local checks; with --server the service logs the verdict in its own "
+                         "evidence database")
+    with Client(server) as client:
+        return client.check(image, caption, target=target, heads=str(heads) if heads else None, attack=attack,
+                            max_fpr=max_fpr)
 
 
 @app.command()
@@ -506,6 +529,7 @@ def scan(
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=_RAY_HELP),
     workers: int = typer.Option(1, "--workers", help=_WORKERS_HELP),
     threads: int = typer.Option(0, "--threads", help=_THREADS_HELP),
+    evidence: Optional[str] = typer.Option(None, "--evidence", help=_EVIDENCE_HELP),
 ) -> None:
     """Score every image of a folder; results go to a JSONL file as they are computed."""
     from . import api
@@ -513,7 +537,8 @@ def scan(
     s = run(lambda: api.scan(folder, out, target=target, heads=heads, embedder=embedder, captioner=captioner,
                              attack=attack, report=report, resume=resume, batch_size=batch_size, quiet=quiet,
                              device=device, allow_pickle=allow_pickle, max_fpr=max_fpr, decision=decision,
-                             max_miss=max_miss, ray=ray, workers=workers, threads=threads, reference=reference))
+                             max_miss=max_miss, ray=ray, workers=workers, threads=threads, reference=reference,
+                             evidence=evidence))
     _heads_line(s.heads_source)
     if json_out:
         _echo_json(s.to_dict())
@@ -528,6 +553,8 @@ def scan(
         typer.echo(f"warning: {note}", err=True)
     if report is not None:
         typer.echo(f"report: {s.report}" if s.report else "report: skipped (no HTML report module)")
+    if s.evidence:
+        typer.echo(f"evidence: {s.evidence['added']} records added to job {s.evidence['job_id']}", err=True)
     if fail_on_member and s.members:
         raise typer.Exit(EXIT_MEMBER_FOUND)
 
@@ -597,8 +624,12 @@ def export_cmd(
     typer.echo(f"use it with: audit check IMAGE --target {out}")
 
 
-@app.command()
-def serve(
+_SERVE_TARGET_POINTER = ("`audit serve` is now the auditing service; the txt2img/img2img target emulator is "
+                         "`audit serve-target` (same options)")
+
+
+@app.command("serve-target")
+def serve_target(
     target: str = typer.Option(..., "--target", help="Target to serve: registered name or folder."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(7860, "--port", help="Port (0: any free one)."),
@@ -609,12 +640,96 @@ def serve(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (runs their code)."),
 ) -> None:
     """Serve a target over the /sdapi/v1/txt2img HTTP protocol (audit it as a black box with --target URL)."""
-    from .serve_target import serve as serve_target
+    from .serve_target import serve as serve_txt2img
 
-    n = run(lambda: serve_target(target, host, port, device=device, allow_pickle=allow_pickle,
-                                 max_requests=max_requests, idle_timeout=idle_timeout,
-                                 on_ready=lambda url: typer.echo(f"serving {target} at {url} (Ctrl-C stops)")))
+    n = run(lambda: serve_txt2img(target, host, port, device=device, allow_pickle=allow_pickle,
+                                  max_requests=max_requests, idle_timeout=idle_timeout,
+                                  on_ready=lambda url: typer.echo(f"serving {target} at {url} (Ctrl-C stops)")))
     typer.echo(f"stopped after {n} requests")
+
+
+@app.command()
+def serve(
+    target: Optional[list[str]] = typer.Option(None, "--target", help="Target to audit against (repeat for "
+                                               "several; the first is the default). " + _TARGET_HELP),
+    heads: Optional[list[str]] = typer.Option(None, "--heads", help="Heads folder: one for every target, or one "
+                                              "per target (default: each target's registered heads)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1); any but "
+                                       "loopback needs --api-keys."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000)."),
+    db: Optional[str] = typer.Option(None, "--db", help="Evidence database: a SQLite file or postgresql://... "
+                                     "(default: $AUDIT_HOME/evidence.db)."),
+    api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="File of SHA-256-hashed API keys, one "
+                                            "`sha256:HEX` a line, optionally followed by a name (AUDIT_API_KEYS may hold more)."),
+    data_root: Optional[list[Path]] = typer.Option(None, "--data-root", help="Folder that scan jobs may read "
+                                                   "(repeatable); without one, only uploaded archives."),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Most checks per batched model "
+                                                 "call (1: no batching; default 8)."),
+    max_wait_ms: Optional[float] = typer.Option(None, "--max-wait-ms", help="Longest wait for a batch to fill "
+                                                "(default 20)."),
+    queue_size: Optional[int] = typer.Option(None, "--queue-size", help="Most checks waiting; beyond, 503 with "
+                                             "Retry-After (default 64)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON file of the service's settings "
+                                               "(ServiceConfig fields); flags override it."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda"),
+    max_requests: Optional[int] = typer.Option(None, "--max-requests", hidden=True),
+    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", hidden=True),
+) -> None:
+    """The auditing service: HTTP checks (batched), scan jobs, an evidence log of every verdict, metrics, a page."""
+    from .errors import UsageError
+    from .service import ServiceConfig, serve as run_service
+
+    def start():
+        if max_requests is not None or idle_timeout is not None:
+            raise UsageError(_SERVE_TARGET_POINTER)
+        cfg = ServiceConfig.load(config_file) if config_file else ServiceConfig()
+        flags = {"host": host, "port": port, "targets": target or None, "heads": heads or None, "db": db,
+                 "api_keys": str(api_keys) if api_keys else None,
+                 "data_roots": [str(p) for p in data_root] if data_root else None,
+                 "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "queue_size": queue_size,
+                 "device": device}
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+        cfg.validate()
+        typer.echo(f"auditing service for {', '.join(cfg.targets)} at http://{cfg.host}:{cfg.port} (models load in "
+                   "the background; GET /v2/health/ready says when they are in; Ctrl-C stops)", err=True)
+        run_service(cfg)
+
+    run(start)
+
+
+evidence_app = typer.Typer(no_args_is_help=True, help="The evidence log: verify its hash chain, export records.")
+app.add_typer(evidence_app, name="evidence")
+
+
+@evidence_app.command("verify")
+def evidence_verify(db: str = typer.Argument(..., help="Evidence database: a SQLite file or postgresql://...")) -> None:
+    """Check every record's digest against its content and the record before it; name the first that fails."""
+    from . import api
+
+    result = run(lambda: api.evidence_verify(db))
+    if not result["ok"]:
+        bad = result["first_bad"]
+        typer.echo(f"error: {db}: record {bad['id']} (#{bad['seq']}) does not verify: {bad['problem']}; "
+                   f"{result['records']} records before it verify", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{db}: {result['records']} records verify; chain head {result['head']}")
+
+
+@evidence_app.command("export")
+def evidence_export(
+    db: str = typer.Argument(..., help="Evidence database: a SQLite file or postgresql://..."),
+    out: Path = typer.Option(..., "--out", help="JSONL file to write: each record with its in-toto Statement."),
+    since: Optional[str] = typer.Option(None, "--since", help="Records at or after this UTC time (ISO 8601)."),
+    until: Optional[str] = typer.Option(None, "--until", help="Records before this UTC time (ISO 8601)."),
+    job: Optional[str] = typer.Option(None, "--job", help="Only the records of this scan job."),
+) -> None:
+    """Write evidence records as JSONL, each also as an in-toto Statement whose subject is the image's SHA-256."""
+    from . import api
+
+    result = run(lambda: api.evidence_export(db, out, since=since, until=until, job=job))
+    typer.echo(f"wrote {result['records']} records to {result['out']}")
 
 
 def main() -> None:

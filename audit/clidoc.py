@@ -25,7 +25,10 @@ TOPICS = {
     "scan": ("verdicts: what a verdict says", "verdicts.md#what-a-verdict-says"),
     "report": ("HTML reports", "reports.md"),
     "experiment": ("the study's results", "RESULTS.md"),
-    "serve": ("HTTP targets", "http.md"),
+    "serve-target": ("HTTP targets", "http.md"),
+    "serve": ("the auditing service", "service.md"),
+    "evidence verify": ("the auditing service: the evidence log", "service.md#the-evidence-log"),
+    "evidence export": ("the auditing service: the evidence log", "service.md#the-evidence-log"),
 }
 
 

@@ -73,6 +73,7 @@ class ScanSummary(Result):
     ray: dict[str, Any] | None = _optional()
     report: str | None = _optional()  # the HTML report, when asked for
     heads_source: dict[str, Any] | None = _optional()  # where the heads came from (``attacks.heads.provenance``)
+    evidence: dict[str, Any] | None = _optional()  # --evidence: the log, the scan's job id, records added
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property

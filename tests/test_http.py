@@ -1,7 +1,7 @@
 """The black-box HTTP target against a local /sdapi/v1/txt2img server (127.0.0.1, stops by itself) serving the
 tiny target: same images as the model it serves, the protocol, retries through errors and stalls, a caption that
 keeps failing, the concurrency limit, features and scan that resume after an outage with nothing lost, the
-`audit serve` command and its refusals of malformed requests; and against a hostile service (tests/hostile_http.py),
+`audit serve-target` command and its refusals of malformed requests; and against a hostile service (tests/hostile_http.py),
 each misbehaviour giving a row status or a one-line error in bounded time and memory."""
 
 import base64
@@ -382,10 +382,10 @@ def test_idle_connections_time_out_and_cannot_keep_the_server_alive(local):
 
 
 @pytest.mark.slow
-def test_audit_serve_command_serves_until_its_request_budget(tiny_world):
+def test_audit_serve_target_command_serves_until_its_request_budget(tiny_world):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "audit.cli", "serve", "--target", str(tiny_world["target"]), "--port", "0",
+        [sys.executable, "-m", "audit.cli", "serve-target", "--target", str(tiny_world["target"]), "--port", "0",
          "--max-requests", "3", "--idle-timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

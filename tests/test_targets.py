@@ -59,7 +59,7 @@ def test_uncached_name_fails_in_one_line_naming_repo_and_command(empty_cache):
     assert "stabilityai/stable-diffusion-2-1: not in the local Hugging Face cache" in msg
     assert "`hf download stabilityai/stable-diffusion-2-1 --include" in msg and "\n" not in msg
     # Through the CLI: one line on stderr, exit code 1, no traceback.
-    result = CliRunner().invoke(app, ["serve", "--target", "ldm", "--port", "0"])
+    result = CliRunner().invoke(app, ["serve-target", "--target", "ldm", "--port", "0"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         f"error: CompVis/ldm-text2im-large-256: not in the local Hugging Face cache ({empty_cache}) and audit never "
@@ -130,7 +130,7 @@ def test_pickle_only_weights_are_refused_unless_allowed(tiny_families, tmp_path)
     with pytest.raises(UnsafeWeightsError) as err:
         load_target(str(folder))
     assert str(pickle) in str(err.value) and "--allow-pickle" in str(err.value)
-    result = CliRunner().invoke(app, ["serve", "--target", str(folder), "--port", "0"])
+    result = CliRunner().invoke(app, ["serve-target", "--target", str(folder), "--port", "0"])
     assert result.exit_code == 1 and f"error: {pickle}: only pickle weights" in result.output
     allowed = load_target(str(folder), allow_pickle=True)
     reference = load_target(str(tiny_families["ldm"]))
