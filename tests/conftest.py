@@ -3,6 +3,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+if "AUDIT_HOME" not in os.environ:
+    # The machine's own registry, logs and caches (~/.cache/audit) never decide a test: each session gets a home.
+    import tempfile
+
+    os.environ["AUDIT_HOME"] = tempfile.mkdtemp(prefix="audit-home-")
 
 import pytest
 import torch

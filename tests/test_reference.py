@@ -57,7 +57,7 @@ def labelled(tmp_path_factory):
 
 def _features(models, data, out, target, *extra):
     r = CliRunner().invoke(app, ["features", "--target", str(target), "--data", str(data), "--out", str(out),
-                                 "--tier", "all", "--n-gen", "1", "--steps", "2", "--caption-tokens", "4",
+                                 "--tier", "black-box,gray-box", "--n-gen", "1", "--steps", "2", "--caption-tokens", "4",
                                  "--graybox-timesteps", "200", "-q", *models["args"], *extra])
     assert r.exit_code == 0, r.output
     return r
