@@ -230,12 +230,14 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
     from .attacks.decision import check_budget
     from .auditor import Auditor, write_scan_html
     from .imagefolder import require_folder
-    from .report.jsonl import refuse_existing_results
+    from .report.jsonl import check_results, refuse_existing_results
 
     cluster = _cluster(ray, workers, threads, device)
     require_folder(folder)  # the user's paths fail here, before any model loads
     check_outputs({"--out": out, "--report": report}, {"DIR": folder, "--heads": heads})
     refuse_existing_results(out, resume)
+    if resume and Path(out).exists():
+        check_results(out)  # not a results file: refused unchanged, before any model loads
     rule = dict(max_fpr=max_fpr, decision=decision, max_miss=max_miss)
     if reference:  # the Auditor's argument, handed to every Ray worker's Auditor with the rule
         rule["reference"] = _model_spec(reference)

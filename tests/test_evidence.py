@@ -190,7 +190,8 @@ def test_check_and_scan_log_the_same_records_without_a_server(toy_cli, tmp_path)
                                       "--json", "--evidence", db])
     assert result.exit_code == 0, result.output
     verdict = json.loads(result.stdout)
-    record_id = result.stderr.strip().removeprefix("evidence record: ")
+    (record_id,) = [line.removeprefix("evidence record: ") for line in result.stderr.splitlines()
+                    if line.startswith("evidence record: ")]
     record = EvidenceLog(db).get(record_id)
     assert record["verdict"] == verdict["verdict"] and record["scores"] == verdict["scores"]
     assert record["image_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest() and record["source"] == "check"

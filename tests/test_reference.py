@@ -111,7 +111,7 @@ def test_heads_trained_with_a_reference_check_with_it_and_refuse_without(models,
              "--heads", str(heads), *models["args"]]
     r = CliRunner().invoke(app, ["check", *query, "--json", "--reference", str(models["reference"])])
     assert r.exit_code == 0, r.output
-    v = json.loads(r.output)
+    v = json.loads(r.stdout)
     assert set(v["scores"]) == {"PIA-ref", "PIA-ref-score", "blind"} and v["tier"] == "gray-box"
     for extra, message in (([], "pass it with --reference"), (["--reference", str(models["target"])],
                                                               "this run's reference is 'target'")):

@@ -108,7 +108,7 @@ def test_concurrent_checks_are_batched_and_their_verdicts_equal_single_checks(sv
         got = a.json()
         assert got["verdict"] == alone.verdict
         # Same seeds and images; only batched matmuls may round the last float bits differently.
-        assert got["probability"] == pytest.approx(alone.probability, abs=1e-5)
+        assert got["probability"] == pytest.approx(alone.probability, abs=1e-4)
 
 
 def _batches(svc) -> dict:

@@ -158,7 +158,7 @@ def _assert_same_rows(got: list, want: list) -> None:
 
     def same(a, b, where):
         if isinstance(a, float) or isinstance(b, float):
-            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), where
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-4), where
         elif isinstance(a, dict) and isinstance(b, dict):
             assert a.keys() == b.keys(), where
             for k in a:

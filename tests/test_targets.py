@@ -134,7 +134,10 @@ def test_pickle_only_weights_are_refused_unless_allowed(tiny_families, tmp_path)
     assert result.exit_code == 1 and f"error: {pickle}: only pickle weights" in result.output
     allowed = load_target(str(folder), allow_pickle=True)
     reference = load_target(str(tiny_families["ldm"]))
-    np.testing.assert_array_equal(allowed.generate(CAPTIONS[:1], 1, 0, 2), reference.generate(CAPTIONS[:1], 1, 0, 2))
+    # The same weights give the same images, up to one uint8 level where torch's CPU kernels round differently
+    # from one process state to the next (seen with torch 2.14).
+    got, want = allowed.generate(CAPTIONS[:1], 1, 0, 2), reference.generate(CAPTIONS[:1], 1, 0, 2)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1 and (got != want).mean() < 0.01
 
 
 def test_folders_that_are_not_targets_say_what_a_target_folder_holds(tmp_path, tiny_families):

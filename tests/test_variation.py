@@ -165,13 +165,13 @@ def test_train_evaluate_and_check_report_variation_attacks_with_tiers(var_store,
                                  "--target", str(tiny_world["target"]), "--heads", str(heads), "--json",
                                  "--attack", "var-pixel-score", *_models(tiny_world)])
     assert r.exit_code == 0, r.output
-    v = json.loads(r.output)
+    v = json.loads(r.stdout)
     assert v["tier"] == "variation" and v["attack"] == "var-pixel-score"
     assert {s["tier"] for a, s in v["scores"].items() if a != "blind"} == {"variation"}
 
 
 def test_variation_on_a_dalle_target_fails_in_one_line(tiny_world, labelled, tmp_path):
-    from audit.targets import tiny
+    from audit.testing import tiny
 
     dalle = tiny.build_tiny_dalle(tmp_path)
     r = CliRunner().invoke(app, ["features", "--target", str(dalle), "--data", str(labelled), "--out",
@@ -212,6 +212,6 @@ def test_the_variation_benchmark_times_every_tier_and_counts_unet_evaluations(tm
                       "--n-var", "2", "--caption-tokens", "4", "--json", str(tmp_path / "b.json")])
     table = out["toy"]
     assert {k: t["unet_evaluations_per_query"] for k, t in table.items()} == {"black-box": 4, "variation": 6,
-                                                                             "gray-box": 10}
+                                                                             "gray-box": 19}
     assert all(t["seconds_per_query"] > 0 for t in table.values()) and table["black-box"]["iv_over_this"] == 1.0
     assert json.loads((tmp_path / "b.json").read_text())["toy"]["variation"]["verdicts"].startswith("var-pixel")

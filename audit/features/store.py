@@ -352,7 +352,7 @@ class FeatureStore:
 
 def _itemsize(key: str) -> int:
     """Bytes per element of ``key`` once read (text: a pointer and a short string, 64 as an estimate)."""
-    dtype = row_shapes(1, 8, 1, TIERS, 1)[key][1]
+    dtype = row_shapes(1, 8, 1, TIERS, 1)[key.removeprefix(REF_PREFIX)][1]
     return 64 if isinstance(dtype, np.dtype) and dtype.kind == "O" else np.dtype(dtype).itemsize
 
 

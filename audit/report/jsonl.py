@@ -168,8 +168,6 @@ def refuse_existing_results(path: str | os.PathLike, resume: bool = False) -> No
     path = Path(path)
     if path.exists() and path.stat().st_size > 0 and not resume:
         raise UsageError(f"{path}: already exists; pass --resume to continue it, or delete it")
-    if resume and path.exists():
-        check_results(path)  # not a results file: refused unchanged, before any model loads
 
 
 class JsonlWriter:
