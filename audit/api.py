@@ -330,7 +330,7 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
 
     from .attacks import TrainConfig, parse_attacks, register_heads, train_heads
     from .attacks.inputs import available_attacks
-    from .attacks.train import file_sha256
+    from .manifest import file_sha256
     from .errors import ArtifactError
     from .features.store import FeatureStore
 
@@ -404,7 +404,7 @@ def evaluate(store: str | Path, heads: str | Path | None = None, json_out: str |
     there and a ROC plot beside it (``plot`` overrides where). With ``report`` an HTML report is written there.
     """
     from .attacks import evaluate_heads, resolve_heads
-    from .attacks.train import file_sha256
+    from .manifest import file_sha256
     from .config import atomic_write_text
     from .features.store import FeatureStore
     import json

@@ -90,6 +90,15 @@ def cached_hash(kind: str, folder: Path, files: Sequence[Path], compute: Callabl
     return value
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of one file, read in 1 MiB blocks (stores, heads, graphs, query images)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def make_manifest(kind: str, config: dict[str, Any], target: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
     return {
         "kind": kind,

@@ -29,7 +29,7 @@ def sd(tmp_path_factory):
 
 
 def test_graphs_over_2gb_validate_load_and_are_hashed(sd):
-    from audit.export.convert import file_sha256
+    from audit.manifest import file_sha256
     from audit.manifest import weights_hash
     from audit.runtime import OnnxGenerator
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import sqlalchemy as sa
 
 from ..errors import InputError, UsageError
+from ..manifest import file_sha256
 
 GENESIS = "0" * 64
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -260,14 +261,6 @@ def export_jsonl(log: EvidenceLog, out: str | Path, since: str | None = None, un
 
 
 # ----------------------------------------------------------------------------------------------- records
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def heads_digest(heads_path: str | Path) -> str:
     """SHA-256 of heads.json, which records the SHA-256 of every ONNX head."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import hashlib
 import inspect
 import logging
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError
+from ..manifest import file_sha256
 from .specs import ONNX_TRANSLATIONS, ExportSpec
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,6 @@ def _group_varargs(module: torch.nn.Module, per_input: list) -> tuple:
 def _cast(feeds: dict[str, torch.Tensor], device: str, precision: str) -> dict[str, torch.Tensor]:
     dtype = _DTYPES[precision]
     return {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in feeds.items()}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def prepare_module(spec: ExportSpec, device: str = "cpu", precision: str = "fp32") -> torch.nn.Module:
