@@ -27,6 +27,7 @@ import base64
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import http.client
 import io
@@ -37,7 +38,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -167,13 +168,18 @@ class HTTPGenerator(PerImageSeeds):
         """uint8 [len(prompts), R, R, 3], one request per image; raises GenerationFailed if any image is missing."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        return self._gather([functools.partial(self._image, p, int(s) % SEED_MODULUS, steps, guidance)
+                             for p, s in zip(prompts, seeds)], "images")
+
+    def _gather(self, requests: list[Callable[[], np.ndarray]], what: str) -> np.ndarray:
+        """uint8 [len(requests), R, R, 3]: each request's image, ``config.concurrency`` at a time; raises
+        GenerationFailed (``refused`` for the refusals) with what it got if any request failed."""
         r = self.resolution
-        out = np.zeros((len(prompts), r, r, 3), np.uint8)
+        out = np.zeros((len(requests), r, r, 3), np.uint8)
         errors: dict[int, str] = {}
         refused: set[int] = set()
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
-            futures = {pool.submit(self._image, p, int(s) % SEED_MODULUS, steps, guidance): i
-                       for i, (p, s) in enumerate(zip(prompts, seeds))}
+            futures = {pool.submit(request): i for i, request in enumerate(requests)}
             for fut in concurrent.futures.as_completed(futures):
                 i = futures[fut]
                 try:
@@ -184,8 +190,8 @@ class HTTPGenerator(PerImageSeeds):
                         refused.add(i)
         if errors:
             first = errors[min(errors)]
-            raise GenerationFailed(f"{self.url}: {len(errors)} of {len(prompts)} images failed ({first})", out, errors,
-                                   refused)
+            raise GenerationFailed(f"{self.url}: {len(errors)} of {len(requests)} {what} failed ({first})", out,
+                                   errors, refused)
         return out
 
     # -- one image -------------------------------------------------------------------------------------------
@@ -284,28 +290,11 @@ class HTTPGenerator(PerImageSeeds):
         check_inputs(images, prompts, seeds)
         variation_steps(strength, steps)
         r = self.resolution
-        out = np.zeros((len(images), r, r, 3), np.uint8)
         if len(images) == 0:
-            return out
+            return np.zeros((0, r, r, 3), np.uint8)
         pngs = [_png_b64(im) for im in init_pixels(images, r)]
-        errors: dict[int, str] = {}
-        refused: set[int] = set()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
-            futures = {pool.submit(self._variation, png, p, int(s) % SEED_MODULUS, float(strength), steps,
-                                   guidance): i for i, (png, p, s) in enumerate(zip(pngs, prompts, seeds))}
-            for fut in concurrent.futures.as_completed(futures):
-                i = futures[fut]
-                try:
-                    out[i] = fut.result()
-                except ServiceError as exc:
-                    errors[i] = str(exc)
-                    if isinstance(exc, PromptRefused):
-                        refused.add(i)
-        if errors:
-            first = errors[min(errors)]
-            raise GenerationFailed(f"{self.url}: {len(errors)} of {len(images)} variations failed ({first})", out,
-                                   errors, refused)
-        return out
+        return self._gather([functools.partial(self._variation, png, p, int(s) % SEED_MODULUS, float(strength), steps,
+                                               guidance) for png, p, s in zip(pngs, prompts, seeds)], "variations")
 
     def _variation(self, png: str, prompt: str, seed: int, strength: float, steps: int, guidance: float) -> np.ndarray:
         key = ("img2img", hashlib.sha256(png.encode("ascii")).hexdigest(), prompt, seed, strength, int(steps),
