@@ -26,10 +26,12 @@ def test_writes_results_plots_and_numbers(quick_run):
     out = quick_run["out"]
     text = (out / "RESULTS.md").read_text()
     for section in ("## Findings", "## Setup", "## RQ1/RQ2", "## The FID table's analogue", "## RQ3",
-                    "## RQ4: ablations", "## RQ5: output defences", "## Set-level inference", "## Timings"):
+                    "## RQ4: ablations", "## RQ5: output defences", "## Set-level inference", "## Timings",
+                    "## Verdicts at a 1% budget: cross-fitting and the reference", "### RQ1, the bundled target",
+                    "### RQ3, the weak fine-tune", "### img2img strength (variation tier)"):
         assert section in text
     pngs = re.findall(r"!\[[^\]]*\]\(\./([^)]+\.png)\)", text)
-    assert len(pngs) == 6
+    assert len(pngs) == 7
     for name in pngs:
         with Image.open(out / name) as im:
             assert im.size[0] > 300 and im.size[1] > 200
@@ -88,15 +90,19 @@ def test_stores_are_shared_between_questions(quick_run):
     # base (n_gen 2, used for n_gen 1 and 2, the reference, aux fractions), one extra steps store, BLIP captions,
     # second CLIP, one defence, and three RQ3 targets x one seed; then the gray-box stores: the bundled target and
     # the three RQ3 targets x one seed.
-    assert len(stores) == 12, stores
+    # Then the stores with a reference model (the bundled target and the weak fine-tune, both tiers) and one
+    # variation store (its single strength is also RQ4's strength grid, so one store serves both).
+    assert len(stores) == 17, stores
     from audit.features.store import FeatureStore
 
     base = [p for p in stores if p.startswith("base-")]
     assert len(base) == 1 and FeatureStore.open(work / "stores" / base[0]).n_gen == 2
     gray = [FeatureStore.open(work / "stores" / p) for p in stores if "gray" in p]
-    assert len(gray) == 4 and all(fs.tiers == ("gray-box",) and fs.n_gen == 0 for fs in gray)
+    assert len(gray) == 6 and all(fs.tiers == ("gray-box",) and fs.n_gen == 0 for fs in gray)
     assert all(fs.n_timesteps == len(nums["config"]["graybox_timesteps"]) for fs in gray)
-    assert nums["run"]["stages"]["features"]["tasks"] == 12
+    assert nums["run"]["stages"]["features"]["tasks"] == 17
+    refs = [FeatureStore.open(work / "stores" / p) for p in stores if "_ref_" in p]
+    assert len(refs) == 4 and all(fs.manifest.get("reference") for fs in refs)
 
 
 def test_replayed_images_are_the_targets_own(quick_run):
@@ -162,3 +168,68 @@ def test_bad_settings_fail_with_one_line(tmp_path):
     bad.n_gen = 4
     with pytest.raises(UsageError, match="n_gen_grid"):
         api.experiment(tmp_path, config=bad)
+
+
+def test_default_spec_keys_are_those_of_before_the_new_fields():
+    """Stores and cells are cached by key: fields added for the verdict and variation rows must leave every
+    existing store's and cell's key as it was (values computed on the code before those fields)."""
+    from audit.experiments.cells import CellSpec
+    from audit.experiments.stores import StoreSpec
+
+    assert StoreSpec().key() == "094576ccd5a7"
+    assert StoreSpec(tier="gray-box", graybox_timesteps=(100, 200)).key() == "97e930392411"
+    assert CellSpec().key() == "72883d4e2d62"
+    assert CellSpec(store="/x.h5", attacks=("IV",), train={"epochs": 60}).key() == "2f99559c8a45"
+    assert StoreSpec(reference="toy-base").key() != StoreSpec().key()
+    assert CellSpec(folds=5).key() != CellSpec().key()
+
+
+def test_verdict_rows_compare_on_the_same_test_rows(quick_run):
+    from audit.experiments import analysis
+    from audit.attacks.heads import read_heads_info
+
+    nums, work = quick_run["nums"], quick_run["work"]
+    cells = {p.parent.name: (p.parent, json.loads(p.read_text())) for p in (work / "cells").glob("*/result.json")}
+    k = nums["config"]["crossfit_folds"]
+
+    def one(prefix):
+        (name,) = [n for n in cells if n.startswith(prefix + "-")]
+        return cells[name]
+
+    split_dir, split = one("main_seed0")
+    cf_dir, cf = one(f"main_crossfit{k}_seed0")
+    ref_dir, ref = one(f"main_reference_crossfit{k}_seed0")
+    assert split["test"]["ids"] == cf["test"]["ids"] == ref["test"]["ids"]
+    assert read_heads_info(cf_dir / "heads")["split"]["mode"] == "cross-fit"
+    assert read_heads_info(split_dir / "heads")["split"]["mode"] == "split"
+    # The reference cell scores the plain attacks and their reference forms on the same store.
+    assert {"II-S", "II-S-ref", "II-S-ref-score", "blind"} <= set(ref["metrics"])
+    assert {"PIA-ref", "PIA-ref-score"} <= set(one(f"gray_reference_crossfit{k}_seed0")[1]["metrics"])
+    # The verdict numbers are those of the heads' thresholds at the budget on the cell's test rows.
+    got = nums["verdicts"]["rq1"]["bundle"]["black-box"]["crossfit"]
+    want = analysis.cell_verdicts(cf_dir / "heads", cf, nums["verdict_max_fpr"])
+    for attack, v in want.items():
+        assert got["verdicts"][attack]["counts"] == v["counts"]
+        assert sum(v["counts"].values()) == len(cf["test"]["ids"])
+        assert got["metrics"][attack]["tpr_at_0_1pct_fpr"]["values"] == [cf["metrics"][attack]["tpr_at_0_1pct_fpr"]["value"]]
+    assert set(nums["verdicts"]["rq3"]) == set(nums["config"]["verdict_rq3"])
+    assert set(nums["verdicts"]["rq3"]["weak"]["gray-box"]) == {"split", "crossfit", "reference split",
+                                                                 "reference crossfit"}
+    text = (quick_run["out"] / "RESULTS.md").read_text()
+    assert "| II-S-ref | cross-fit + reference |" in text and "Issue #20's goal on the weak fine-tune" in text
+
+
+def test_variation_rows_beside_the_other_tiers(quick_run):
+    nums, work = quick_run["nums"], quick_run["work"]
+    cfg = nums["config"]
+    cells = {p.parent.name: json.loads(p.read_text()) for p in (work / "cells").glob("var_seed*/result.json")}
+    assert len(cells) == len(cfg["seeds"])
+    for attack in cfg["variation_attacks"]:
+        assert nums["tiers"][attack] == "variation"
+        want = np.mean([r["metrics"][attack]["auc"]["value"] for r in cells.values()])
+        assert nums["rq1"][attack]["auc"]["mean"] == pytest.approx(want)
+    assert [r["test"]["ids"] for r in cells.values()] == [
+        json.loads(next((work / "cells").glob("main_seed0-*/result.json")).read_text())["test"]["ids"]]
+    assert sorted(map(float, nums["var_strength"])) == sorted(cfg["var_strength_grid"])
+    text = (quick_run["out"] / "RESULTS.md").read_text()
+    assert f"| {cfg['variation_attacks'][0]} | variation |" in text

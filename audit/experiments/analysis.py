@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-METRICS = ("accuracy", "auc", "tpr_at_1pct_fpr")
+METRICS = ("accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")
 
 
 def value(m) -> float:
@@ -109,4 +109,47 @@ def mean_curves(curves: list[list[dict]]) -> list[dict]:
             row[key] = float(np.mean(vals)) if vals else None
             row[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         out.append(row)
+    return out
+
+
+def cell_verdicts(heads_dir, result: dict, max_fpr: float) -> dict:
+    """Per attack, what the verdict rule at ``max_fpr`` (thresholds from the heads' validation or out-of-fold
+    probabilities, ``audit evaluate --max-fpr``) does on the cell's test rows: the counts of member / non-member /
+    inconclusive verdicts, the decided fraction, the realised FPR (member verdicts per test non-member) and TPR."""
+    from pathlib import Path
+
+    from ..attacks.decision import fit_decision
+    from ..attacks.heads import read_heads_info
+    from ..attacks.metrics import verdict_codes
+
+    info = read_heads_info(Path(heads_dir))
+    y = np.asarray(result["test"]["member"])
+    out = {}
+    for attack, probs in result["test"]["probability"].items():
+        d = fit_decision(info["attacks"][attack], attack, max_fpr=max_fpr, where=str(heads_dir))
+        v = verdict_codes(np.asarray(probs, np.float64), d.member_threshold, d.nonmember_threshold)
+        out[attack] = {
+            "counts": {"member": int((v == 1).sum()), "non-member": int((v == 0).sum()),
+                       "inconclusive": int((v == -1).sum())},
+            "decided_fraction": float((v >= 0).mean()),
+            "fpr": float((v[y == 0] == 1).mean()) if (y == 0).any() else float("nan"),
+            "tpr": float((v[y == 1] == 1).mean()) if (y == 1).any() else float("nan"),
+            "n_calibration_nonmembers": int(d.n_validation_nonmembers),
+        }
+    return out
+
+
+def aggregate_verdicts(per_seed: list[dict], attacks: list[str]) -> dict:
+    """Seed means of ``cell_verdicts`` entries (counts summed over seeds)."""
+    out: dict = {}
+    for a in attacks:
+        rows = [r[a] for r in per_seed if a in r]
+        if not rows:
+            continue
+        entry = {k: float(np.nanmean([r[k] for r in rows])) if any(np.isfinite(r[k]) for r in rows)
+                 else float("nan") for k in ("decided_fraction", "fpr", "tpr")}
+        entry["max_fpr_over_seeds"] = float(np.nanmax([r["fpr"] for r in rows])) if rows else float("nan")
+        entry["counts"] = {k: int(sum(r["counts"][k] for r in rows)) for k in rows[0]["counts"]}
+        entry["n"] = len(rows)
+        out[a] = entry
     return out

@@ -7,6 +7,9 @@ Modes:
 - ``transfer``: no training; the heads of another cell score this store's copy of that cell's test split (an
   attacker who trained before the target changed, e.g. before a defence was deployed).
 
+A split cell with ``folds`` K cross-fits its heads instead (``audit train --folds K``) on the train and
+validation rows of the same seeded split, so it is scored on the same test rows as the split cell of its seed.
+
 Training and scoring go through the attack package (``train_heads``, ``Heads.predict``, ``metrics``): the cell
 adds only the choice of rows. Its result keeps the test rows' probabilities, which set-level inference reuses.
 """
@@ -48,10 +51,13 @@ class CellSpec(Config):
     attacks: tuple = ()
     train: dict = dataclasses.field(default_factory=dict)  # TrainConfig overrides
     n_boot: int = 200
+    folds: int = 0  # 0: one 50/25/25 split; K >= 2: cross-fitted heads (`audit train --folds K`), same test rows
 
     def key(self) -> str:
         d = self.to_dict()
         d.pop("name")
+        if not d["folds"]:
+            d.pop("folds")  # split cells keep the keys they had before cross-fitting
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def folder(self, workdir: Path) -> Path:
@@ -90,6 +96,13 @@ def _metrics(y: np.ndarray, preds: dict, n_boot: int, seed: int) -> dict:
             for k, (a, p) in enumerate(preds.items())}
 
 
+def _counts(split: dict) -> dict:
+    """Train and validation counts of a heads.json split; cross-fitted heads fit and calibrate on the same
+    out-of-fold rows, which both report."""
+    c = split["counts"]
+    return c if "train" in c else {"train": c["out_of_fold"], "validation": c["out_of_fold"]}
+
+
 def run_cell(spec: dict, workdir: str) -> dict:
     """Train (unless transfer) and score one cell; cached in its folder's result.json. Runs in a worker."""
     import torch
@@ -102,6 +115,8 @@ def run_cell(spec: dict, workdir: str) -> dict:
     s = CellSpec.from_dict(spec)
     if s.mode not in MODES:
         raise UsageError(f"unknown cell mode {s.mode!r}; valid modes are {', '.join(MODES)}")
+    if s.folds and s.mode != "split":
+        raise UsageError(f"cell {s.name}: cross-fitting (folds {s.folds}) is a split-mode cell, not {s.mode}")
     folder = s.folder(Path(workdir))
     if (folder / RESULT).is_file():
         return {**json.loads((folder / RESULT).read_text(encoding="utf-8")), "cached": True}
@@ -109,7 +124,10 @@ def run_cell(spec: dict, workdir: str) -> dict:
     batch, manifest = read_store(s.store, s.n_gen or None)
     rows, ids, y = labelled_rows(batch)
     base = TrainConfig()
-    cfg = dataclasses.replace(base, attacks=tuple(s.attacks) + ("blind",), seed=s.seed, n_boot=s.n_boot, **s.train)
+    # With folds the train and validation quarters of the same seeded split are pooled and cross-fitted, so the
+    # test rows are those of the split cell of the same seed.
+    cfg = dataclasses.replace(base, attacks=tuple(s.attacks) + ("blind",), seed=s.seed, n_boot=s.n_boot,
+                              folds=s.folds, **s.train)
     heads_dir = folder / "heads"
     if heads_dir.exists() and s.mode != "transfer":
         shutil.rmtree(heads_dir)  # left by a run killed before its result was written
@@ -132,7 +150,7 @@ def run_cell(spec: dict, workdir: str) -> dict:
         # split mode: the heads' own test split (== full["test"]); fraction mode: the full split's test rows.
         test = (np.array([index[i] for i in info["split"]["test"]], dtype=np.int64) if s.mode == "split"
                 else full["test"])
-        n_train = info["split"]["counts"]["train"]
+        n_train = _counts(info["split"])["train"]
     attacks = [a for a in heads.attacks if a in set(s.attacks) | {"blind"}]
     test_batch = _subset(rows, test)
     preds = heads.predict(test_batch, attacks)
@@ -142,7 +160,7 @@ def run_cell(spec: dict, workdir: str) -> dict:
         "key": s.key(),
         "metrics": _metrics(yt, preds, s.n_boot, derive_seed("cell-boot", s.seed) % (2 ** 31)),
         "blind_baseline": heads.info.get("blind_baseline"),
-        "counts": {"train": n_train, "validation": heads.info["split"]["counts"]["validation"],
+        "counts": {"train": n_train, "validation": _counts(heads.info["split"])["validation"],
                    "test": {"members": int((yt == 1).sum()), "nonmembers": int((yt == 0).sum())}},
         "test": {"ids": [ids[i] for i in test], "member": yt.tolist(),
                  "probability": {a: np.asarray(p["probability"], float).tolist() for a, p in preds.items()}},

@@ -25,9 +25,23 @@ class ExperimentConfig(Config):
     attacks: tuple = ("I-P", "I-S", "II-P", "II-S", "III-X", "III-T", "IV")
     # Gray-box tier (RQ1, RQ3, set-level): its attacks, read at these timesteps, from stores of their own (the
     # black-box stores stay as they were); the RQ3 targets' set-level test runs graybox_set_attack beside IV.
-    graybox_attacks: tuple = ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score")
+    graybox_attacks: tuple = ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score", "CLiD", "CLiD-score")
     graybox_timesteps: tuple = DEFAULT_TIMESTEPS
     graybox_set_attack: str = "PIA"
+    # Verdicts at a small budget (RQ1, RQ3): cross-fitted heads (`audit train --folds`) on the same test rows as
+    # the split heads, and stores with a reference model (`audit features --reference`): RQ1's bundled target
+    # against reference_rq1; each RQ3 fine-tune against the model it was fine-tuned from (the bundled `toy`), the
+    # untuned control against reference_rq1. Verdict thresholds at verdict_max_fpr.
+    crossfit_folds: int = 5
+    reference_rq1: str = "toy-base"
+    verdict_rq3: tuple = ("untuned", "weak", "strong")  # RQ3 targets that get cross-fitted and reference rows
+    verdict_max_fpr: float = 0.01
+    # Image-variation tier (RQ1 rows; RQ4 strength ablation: one store per strength, seed-0 queries).
+    variation_attacks: tuple = ("var-pixel", "var-pixel-score", "var-clip", "var-clip-score", "var-all",
+                                "var-all-score")
+    var_strengths: tuple = (0.1, 0.2, 0.4)
+    n_var: int = 2
+    var_strength_grid: tuple = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6)
     # RQ1/RQ3 seeds: seed s generates the images (features seed s) and draws the split and head initialisation.
     seeds: tuple = (0, 1, 2)
     # RQ4/RQ5: split/head seeds, on the seed-0 images.
@@ -75,7 +89,8 @@ class ExperimentConfig(Config):
             ablation_seeds=(0,), epochs=2, patience=2, n_boot=20, aux_fractions=(0.5, 1.0), steps_grid=(2, 3),
             n_gen_grid=(1, 2), clip2_public=64, clip2_steps=3, clip2_batch=16, rq3_members=8, rq3_nonmembers=8,
             rq3_finetune_steps=(1, 2), rq3_batch=4, defences=("downscale:2",), set_ks=(1, 2), set_trials=20,
-            workers=2,
+            workers=2, crossfit_folds=2, verdict_rq3=("weak",), variation_attacks=("var-pixel-score", "var-all"),
+            var_strengths=(0.5,), n_var=2, var_strength_grid=(0.5,),
         )
 
     def validate(self) -> "ExperimentConfig":
@@ -85,7 +100,8 @@ class ExperimentConfig(Config):
         parse_attacks(",".join(self.attacks))
         from ..attacks.inputs import tier_of
         from ..features.graybox import check_timesteps
-        from ..tiers import BLACK_BOX, GRAY_BOX
+        from ..features.variation import check_strengths
+        from ..tiers import BLACK_BOX, GRAY_BOX, VARIATION
 
         if self.graybox_attacks:
             parse_attacks(",".join(self.graybox_attacks))
@@ -93,11 +109,25 @@ class ExperimentConfig(Config):
             if self.graybox_set_attack not in self.graybox_attacks:
                 raise UsageError(f"graybox_set_attack {self.graybox_set_attack!r} is not one of graybox_attacks "
                                  f"{self.graybox_attacks}")
+        if self.variation_attacks:
+            parse_attacks(",".join(self.variation_attacks))
+            check_strengths(self.var_strengths, self.steps)
+            check_strengths(self.var_strength_grid, self.steps)
+            if self.n_var < 1:
+                raise UsageError(f"n_var must be >= 1, got {self.n_var}")
         wrong = [a for a in self.attacks if tier_of(a) != BLACK_BOX] + [
-            a for a in self.graybox_attacks if tier_of(a) != GRAY_BOX]
+            a for a in self.graybox_attacks if tier_of(a) != GRAY_BOX] + [
+            a for a in self.variation_attacks if tier_of(a) != VARIATION]
         if wrong:
-            raise UsageError(f"attacks {wrong} are listed under the other tier (attacks: black-box, "
-                             "graybox_attacks: gray-box)")
+            raise UsageError(f"attacks {wrong} are listed under another tier (attacks: black-box, "
+                             "graybox_attacks: gray-box, variation_attacks: variation)")
+        if self.crossfit_folds == 1 or self.crossfit_folds < 0:
+            raise UsageError(f"crossfit_folds must be 0 (no cross-fitted rows) or at least 2, got "
+                             f"{self.crossfit_folds}")
+        if not set(self.verdict_rq3) <= {"untuned", "weak", "strong"}:
+            raise UsageError(f"verdict_rq3 {self.verdict_rq3} must name RQ3 targets: untuned, weak, strong")
+        if not 0 < self.verdict_max_fpr < 1:
+            raise UsageError(f"verdict_max_fpr must be in (0, 1), got {self.verdict_max_fpr}")
         for spec in self.defences:
             parse_defence(spec)
         if self.n_gen not in self.n_gen_grid or self.steps not in self.steps_grid:

@@ -11,6 +11,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..attacks.inputs import ATTACKS, base_attack, uses_reference
+from ..features.variation import unet_evaluations
 from .cells import CellSpec
 from .config import ExperimentConfig
 from .models import Clip2Recipe, TargetRecipe, write_scene_aux
@@ -99,6 +101,13 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
             gen_cost = 0 if spec.replay else rows * spec.n_gen * spec.steps * SEC_PER_IMAGE_STEP
             if spec.tier == "gray-box":
                 gen_cost = rows * 4 * len(spec.graybox_timesteps) * SEC_PER_IMAGE_STEP
+            elif spec.tier == "variation":
+                # n_var img2img calls per strength, each running int(strength x steps) UNet steps, plus a VAE
+                # encode and decode and an embedding per variation (counted as two steps).
+                evals = unet_evaluations(spec.var_strengths, spec.n_var, spec.steps)
+                gen_cost = rows * (evals + 2 * spec.n_var * len(spec.var_strengths)) * SEC_PER_IMAGE_STEP
+            if spec.reference:
+                gen_cost *= 2  # the same features again on the reference model
             tasks[name] = Task(name, "audit.experiments.stores:build_store", (spec.to_dict(), str(work)),
                                deps=tuple(deps), cost=gen_cost + rows * 0.02, stage="features")
             producer[path] = name
@@ -147,7 +156,10 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
     cell_by_key: dict[str, CellSpec] = {}
 
     def cell(label: str, st: StoreSpec, seed: int, n_gen: int | None = None, deps: tuple = (), **kw) -> str:
-        attacks = tuple(cfg.graybox_attacks if st.tier == "gray-box" else cfg.attacks)
+        attacks = tuple(cfg.graybox_attacks if st.tier == "gray-box" else
+                        cfg.variation_attacks if st.tier == "variation" else cfg.attacks)
+        if st.reference:
+            attacks += reference_attacks(attacks)
         spec = CellSpec(name=label.replace(" ", "_"), store=str(st.path(work)), n_gen=n_gen or 0, seed=seed,
                         attacks=attacks, train=train, n_boot=cfg.n_boot, **kw)
         # n_gen equal to the store's is the whole store: one spec, so one cell, whichever way it was asked for.
@@ -159,7 +171,10 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
         if name not in tasks:
             rows = _rows(st.data)
             frac = spec.fraction if spec.mode == "fraction" else 1.0
-            cost = 2.0 if spec.mode == "transfer" else rows * frac * (n_gen or st.n_gen) * SEC_PER_TRAIN_ROW
+            cost = 2.0 if spec.mode == "transfer" else rows * frac * (n_gen or st.n_gen or 1) * SEC_PER_TRAIN_ROW
+            # K cross-fitted members each fit on (K-1)/K of three quarters of the rows, against half for a split.
+            cost *= max(1.0, spec.folds * 1.2)
+            cost *= len(spec.attacks) / max(1, len(attacks) - len(reference_attacks(attacks)))
             tasks[name] = Task(name, "audit.experiments.cells:run_cell", (spec.to_dict(), str(work)),
                                deps=(producer[str(st.path(work))], *deps), cost=cost, stage="heads")
         return label
@@ -190,6 +205,9 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
     tables["rq1_gray"] = {s: cell(f"gray seed{s}", st, s) for s, st in gray_seeded.items()}
     tables["rq3_gray"] = {label: {s: cell(f"rq3-{label} gray seed{s}", st[s], s) for s in cfg.seeds}
                           for label, st in rq3_gray.items()}
+    _verdict_rows(cfg, work, data, models, rq3_targets, seeded, gray_seeded, rq3_stores, rq3_gray, store, cell,
+                  tables)
+    _variation_rows(cfg, data, store, cell, tables)
     tables["stores"] = {"seeded": {s: _label(stores, sp) for s, sp in seeded.items()},
                         "defended": {d: _label(stores, sp) for d, sp in defended.items()},
                         "rq3": {lab: {s: _label(stores, sp) for s, sp in d.items()} for lab, d in rq3_stores.items()},
@@ -197,6 +215,78 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
                         "steps": {st: _label(stores, sp) for st, sp in by_steps.items()},
                         "caption": "blip-caption", "embedder": "clip2", "base": "base"}
     return Plan(list(tasks.values()), stores, cells, models, data, tables)
+
+
+def reference_attacks(attacks) -> tuple:
+    """The reference forms (``X-ref`` heads, ``X-ref-score`` untrained scores) of these attacks, registry order."""
+    bases = {base_attack(a) for a in attacks}
+    return tuple(a for a in ATTACKS if uses_reference(a) and base_attack(a) in bases)
+
+
+def _verdict_rows(cfg: ExperimentConfig, work: Path, data: dict, models: dict, rq3_targets: dict, seeded: dict,
+                  gray_seeded: dict, rq3_stores: dict, rq3_gray: dict, store, cell, tables: dict) -> None:
+    """``tables["verdicts"][question][target][tier][variant] = {seed: cell label}``: the split cells (already in
+    RQ1/RQ3), cross-fitted cells on the same stores, and split and cross-fitted cells on stores with a reference
+    model. Every variant of a seed is scored on the same test rows (the seed's split)."""
+    folds = {"crossfit": cfg.crossfit_folds} if cfg.crossfit_folds else {}
+    gray = {"tier": "gray-box", "graybox_timesteps": tuple(cfg.graybox_timesteps), "n_gen": cfg.n_gen,
+            "steps": cfg.steps}
+
+    def variants(prefix: str, by_seed: dict, ref_stores: dict, n_gen) -> dict:
+        out = {"split": {s: cell(f"{prefix} seed{s}", st, s, n_gen) for s, st in by_seed.items()}}
+        for v, k in folds.items():
+            out[v] = {s: cell(f"{prefix} {v}{k} seed{s}", st, s, n_gen, folds=k) for s, st in by_seed.items()}
+        if ref_stores:
+            out["reference split"] = {s: cell(f"{prefix} reference seed{s}", st, s) for s, st in ref_stores.items()}
+            for v, k in folds.items():
+                out[f"reference {v}"] = {s: cell(f"{prefix} reference {v}{k} seed{s}", st, s, folds=k)
+                                         for s, st in ref_stores.items()}
+        return out
+
+    def ref_stores(prefix: str, reference: str, **kw) -> tuple[dict, dict]:
+        black = {s: store(f"{prefix}ref seed{s}", reference=reference, n_gen=cfg.n_gen, steps=cfg.steps, seed=s,
+                          **kw) for s in cfg.seeds}
+        grey = ({s: store(f"{prefix}gray ref seed{s}", reference=reference, seed=s, **gray, **kw) for s in cfg.seeds}
+                if cfg.graybox_attacks else {})
+        return black, grey
+
+    v: dict = {"rq1": {}, "rq3": {}}
+    black, grey = ref_stores("", cfg.reference_rq1, data=data["aux"]) if cfg.reference_rq1 else ({}, {})
+    v["rq1"]["bundle"] = {"black-box": variants("main", seeded, black, cfg.n_gen)}
+    if cfg.graybox_attacks:
+        v["rq1"]["bundle"]["gray-box"] = variants("gray", gray_seeded, grey, None)
+    for label, model_task in rq3_targets.items():
+        if label not in cfg.verdict_rq3:
+            continue
+        target = models[f"rq3-{label}"]["path"] if model_task else "toy"
+        # The fine-tunes start from the bundled target (models.train_target); the control is the bundled target.
+        reference = "toy" if model_task else cfg.reference_rq1
+        black, grey = {}, {}
+        if reference:
+            prov = {"target": models[f"rq3-{label}"]["recipe"]} if model_task else {}
+            black, grey = ref_stores(f"rq3-{label} ", reference, deps=(model_task,) if model_task else (),
+                                     data=data["rq3"], target=target, provenance=prov)
+        v["rq3"][label] = {"black-box": variants(f"rq3-{label}", rq3_stores[label], black, None)}
+        if cfg.graybox_attacks:
+            v["rq3"][label]["gray-box"] = variants(f"rq3-{label} gray", rq3_gray[label], grey, None)
+    tables["verdicts"] = v
+
+
+def _variation_rows(cfg: ExperimentConfig, data: dict, store, cell, tables: dict) -> None:
+    """RQ1's variation-tier rows (each seed, the default sweep) and RQ4's strength ablation (one store per
+    strength on the seed-0 queries, head seeds ``ablation_seeds``)."""
+    if not cfg.variation_attacks:
+        tables["rq1_variation"], tables["var_strength"] = {}, {}
+        return
+    var = {"tier": "variation", "n_gen": cfg.n_gen, "steps": cfg.steps, "n_var": cfg.n_var, "data": data["aux"]}
+    tables["rq1_variation"] = {
+        s: cell(f"var seed{s}", store(f"var seed{s}", seed=s, var_strengths=tuple(cfg.var_strengths), **var), s)
+        for s in cfg.seeds}
+    tables["var_strength"] = {}
+    for strength in cfg.var_strength_grid:
+        st = store(f"var strength{strength:g}", seed=0, var_strengths=(float(strength),), **var)
+        tables["var_strength"][strength] = {s: cell(f"var strength{strength:g} seed{s}", st, s)
+                                            for s in cfg.ablation_seeds}
 
 
 def _label(stores: dict[str, StoreSpec], spec: StoreSpec) -> str:

@@ -127,4 +127,13 @@ def write_plots(nums: dict, out: Path) -> dict[str, str]:
         ax.set_ylim(-0.02, 1.05)
         ax.legend(fontsize=7)
     files["setlevel"] = _save(fig, out / "setlevel_power.png")
+
+    if nums.get("var_strength"):
+        var = list(nums["variation_attacks"]) + ["blind"]
+        fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+        for ax, m in zip(axes, ("auc", "tpr_at_1pct_fpr")):
+            _lines(ax, nums["var_strength"], var, m, "img2img strength (one strength per store)")
+            ax.set_title(f"RQ4: variation tier, {m.replace('_', ' ')} by strength", fontsize=10)
+        axes[1].legend(fontsize=7)
+        files["var_strength"] = _save(fig, out / "rq4_variation_strength.png")
     return files

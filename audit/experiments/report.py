@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..attacks.inputs import base_attack
 from ..config import atomic_write_text
 
 FAMILIES = {"I (quality)": ("I-P", "I-S"), "II (reconstruction)": ("II-P", "II-S"),
@@ -52,6 +53,124 @@ def _grid_table(table: dict, attacks: list[str], first: str, metric: str = "auc"
 
 def _seeds(agg: dict) -> str:
     return ", ".join(str(s) for s in agg["_seeds"])
+
+
+VARIANTS = (("split", "split"), ("crossfit", "cross-fit"), ("reference crossfit", "cross-fit + reference"))
+
+
+def _ref_form(attack: str) -> str:
+    """The reference form of an attack: ``X-ref`` for a head, ``X-ref-score`` for an untrained ``X-score``."""
+    return attack.removesuffix("-score") + "-ref-score" if attack.endswith("-score") else attack + "-ref"
+
+
+def _tpr(entry: dict, ci: dict | None, metric: str) -> str:
+    text = _f(entry["metrics"][metric]["mean"], 2)
+    lo_hi = (ci or {}).get(metric)
+    return text + (f" [{_f(lo_hi[0], 2)}, {_f(lo_hi[1], 2)}]" if lo_hi and None not in lo_hi else "")
+
+
+def _verdict_row(name: str, label: str, variant: dict, attack: str) -> str:
+    m = {k: v[attack] for k, v in variant.items() if k in ("metrics", "ci95_first_seed") and attack in v}
+    v = variant["verdicts"].get(attack)
+    if "metrics" not in m or v is None:
+        return ""
+    ci = m.get("ci95_first_seed")
+    c = v["counts"]
+    return (f"| {name} | {label} | {_f(m['metrics']['auc']['mean'])} | {_tpr(m, ci, 'tpr_at_1pct_fpr')} | "
+            f"{_tpr(m, ci, 'tpr_at_0_1pct_fpr')} | {_f(v['decided_fraction'], 2)} ({c['member']}/{c['non-member']}/"
+            f"{c['inconclusive']}) | {_f(v['fpr'], 3)} |")
+
+
+def verdict_table(tiers: dict) -> list[str]:
+    """Rows per attack and variant (split, cross-fitted, cross-fitted with the reference) of one target."""
+    lines = ["| attack | heads | AUC | TPR at 1% FPR | TPR at 0.1% FPR | decided at 1% (member/non-member/"
+             "inconclusive) | FPR of member verdicts on test non-members |", "|---|---|---|---|---|---|---|"]
+    for tier, variants in tiers.items():
+        plain = [a for a in variants["split"]["metrics"] if a != "blind"]
+        ref = variants.get("reference crossfit") or {"metrics": {}}
+        for a in plain:
+            for key, label in VARIANTS[:2]:
+                if key in variants:
+                    lines.append(_verdict_row(a, label, variants[key], a))
+            # the reference form of a, then any other (e.g. II-S-ref-score, the score of a head attack)
+            extra = [r for r in ref["metrics"] if r not in plain and r != "blind" and base_attack(r) == base_attack(a)
+                     and (r == _ref_form(a) or not any(_ref_form(p) == r for p in plain))]
+            for r in sorted(extra, key=lambda r: r != _ref_form(a)):
+                if r == _ref_form(a) or a == base_attack(a):
+                    lines.append(_verdict_row(r, VARIANTS[2][1], ref, r))
+        for key, label in VARIANTS[:2]:
+            if key in variants:
+                lines.append(_verdict_row(f"blind ({tier} cells)", label, variants[key], "blind"))
+    return [row for row in lines if row]
+
+
+def verdict_findings(n: dict) -> list[str]:
+    """What cross-fitting and the reference do to verdicts at the budget, and whether issue #20's goals hold."""
+    out = []
+    budget = n.get("verdict_max_fpr", 0.01)
+    for q, targets in (n.get("verdicts") or {}).items():
+        for target, tiers in targets.items():
+            for tier, variants in tiers.items():
+                if "crossfit" not in variants:
+                    continue
+                sp, cf = variants["split"]["verdicts"], variants["crossfit"]["verdicts"]
+                names = [a for a in sp if a != "blind" and a in cf]
+                if not names:
+                    continue
+                none_sp = sum(sp[a]["decided_fraction"] == 0 for a in names)
+                fprs = [cf[a]["max_fpr_over_seeds"] for a in names if math.isfinite(cf[a]["max_fpr_over_seeds"])]
+                mean = lambda d: sum(d[a]["decided_fraction"] for a in names) / len(names)  # noqa: E731
+                out.append(
+                    f"Verdicts at max-fpr {budget:g} ({q.upper()} {target}, {tier}): split heads decide "
+                    f"{mean(sp):.2f} of the test rows on average ({none_sp} of {len(names)} attacks leave every row "
+                    f"inconclusive); cross-fitted heads decide {mean(cf):.2f}"
+                    + (f", with a largest realised FPR of member verdicts on test non-members of {max(fprs):.3f}"
+                       if fprs else "") + ".")
+    weak = ((n.get("verdicts") or {}).get("rq3") or {}).get("weak") or {}
+    for tier, variants in weak.items():
+        ref = variants.get("reference crossfit")
+        if not ref:
+            continue
+        met, missed = [], []
+        for a in ref["metrics"]:
+            if a == "blind" or a.endswith(("-ref", "-ref-score")) or _ref_form(a) not in ref["metrics"]:
+                continue
+            plain = ref["metrics"][a]["tpr_at_1pct_fpr"]["mean"]
+            with_ref = ref["metrics"][_ref_form(a)]["tpr_at_1pct_fpr"]["mean"]
+            if not (math.isfinite(plain) and math.isfinite(with_ref)):
+                continue
+            (met if with_ref > 0 and with_ref >= 2 * plain else missed).append(
+                f"{a} {plain:.2f} -> {_ref_form(a)} {with_ref:.2f}")
+        if met or missed:
+            out.append(f"Issue #20's goal on the weak fine-tune ({tier}, cross-fitted, same store and test rows; the "
+                       f"reference at least doubles TPR at 1% FPR): "
+                       + (f"met for {len(met)} of {len(met) + len(missed)} attacks ({'; '.join(met)})" if met else
+                          f"met for none of {len(missed)} attacks")
+                       + (f"; missed for {'; '.join(missed)}" if missed else "") + ".")
+    return out
+
+
+def variation_findings(n: dict) -> list[str]:
+    var = [a for a in n.get("variation_attacks") or [] if a in n["rq1"]]
+    if not var:
+        return []
+    rq1 = n["rq1"]
+    best = max(var, key=lambda a: _auc(rq1, a))
+    evals = n["unet_evaluations_per_query"]
+    line = (f"Variation tier (img2img of the query, {evals.get('variation')} UNet evaluations per query vs "
+            f"{evals['black-box']} for the black-box features): best {best} (AUC {_ms(rq1[best]['auc'])}, TPR at 1% "
+            f"FPR {_ms(rq1[best]['tpr_at_1pct_fpr'])})")
+    if "IV" in rq1:
+        line += f"; IV {_auc(rq1, 'IV'):.3f}"
+    vb = n.get("rq1_variation_blind")
+    if vb:
+        line += f"; blind baseline on the variation cells {_ms(vb['auc'])}"
+    out = [line + "."]
+    vs = n.get("var_strength") or {}
+    if len(vs) > 1:
+        out.append("RQ4 img2img strength (best variation AUC): " + ", ".join(
+            f"{float(k):g} {max(_auc(agg, a) for a in var):.3f}" for k, agg in vs.items()) + ".")
+    return out
 
 
 def findings(n: dict) -> list[str]:
@@ -160,6 +279,7 @@ def findings(n: dict) -> list[str]:
                 drop, name, a = max(drops)
                 out.append(f"Largest AUC drop with heads {label}: {a} under {name}, {_auc(d['none'], a):.3f} -> "
                            f"{_auc(table[name], a):.3f}.")
+    out += variation_findings(n) + verdict_findings(n)
     fid = n["fid"]["bundle"]
     out.append(f"FID analogue (Fréchet distance in toy-CLIP space, bundled target): generated vs real "
                f"{fid['members']['fd']:.4f} for members, {fid['nonmembers']['fd']:.4f} for non-members "
@@ -209,14 +329,20 @@ def write_results(n: dict, path: Path) -> None:
           "calibration come from validation; every metric is on test. With "
           f"{counts['test']['nonmembers']} test non-members the FPR moves in steps of "
           f"1/{counts['test']['nonmembers']}"
-          + (", so TPR at 1% FPR is the TPR at FPR 0." if counts["test"]["nonmembers"] < 100 else "."),
+          + (", so TPR at 1% FPR is the TPR at FPR 0." if counts["test"]["nonmembers"] < 100 else ".")
+          + (" TPR at 0.1% FPR likewise is the TPR at FPR 0: it needs 1,000 test non-members to differ from it."
+             if counts["test"]["nonmembers"] < 1000 else ""),
           f"- **Features**: n_gen {cfg['n_gen']}, {cfg['steps']} DDIM steps, no guidance; embedder toy-clip, "
           "captioner toy-blip (greedy)."
-          + (f" Gray-box (`audit features --tier gray-box`, stores of their own): the errors of loss, PIA and "
-             f"SecMI at timesteps {', '.join(map(str, cfg['graybox_timesteps']))}, conditioned on the caption "
+          + (f" Gray-box (`audit features --tier gray-box`, stores of their own): the errors of loss, PIA, "
+             f"SecMI (and CLiD's conditional, unconditional and masked-caption losses at its own timesteps) at timesteps {', '.join(map(str, cfg['graybox_timesteps']))}, conditioned on the caption "
              f"without guidance ({n['unet_evaluations_per_query']['gray-box']} UNet evaluations per query); seed s "
              "draws the loss attack's noise; the same split seeds, so the same test rows as the black-box cells."
-             if n.get("graybox_attacks") else ""),
+             if n.get("graybox_attacks") else "")
+          + (f" Variation (`audit features --tier variation`, stores of their own): {cfg['n_var']} img2img "
+             f"variations of each query at each strength {', '.join(f'{x:g}' for x in cfg['var_strengths'])} "
+             f"({n['unet_evaluations_per_query'].get('variation')} UNet evaluations per query), seed s as above."
+             if n.get("variation_attacks") else ""),
           f"- **Heads**: `audit.attacks.train_heads` with at most {cfg['epochs']} epochs, patience {cfg['patience']}, "
           f"other `TrainConfig` defaults; bootstrap CIs from {cfg['n_boot']} resamples (in experiment.json).",
           f"- **Seeds**: RQ1/RQ3 use seeds {', '.join(map(str, cfg['seeds']))}; seed s draws the generated images "
@@ -271,6 +397,7 @@ def write_results(n: dict, path: Path) -> None:
     L += _grid_table(n["rq3"], [a for a in both if all(a in agg for agg in n["rq3"].values())], "target",
                      "tpr_at_1pct_fpr") + [""]
 
+    L += verdict_section(n)
     L += ["## RQ4: ablations", "", f"![RQ4 grids](./{n['plots']['rq4_grids']})", "",
           f"![RQ4 caption and embedder](./{n['plots']['rq4_sources']})", "",
           "### Auxiliary data size", "",
@@ -294,6 +421,17 @@ def write_results(n: dict, path: Path) -> None:
           f"vs {m['bundle_clip_top1_same_heldout']:.3f} for the toy CLIP on the same {c2['heldout_n']} scenes. The "
           "pixel attacks do not use the embedder.", ""] + _grid_table(n["embedder"], attacks, "embedder")
 
+    vs = n.get("var_strength") or {}
+    if vs:
+        var = list(n["variation_attacks"]) + ["blind"]
+        L += ["", "### img2img strength (variation tier)", "",
+              f"One variation store per strength ({cfg['n_var']} variations a query, the seed-0 queries), head seeds "
+              f"{', '.join(map(str, cfg['ablation_seeds']))}; UNet evaluations per query: "
+              + ", ".join(f"{k}: {v}" for k, v in n["unet_evaluations_per_query"]["variation by strength"].items())
+              + ".", "", f"![RQ4 variation strength](./{n['plots']['var_strength']})", "", "AUC:", ""]
+        L += _grid_table(vs, var, "strength", fmt=lambda k: f"{float(k):g}")
+        L += ["", "TPR at 1% FPR:", ""] + _grid_table(vs, var, "strength", "tpr_at_1pct_fpr",
+                                                      fmt=lambda k: f"{float(k):g}")
     L += ["", "## RQ5: output defences", "",
           "Each defence perturbs every image the target returns (`audit.defences.DefendedGenerator`, seeded). "
           "`retrained`: the attacker's auxiliary features are also defended and the heads are trained on them; "
@@ -344,3 +482,33 @@ def write_results(n: dict, path: Path) -> None:
         L.append(f"| {stage} | {s['tasks']} | {s['seconds']:.0f} | {s['cpu_seconds']:.0f} |")
     L += ["", "Per-task times are in `experiment.json` (`run.tasks`).", ""]
     atomic_write_text(path, "\n".join(L) + "\n")
+
+
+def verdict_section(n: dict) -> list[str]:
+    """The section on verdicts at a small budget: split vs cross-fitted vs cross-fitted with the reference."""
+    v = n.get("verdicts") or {}
+    if not v:
+        return []
+    cfg = n["config"]
+    budget = n.get("verdict_max_fpr", 0.01)
+    L = [f"## Verdicts at a {budget:.0%} budget: cross-fitting and the reference", "",
+         f"Each row is one attack's heads on the same test rows of each seed ({', '.join(map(str, cfg['seeds']))}): "
+         f"`split` = the RQ1/RQ3 cells (thresholds from the 25% validation split); `cross-fit` = "
+         f"`audit train --folds {cfg['crossfit_folds']}` on the same train + validation rows (thresholds from all "
+         "out-of-fold scores, see [verdicts](verdicts.md)); `cross-fit + reference` = cross-fitted heads on a store "
+         "with `audit features --reference` (same seeds and noise on the reference): `X-ref` heads read the target's "
+         "features, the reference's and their difference, `X-ref-score` is X's score on the target minus on the "
+         f"reference, standardised on non-members. References: the bundled target against `{cfg['reference_rq1']}` "
+         "(its pre-training checkpoint); each RQ3 fine-tune against the bundled `toy` it was fine-tuned from, the "
+         f"untuned control against `{cfg['reference_rq1']}`. Metrics are means over seeds; TPRs carry the first "
+         f"seed's {cfg['n_boot']}-resample bootstrap 95% interval. `decided at {budget:.0%}`: the fraction of test rows "
+         f"given a `member` or `non-member` verdict by `audit evaluate --max-fpr {budget:g}`'s thresholds (counts "
+         "summed over seeds); the last column is the realised FPR of `member` verdicts on the test non-members "
+         "(mean over seeds). With few test non-members both TPR columns are the TPR at FPR 0 (see Setup).", ""]
+    for q, targets in v.items():
+        for target, tiers in targets.items():
+            if q == "rq3" and target == "untuned":
+                continue  # a control with nothing to find; its numbers are in experiment.json
+            name = "RQ1, the bundled target" if q == "rq1" else f"RQ3, the {target} fine-tune"
+            L += [f"### {name}", ""] + verdict_table(tiers) + [""]
+    return L

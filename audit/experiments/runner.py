@@ -55,10 +55,18 @@ def compute_numbers(cfg: ExperimentConfig, plan: Plan, work: Path, done: dict) -
     t = plan.tables
     # RQ1 and RQ3 list both tiers (black-box attacks, then gray-box, then the blind baseline); the ablations,
     # defences and FID analogue are about generated images, so black-box only.
-    nums: dict = {"attacks": attacks, "graybox_attacks": gray, "both_tiers": list(cfg.attacks) + gray + ["blind"]}
+    var = list(cfg.variation_attacks) if t.get("rq1_variation") else []
+    nums: dict = {"attacks": attacks, "graybox_attacks": gray, "variation_attacks": var,
+                  "both_tiers": list(cfg.attacks) + gray + var + ["blind"]}
     nums["tiers"] = {a: tier_of(a) for a in nums["both_tiers"]}
     nums["rq1"] = _with_gray(_table(plan, work, {"bundle": t["rq1"]}, attacks)["bundle"],
                              _agg(plan, work, t["rq1_gray"], gray) if gray else None, gray)
+    if var:
+        nums["rq1"] = _with_gray(nums["rq1"], _agg(plan, work, t["rq1_variation"], var + ["blind"]), var)
+        nums["rq1_variation_blind"] = _agg(plan, work, t["rq1_variation"], ["blind"])["blind"]
+        nums["var_strength"] = _table(plan, work, t["var_strength"], var + ["blind"])
+    nums["verdicts"] = _verdicts(plan, work, t.get("verdicts") or {}, cfg.verdict_max_fpr)
+    nums["verdict_max_fpr"] = cfg.verdict_max_fpr
     nums["rq1_blind"] = {s: _load(plan, work, lab)["blind_baseline"] for s, lab in t["rq1"].items()}
     for key in ("n_gen", "steps", "aux", "caption", "embedder", "defence", "defence_transfer", "rq3"):
         nums[key] = _table(plan, work, t[key], attacks)
@@ -69,6 +77,12 @@ def compute_numbers(cfg: ExperimentConfig, plan: Plan, work: Path, done: dict) -
         "gray-box": graybox.unet_evaluations(tuple(graybox.DATASETS), len(cfg.graybox_timesteps)),
         "gray-box by attack": {a: graybox.unet_evaluations((a,), len(cfg.graybox_timesteps))
                                for a in graybox.DATASETS}}
+    if var:
+        from ..features.variation import unet_evaluations
+
+        nums["unet_evaluations_per_query"]["variation"] = unet_evaluations(cfg.var_strengths, cfg.n_var, cfg.steps)
+        nums["unet_evaluations_per_query"]["variation by strength"] = {
+            str(st): unet_evaluations((st,), cfg.n_var, cfg.steps) for st in cfg.var_strength_grid}
 
     def store_batch(label: str, n_gen: int | None = None) -> dict:
         return read_store(plan.stores[label].path(work), n_gen)[0]
@@ -116,6 +130,30 @@ def compute_numbers(cfg: ExperimentConfig, plan: Plan, work: Path, done: dict) -
         **{f"rq3-{lab}": done_result(done, f"model rq3-{lab}") for lab in ("weak", "strong")},
     }
     return nums
+
+
+def _verdicts(plan: Plan, work: Path, layout: dict, max_fpr: float) -> dict:
+    """``{question: {target: {tier: {variant: {"metrics", "verdicts", "_seeds", "_counts"}}}}}``: every attack of
+    every variant's cells, seed-aggregated, with what its verdicts at ``max_fpr`` do on the test rows."""
+    out: dict = {}
+    for q, targets in layout.items():
+        for target, tiers in targets.items():
+            for tier, variants in tiers.items():
+                for variant, by_seed in variants.items():
+                    results = [_load(plan, work, lab) for lab in by_seed.values()]
+                    attacks = list(results[0]["test"]["probability"])
+                    per_seed = [analysis.cell_verdicts(plan.cells[lab].folder(work) / "heads", r, max_fpr)
+                                for lab, r in zip(by_seed.values(), results)]
+                    out.setdefault(q, {}).setdefault(target, {}).setdefault(tier, {})[variant] = {
+                        "metrics": analysis.aggregate(results, attacks),
+                        "ci95_first_seed": {a: {m: results[0]["metrics"][a][m].get("ci95")
+                                                for m in ("tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")}
+                                            for a in attacks},
+                        "verdicts": analysis.aggregate_verdicts(per_seed, attacks),
+                        "_seeds": list(by_seed),
+                        "_counts": results[0]["counts"],
+                    }
+    return out
 
 
 def _with_gray(black: dict, gray_agg: dict | None, gray: list[str]) -> dict:

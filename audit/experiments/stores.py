@@ -40,6 +40,9 @@ class StoreSpec(Config):
     replay: str = ""  # path of the store whose generated images are served instead of querying the target
     tier: str = "black-box"  # `audit features --tier`
     graybox_timesteps: tuple = ()  # gray-box stores: the timesteps each attack's error is read at
+    var_strengths: tuple = ()  # variation stores: `--var-strengths`
+    n_var: int = 0  # variation stores: `--n-var`
+    reference: str = ""  # `--reference`: the same features on this model, with the same seeds and noise
     # Configs of models trained by the experiment (their folders are named by these hashes), so a changed
     # recipe never reuses an old model's store.
     provenance: dict = dataclasses.field(default_factory=dict)
@@ -51,6 +54,10 @@ class StoreSpec(Config):
             # Black-box stores keep the keys they had before the gray-box tier, so cached ones stay valid.
             d.pop("tier")
             d.pop("graybox_timesteps")
+        # Fields added later leave the keys of stores that do not use them unchanged.
+        for field in ("var_strengths", "n_var", "reference"):
+            if not d[field]:  # each default is empty or 0
+                d.pop(field)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def path(self, workdir: Path) -> Path:
@@ -105,10 +112,11 @@ def _threads() -> None:
 def build_store(spec: dict, workdir: str) -> dict:
     """Make (or finish) the store of ``spec``; returns its summary. Runs in a worker process."""
     from ..defences import DefendedGenerator, parse_defence
-    from ..features.compute import FeaturesConfig, Models, compute_store
+    from ..features.compute import FeaturesConfig, Models
     from ..targets.builtin import load_captioner, load_embedder, load_target
 
     from ..features.store import FeatureStore
+    from ..tiers import GRAY_BOX
 
     _threads()
     s = StoreSpec.from_dict(spec)
@@ -116,6 +124,21 @@ def build_store(spec: dict, workdir: str) -> dict:
     if out.exists() and FeatureStore.open(out).complete:
         # Named by the hash of its spec, so a finished store is this spec's store: nothing to load or compute.
         return {"path": str(out), "rows": FeatureStore.open(out).n_rows, "cached": True}
+    extra = {"graybox_timesteps": tuple(s.graybox_timesteps)} if s.graybox_timesteps else {}
+    if s.var_strengths:
+        extra["var_strengths"] = tuple(s.var_strengths)
+    if s.n_var:
+        extra["n_var"] = int(s.n_var)
+    cfg = FeaturesConfig(target=s.target, embedder=s.embedder, captioner=s.captioner, n_gen=s.n_gen, steps=s.steps,
+                         seed=s.seed, batch_size=s.batch_size, missing_caption=s.missing_caption, tier=s.tier,
+                         reference=s.reference, **extra).validate()
+    if s.reference:
+        if s.replay or s.defence != "none":
+            raise UsageError(f"store {s.name}: a reference store queries both models itself (no replay or defence)")
+        # Models.load checks that the reference fits the target before anything is computed.
+        models = Models.load(s.target, s.embedder, s.captioner, graybox=GRAY_BOX in cfg.tiers,
+                             reference=s.reference)
+        return _compute(s, out, models, cfg)
     if s.replay:
         generator = ReplayGenerator(s.replay)
         generator.check_exact(load_target(s.target).resolution)
@@ -124,10 +147,12 @@ def build_store(spec: dict, workdir: str) -> dict:
     if s.defence != "none":
         generator = DefendedGenerator(generator, parse_defence(s.defence))
     models = Models(generator, load_embedder(s.embedder), load_captioner(s.captioner))
-    extra = {"graybox_timesteps": tuple(s.graybox_timesteps)} if s.graybox_timesteps else {}
-    cfg = FeaturesConfig(target=s.target, embedder=s.embedder, captioner=s.captioner, n_gen=s.n_gen, steps=s.steps,
-                         seed=s.seed, batch_size=s.batch_size, missing_caption=s.missing_caption, tier=s.tier,
-                         **extra).validate()
+    return _compute(s, out, models, cfg)
+
+
+def _compute(s: StoreSpec, out: Path, models, cfg) -> dict:
+    from ..features.compute import compute_store
+
     summary = compute_store(s.data, out, models, cfg, resume=out.exists(), quiet=True)
     if summary["ok"] < summary["rows"]:
         raise ArtifactError(f"{out}: {summary['rows'] - summary['ok']} rows failed ({summary['status']})")
