@@ -101,7 +101,7 @@ def test_stores_are_shared_between_questions(quick_run):
     assert len(gray) == 6 and all(fs.tiers == ("gray-box",) and fs.n_gen == 0 for fs in gray)
     assert all(fs.n_timesteps == len(nums["config"]["graybox_timesteps"]) for fs in gray)
     assert nums["run"]["stages"]["features"]["tasks"] == 17
-    refs = [FeatureStore.open(work / "stores" / p) for p in stores if "_ref_" in p]
+    refs = [FeatureStore.open(work / "stores" / p) for p in stores if "reference_seed" in p]
     assert len(refs) == 4 and all(fs.manifest.get("reference") for fs in refs)
 
 

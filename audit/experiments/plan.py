@@ -174,7 +174,7 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
             cost = 2.0 if spec.mode == "transfer" else rows * frac * (n_gen or st.n_gen or 1) * SEC_PER_TRAIN_ROW
             # K cross-fitted members each fit on (K-1)/K of three quarters of the rows, against half for a split.
             cost *= max(1.0, spec.folds * 1.2)
-            cost *= len(spec.attacks) / max(1, len(attacks) - len(reference_attacks(attacks)))
+            cost *= 2 if st.reference else 1  # the reference forms beside every attack, on wider inputs
             tasks[name] = Task(name, "audit.experiments.cells:run_cell", (spec.to_dict(), str(work)),
                                deps=(producer[str(st.path(work))], *deps), cost=cost, stage="heads")
         return label
@@ -244,9 +244,9 @@ def _verdict_rows(cfg: ExperimentConfig, work: Path, data: dict, models: dict, r
         return out
 
     def ref_stores(prefix: str, reference: str, **kw) -> tuple[dict, dict]:
-        black = {s: store(f"{prefix}ref seed{s}", reference=reference, n_gen=cfg.n_gen, steps=cfg.steps, seed=s,
+        black = {s: store(f"{prefix}reference seed{s}", reference=reference, n_gen=cfg.n_gen, steps=cfg.steps, seed=s,
                           **kw) for s in cfg.seeds}
-        grey = ({s: store(f"{prefix}gray ref seed{s}", reference=reference, seed=s, **gray, **kw) for s in cfg.seeds}
+        grey = ({s: store(f"{prefix}gray reference seed{s}", reference=reference, seed=s, **gray, **kw) for s in cfg.seeds}
                 if cfg.graybox_attacks else {})
         return black, grey
 
