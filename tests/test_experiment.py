@@ -198,7 +198,7 @@ def test_verdict_rows_compare_on_the_same_test_rows(quick_run):
 
     split_dir, split = one("main_seed0")
     cf_dir, cf = one(f"main_crossfit{k}_seed0")
-    ref_dir, ref = one(f"main_reference_crossfit{k}_seed0")
+    ref = one(f"main_reference_crossfit{k}_seed0")[1]
     assert split["test"]["ids"] == cf["test"]["ids"] == ref["test"]["ids"]
     assert read_heads_info(cf_dir / "heads")["split"]["mode"] == "cross-fit"
     assert read_heads_info(split_dir / "heads")["split"]["mode"] == "split"
@@ -211,7 +211,8 @@ def test_verdict_rows_compare_on_the_same_test_rows(quick_run):
     for attack, v in want.items():
         assert got["verdicts"][attack]["counts"] == v["counts"]
         assert sum(v["counts"].values()) == len(cf["test"]["ids"])
-        assert got["metrics"][attack]["tpr_at_0_1pct_fpr"]["values"] == [cf["metrics"][attack]["tpr_at_0_1pct_fpr"]["value"]]
+        want_tpr = cf["metrics"][attack]["tpr_at_0_1pct_fpr"]["value"]
+        assert got["metrics"][attack]["tpr_at_0_1pct_fpr"]["values"] == [want_tpr]
     assert set(nums["verdicts"]["rq3"]) == set(nums["config"]["verdict_rq3"])
     assert set(nums["verdicts"]["rq3"]["weak"]["gray-box"]) == {"split", "crossfit", "reference split",
                                                                  "reference crossfit"}

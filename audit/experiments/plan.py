@@ -246,8 +246,8 @@ def _verdict_rows(cfg: ExperimentConfig, work: Path, data: dict, models: dict, r
     def ref_stores(prefix: str, reference: str, **kw) -> tuple[dict, dict]:
         black = {s: store(f"{prefix}reference seed{s}", reference=reference, n_gen=cfg.n_gen, steps=cfg.steps, seed=s,
                           **kw) for s in cfg.seeds}
-        grey = ({s: store(f"{prefix}gray reference seed{s}", reference=reference, seed=s, **gray, **kw) for s in cfg.seeds}
-                if cfg.graybox_attacks else {})
+        grey = ({s: store(f"{prefix}gray reference seed{s}", reference=reference, seed=s, **gray, **kw)
+                 for s in cfg.seeds} if cfg.graybox_attacks else {})
         return black, grey
 
     v: dict = {"rq1": {}, "rq3": {}}

@@ -83,8 +83,9 @@ def _verdict_row(name: str, label: str, variant: dict, attack: str) -> str:
 
 def verdict_table(tiers: dict) -> list[str]:
     """Rows per attack and variant (split, cross-fitted, cross-fitted with the reference) of one target."""
-    lines = ["| attack | heads | AUC | TPR at 1% FPR | TPR at 0.1% FPR | decided at 1% (member/non-member/"
-             "inconclusive) | FPR of member verdicts on test non-members |", "|---|---|---|---|---|---|---|"]
+    header = ("| attack | heads | AUC | TPR at 1% FPR | TPR at 0.1% FPR | decided at 1% (member/non-member/"
+              "inconclusive) | FPR of member verdicts on test non-members |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for tier, variants in tiers.items():
         plain = [a for a in variants["split"]["metrics"] if a != "blind"]
         ref = variants.get("reference crossfit") or {"metrics": {}}
@@ -104,6 +105,10 @@ def verdict_table(tiers: dict) -> list[str]:
     return [row for row in lines if row]
 
 
+def _mean_decided(verdicts: dict, attacks: list[str]) -> float:
+    return sum(verdicts[a]["decided_fraction"] for a in attacks) / len(attacks)
+
+
 def verdict_findings(n: dict) -> list[str]:
     """What cross-fitting and the reference do to verdicts at the budget, and whether issue #20's goals hold."""
     out = []
@@ -119,11 +124,10 @@ def verdict_findings(n: dict) -> list[str]:
                     continue
                 none_sp = sum(sp[a]["decided_fraction"] == 0 for a in names)
                 fprs = [cf[a]["max_fpr_over_seeds"] for a in names if math.isfinite(cf[a]["max_fpr_over_seeds"])]
-                mean = lambda d: sum(d[a]["decided_fraction"] for a in names) / len(names)  # noqa: E731
                 out.append(
                     f"Verdicts at max-fpr {budget:g} ({q.upper()} {target}, {tier}): split heads decide "
-                    f"{mean(sp):.2f} of the test rows on average ({none_sp} of {len(names)} attacks leave every row "
-                    f"inconclusive); cross-fitted heads decide {mean(cf):.2f}"
+                    f"{_mean_decided(sp, names):.2f} of the test rows on average ({none_sp} of {len(names)} attacks "
+                    f"leave every row inconclusive); cross-fitted heads decide {_mean_decided(cf, names):.2f}"
                     + (f", with a largest realised FPR of member verdicts on test non-members of {max(fprs):.3f}"
                        if fprs else "") + ".")
     weak = ((n.get("verdicts") or {}).get("rq3") or {}).get("weak") or {}
@@ -335,7 +339,8 @@ def write_results(n: dict, path: Path) -> None:
           f"- **Features**: n_gen {cfg['n_gen']}, {cfg['steps']} DDIM steps, no guidance; embedder toy-clip, "
           "captioner toy-blip (greedy)."
           + (f" Gray-box (`audit features --tier gray-box`, stores of their own): the errors of loss, PIA, "
-             f"SecMI (and CLiD's conditional, unconditional and masked-caption losses at its own timesteps) at timesteps {', '.join(map(str, cfg['graybox_timesteps']))}, conditioned on the caption "
+             "SecMI (and CLiD's conditional, unconditional and masked-caption losses at its own timesteps) at "
+             f"timesteps {', '.join(map(str, cfg['graybox_timesteps']))}, conditioned on the caption "
              f"without guidance ({n['unet_evaluations_per_query']['gray-box']} UNet evaluations per query); seed s "
              "draws the loss attack's noise; the same split seeds, so the same test rows as the black-box cells."
              if n.get("graybox_attacks") else "")
@@ -501,8 +506,8 @@ def verdict_section(n: dict) -> list[str]:
          f"reference, standardised on non-members. References: the bundled target against `{cfg['reference_rq1']}` "
          "(its pre-training checkpoint); each RQ3 fine-tune against the bundled `toy` it was fine-tuned from, the "
          f"untuned control against `{cfg['reference_rq1']}`. Metrics are means over seeds; TPRs carry the first "
-         f"seed's {cfg['n_boot']}-resample bootstrap 95% interval. `decided at {budget:.0%}`: the fraction of test rows "
-         f"given a `member` or `non-member` verdict by `audit evaluate --max-fpr {budget:g}`'s thresholds (counts "
+         f"seed's {cfg['n_boot']}-resample bootstrap 95% interval. `decided at {budget:.0%}`: the fraction of test "
+         f"rows given a `member` or `non-member` verdict by `audit evaluate --max-fpr {budget:g}`'s thresholds (counts "
          "summed over seeds); the last column is the realised FPR of `member` verdicts on the test non-members "
          "(mean over seeds). With few test non-members both TPR columns are the TPR at FPR 0 (see Setup).", ""]
     for q, targets in v.items():
