@@ -185,8 +185,8 @@ def test_default_spec_keys_are_those_of_before_the_new_fields():
 
 
 def test_verdict_rows_compare_on_the_same_test_rows(quick_run):
-    from audit.experiments import analysis
     from audit.attacks.heads import read_heads_info
+    from audit.experiments import analysis
 
     nums, work = quick_run["nums"], quick_run["work"]
     cells = {p.parent.name: (p.parent, json.loads(p.read_text())) for p in (work / "cells").glob("*/result.json")}
