@@ -34,7 +34,10 @@ class ExperimentConfig(Config):
     # untuned control against reference_rq1. Verdict thresholds at verdict_max_fpr.
     crossfit_folds: int = 5
     reference_rq1: str = "toy-base"
-    verdict_rq3: tuple = ("untuned", "weak", "strong")  # RQ3 targets that get cross-fitted and reference rows
+    verdict_rq3: tuple = ("weak", "strong")  # RQ3 targets that get cross-fitted and reference rows
+    # The attacks (by base name, with their -score forms) of the cross-fitted and reference cells: the strongest
+    # attack of each family the issue compares, which keeps the K-fold cells within the study's hour.
+    verdict_attacks: tuple = ("II-P", "IV", "loss", "PIA", "CLiD")
     verdict_max_fpr: float = 0.01
     # Image-variation tier (RQ1 rows; RQ4 strength ablation: one store per strength, seed-0 queries).
     variation_attacks: tuple = ("var-pixel", "var-pixel-score", "var-clip", "var-clip-score", "var-all",
@@ -124,6 +127,8 @@ class ExperimentConfig(Config):
         if self.crossfit_folds == 1 or self.crossfit_folds < 0:
             raise UsageError(f"crossfit_folds must be 0 (no cross-fitted rows) or at least 2, got "
                              f"{self.crossfit_folds}")
+        if self.verdict_attacks:
+            parse_attacks(",".join(self.verdict_attacks))
         if not set(self.verdict_rq3) <= {"untuned", "weak", "strong"}:
             raise UsageError(f"verdict_rq3 {self.verdict_rq3} must name RQ3 targets: untuned, weak, strong")
         if not 0 < self.verdict_max_fpr < 1:

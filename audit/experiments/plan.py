@@ -155,9 +155,12 @@ def make_plan(cfg: ExperimentConfig, workdir: str | Path) -> Plan:
 
     cell_by_key: dict[str, CellSpec] = {}
 
-    def cell(label: str, st: StoreSpec, seed: int, n_gen: int | None = None, deps: tuple = (), **kw) -> str:
+    def cell(label: str, st: StoreSpec, seed: int, n_gen: int | None = None, deps: tuple = (),
+             only: tuple = (), **kw) -> str:
         attacks = tuple(cfg.graybox_attacks if st.tier == "gray-box" else
                         cfg.variation_attacks if st.tier == "variation" else cfg.attacks)
+        if only:  # a subset by base name (X keeps X and X-score)
+            attacks = tuple(a for a in attacks if base_attack(a) in only) or attacks
         if st.reference:
             attacks += reference_attacks(attacks)
         spec = CellSpec(name=label.replace(" ", "_"), store=str(st.path(work)), n_gen=n_gen or 0, seed=seed,
@@ -233,13 +236,17 @@ def _verdict_rows(cfg: ExperimentConfig, work: Path, data: dict, models: dict, r
             "steps": cfg.steps}
 
     def variants(prefix: str, by_seed: dict, ref_stores: dict, n_gen) -> dict:
+        only = tuple(cfg.verdict_attacks)
         out = {"split": {s: cell(f"{prefix} seed{s}", st, s, n_gen) for s, st in by_seed.items()}}
         for v, k in folds.items():
-            out[v] = {s: cell(f"{prefix} {v}{k} seed{s}", st, s, n_gen, folds=k) for s, st in by_seed.items()}
+            out[v] = {s: cell(f"{prefix} {v}{k} seed{s}", st, s, n_gen, folds=k, only=only)
+                      for s, st in by_seed.items()}
         if ref_stores:
-            out["reference split"] = {s: cell(f"{prefix} reference seed{s}", st, s) for s, st in ref_stores.items()}
+            if not folds:  # the report compares cross-fitted forms when there are any
+                out["reference split"] = {s: cell(f"{prefix} reference seed{s}", st, s, only=only)
+                                          for s, st in ref_stores.items()}
             for v, k in folds.items():
-                out[f"reference {v}"] = {s: cell(f"{prefix} reference {v}{k} seed{s}", st, s, folds=k)
+                out[f"reference {v}"] = {s: cell(f"{prefix} reference {v}{k} seed{s}", st, s, folds=k, only=only)
                                          for s, st in ref_stores.items()}
         return out
 
