@@ -137,6 +137,21 @@ def test_store_holds_the_variation_datasets_and_records_tier_sweep_and_cost(var_
         np.testing.assert_allclose(b[key][ok][order], want[key], rtol=1e-3, atol=1e-6)
 
 
+def test_one_variation_per_strength_makes_a_store_with_no_pairs_that_heads_read(tiny_world, labelled, tmp_path):
+    from audit.attacks.inputs import build_inputs
+    from audit.features.store import FeatureStore
+
+    out = tmp_path / "one.h5"
+    r = CliRunner().invoke(app, ["features", "--target", str(tiny_world["target"]), "--data", str(labelled),
+                                 "--out", str(out), "--tier", "variation", "--var-strengths", "0.5", "--n-var", "1",
+                                 "--steps", "2", "--batch-size", "13", "-q", *_models(tiny_world)])
+    assert r.exit_code == 0, r.output
+    b = FeatureStore.open(out).read(ok_only=True)
+    assert b["var_pixel_pair"].shape == (12, 1, 0) and (b["var_pixel_dist"] > 0).all()
+    x = build_inputs(b, "var-all")
+    assert len(x) == 12 and np.isfinite(np.asarray(x)).all()
+
+
 def test_train_evaluate_and_check_report_variation_attacks_with_tiers(var_store, tiny_world, tmp_path,
                                                                       monkeypatch):
     monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))

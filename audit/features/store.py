@@ -431,8 +431,10 @@ class FeatureWriter:
         with h5py.File(tmp, "w") as f:
             for key, (shape, dtype) in shapes.items():
                 numeric = not (isinstance(dtype, np.dtype) and dtype.kind == "O")
-                f.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                                 chunks=(max(1, chunk_rows), *shape), compression="gzip", compression_opts=4,
+                # An empty axis (one variation has no pairs) cannot be chunked at its size: it is left resizable.
+                f.create_dataset(key, shape=(0, *shape), maxshape=(None, *(d or None for d in shape)), dtype=dtype,
+                                 chunks=(max(1, chunk_rows), *(max(1, d) for d in shape)), compression="gzip",
+                                 compression_opts=4,
                                  shuffle=numeric and np.dtype(dtype).itemsize > 1)
             f.attrs["manifest"] = json.dumps(manifest, sort_keys=True)
             f.attrs["n_committed"] = 0
