@@ -466,7 +466,11 @@ def check(
     from .errors import InputError
 
     if server:
-        v = run(lambda: _check_on_server(server, image, caption, target, heads, attack, max_fpr, evidence))
+        local_only = {"--embedder": embedder, "--captioner": captioner, "--reference": reference,
+                      "--evidence": evidence, "--max-miss": max_miss, "--allow-pickle": allow_pickle or None,
+                      "--decision": None if decision == "budget" else decision,
+                      "--device": None if device == "cpu" else device}
+        v = run(lambda: _check_on_server(server, image, caption, target, heads, attack, max_fpr, local_only))
     else:
         v = run(lambda: api.check(image, caption, target=target, heads=heads, embedder=embedder,
                                   captioner=captioner, attack=attack, device=device, allow_pickle=allow_pickle,
@@ -492,13 +496,18 @@ def check(
         raise typer.Exit(EXIT_MEMBER_FOUND)
 
 
-def _check_on_server(server, image, caption, target, heads, attack, max_fpr, evidence):
+def _check_on_server(server, image, caption, target, heads, attack, max_fpr, local_only: dict):
     from .errors import UsageError
     from .service.client import Client
 
-    if evidence:
+    if local_only.get("--evidence"):
         raise UsageError("--evidence logs local checks; with --server the service logs the verdict in its own "
                          "evidence database")
+    # The service holds its own models, reference and rule: a flag it cannot honour is refused, not dropped.
+    given = [flag for flag, value in local_only.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: with --server the service's models and verdict rule apply (its "
+                         "/v1/info lists them); a request may set --heads, --attack and --max-fpr only")
     with Client(server) as client:
         return client.check(image, caption, target=target, heads=str(heads) if heads else None, attack=attack,
                             max_fpr=max_fpr)

@@ -121,6 +121,11 @@ def test_serve_points_emulator_users_to_serve_target_and_refuses_open_hosts_with
     env = {k: v for k, v in os.environ.items() if k != "AUDIT_API_KEYS"} | {"AUDIT_HOME": str(tmp_path)}
     open_host = CliRunner().invoke(app, ["serve", "--target", "toy", "--host", "0.0.0.0"], env=env)
     assert open_host.exit_code == 2 and "give --api-keys FILE" in open_host.stderr
+    ignored = CliRunner().invoke(app, ["check", str(tmp_path / "q.png"), "--target", "toy", "--server",
+                                       "http://127.0.0.1:9", "--decision", "balanced", "--reference", "toy-base"])
+    assert ignored.exit_code == 2 and ignored.stderr.strip() == (
+        "error: --reference, --decision: with --server the service's models and verdict rule apply (its /v1/info "
+        "lists them); a request may set --heads, --attack and --max-fpr only")
     unknown = CliRunner().invoke(app, ["serve", "--target", "nosuch", "--port", str(free_port())], env=env)
     assert unknown.exit_code == 2 and unknown.stderr.splitlines()[-1].startswith("error: unknown target 'nosuch'")
 
