@@ -72,7 +72,7 @@ class Service:
             models = self._given_models or Models.load(self.config)
             jobs = Jobs(self.evidence, models, self.state_dir, on_change=self._jobs_changed,
                         cluster=self.config.cluster())
-            jobs.connect()
+            jobs.start()  # with --ray, once connected
         except Exception as exc:  # noqa: BLE001 (reported by readiness and by `audit serve`)
             self.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if self.on_load_error:
@@ -83,7 +83,6 @@ class Service:
         self.jobs = jobs
         self._jobs_changed(self.jobs.counts_by_state())
         self.models = models
-        self.jobs.start()
 
     def _jobs_changed(self, counts: dict) -> None:
         for state, n in counts.items():

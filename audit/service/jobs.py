@@ -128,6 +128,8 @@ class Jobs:
         self.cluster = cluster  # a ClusterConfig: scan jobs run on Ray
         self._ray = None
         self._ray_context = None
+        self._connected = threading.Event()
+        self._connect_error: BaseException | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -205,15 +207,33 @@ class Jobs:
     # ----------------------------------------------------------------------------------------------- runner
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="audit-scan-jobs", daemon=True)
+        """Start the job thread; with a Ray cluster, return once it is connected (or raise why it could not)."""
+        self._thread = threading.Thread(target=self._serve, name="audit-scan-jobs", daemon=True)
         self._thread.start()
+        self._connected.wait()
+        if self._connect_error is not None:
+            raise self._connect_error
+
+    def _serve(self) -> None:
+        # The job thread connects, for the service's life: a `local` cluster's processes die with the thread that
+        # started them (Ray sets their parent-death signal), so not the loader's thread, which ends.
+        try:
+            self.connect()
+        except BaseException as exc:  # noqa: BLE001 (handed to start(), which raises it)
+            self._connect_error = exc
+            return
+        finally:
+            self._connected.set()
+        try:
+            self._loop()
+        finally:
+            self.disconnect()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)  # a slice still scoring is redone on the next start
-        self.disconnect()
 
     def _next(self) -> str | None:
         with self.engine.connect() as conn:
