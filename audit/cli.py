@@ -466,7 +466,11 @@ def check(
     from .errors import InputError
 
     if server:
-        v = run(lambda: _check_on_server(server, image, caption, target, heads, attack, max_fpr, evidence))
+        local_only = {"--embedder": embedder, "--captioner": captioner, "--reference": reference,
+                      "--evidence": evidence, "--max-miss": max_miss, "--allow-pickle": allow_pickle or None,
+                      "--decision": None if decision == "budget" else decision,
+                      "--device": None if device == "cpu" else device}
+        v = run(lambda: _check_on_server(server, image, caption, target, heads, attack, max_fpr, local_only))
     else:
         v = run(lambda: api.check(image, caption, target=target, heads=heads, embedder=embedder,
                                   captioner=captioner, attack=attack, device=device, allow_pickle=allow_pickle,
@@ -492,13 +496,18 @@ def check(
         raise typer.Exit(EXIT_MEMBER_FOUND)
 
 
-def _check_on_server(server, image, caption, target, heads, attack, max_fpr, evidence):
+def _check_on_server(server, image, caption, target, heads, attack, max_fpr, local_only: dict):
     from .errors import UsageError
     from .service.client import Client
 
-    if evidence:
+    if local_only.get("--evidence"):
         raise UsageError("--evidence logs local checks; with --server the service logs the verdict in its own "
                          "evidence database")
+    # The service holds its own models, reference and rule: a flag it cannot honour is refused, not dropped.
+    given = [flag for flag, value in local_only.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: with --server the service's models and verdict rule apply (its "
+                         "/v1/info lists them); a request may set --heads, --attack and --max-fpr only")
     with Client(server) as client:
         return client.check(image, caption, target=target, heads=str(heads) if heads else None, attack=attack,
                             max_fpr=max_fpr)
@@ -654,6 +663,15 @@ def serve(
                                                "several; the first is the default). " + _TARGET_HELP),
     heads: Optional[list[str]] = typer.Option(None, "--heads", help="Heads folder: one for every target, or one "
                                               "per target (default: each target's registered heads)."),
+    reference: Optional[list[str]] = typer.Option(None, "--reference", help="The reference model heads were "
+                                                  "trained with (`features --reference`), if any: one for every "
+                                                  "target, or one per target."),
+    embedder: Optional[list[str]] = typer.Option(None, "--embedder", help="Embedder: registered name or CLIP "
+                                                 "folder, one for every target or one per target (default: each "
+                                                 "target's)."),
+    captioner: Optional[list[str]] = typer.Option(None, "--captioner", help="Captioner: registered name or BLIP "
+                                                  "folder, one for every target or one per target (default: each "
+                                                  "target's)."),
     host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1); any but "
                                        "loopback needs --api-keys."),
     port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000)."),
@@ -672,6 +690,13 @@ def serve(
     config_file: Optional[Path] = typer.Option(None, "--config", help="JSON file of the service's settings "
                                                "(ServiceConfig fields); flags override it."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda"),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="Run scan jobs on a Ray cluster: "
+                                      "ray://HEAD:10001, auto, HOST:PORT, or local (a private cluster on this "
+                                      "machine); checks stay in this process. Needs pip install 'audit[ray]'."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", help="With --ray: workers per scan job, each "
+                                              "holding its own copy of the models (default 1)."),
+    ray_threads: Optional[int] = typer.Option(None, "--ray-threads", help="With --ray: CPU threads per worker "
+                                              "(default: those this process uses)."),
     max_requests: Optional[int] = typer.Option(None, "--max-requests", hidden=True),
     idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", hidden=True),
 ) -> None:
@@ -687,13 +712,15 @@ def serve(
                  "api_keys": str(api_keys) if api_keys else None,
                  "data_roots": [str(p) for p in data_root] if data_root else None,
                  "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "queue_size": queue_size,
-                 "device": device}
+                 "device": device, "reference": reference or None, "embedder": embedder or None,
+                 "captioner": captioner or None, "ray": ray, "ray_workers": ray_workers, "ray_threads": ray_threads}
         import dataclasses
 
         cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
         cfg.validate()
+        on_ray = f"; scan jobs on Ray at {cfg.ray}" if cfg.ray else ""
         typer.echo(f"auditing service for {', '.join(cfg.targets)} at http://{cfg.host}:{cfg.port} (models load in "
-                   "the background; GET /v2/health/ready says when they are in; Ctrl-C stops)", err=True)
+                   f"the background; GET /v2/health/ready says when they are in; Ctrl-C stops){on_ray}", err=True)
         run_service(cfg)
 
     run(start)

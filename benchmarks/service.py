@@ -6,6 +6,13 @@ with their captions; throughput (checks/s), latency p50/p95/p99, errors, and the
 the warm-up and after every request. The CLI is timed on a few images (each pays the whole start-up).
 
     python benchmarks/service.py --requests 8 --cli-images 2 --json benchmarks/results/service.json
+
+With ``--memory-requests N`` it runs the memory check instead: the batched service alone, N checks from 16
+clients in four quarters, the server's resident memory (VmRSS) after the warm-up and after each quarter. Memory is
+called flat when it grows by less than ``--memory-bound-mib`` from the end of the first quarter (by then every
+batch size has been seen and the allocators hold their working set) to the end of the run.
+
+    python benchmarks/service.py --memory-requests 2000 --json benchmarks/results/service_memory.json
 """
 
 from __future__ import annotations
@@ -134,6 +141,31 @@ def bench_service(name: str, args: list[str], queries, levels: list[int], reques
         proc.wait(60)
 
 
+def bench_memory(args: list[str], queries, n: int, clients: int, bound_mib: float, work: Path) -> dict:
+    """``n`` checks from ``clients`` clients in four quarters; the server's RSS after the warm-up and each quarter."""
+    home = work / "memory"
+    home.mkdir()
+    proc, url, ready = _start(args, home)
+    try:
+        _load(url, queries[:2], 1, 2)
+        rss, quarters = [_rss_mib(proc.pid)], []
+        print(f"    memory start: {rss[0]:.0f} MiB", flush=True)
+        for q in range(4):
+            quarters.append(_load(url, queries, clients, n // 4 + (q < n % 4)))
+            rss.append(_rss_mib(proc.pid))
+            print(f"    memory quarter {q + 1}: {quarters[-1]['requests']} requests, "
+                  f"{quarters[-1]['checks_per_s']:.2f} checks/s, errors {quarters[-1]['errors']}, RSS {rss[-1]:.0f} "
+                  f"MiB", flush=True)
+        growth = rss[4] - rss[1]
+        return {"time_to_ready_s": round(ready, 2), "requests": n, "clients": clients,
+                "rss_mib_start": round(rss[0], 1), "rss_mib_after_each_quarter": [round(x, 1) for x in rss[1:]],
+                "growth_mib_after_first_quarter": round(growth, 1), "bound_mib": bound_mib,
+                "flat": bool(growth < bound_mib), "errors": sum(r["errors"] for r in quarters), "quarters": quarters}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def bench_cli(queries, n: int, work: Path) -> dict:
     times = []
     for path, caption in queries[:n]:
@@ -154,6 +186,10 @@ def main() -> None:
     ap.add_argument("--cli-images", type=int, default=3, help="Images checked by one `audit check` process each.")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=20)
+    ap.add_argument("--memory-requests", type=int, default=0, help="Run the memory check instead: this many "
+                    "checks from 16 clients to the batched service, RSS after each quarter.")
+    ap.add_argument("--memory-bound-mib", type=float, default=64, help="Largest RSS growth from the first quarter's "
+                    "end to the run's end still called flat.")
     ap.add_argument("--json", type=Path, help="Write the results here.")
     a = ap.parse_args()
     levels = [int(x) for x in a.clients.split(",")]
@@ -162,6 +198,17 @@ def main() -> None:
         (work / "q").mkdir()
         (work / "cli").mkdir()
         queries = _images(max(32, a.cli_images), work / "q")
+        if a.memory_requests:
+            result = {"memory": bench_memory(["--max-batch-size", str(a.max_batch_size), "--max-wait-ms",
+                                              str(a.max_wait_ms), "--queue-size", "256"], queries,
+                                             a.memory_requests, 16, a.memory_bound_mib, work),
+                      "settings": {"max_batch_size": a.max_batch_size, "max_wait_ms": a.max_wait_ms,
+                                   "cpus": os.cpu_count(), "load_average": [round(x, 1) for x in os.getloadavg()]}}
+            print(memory_markdown(result))
+            if a.json:
+                a.json.parent.mkdir(parents=True, exist_ok=True)
+                a.json.write_text(json.dumps(result, indent=2) + "\n")
+            return
         result = {
             "batched": bench_service("batched", ["--max-batch-size", str(a.max_batch_size), "--max-wait-ms",
                                                  str(a.max_wait_ms), "--queue-size", "256"],
@@ -199,6 +246,17 @@ def markdown(result: dict) -> str:
                  f"{' / '.join(f'{x:.0f}' for x in bat['rss_mib_after_each_level'])} MiB after each level "
                  f"({bat['requests_total']} requests).")
     return "\n".join(lines)
+
+
+def memory_markdown(result: dict) -> str:
+    m = result["memory"]
+    rates = ", ".join(f"{q['checks_per_s']:.2f}" for q in m["quarters"])
+    return (f"{m['requests']} checks from {m['clients']} clients, {m['errors']} errors; server RSS "
+            f"{m['rss_mib_start']:.0f} MiB after warm-up, "
+            f"{' / '.join(f'{x:.0f}' for x in m['rss_mib_after_each_quarter'])} MiB after each quarter: "
+            f"{m['growth_mib_after_first_quarter']:+.0f} MiB from the first quarter's end "
+            f"({'flat' if m['flat'] else 'NOT flat'}: bound {m['bound_mib']:.0f} MiB); checks/s per quarter {rates}; "
+            f"load average at the end {', '.join(str(x) for x in result['settings']['load_average'])}.")
 
 
 if __name__ == "__main__":

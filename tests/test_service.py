@@ -37,8 +37,8 @@ def toy(tmp_path_factory):
     mp.undo()
 
 
-def _service(toy, tmp_path_factory, **options) -> InProcess:
-    state = tmp_path_factory.mktemp("state")
+def _service(toy, tmp_path_factory, state=None, **options) -> InProcess:
+    state = state or tmp_path_factory.mktemp("state")
     cfg = ServiceConfig(targets=["toy"], db=str(state / "evidence.db"), state_dir=str(state / "state"),
                         data_roots=[str(toy["data"])], **options)
     svc = InProcess(create_app(cfg, toy["models"]))
@@ -251,3 +251,110 @@ def test_scan_paths_stay_inside_data_roots_and_archives_inside_their_folder(svc,
     assert job["state"] == "succeeded" and job["counts"]["done"] == 5
     assert svc.call("DELETE", f"/v1/scans/{job['id']}").json()["state"] == "succeeded"  # finished stays so
     assert svc.call("GET", "/v1/scans/nope").status_code == 404
+
+
+def _ten(toy) -> str:
+    """A data-root folder of ten toy images: two slices of the toy Auditor's batch of eight."""
+    folder = toy["data"] / "ten"
+    if not folder.exists():
+        images, captions = scenes.scene_images(8, "members", 10)
+        scenes.write_imagefolder(folder, images, captions, [None] * 10)
+    return "ten"
+
+
+def _after_first_slice(s, act) -> None:
+    """Call ``act(jobs, job)`` once, from the job thread, when a running job has written its first slice."""
+    jobs = s.app.state.service.jobs
+    original, fired = jobs.on_change, []
+
+    def hook(counts):
+        original(counts)
+        running = [j for j in jobs.list() if j["state"] == "running" and j["counts"]["done"] >= 8]
+        if running and not fired:
+            fired.append(running[0]["id"])
+            act(jobs, running[0])
+
+    jobs.on_change = hook
+
+
+def test_scan_jobs_on_ray_equal_local_ones_resume_after_a_restart_and_cancel(toy, tmp_path_factory, ray_cluster,
+                                                                               tmp_path):
+    state = tmp_path_factory.mktemp("ray_state")
+    cfg = dict(ray=ray_cluster.address, ray_workers=1)
+    folder = _ten(toy)
+    local = tmp_path / "local.jsonl"
+    toy["models"].auditor().scan(toy["data"] / folder, local, quiet=True)
+    want = [json.loads(x) for x in local.read_text().splitlines()]
+
+    # The first server stops after the first slice (as a killed one would, between slices): the job stays running.
+    first = _service(toy, tmp_path_factory, state=state, **cfg)
+    try:
+        assert first.call("GET", "/v1/info").json()["scan_jobs"] == {"runner": "ray", "ray": ray_cluster.address,
+                                                                     "ray_workers": 1, "batch_size": 8}
+        _after_first_slice(first, lambda jobs, job: jobs._stop.set())
+        job_id = first.call("POST", "/v1/scans", json={"folder": folder}).json()["id"]
+        first.app.state.service.jobs._thread.join(300)
+        job = first.call("GET", f"/v1/scans/{job_id}").json()
+        assert job["state"] == "running" and job["counts"] == {"total": 10, "done": 8, "failed": 0}
+    finally:
+        first.close()
+    second = _service(toy, tmp_path_factory, state=state, **cfg)
+    try:
+        job = _wait(second, job_id, timeout=300)
+        assert job["state"] == "succeeded", job
+        assert job["counts"] == {"total": 10, "done": 10, "failed": 0}
+        got = [json.loads(x) for x in second.call("GET", f"/v1/scans/{job_id}/results").text.splitlines()]
+        assert got == want  # the Ray workers' verdicts are the in-process scan's, line for line
+        log = second.app.state.service.evidence
+        assert [r["row_id"] for r in log.records(job=job_id)] == [x["id"] for x in want]  # each row once
+        assert log.verify()["ok"]
+        assert second.call("GET", f"/v1/scans/{job_id}/report").status_code == 200
+
+        _after_first_slice(second, lambda jobs, job: jobs.cancel(job["id"]))
+        cancelled = second.call("POST", "/v1/scans", json={"folder": folder}).json()["id"]
+        job = _wait(second, cancelled, timeout=300)
+        assert job["state"] == "cancelled" and job["counts"]["done"] == 8
+        assert len(second.call("GET", f"/v1/scans/{cancelled}/results").text.splitlines()) == 8
+        assert len(list(log.records(job=cancelled))) == 8
+        assert second.call("GET", f"/v1/scans/{cancelled}/report").status_code == 409
+    finally:
+        second.close()
+
+
+def test_heads_trained_with_a_reference_serve_with_it_from_a_config_file(toy, tmp_path_factory, tmp_path):
+    from audit import api
+
+    data = tmp_path / "labelled"
+    images, captions = scenes.scene_images(9, "members", 8)
+    scenes.write_imagefolder(data, images, captions, [i % 2 == 0 for i in range(8)])
+    store, heads = tmp_path / "ref.h5", tmp_path / "heads"
+    api.featurize("toy", data, store, tier="gray-box", graybox_timesteps=(200,), reference="toy-base", quiet=True)
+    api.train(store, heads, attacks="PIA-ref,PIA-ref-score", epochs=1, register=False, quiet=True)
+    # As a config file names them: one reference (a string) for the one target.
+    (tmp_path / "service.json").write_text(json.dumps({"targets": ["toy"], "heads": str(heads),
+                                                       "reference": "toy-base"}))
+    cfg = ServiceConfig.load(tmp_path / "service.json").validate()
+    assert cfg.reference == ["toy-base"] and cfg.for_target("reference", 0) == "toy-base"
+    state = tmp_path_factory.mktemp("ref_state")
+    s = InProcess(create_app(ServiceConfig(targets=["toy"], db=str(state / "e.db"), state_dir=str(state / "s")),
+                             Models.load(cfg)))
+    try:
+        s.wait_ready()
+        target = s.call("GET", "/v1/info").json()["targets"][0]
+        assert target["reference"]["name"] == "toy-base" and target["reference"]["hash"]
+        assert target["heads"]["attacks"] == ["PIA-ref", "PIA-ref-score", "blind"]
+        q = tmp_path / "q.png"
+        Image.fromarray(images[1]).save(q)
+        r = _post_check(s, q.read_bytes(), captions[1])
+        assert r.status_code == 200, r.text
+        local = api.check(q, captions[1], target="toy", heads=heads, reference="toy-base").to_dict()
+        got = r.json()
+        assert got["verdict"] == local["verdict"] and got["tier"] == "gray-box" and set(got["scores"]) == \
+            set(local["scores"])
+        assert abs(got["probability"] - local["probability"]) < 1e-4
+        record = s.app.state.service.evidence.get(got["evidence_id"])
+        assert record["target"]["name"] == "toy" and record["reference"] == target["reference"]
+    finally:
+        s.close()
+    with pytest.raises(UsageError, match="pass it with --reference"):
+        Models.load(ServiceConfig(targets=["toy"], heads=[str(heads)]))

@@ -70,6 +70,49 @@ def test_check_over_the_server_prints_and_returns_what_the_local_command_does(wo
     assert bad.exit_code == 1 and bad.stderr.count("\n") == 1 and "max" in bad.stderr
 
 
+def test_every_endpoint_and_each_bad_input_over_uvicorn_with_one_line_errors_and_no_record(world):
+    from PIL import Image
+
+    url = world["state"]["server"].url
+    log = EvidenceLog(world["db"])
+    with httpx.Client(base_url=url, timeout=300) as c:
+        assert c.get("/v2/health/live").json() == {"live": True}
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+        info = c.get("/v1/info").json()
+        assert info["targets"][0]["target"]["hash"] and info["targets"][0]["heads"]["sha256"]
+        assert info["scan_jobs"]["runner"] == "in-process"
+        assert c.get("/openapi.json").json()["paths"]["/v1/checks"]
+        assert "audit_build_info{" in c.get("/metrics").text
+        assert c.get("/").headers["content-type"].startswith("text/html")
+        assert isinstance(c.get("/v1/scans").json()["jobs"], list)
+        before = log.count()
+        bomb = __import__("io").BytesIO()
+        Image.new("1", (20000, 20000)).save(bomb, format="PNG")
+        query = world["query"].read_bytes()
+
+        def check(image: bytes, **data):
+            return c.post("/v1/checks", files={"image": ("q.png", image, "image/png")}, data={"caption": "c"} | data)
+
+        cases = {
+            "corrupt": (check(b"\x89PNG\r\n\x1a\nbroken"), 422),
+            "bomb": (check(bomb.getvalue()), 422),
+            "wrong type": (c.post("/v1/checks", json={"image": "x"}), 415),
+            "no image": (c.post("/v1/checks", files={"caption": (None, "x")}), 422),
+            "oversized": (c.post("/v1/checks", content=b"x" * (32 * 2**20 + 1),
+                                 headers={"content-type": "multipart/form-data; boundary=b"}), 413),
+            "unknown target": (check(query, target="nope"), 404),
+            "unknown heads": (check(query, heads="elsewhere"), 404),
+            "outside the data roots": (c.post("/v1/scans", json={"folder": "/etc"}), 403),
+            "unknown record": (c.get("/v1/evidence/nope"), 404),
+            "unknown job": (c.get("/v1/scans/nope"), 404),
+        }
+        for name, (r, status) in cases.items():
+            assert r.status_code == status, (name, r.text)
+            body = r.json()
+            assert list(body) == ["error"] and body["error"] and "\n" not in body["error"], (name, body)
+        assert log.count() == before
+
+
 def test_serve_points_emulator_users_to_serve_target_and_refuses_open_hosts_without_keys(tmp_path):
     old = CliRunner().invoke(app, ["serve", "--target", "toy", "--port", "7860", "--max-requests", "3"])
     assert old.exit_code == 2 and old.stderr.strip() == (
@@ -78,6 +121,11 @@ def test_serve_points_emulator_users_to_serve_target_and_refuses_open_hosts_with
     env = {k: v for k, v in os.environ.items() if k != "AUDIT_API_KEYS"} | {"AUDIT_HOME": str(tmp_path)}
     open_host = CliRunner().invoke(app, ["serve", "--target", "toy", "--host", "0.0.0.0"], env=env)
     assert open_host.exit_code == 2 and "give --api-keys FILE" in open_host.stderr
+    ignored = CliRunner().invoke(app, ["check", str(tmp_path / "q.png"), "--target", "toy", "--server",
+                                       "http://127.0.0.1:9", "--decision", "balanced", "--reference", "toy-base"])
+    assert ignored.exit_code == 2 and ignored.stderr.strip() == (
+        "error: --reference, --decision: with --server the service's models and verdict rule apply (its /v1/info "
+        "lists them); a request may set --heads, --attack and --max-fpr only")
     unknown = CliRunner().invoke(app, ["serve", "--target", "nosuch", "--port", str(free_port())], env=env)
     assert unknown.exit_code == 2 and unknown.stderr.splitlines()[-1].startswith("error: unknown target 'nosuch'")
 

@@ -289,6 +289,8 @@ def verdict_record(verdict: dict, auditor, image_sha256: str | None, *, api_key_
         "caption_sha256": None if caption is None else hashlib.sha256(caption.encode("utf-8")).hexdigest(),
         "caption_source": verdict.get("caption_source"),
         "target": ids["target"], "embedder": ids["embedder"], "captioner": ids["captioner"],
+        # Heads trained with a reference model read it too: the verdict depends on its weights.
+        **({"reference": ids["reference"]} if ids.get("reference") else {}),
         "heads": {"path": auditor.heads_path, "sha256": heads_digest(auditor.heads_path)},
         "tool_version": __version__,
         "settings": {"tier": verdict.get("tier") or auditor.heads.tier(auditor.attack), "n_gen": cfg.n_gen,

@@ -70,6 +70,9 @@ class Service:
     def load(self) -> None:
         try:
             models = self._given_models or Models.load(self.config)
+            jobs = Jobs(self.evidence, models, self.state_dir, on_change=self._jobs_changed,
+                        cluster=self.config.cluster())
+            jobs.start()  # with --ray, once connected
         except Exception as exc:  # noqa: BLE001 (reported by readiness and by `audit serve`)
             self.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if self.on_load_error:
@@ -77,10 +80,9 @@ class Service:
             else:
                 log.error("error: %s", self.load_error)
             return
-        self.jobs = Jobs(self.evidence, models, self.state_dir, on_change=self._jobs_changed)
+        self.jobs = jobs
         self._jobs_changed(self.jobs.counts_by_state())
         self.models = models
-        self.jobs.start()
 
     def _jobs_changed(self, counts: dict) -> None:
         for state, n in counts.items():
@@ -249,6 +251,9 @@ def _routes(app: FastAPI, svc: Service) -> None:
                 "default_target": models.default_target, "auth": svc.keys.enabled,
                 "batching": {"max_batch_size": config.max_batch_size, "max_wait_ms": config.max_wait_ms,
                              "queue_size": config.queue_size},
+                "scan_jobs": {"runner": "ray" if config.ray else "in-process", "ray": config.ray,
+                              "ray_workers": config.ray_workers if config.ray else None,
+                              "batch_size": config.scan_batch_size},
                 "limits": {"max_body_bytes": config.max_body_bytes, "max_caption_chars": config.max_caption_chars,
                            "rate_limit_per_minute": config.rate_limit_per_minute},
                 "evidence_db": _safe_db(svc.evidence.url)}

@@ -4,6 +4,10 @@ Jobs live in the evidence database (``scan_jobs``), their results in a resumable
 scored in the fixed slices of ``batch_slices``, as ``audit scan --resume`` does; each row is logged in the
 evidence log (once: keyed by job and row) before its result line is written, so a server killed at any point
 and started again re-scores only unfinished slices and neither loses nor repeats a row.
+
+With a Ray cluster (``audit serve --ray``), the slices are scored by the Ray driver's actor pool
+(``audit.cluster.ray_driver.ClusterRun``, as ``audit scan --ray``) and come back in order; this process reads the
+images, logs and writes every row as above, so states, counts, results, cancel and resume are the same.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sqlalchemy as sa
 
 from ..errors import InputError
 from ..evidence.log import EvidenceLog, file_sha256, jobs_table, utc_now, verdict_record
+from .models import model_spec
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +121,33 @@ class Jobs:
     """Scan jobs in the database and the thread that runs them, one at a time, oldest first (a job that was
     running when the server stopped resumes first)."""
 
-    def __init__(self, evidence: EvidenceLog, models, state_dir: Path, on_change=None):
+    def __init__(self, evidence: EvidenceLog, models, state_dir: Path, on_change=None, cluster=None):
         self.evidence, self.models, self.state_dir = evidence, models, Path(state_dir)
         self.engine = evidence.engine
         self.on_change = on_change
+        self.cluster = cluster  # a ClusterConfig: scan jobs run on Ray
+        self._ray = None
+        self._ray_context = None
+        self._connected = threading.Event()
+        self._connect_error: BaseException | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def connect(self) -> None:
+        """Connect to the Ray cluster (once, for the service's life; a process already connected keeps its
+        connection). A cluster that cannot be reached fails here, in one line, before the service is ready."""
+        if self.cluster is None or self._ray is not None:
+            return
+        from ..cluster.ray_driver import connected
+
+        self._ray_context = connected(self.cluster)
+        self._ray = self._ray_context.__enter__()
+
+    def disconnect(self) -> None:
+        if self._ray_context is not None:
+            context, self._ray_context, self._ray = self._ray_context, None, None
+            context.__exit__(None, None, None)
 
     # ---------------------------------------------------------------------------------------------- records
 
@@ -182,8 +207,27 @@ class Jobs:
     # ----------------------------------------------------------------------------------------------- runner
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="audit-scan-jobs", daemon=True)
+        """Start the job thread; with a Ray cluster, return once it is connected (or raise why it could not)."""
+        self._thread = threading.Thread(target=self._serve, name="audit-scan-jobs", daemon=True)
         self._thread.start()
+        self._connected.wait()
+        if self._connect_error is not None:
+            raise self._connect_error
+
+    def _serve(self) -> None:
+        # The job thread connects, for the service's life: a `local` cluster's processes die with the thread that
+        # started them (Ray sets their parent-death signal), so not the loader's thread, which ends.
+        try:
+            self.connect()
+        except BaseException as exc:  # noqa: BLE001 (handed to start(), which raises it)
+            self._connect_error = exc
+            return
+        finally:
+            self._connected.set()
+        try:
+            self._loop()
+        finally:
+            self.disconnect()
 
     def stop(self) -> None:
         self._stop.set()
@@ -235,11 +279,10 @@ class Jobs:
         self._update(job_id, state="running", total=len(rows), started_at=job["started_at"] or utc_now(),
                      done=sum(counts.values()), failed=counts["failed"])
         with JsonlWriter(results, resume=True, key="id") as writer:
-            for start, stop in pending_slices(rows, auditor.config.batch_size, writer):
-                if self._stop.is_set() or self._state(job_id) == "cancelled":
-                    return
-                with self.models.lock:
-                    verdicts = [v.to_dict() for v in auditor.score_rows(rows[start:stop])]
+            slices = pending_slices(rows, auditor.config.batch_size, writer)
+            scored = self._on_ray(job_id, spec, auditor, rows, slices) if self.cluster else \
+                self._here(job_id, auditor, rows, slices)
+            for verdicts in scored:
                 for v in verdicts:
                     if v["id"] in writer:
                         continue
@@ -253,12 +296,65 @@ class Jobs:
                     writer.write(v)
                     counts["failed" if v["status"] != "ok" else "ok"] += 1
                 self._update(job_id, done=sum(counts.values()), failed=counts["failed"])
-        write_scan_html(results, self.report_path(job_id))
+        if self._stopped(job_id):
+            return
+        # The queries embedded from the scanned folder (a data root's, or the job's extracted upload), as `audit
+        # scan --report` does; without their generated images, which would hold the models for another pass.
+        write_scan_html(results, self.report_path(job_id), images_root=spec["folder"])
         if self._state(job_id) == "running":
             self._update(job_id, state="succeeded", finished_at=utc_now())
 
+    def _stopped(self, job_id: str) -> bool:
+        return self._stop.is_set() or self._state(job_id) == "cancelled"
+
+    def _here(self, job_id: str, auditor, rows, slices):
+        """Each slice's verdicts, scored in this process (under the models' lock), until cancelled or stopped."""
+        for start, stop in slices:
+            if self._stopped(job_id):
+                return
+            with self.models.lock:
+                yield [v.to_dict() for v in auditor.score_rows(rows[start:stop])]
+
+    def _on_ray(self, job_id: str, spec: dict, auditor, rows, slices):
+        """Each slice's verdicts, scored by the Ray driver's actor pool, in order, until cancelled or stopped
+        (leaving the loop closes the dataset: Ray stops its actors). The workers must hold the models and heads
+        this process holds, or the job fails: its evidence records name this process's models."""
+        from ..cluster.ray_driver import ClusterRun, worker_spec
+        from ..errors import ClusterError
+
+        if not slices or self._stopped(job_id):
+            return
+        self.connect()
+        config = auditor.config
+        rule = {"max_fpr": spec.get("max_fpr") if spec.get("max_fpr") is not None else self.models.max_fpr}
+        if config.reference:
+            rule["reference"] = model_spec(config.reference)
+        ray_spec = worker_spec("scan", self.cluster, config.target, self.models.source(config.target, "embedder"),
+                               self.models.source(config.target, "captioner"), False, heads=auditor.heads_path, attack=auditor.attack,
+                               batch_size=config.batch_size, rule=rule)
+        run = ClusterRun(self._ray, self.cluster, ray_spec, "describe")
+        want = _comparable(auditor.describe())
+        checked = False
+        for _, result in run.results(rows, slices, config.batch_size):
+            if not checked:
+                got = _comparable(result["describe"])
+                if got != want:
+                    key = next(k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k))
+                    raise ClusterError(f"the Ray workers hold another {key} than this service ({got.get(key)} vs "
+                                       f"{want.get(key)}); every node needs the service's models")
+                checked = True
+            for v in result["verdicts"]:  # the same folder (checked above); where it came from is this service's
+                v["heads_source"] = auditor.heads_source
+            yield result["verdicts"]
+            if self._stopped(job_id):
+                return
+
     def remove_files(self, job_id: str) -> None:
         shutil.rmtree(self.folder_of(job_id), ignore_errors=True)
+
+
+def _comparable(described: dict) -> dict:
+    return {k: v for k, v in described.items() if k != "heads_source"}
 
 
 def _job(row) -> dict:
