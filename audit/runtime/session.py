@@ -61,6 +61,9 @@ class RuntimeOptions(Config):
     # on one thread (25.4 s), as one session on two (see benchmarks/README.md).
     replicate_below_mib: int = 256
     activations_below_mib: int = 64
+    # CPU: keep onnxruntime's optimised form of each graph under $AUDIT_HOME/ort-optimized and load that, with
+    # optimisation off, next time (``runtime.optimized``). False, or $AUDIT_SAVED_GRAPHS=0, optimises at each load.
+    saved_graphs: bool = True
 
     def threads(self) -> int:
         return self.intra_op_threads if self.intra_op_threads > 0 else _env_count("AUDIT_THREADS") or usable_cores()
@@ -170,18 +173,53 @@ class Graph:
 def _session(path: Path, options: RuntimeOptions, threads: int, arena: bool = True):
     import onnxruntime as ort
 
+    providers = providers_for(options)
+    if options.device == "cpu" and options.saved_graphs and os.environ.get("AUDIT_SAVED_GRAPHS", "1") != "0":
+        from . import optimized
+
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        entry = optimized.entry_for(path, providers, str(level))
+        if entry.is_dir():
+            if optimized.valid(entry):
+                try:
+                    return _open(entry / optimized.GRAPH, _session_options(options, threads, arena, False), providers)
+                except ArtifactError:
+                    pass
+            optimized.discard(entry)
+        so = _session_options(options, threads, arena)
+        scratch = optimized.save_here(so, entry)
+        try:
+            session = _open(path, so, providers)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        optimized.commit(scratch, entry)
+        return session
+    return _open(path, _session_options(options, threads, arena), providers)
+
+
+def _session_options(options: RuntimeOptions, threads: int, arena: bool, optimise: bool = True):
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = max(1, options.inter_op_threads)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
     so.enable_cpu_mem_arena = arena and os.environ.get("AUDIT_MEMORY_ARENA", "1") != "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
+    return so
+
+
+def _open(path: Path, so, providers: list):
+    import onnxruntime as ort
+
     try:
-        return ort.InferenceSession(str(path), so, providers=providers_for(options))
-    except UsageError:
-        raise
+        return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt or foreign graphs
         raise ArtifactError(f"{path}: onnxruntime cannot load this graph ({str(exc).splitlines()[0]})") from None
 
