@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from audit.errors import UsageError
 from audit.runtime import optimized, session
 from audit.runtime.session import Graph, RuntimeOptions
 
@@ -59,7 +60,7 @@ def test_second_load_uses_the_saved_graph_with_identical_outputs(home, tmp_path,
     path = _conv_graph(tmp_path / "conv.onnx")
     x = np.random.default_rng(1).standard_normal((2, 8, 16, 16)).astype(np.float32)
     opened = _opened(monkeypatch)
-    options = RuntimeOptions(intra_op_threads=1)
+    options = RuntimeOptions(intra_op_threads=1, saved_graphs=True)
     first = Graph(path, options).run(x=x)["y"]
     [entry] = _entries(home)
     assert opened == [(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)]
@@ -82,7 +83,7 @@ def test_second_load_uses_the_saved_graph_with_identical_outputs(home, tmp_path,
 def test_a_tampered_saved_graph_is_rebuilt_never_loaded(home, tmp_path, monkeypatch):
     path = _conv_graph(tmp_path / "conv.onnx")
     x = np.random.default_rng(1).standard_normal((1, 8, 16, 16)).astype(np.float32)
-    options = RuntimeOptions(intra_op_threads=1)
+    options = RuntimeOptions(intra_op_threads=1, saved_graphs=True)
     want = Graph(path, options).run(x=x)["y"]
     [entry] = _entries(home)
     opened = _opened(monkeypatch)
@@ -121,9 +122,15 @@ def test_a_tampered_saved_graph_is_rebuilt_never_loaded(home, tmp_path, monkeypa
     assert not optimized.valid(entry)
 
 
-def test_saved_graphs_off_writes_nothing(home, tmp_path, monkeypatch):
+def test_saved_graphs_are_off_unless_asked(home, tmp_path, monkeypatch):
     path = _conv_graph(tmp_path / "conv.onnx")
-    Graph(path, RuntimeOptions(intra_op_threads=1, saved_graphs=False))
+    Graph(path, RuntimeOptions(intra_op_threads=1))  # off by default
     monkeypatch.setenv("AUDIT_SAVED_GRAPHS", "0")
-    Graph(path, RuntimeOptions(intra_op_threads=1))
+    Graph(path, RuntimeOptions(intra_op_threads=1, saved_graphs=True))
     assert _entries(home) == []
+    monkeypatch.setenv("AUDIT_SAVED_GRAPHS", "1")
+    Graph(path, RuntimeOptions(intra_op_threads=1))
+    assert len(_entries(home)) == 1
+    monkeypatch.setenv("AUDIT_SAVED_GRAPHS", "yes")
+    with pytest.raises(UsageError, match="AUDIT_SAVED_GRAPHS must be 0 or 1"):
+        Graph(path, RuntimeOptions(intra_op_threads=1))

@@ -62,8 +62,15 @@ class RuntimeOptions(Config):
     replicate_below_mib: int = 256
     activations_below_mib: int = 64
     # CPU: keep onnxruntime's optimised form of each graph under $AUDIT_HOME/ort-optimized and load that, with
-    # optimisation off, next time (``runtime.optimized``). False, or $AUDIT_SAVED_GRAPHS=0, optimises at each load.
-    saved_graphs: bool = True
+    # optimisation off, next time (``runtime.optimized``). Off by default: it doubles the disk an export takes and
+    # has not been shown to shorten a full-size start (docs/runtime.md); $AUDIT_SAVED_GRAPHS=1 or 0 overrides it.
+    saved_graphs: bool = False
+
+    def saves_graphs(self) -> bool:
+        env = os.environ.get("AUDIT_SAVED_GRAPHS", "")
+        if env not in ("", "0", "1"):
+            raise UsageError(f"AUDIT_SAVED_GRAPHS must be 0 or 1, got {env!r}")
+        return self.device == "cpu" and (env == "1" if env else self.saved_graphs)
 
     def threads(self) -> int:
         return self.intra_op_threads if self.intra_op_threads > 0 else _env_count("AUDIT_THREADS") or usable_cores()
@@ -174,7 +181,7 @@ def _session(path: Path, options: RuntimeOptions, threads: int, arena: bool = Tr
     import onnxruntime as ort
 
     providers = providers_for(options)
-    if options.device == "cpu" and options.saved_graphs and os.environ.get("AUDIT_SAVED_GRAPHS", "1") != "0":
+    if options.saves_graphs():
         from . import optimized
 
         level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
