@@ -17,7 +17,7 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def _conv_graph(path):
+def _conv_graph(path, one_file: bool = True):
     """Conv -> Relu -> Conv + bias, weights in path.data: onnxruntime rewrites it (NCHWc layout, fused Relu)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -33,7 +33,8 @@ def _conv_graph(path):
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 16, 16])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 16, 16])], [w1, w2, b],
                        name="g")
-    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=one_file,
+              location=path.name + ".data", size_threshold=0)
     return path
 
 
@@ -134,3 +135,19 @@ def test_saved_graphs_are_off_unless_asked(home, tmp_path, monkeypatch):
     monkeypatch.setenv("AUDIT_SAVED_GRAPHS", "yes")
     with pytest.raises(UsageError, match="AUDIT_SAVED_GRAPHS must be 0 or 1"):
         Graph(path, RuntimeOptions(intra_op_threads=1))
+
+
+def test_weights_in_many_files_are_part_of_the_key(home, tmp_path):
+    """A graph may keep each initializer in its own file (torch's TorchScript exporter does): editing any of them
+    must miss the saved entry of the old weights."""
+    path = _conv_graph(tmp_path / "conv.onnx", one_file=False)
+    assert (tmp_path / "w2").is_file() and not (tmp_path / "conv.onnx.data").exists()
+    x = np.random.default_rng(1).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    options = RuntimeOptions(intra_op_threads=1, saved_graphs=True)
+    before = Graph(path, options).run(x=x)["y"]
+    raw = bytearray((tmp_path / "w2").read_bytes())
+    raw[0] ^= 0xFF
+    (tmp_path / "w2").write_bytes(bytes(raw))
+    after = Graph(path, options).run(x=x)["y"]
+    assert len(_entries(home)) == 2 and not np.array_equal(before, after)
+    np.testing.assert_array_equal(after, Graph(path, RuntimeOptions(intra_op_threads=1)).run(x=x)["y"])

@@ -36,15 +36,24 @@ def cache_root() -> Path:
 
 
 def _files(path: Path) -> list[Path]:
-    data = path.with_name(path.name + ".data")
-    return [path, data] if data.is_file() else [path]
+    """The graph and every file its initializers are stored in (export writes one ``.data``; others write many)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 (onnxruntime names the problem when it opens the graph)
+        return [path]
+    names = {e.value for t in model.graph.initializer if uses_external_data(t)
+             for e in t.external_data if e.key == "location"}
+    return [path, *(path.parent / n for n in sorted(names) if (path.parent / n).is_file())]
 
 
 def _content(folder: Path, files: list[Path]) -> str:
     def compute() -> str:
         h = hashlib.sha256()
         for f in files:
-            h.update(f.name.encode() + b"\0" + file_sha256(f).encode())
+            h.update(f.relative_to(folder).as_posix().encode() + b"\0" + file_sha256(f).encode())
         return h.hexdigest()
 
     return cached_hash("graph-files", folder, files, compute)
