@@ -11,6 +11,14 @@ On the full-size SD-1.5 export (random weights, ``audit.testing.fullsize``: time
 heads trained on a handful of rows of its own features, never attack results):
 
     python benchmarks/startup.py --export EXPORT --heads HEADS --torch SD_FOLDER --rounds 2 --json startup.json
+
+``--graph FILE`` times one graph file the same way. ``--stand-in-unet SD_FOLDER --out DIR`` writes a diffusers UNet
+to DIR/unet.onnx with torch's TorchScript exporter (minutes, where `audit export` of the whole SD-1.5 takes a quarter
+of an hour and more): a stand-in for timing onnxruntime's load, not the export's graph.
+
+    python -m audit.testing.fullsize sd-1.5      # prints the folder
+    python benchmarks/startup.py --stand-in-unet FOLDER/unet --out unet-onnx
+    python benchmarks/startup.py --graph unet-onnx/unet.onnx --rounds 2
 """
 
 from __future__ import annotations
@@ -52,11 +60,42 @@ def worker_load(export: Path) -> dict:
     return out
 
 
-def _load_run(export: Path, home: Path, mode: str) -> dict:
+def worker_graph(path: Path) -> dict:
+    from audit.runtime.session import Graph, RuntimeOptions
+
+    t = time.perf_counter()
+    Graph(path, RuntimeOptions())
+    return {path.name: round(time.perf_counter() - t, 2)}
+
+
+def stand_in_unet(folder: str, out: Path) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    class Step(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.u = unet
+
+        def forward(self, x, t, c):
+            return self.u(x, t, encoder_hidden_states=c, return_dict=False)[0]
+
+    unet = UNet2DConditionModel.from_pretrained(folder).eval()
+    side, width = unet.config.sample_size, unet.config.cross_attention_dim
+    args = (torch.randn(1, unet.config.in_channels, side, side), torch.tensor([500]), torch.randn(1, 77, width))
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(Step(unet), args, str(out / "unet.onnx"), input_names=["x", "t", "c"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "c": {0: "batch"}, "y": {0: "batch"}}, opset_version=17,
+                          dynamo=False, external_data=True)
+
+
+def _load_run(export: Path, home: Path, mode: str, graph: bool = False) -> dict:
     if mode == "save":
         shutil.rmtree(home / "ort-optimized", ignore_errors=True)
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, __file__, "--worker-load", str(export)], env=_env(home, mode != "cold"),
+    r = subprocess.run([sys.executable, __file__, "--worker-graph" if graph else "--worker-load", str(export)],
+                       env=_env(home, mode != "cold"),
                        capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(r.stderr)
@@ -91,6 +130,9 @@ def _check(target: str, heads: Path, image: Path, caption: str, home: Path, save
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", type=Path, help="An `audit export` folder.")
+    ap.add_argument("--graph", type=Path, help="One ONNX graph file, in place of --export.")
+    ap.add_argument("--stand-in-unet", help="Write a diffusers UNet folder's stand-in graph to --out, then stop.")
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--heads", type=Path, help="Heads for its target: also time serve and check.")
     ap.add_argument("--torch", help="The folder the export was made from: also time check on it.")
     ap.add_argument("--image", type=Path, help="Image to check (default: a toy scene).")
@@ -99,20 +141,27 @@ def main() -> None:
     ap.add_argument("--home", type=Path, help="AUDIT_HOME to use (default: a temporary one, removed afterwards).")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--worker-load", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-graph", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.worker_load:
-        print(json.dumps(worker_load(a.worker_load)))
+    if a.worker_load or a.worker_graph:
+        print(json.dumps(worker_load(a.worker_load) if a.worker_load else worker_graph(a.worker_graph)))
         return
-    if not a.export:
-        ap.error("--export is required")
+    if a.stand_in_unet:
+        if not a.out:
+            ap.error("--stand-in-unet needs --out")
+        stand_in_unet(a.stand_in_unet, a.out)
+        return
+    if not (a.export or a.graph):
+        ap.error("--export or --graph is required")
+    source, graph = (a.graph, True) if a.graph else (a.export, False)
     with tempfile.TemporaryDirectory(prefix="audit-bench-startup-") as tmp:
         home = a.home or Path(tmp) / "home"
         home.mkdir(parents=True, exist_ok=True)
-        loads = [_load_run(a.export, home, "save")]
+        loads = [_load_run(source, home, "save", graph)]
         for _ in range(a.rounds):
-            loads += [_load_run(a.export, home, "cold"), _load_run(a.export, home, "saved")]
-        result: dict = {"export": str(a.export), "loads": loads}
-        if a.heads:
+            loads += [_load_run(source, home, "cold", graph), _load_run(source, home, "saved", graph)]
+        result: dict = {"export": str(source), "loads": loads}
+        if a.heads and a.export:
             image = a.image or _toy_image(Path(tmp))
             result["serve_ready_s"] = {"cold": _ready(str(a.export), a.heads, home, False),
                                        "saved": _ready(str(a.export), a.heads, home, True)}

@@ -61,7 +61,7 @@ def test_second_load_uses_the_saved_graph_with_identical_outputs(home, tmp_path,
     path = _conv_graph(tmp_path / "conv.onnx")
     x = np.random.default_rng(1).standard_normal((2, 8, 16, 16)).astype(np.float32)
     opened = _opened(monkeypatch)
-    options = RuntimeOptions(intra_op_threads=1, saved_graphs=True)
+    options = RuntimeOptions(intra_op_threads=1, save_above_mib=0)
     first = Graph(path, options).run(x=x)["y"]
     [entry] = _entries(home)
     assert opened == [(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)]
@@ -84,7 +84,7 @@ def test_second_load_uses_the_saved_graph_with_identical_outputs(home, tmp_path,
 def test_a_tampered_saved_graph_is_rebuilt_never_loaded(home, tmp_path, monkeypatch):
     path = _conv_graph(tmp_path / "conv.onnx")
     x = np.random.default_rng(1).standard_normal((1, 8, 16, 16)).astype(np.float32)
-    options = RuntimeOptions(intra_op_threads=1, saved_graphs=True)
+    options = RuntimeOptions(intra_op_threads=1, save_above_mib=0)
     want = Graph(path, options).run(x=x)["y"]
     [entry] = _entries(home)
     opened = _opened(monkeypatch)
@@ -123,11 +123,12 @@ def test_a_tampered_saved_graph_is_rebuilt_never_loaded(home, tmp_path, monkeypa
     assert not optimized.valid(entry)
 
 
-def test_saved_graphs_are_off_unless_asked(home, tmp_path, monkeypatch):
+def test_small_graphs_are_not_saved_unless_asked(home, tmp_path, monkeypatch):
     path = _conv_graph(tmp_path / "conv.onnx")
-    Graph(path, RuntimeOptions(intra_op_threads=1))  # off by default
+    Graph(path, RuntimeOptions(intra_op_threads=1))  # by default only large graphs are saved
+    Graph(path, RuntimeOptions(intra_op_threads=1, saved_graphs=False, save_above_mib=0))
     monkeypatch.setenv("AUDIT_SAVED_GRAPHS", "0")
-    Graph(path, RuntimeOptions(intra_op_threads=1, saved_graphs=True))
+    Graph(path, RuntimeOptions(intra_op_threads=1, save_above_mib=0))
     assert _entries(home) == []
     monkeypatch.setenv("AUDIT_SAVED_GRAPHS", "1")
     Graph(path, RuntimeOptions(intra_op_threads=1))
@@ -143,11 +144,12 @@ def test_weights_in_many_files_are_part_of_the_key(home, tmp_path):
     path = _conv_graph(tmp_path / "conv.onnx", one_file=False)
     assert (tmp_path / "w2").is_file() and not (tmp_path / "conv.onnx.data").exists()
     x = np.random.default_rng(1).standard_normal((1, 8, 16, 16)).astype(np.float32)
-    options = RuntimeOptions(intra_op_threads=1, saved_graphs=True)
+    options = RuntimeOptions(intra_op_threads=1, save_above_mib=0)
     before = Graph(path, options).run(x=x)["y"]
     raw = bytearray((tmp_path / "w2").read_bytes())
     raw[0] ^= 0xFF
     (tmp_path / "w2").write_bytes(bytes(raw))
     after = Graph(path, options).run(x=x)["y"]
     assert len(_entries(home)) == 2 and not np.array_equal(before, after)
-    np.testing.assert_array_equal(after, Graph(path, RuntimeOptions(intra_op_threads=1)).run(x=x)["y"])
+    np.testing.assert_array_equal(after, Graph(path, RuntimeOptions(intra_op_threads=1, saved_graphs=False)).run(
+        x=x)["y"])

@@ -1,5 +1,5 @@
 """onnxruntime's optimised form of a graph, saved under ``$AUDIT_HOME/ort-optimized`` and loaded with optimisation
-off next time (``RuntimeOptions.saved_graphs``).
+off next time (``RuntimeOptions.saved_graphs``, for graphs of ``save_above_mib`` and more).
 
 An entry is keyed by the source graph's content (its file and external data), the onnxruntime version, the
 providers and the optimisation level, and this CPU (``ORT_ENABLE_ALL`` picks kernels and memory layouts for the
@@ -35,7 +35,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("AUDIT_HOME") or Path.home() / ".cache" / "audit").expanduser() / "ort-optimized"
 
 
-def _files(path: Path) -> list[Path]:
+def graph_files(path: Path) -> list[Path]:
     """The graph and every file its initializers are stored in (export writes one ``.data``; others write many)."""
     import onnx
     from onnx.external_data_helper import uses_external_data
@@ -72,7 +72,7 @@ def _cpu() -> str:
 def entry_for(path: Path, providers: list, level: str) -> Path:
     import onnxruntime as ort
 
-    key = json.dumps([CACHE_FORMAT, _content(path.parent, _files(path)), ort.__version__, providers, level,
+    key = json.dumps([CACHE_FORMAT, _content(path.parent, graph_files(path)), ort.__version__, providers, level,
                       hashlib.sha256(_cpu().encode()).hexdigest()], default=str)
     return cache_root() / hashlib.sha256(key.encode()).hexdigest()[:32]
 
