@@ -66,18 +66,20 @@ def _env(home: Path) -> dict:
     return os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "AUDIT_HOME": str(home)}
 
 
-def _start(args: list[str], home: Path) -> tuple[subprocess.Popen, str, float]:
+def _start(args: list[str], home: Path, env: dict | None = None,
+           target: str = "toy") -> tuple[subprocess.Popen, str, float]:
     port = _free_port()
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "audit.cli", "serve", "--target", "toy", "--port", str(port),
-                             "--db", str(home / "evidence.db"), *args], env=_env(home),
+    args = args if "--db" in args else ["--db", str(home / "evidence.db"), *args]
+    proc = subprocess.Popen([sys.executable, "-m", "audit.cli", "serve", "--target", target, "--port", str(port),
+                             *args], env=env or _env(home),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     while True:
         if proc.poll() is not None:
             raise RuntimeError(proc.stderr.read().decode())
         try:
-            if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+            if httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200:
                 return proc, url, time.perf_counter() - started
         except httpx.HTTPError:
             pass

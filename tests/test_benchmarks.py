@@ -136,3 +136,19 @@ def test_realsize_benchmark_runs_both_paths_on_the_fullsize_builders(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "| seconds per query |" in again.stdout and "| Stable Diffusion 1.5, 512 px |" in again.stdout
     assert proc.stdout.endswith(again.stdout)
+
+
+def test_startup_benchmark_loads_an_export_both_ways(tiny_export, tmp_path):
+    out, home = tmp_path / "startup.json", tmp_path / "home"
+    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("startup.py")), "--export", str(tiny_export["path"]),
+                           "--rounds", "1", "--home", str(home), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["mode"] for r in result["loads"]] == ["save", "cold", "saved"]
+    graphs = set(result["loads"][0]["per_graph_s"])
+    assert {"target/unet", "embedder/image_encoder", "captioner/decoder_step"} <= graphs
+    assert all(set(r["per_graph_s"]) == graphs for r in result["loads"])
+    # The save round wrote one entry per graph, which the saved round read.
+    entries = [p for p in (home / "ort-optimized").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == len(graphs) and "from the saved graph" in proc.stdout

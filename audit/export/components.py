@@ -75,8 +75,9 @@ def _session_factory(device: str):
     from ..runtime.session import Graph, RuntimeOptions
 
     # Validate what the graph computes (not TensorRT's), in one session; without the arena, so that each call's
-    # peak memory is its own (runtime.memory)
-    options = RuntimeOptions(device=device, tensorrt=False, replicas=1, memory_arena=False)
+    # peak memory is its own (runtime.memory); nothing saved under $AUDIT_HOME (a graph being validated may be
+    # refused, and saving a 3.4 GB UNet would add to the export's time and disk)
+    options = RuntimeOptions(device=device, tensorrt=False, replicas=1, memory_arena=False, saved_graphs=False)
     return lambda path: Graph(path, options).session
 
 
@@ -372,7 +373,7 @@ def check_target_end_to_end(folder: Path, probes: dict, device: str, precision: 
     from ..runtime.session import RuntimeOptions
 
     limits = _END_TO_END[precision]
-    g = onnx_generator(folder / "target", RuntimeOptions(device=device, tensorrt=False))
+    g = onnx_generator(folder / "target", RuntimeOptions(device=device, tensorrt=False, saved_graphs=False))
     onnx_img = g.generate([_PROBE_CAPTION], 1, 0, 2)
     torch_img = probes["torch_img"]
     diff = np.abs(torch_img.astype(np.int16) - onnx_img.astype(np.int16))
@@ -393,7 +394,7 @@ def check_models_end_to_end(folder: Path, images: np.ndarray, embedder, captione
     from ..runtime.session import RuntimeOptions
 
     limits = _END_TO_END[precision]
-    opts = RuntimeOptions(device=device, tensorrt=False)
+    opts = RuntimeOptions(device=device, tensorrt=False, saved_graphs=False)
     checks = {}
     if embedder is not None:
         e = OnnxEmbedder(folder / "embedder", opts)
