@@ -189,7 +189,8 @@ def train_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (for pipelines)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Train the attack heads on a feature store, calibrate them on validation, export them to ONNX."""
+    """Train the attack heads on a feature store (cross-fitted in 5 folds by default), calibrate them on the
+    out-of-fold (or validation) rows, export them to ONNX."""
     from . import api
 
     res = run(lambda: api.train(store, out, attacks=attacks, seed=seed, register=register, epochs=epochs,

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from . import BUNDLE
 
+# threads: torch threads while featurising, as the demo (torch's two-thread default collapses when the other core
+# is busy; one thread does not).
 RECIPE = {"n_members": 200, "n_nonmembers": 200, "data_seed": 0, "n_gen": 2, "steps": 10, "seed": 0,
-          "batch_size": 32, "train_seed": 0, "folds": 5}
+          "batch_size": 32, "train_seed": 0, "folds": 5, "threads": 1}
 
 
 def rebuild(out: Path, workdir: Path) -> dict:
@@ -28,8 +30,15 @@ def rebuild(out: Path, workdir: Path) -> dict:
     aux, store = workdir / "aux", workdir / "features.h5"
     if not aux.is_dir():
         api.toy_aux_data(aux, RECIPE["n_members"], RECIPE["n_nonmembers"], RECIPE["data_seed"])
-    api.featurize("toy", aux, store, n_gen=RECIPE["n_gen"], steps=RECIPE["steps"], seed=RECIPE["seed"],
-                  batch_size=RECIPE["batch_size"], resume=store.exists(), quiet=True)
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(RECIPE["threads"])
+    try:
+        api.featurize("toy", aux, store, n_gen=RECIPE["n_gen"], steps=RECIPE["steps"], seed=RECIPE["seed"],
+                      batch_size=RECIPE["batch_size"], resume=store.exists(), quiet=True)
+    finally:
+        torch.set_num_threads(previous)
     trained = workdir / "heads"
     shutil.rmtree(trained, ignore_errors=True)
     result = api.train(store, trained, seed=RECIPE["train_seed"], folds=RECIPE["folds"],
