@@ -568,9 +568,8 @@ def demo(
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON (for pipelines)."),
     runtime: str = typer.Option("onnx", "--runtime", help="onnx: compile the models with `audit export` first and "
                                 "run on onnxruntime; torch: PyTorch eager."),
-    max_fpr: float = typer.Option(0.01, "--max-fpr", help="False-positive budget of the demo's verdicts (its "
-                                  "cross-fitted heads calibrate on 150 out-of-fold non-members: budgets down to "
-                                  "1/151)."),
+    max_fpr: float = typer.Option(0.05, "--max-fpr", help="False-positive budget of the demo's verdicts (its 50 "
+                                  "validation non-members cannot resolve budgets below 1/51)."),
 ) -> None:
     """The whole audit on the bundled toy world: aux data, (export,) features, train, evaluate, check; prints a
     table."""

@@ -4,9 +4,8 @@
 
 The recipe: 200 members + 200 non-members of the bundled world (`audit toy data --seed 0`), features on the torch
 path with the demo's settings (n_gen 2, 10 DDIM steps, no guidance, seed 0, batches of 32), every attack and the
-blind baseline trained with seed 0, cross-fitted in 5 folds (the default of `audit train`: 150 out-of-fold
-non-members resolve the 1% default of check/scan; the test split keeps its 25%). Everything is seeded: two rebuilds
-write byte-identical ONNX heads.
+blind baseline trained with seed 0 on one 50/25/25 split (`folds` 0; `audit train` now cross-fits by default).
+Everything is seeded: two rebuilds write byte-identical ONNX heads.
 """
 
 from __future__ import annotations
@@ -18,10 +17,8 @@ from pathlib import Path
 
 from . import BUNDLE
 
-# threads: torch threads while featurising, as the demo (torch's two-thread default collapses when the other core
-# is busy; one thread does not).
 RECIPE = {"n_members": 200, "n_nonmembers": 200, "data_seed": 0, "n_gen": 2, "steps": 10, "seed": 0,
-          "batch_size": 32, "train_seed": 0, "folds": 5, "threads": 1}
+          "batch_size": 32, "train_seed": 0, "folds": 0}
 
 
 def rebuild(out: Path, workdir: Path) -> dict:
@@ -30,19 +27,12 @@ def rebuild(out: Path, workdir: Path) -> dict:
     aux, store = workdir / "aux", workdir / "features.h5"
     if not aux.is_dir():
         api.toy_aux_data(aux, RECIPE["n_members"], RECIPE["n_nonmembers"], RECIPE["data_seed"])
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(RECIPE["threads"])
-    try:
-        api.featurize("toy", aux, store, n_gen=RECIPE["n_gen"], steps=RECIPE["steps"], seed=RECIPE["seed"],
-                      batch_size=RECIPE["batch_size"], resume=store.exists(), quiet=True)
-    finally:
-        torch.set_num_threads(previous)
+    api.featurize("toy", aux, store, n_gen=RECIPE["n_gen"], steps=RECIPE["steps"], seed=RECIPE["seed"],
+                  batch_size=RECIPE["batch_size"], resume=store.exists(), quiet=True)
     trained = workdir / "heads"
     shutil.rmtree(trained, ignore_errors=True)
-    result = api.train(store, trained, seed=RECIPE["train_seed"], folds=RECIPE["folds"],
-                       register=False, quiet=True)
+    result = api.train(store, trained, seed=RECIPE["train_seed"], folds=RECIPE["folds"], register=False,
+                       quiet=True)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(trained, out)
     return result.info
