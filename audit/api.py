@@ -317,7 +317,8 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
     without ``heads`` (nothing is registered unless asked: ``audit heads use`` does it later).
 
     ``folds``: K >= 2 cross-fits K heads per attack on every labelled row outside the test split and calibrates on
-    all their out-of-fold scores (``audit.attacks.crossfit``); 0 or None, one train/validation split.
+    all their out-of-fold scores (``audit.attacks.crossfit``); 0, one train/validation split; None, the
+    ``config``'s folds, or ``DEFAULT_FOLDS`` (5, as ``audit train``) without a config.
     ``test_fraction``: the share of rows held out as the test split (default 0.25; 0 only with ``folds``); the
     rest is split 2:1 into train and validation (or dealt into the folds).
 
@@ -343,6 +344,10 @@ def train(store: str | Path, out: str | Path, attacks: str | list[str] | None = 
         cfg = dataclasses.replace(cfg, attacks=parse_attacks(attacks if isinstance(attacks, str) else ",".join(attacks)))
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
+    if folds is None and config is None:
+        from .attacks.crossfit import DEFAULT_FOLDS
+
+        folds = DEFAULT_FOLDS
     if folds is not None:
         cfg = dataclasses.replace(cfg, folds=int(folds))
     if test_fraction is not None:

@@ -5,7 +5,11 @@ measured on the test split, averaged over many train/validation/test splits (see
 out-of-fold non-member) on the same test rows of each seed.
 
     python benchmarks/verdict_budget.py STORE.h5 [--seeds 20] [--attacks II-S] [--budgets 0.05,0.1,0.2]
-                                                 [--folds 0] [--test-fraction 0.25]
+                                                 [--folds 0] [--test-fraction 0.25] [--reference]
+
+``--reference`` (a store featurised with ``audit features --reference``) trains each attack's reference-calibrated
+forms too (``X-ref``, ``X-ref-score``) and prints their mean TPR and decided fraction beside the plain attack's,
+with the ratio to it, per rule and budget.
 
 The guarantee is marginal (over the draw of the calibration rows): one split's FPR spreads around the budget by
 about sqrt(budget / n); the mean over seeds is what must stay within it. Heads are retrained per seed (the blind
@@ -34,6 +38,36 @@ def nominal(budget: float, n: int) -> float:
     return (k + 1) / (n + 1) if k >= 0 else 0.0
 
 
+def with_reference_forms(attacks: list[str]) -> list[str]:
+    """Each attack followed by those of its reference-calibrated forms that exist (``X-ref``, ``X-ref-score``)."""
+    from audit.attacks.inputs import ATTACKS
+
+    out = []
+    for a in attacks:
+        out += [n for n in (a, f"{a}-ref", f"{a.removesuffix('-score')}-ref-score") if n in ATTACKS and n not in out]
+    return out
+
+
+def reference_ratios(rows: list[dict]) -> list[dict]:
+    """Per rule, budget and plain attack: each form's mean TPR and decided fraction, and their ratios to the plain
+    attack's (None where the plain one is 0)."""
+    by = {(r["folds"], r["budget"], r["attack"]): r for r in rows}
+    out = []
+    for (k, b, a), plain in by.items():
+        if "-ref" in a or a == "blind":
+            continue
+        for form in (a, f"{a}-ref", f"{a.removesuffix('-score')}-ref-score"):
+            r = by.get((k, b, form))
+            if r is None:
+                continue
+            out.append({"folds": k, "budget": b, "attack": form, "plain": a, "tpr_mean": r["tpr_mean"],
+                        "decided_mean": r["decided_mean"], "fpr_mean": r["fpr_mean"],
+                        "tpr_ratio": r["tpr_mean"] / plain["tpr_mean"] if plain["tpr_mean"] else None,
+                        "decided_ratio": (r["decided_mean"] / plain["decided_mean"]
+                                          if plain["decided_mean"] else None)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("store")
@@ -42,10 +76,15 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.05,0.1,0.2")
     ap.add_argument("--folds", default="0", help="comma-separated: 0 for the split rule, K for K cross-fitted folds")
     ap.add_argument("--test-fraction", type=float, default=0.25)
+    ap.add_argument("--reference", action="store_true",
+                    help="also train each attack's -ref and -ref-score forms (a store with reference features)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
     from audit import api
+
+    if args.reference:
+        args.attacks = ",".join(with_reference_forms(args.attacks.split(",")))
 
     budgets = [float(b) for b in args.budgets.split(",")]
     folds = [int(k) for k in args.folds.split(",")]
@@ -82,8 +121,20 @@ def main() -> None:
         rule = "split" if k == 0 else f"{k} folds"
         print(f"{rule:<9} {attack:<7} {b:>7g} {x['nominal']:>8.3f} {x['fpr_mean']:>9.3f} {sd:>11.3f} "
               f"{x['miss_mean']:>10.3f} {x['decided_mean']:>8.3f} {x['tpr_mean']:>6.3f}")
+    ratios = reference_ratios(rows) if args.reference else []
+    if ratios:
+        print("\nreference-calibrated forms beside the plain attack (mean TPR of member verdicts, mean decided "
+              "fraction; ratio: form / plain)")
+        print(f"{'rule':<9} {'budget':>7} {'attack':<13} {'TPR':>6} {'x plain':>8} {'decided':>8} {'x plain':>8} "
+              f"{'FPR':>6}")
+        for r in ratios:
+            rule = "split" if r["folds"] == 0 else f"{r['folds']} folds"
+            ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+            print(f"{rule:<9} {r['budget']:>7g} {r['attack']:<13} {r['tpr_mean']:>6.3f} {ratio(r['tpr_ratio']):>8} "
+                  f"{r['decided_mean']:>8.3f} {ratio(r['decided_ratio']):>8} {r['fpr_mean']:>6.3f}")
     if args.json:
-        out = {"splits": args.seeds, "folds": folds, "calibration": {str(k): n_cal[k] for k in folds}, "rows": rows}
+        out = {"splits": args.seeds, "folds": folds, "calibration": {str(k): n_cal[k] for k in folds}, "rows": rows,
+               **({"reference_ratios": ratios} if args.reference else {})}
         if folds == [0]:  # the split rule alone: its calibration rows are the validation split
             out["validation"] = n_cal[0]
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -24,7 +24,7 @@ def trained(store, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("AUDIT_HOME", str(home))
     result = runner.invoke(app, ["train", str(store), "--out", str(heads), "--attacks", "II-S", "--epochs", "30",
-                                 "--register"])
+                                 "--folds", "0", "--register"])
     mp.undo()
     return result, heads, home
 

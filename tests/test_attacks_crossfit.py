@@ -169,13 +169,14 @@ def test_train_folds_through_the_cli_registers_nothing_unless_asked(planted, tmp
                              "--max-fpr", "0.1"])
     assert ev.exit_code == 0, ev.output
     assert "thresholds fitted on the out-of-fold scores of 3 cross-fitted folds (15 non-members" in ev.output
-    bad = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "x"), "--test-fraction", "0"])
+    bad = runner.invoke(app, ["train", str(store), "--out", str(tmp_path / "x"), "--folds", "0",
+                             "--test-fraction", "0"])
     assert bad.exit_code == 2 and "or 0 with --folds" not in bad.output and "--test-fraction" in bad.output
 
 
 def test_heads_use_list_remove(planted, tmp_path, home):
     store = write_store(planted, tmp_path / "s.h5")
-    api.train(store, tmp_path / "h", attacks="blind", epochs=3, quiet=True)
+    api.train(store, tmp_path / "h", attacks="blind", epochs=3, quiet=True, folds=0)
     assert api.heads_list() == [e for e in api.heads_list() if e["source"] == "bundled"]
     r = runner.invoke(app, ["heads", "use", str(tmp_path / "h")])
     assert r.exit_code == 0, r.output

@@ -54,7 +54,7 @@ def world(tiny_world, tmp_path_factory):
     kw = dict(embedder=str(tiny_world["clip"]), captioner=str(tiny_world["blip"]), quiet=True)
     api.featurize(str(tiny_world["target"]), aux, root / "store.h5", n_gen=1, steps=2, seed=5, batch_size=8,
                   caption_tokens=6, **kw)
-    trained = api.train(root / "store.h5", root / "heads", attacks="II-S,IV", epochs=3, register=True)
+    trained = api.train(root / "store.h5", root / "heads", attacks="II-S,IV", epochs=3, register=True, folds=0)
     yield {"root": root, "aux": aux, "store": root / "store.h5", "heads": root / "heads",
            "registered": trained.registered, "opts": ["--target", str(tiny_world["target"]), "--embedder",
                                                          kw["embedder"], "--captioner", kw["captioner"]],
@@ -253,7 +253,7 @@ def test_pixel_size_is_recorded_and_check_follows_the_heads(world, tmp_path):
     rows = fs.read()
     assert rows["query_pixels"].shape == (6, 16, 16, 3) and rows["gen_pixels"].shape == (6, 1, 16, 16, 3)
     assert fs.manifest["config"]["pixel_size"] == 16
-    api.train(store, heads, attacks="II-P", epochs=2, register=False)
+    api.train(store, heads, attacks="II-P", epochs=2, register=False, folds=0)
     assert load_heads(heads).info["input_signature"]["pixel_size"] == 16
     img = world["aux"] / "img_00003.png"
     v = json.loads(_check(world, str(img), "--caption", world["captions"][3], "--heads", str(heads), "--json").stdout)

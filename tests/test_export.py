@@ -201,7 +201,7 @@ def test_features_train_check_run_through_an_exported_target(family, tiny_export
     stored = FeatureStore.open(tmp_path / "store.h5").read()
     want = load_target(torch_target).generate(captions, 1, 0, 2)
     assert np.abs(stored["gen_pixels"].astype(int) - want.astype(int)).max() <= 2
-    api.train(tmp_path / "store.h5", tmp_path / "heads", attacks="II-S", epochs=2, register=False, quiet=True)
+    api.train(tmp_path / "store.h5", tmp_path / "heads", attacks="II-S", epochs=2, register=False, quiet=True, folds=0)
     first = sorted(data.glob("*.png"))[0]
     opts = [x for k, v in models.items() for x in (f"--{k}", v)]
     result = CliRunner().invoke(app, ["check", str(first), "--caption", captions[0], "--target", target, "--heads",

@@ -192,7 +192,7 @@ def test_train_and_evaluate_report_graybox_attacks_with_tiers_cis_and_the_blind_
                                                                                        monkeypatch):
     monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
     heads = tmp_path / "heads"
-    r = CliRunner().invoke(app, ["train", str(gray_store), "--out", str(heads), "--epochs", "3", "-q"])
+    r = CliRunner().invoke(app, ["train", str(gray_store), "--out", str(heads), "--epochs", "3", "--folds", "0", "-q"])
     assert r.exit_code == 0, r.output
     for name in ("loss", "loss-score", "PIA", "PIA-score", "SecMI", "SecMI-score", "CLiD", "CLiD-score", "blind"):
         assert any(line.split()[:1] == [name] for line in r.output.splitlines()), name
@@ -223,7 +223,7 @@ def test_check_scores_with_graybox_heads_and_says_the_tier(gray_store, tiny_worl
 
     monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
     heads = tmp_path / "heads"
-    api.train(gray_store, heads, attacks="PIA,PIA-score", epochs=2, register=False, quiet=True)
+    api.train(gray_store, heads, attacks="PIA,PIA-score", epochs=2, register=False, quiet=True, folds=0)
     images, captions = scenes.scene_images(1, "members", 1)
     scenes.write_imagefolder(tmp_path / "q", images, captions)
     r = CliRunner().invoke(app, ["check", str(tmp_path / "q" / "img_00000.png"), "--caption", captions[0],
@@ -245,7 +245,8 @@ def test_a_store_with_both_tiers_trains_every_attack(tiny_world, labelled, tmp_p
                                  *_models(tiny_world)])
     assert r.exit_code == 0, r.output
     assert "(UNet evaluations per query: black-box 2, gray-box 13)" in r.output
-    r = CliRunner().invoke(app, ["train", str(store), "--out", str(tmp_path / "heads"), "--epochs", "1", "--json"])
+    r = CliRunner().invoke(app, ["train", str(store), "--out", str(tmp_path / "heads"), "--epochs", "1", "--folds", "0",
+                                 "--json"])
     assert r.exit_code == 0, r.output
     attacks = json.loads(r.output)["info"]["attacks"]
     assert list(attacks) == ["I-P", "I-S", "II-P", "II-S", "III-X", "III-T", "IV", "loss", "loss-score", "PIA",

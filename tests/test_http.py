@@ -265,7 +265,7 @@ def test_scan_over_http_resumes_after_an_outage_with_nothing_lost(server, tiny_w
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home" / "audit"))
-    api.train(clean_store, tmp_path / "heads", attacks="II-S", epochs=1, register=False)
+    api.train(clean_store, tmp_path / "heads", attacks="II-S", epochs=1, register=False, folds=0)
     models = dict(embedder=str(tiny_world["clip"]), captioner=str(tiny_world["blip"]))
     auditor = api.Auditor(f"{server.url}?{FAST}", tmp_path / "heads", batch_size=2, **models)
     auditor.scan(aux[0], tmp_path / "clean.jsonl", quiet=True)
@@ -311,7 +311,7 @@ def test_a_refused_prompt_fails_its_row_and_the_run_goes_on(server, tiny_world, 
         np.testing.assert_allclose(got[k][keep], want[k][keep], atol=1e-5, err_msg=k)
 
     monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
-    api.train(clean_store, tmp_path / "heads", attacks="II-S", epochs=1, register=False)
+    api.train(clean_store, tmp_path / "heads", attacks="II-S", epochs=1, register=False, folds=0)
     result = CliRunner().invoke(app, ["scan", str(aux[0]), "--target", url, "--heads", str(tmp_path / "heads"),
                                       "--embedder", str(tiny_world["clip"]), "--captioner", str(tiny_world["blip"]),
                                       "--batch-size", "2", "--quiet", "--out", str(tmp_path / "r.jsonl")])

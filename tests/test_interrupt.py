@@ -162,7 +162,7 @@ def test_train_killed_midway_leaves_heads_that_refuse_to_load_until_retrained(he
 
     out = tmp_path / "heads"
     cmd = [sys.executable, "-m", "audit.cli", "train", str(heads["store"]), "--out", str(out), "--no-register",
-           "--epochs", "3"]
+           "--epochs", "3", "--folds", "0"]
     _run_until(cmd, lambda _: out.is_dir() and any(out.glob("*.onnx")), timeout=300)
     assert not (out / "heads.json").exists()
     with pytest.raises(ArtifactError):
@@ -172,9 +172,11 @@ def test_train_killed_midway_leaves_heads_that_refuse_to_load_until_retrained(he
                                  *[o if o != str(heads["heads"]) else str(out) for o in heads["opts"]]])
     assert r.exit_code == 1 and len([ln for ln in r.output.splitlines() if ln.startswith("error: ")]) == 1, r.output
     (out / "notes.txt").write_text("mine")  # a file train did not write: the folder is not train's to overwrite
-    r = CliRunner().invoke(app, ["train", str(heads["store"]), "--out", str(out), "--no-register", "--epochs", "3"])
+    r = CliRunner().invoke(app, ["train", str(heads["store"]), "--out", str(out), "--no-register", "--epochs", "3",
+                                 "--folds", "0"])
     assert r.exit_code == 2 and "not empty and holds no heads" in r.output
     (out / "notes.txt").unlink()  # only a killed run's leftovers: retraining into the folder just works
-    r = CliRunner().invoke(app, ["train", str(heads["store"]), "--out", str(out), "--no-register", "--epochs", "3"])
+    r = CliRunner().invoke(app, ["train", str(heads["store"]), "--out", str(out), "--no-register", "--epochs", "3",
+                                 "--folds", "0"])
     assert r.exit_code == 0, r.output
     assert load_heads(out).attacks

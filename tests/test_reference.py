@@ -101,7 +101,8 @@ def test_heads_trained_with_a_reference_check_with_it_and_refuse_without(models,
 
     monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
     heads = tmp_path / "heads"
-    api.train(ref_store[0], heads, attacks="PIA-ref,PIA-ref-score", epochs=1, register=False, quiet=True)
+    api.train(ref_store[0], heads, attacks="PIA-ref,PIA-ref-score", epochs=1, register=False, quiet=True,
+              folds=0)
     info = json.loads((heads / "heads.json").read_text())
     assert info["attacks"]["PIA-ref-score"]["standardisation"]["fitted_on"] == "train non-members"
     assert info["manifest"]["feature_store"]["reference"]["name"] == "base"

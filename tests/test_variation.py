@@ -156,7 +156,7 @@ def test_train_evaluate_and_check_report_variation_attacks_with_tiers(var_store,
                                                                       monkeypatch):
     monkeypatch.setenv("AUDIT_HOME", str(tmp_path / "home"))
     heads = tmp_path / "heads"
-    r = CliRunner().invoke(app, ["train", str(var_store), "--out", str(heads), "--epochs", "2", "-q"])
+    r = CliRunner().invoke(app, ["train", str(var_store), "--out", str(heads), "--epochs", "2", "--folds", "0", "-q"])
     assert r.exit_code == 0, r.output
     info = json.loads((heads / "heads.json").read_text())
     assert list(info["attacks"]) == ["var-pixel", "var-pixel-score", "var-clip", "var-clip-score", "var-all",

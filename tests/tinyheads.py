@@ -21,7 +21,7 @@ def tiny_heads(tiny_world: dict, root: Path) -> dict:
         aux = scenes.write_imagefolder(root / "aux", images, captions, [True, False] * 3)
         kw = dict(embedder=str(tiny_world["clip"]), captioner=str(tiny_world["blip"]))
         api.featurize(key, aux, root / "store.h5", quiet=True, **kw, **FEATURES)
-        api.train(root / "store.h5", root / "heads", attacks="II-S,IV", epochs=3, register=False)
+        api.train(root / "store.h5", root / "heads", attacks="II-S,IV", epochs=3, register=False, folds=0)
         _MADE[key] = {"heads": root / "heads", "store": root / "store.h5", "kw": {"target": key, **kw},
                       "opts": ["--target", key, "--embedder", kw["embedder"], "--captioner", kw["captioner"],
                                "--heads", str(root / "heads")]}

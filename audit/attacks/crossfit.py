@@ -17,7 +17,6 @@ what that guarantees and benchmarks/verdict_budget.py measures it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -29,8 +28,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..seeding import derive_seed
-from . import calibration, metrics
-from .decision import VALIDATION_KEY, validation_record
+from . import calibration
 from .export import export_head
 from .inputs import get_attack
 from .nets import ScoringHead
@@ -71,7 +69,7 @@ def stratified_folds(pool: np.ndarray, labels: np.ndarray, ids: list[str], k: in
         name = "members" if cls == 1 else "non-members"
         if len(at) < k:
             raise InputError(f"cross-fitting with {k} folds needs at least {k} labelled {name} outside the test "
-                             f"split (one per fold); there are {len(at)}: use fewer --folds")
+                             f"split (one per fold); there are {len(at)}: use fewer --folds (--folds 0: one split)")
         at = at[np.argsort([ids[pool[i]] for i in at], kind="stable")]
         at = at[np.random.default_rng(derive_seed("folds", seed, cls)).permutation(len(at))]
         fold[at] = np.arange(len(at)) % k
@@ -97,7 +95,7 @@ def fit_crossfit_attack(attack: str, x: np.ndarray, y: np.ndarray, plan: list[di
                         pool: np.ndarray, cfg, out_dir: Path) -> tuple[dict, np.ndarray]:
     """Fit the K members of one attack, calibrate their mean on the out-of-fold logits, export them as one graph;
     returns the heads.json entry and the out-of-fold probabilities of ``pool`` (in ``pool``'s order)."""
-    from .train import _fit_network
+    from .train import _fit_network, head_entry
 
     spec = get_attack(attack)
     t0 = time.perf_counter()
@@ -122,29 +120,14 @@ def fit_crossfit_attack(attack: str, x: np.ndarray, y: np.ndarray, plan: list[di
     with torch.no_grad():
         oof = torch.sigmoid(combined.platt[0] * torch.from_numpy(oof_logit[pool]) + combined.platt[1])
     oof = oof.numpy().astype(np.float64)
-    threshold, ba = calibration.balanced_accuracy_threshold(oof, yp)
-    entry = {
-        "file": file,
-        "sha256": hashlib.sha256((out_dir / file).read_bytes()).hexdigest(),
-        "kind": spec.kind,
-        "tier": spec.tier,
-        "description": spec.description,
-        "input": {"name": "x", "dtype": "float32", "shape": [None, *map(int, x.shape[1:])]},
-        "outputs": ["score", "probability"],
-        "threshold": threshold,
-        "thresholds": {"balanced_accuracy": threshold, "fpr_1pct": calibration.fpr_threshold(oof, yp, 0.01),
-                       "fpr_0_1pct": calibration.fpr_threshold(oof, yp, 0.001)},
-        VALIDATION_KEY: validation_record(oof, yp),
-        "calibration": {"method": "platt", "a": a, "b": b, "fitted_on": "out-of-fold"},
-        "standardisation": {"fitted_on": "each member's training folds"},
-        "validation": {"n": int(len(pool)), "on": "out-of-fold", "auc": metrics.auc(yp, oof),
-                       "accuracy": metrics.accuracy(yp, oof, threshold), "balanced_accuracy": ba},
-        "training": {"epochs_run": int(max(t["epochs_run"] for t in trainings)), "members": trainings,
-                     "seconds": round(time.perf_counter() - t0, 2)},
-        "cross_fit": {"folds": len(plan), "rule": RULE,
-                      "out_of_fold": {"probability": oof.tolist(), "logit": oof_logit[pool].tolist()}},
-        "onnx_parity": parity,
-    }
+    entry = head_entry(attack, x.shape, out_dir / file, oof, yp,
+                       {"method": "platt", "a": a, "b": b, "fitted_on": "out-of-fold"},
+                       "each member's training folds",
+                       {"epochs_run": int(max(t["epochs_run"] for t in trainings)), "members": trainings,
+                        "seconds": round(time.perf_counter() - t0, 2)}, parity, on="out-of-fold",
+                       extra={"cross_fit": {"folds": len(plan), "rule": RULE,
+                                            "out_of_fold": {"probability": oof.tolist(),
+                                                            "logit": oof_logit[pool].tolist()}}})
     log.info("%s: %d cross-fitted members, out-of-fold AUC %.3f (%.1f s)", attack, len(plan),
              entry["validation"]["auc"], entry["training"]["seconds"])
     return entry, oof

@@ -219,36 +219,45 @@ def fit_attack(attack: str, x: np.ndarray, y: np.ndarray, split: Mapping[str, np
     parity = export_head(head, x[tr], out_dir / file, check=x[va], threads=cfg.threads or None)
     # Thresholds from the exported graph's own probabilities: exactly what Heads.predict will compare.
     _, val_probs = run_session(ort_session(out_dir / file, cfg.threads or None), x[va])
-    threshold, val_ba = calibration.balanced_accuracy_threshold(val_probs, y[va])
-    fpr1 = calibration.fpr_threshold(val_probs, y[va], 0.01)
-    fpr01 = calibration.fpr_threshold(val_probs, y[va], 0.001)
-    entry = {
-        "file": file,
-        "sha256": hashlib.sha256((out_dir / file).read_bytes()).hexdigest(),
+    entry = head_entry(attack, x.shape, out_dir / file, val_probs, y[va],
+                       {"method": "platt", "a": a, "b": b, "fitted_on": "validation"},
+                       "train non-members" if spec.kind == "calibrated" else "train",
+                       {**training, "n": int(len(fit)), "n_early_stop": int(len(split["early_stop"])),
+                        "seconds": round(time.perf_counter() - t0, 2)}, parity)
+    log.info("%s: validation AUC %.3f, threshold %.3f, %d epochs (%.1f s)", attack, entry["validation"]["auc"],
+             entry["threshold"], training["epochs_run"], entry["training"]["seconds"])
+    return entry
+
+
+def head_entry(attack: str, x_shape: tuple, onnx_file: Path, probs: np.ndarray, labels: np.ndarray,
+               calibration_record: dict, standardisation_fitted_on: str, training: dict, parity: dict,
+               on: str | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+    """One attack's heads.json entry, split or cross-fitted alike: its graph, and the thresholds and metrics of the
+    calibration rows' probabilities ``probs`` (the validation split, or every out-of-fold row with ``on``).
+    ``extra`` (the cross-fitting record) goes before ``onnx_parity``."""
+    spec = get_attack(attack)
+    threshold, ba = calibration.balanced_accuracy_threshold(probs, labels)
+    return {
+        "file": onnx_file.name,
+        "sha256": hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
         "kind": spec.kind,
         "tier": spec.tier,
         "description": spec.description,
-        "input": {"name": "x", "dtype": "float32", "shape": [None, *map(int, x.shape[1:])]},
+        "input": {"name": "x", "dtype": "float32", "shape": [None, *map(int, x_shape[1:])]},
         "outputs": ["score", "probability"],
         "threshold": threshold,
-        "thresholds": {"balanced_accuracy": threshold, "fpr_1pct": fpr1, "fpr_0_1pct": fpr01},
+        "thresholds": {"balanced_accuracy": threshold, "fpr_1pct": calibration.fpr_threshold(probs, labels, 0.01),
+                       "fpr_0_1pct": calibration.fpr_threshold(probs, labels, 0.001)},
         # Kept so that check/scan/evaluate fit the conformal thresholds of any --max-fpr without retraining.
-        VALIDATION_KEY: validation_record(val_probs, y[va]),
-        "calibration": {"method": "platt", "a": a, "b": b, "fitted_on": "validation"},
-        "standardisation": {"fitted_on": "train non-members" if spec.kind == "calibrated" else "train"},
-        "validation": {
-            "n": int(len(va)),
-            "auc": metrics.auc(y[va], val_probs),
-            "accuracy": metrics.accuracy(y[va], val_probs, threshold),
-            "balanced_accuracy": val_ba,
-        },
-        "training": {**training, "n": int(len(fit)), "n_early_stop": int(len(split["early_stop"])),
-                     "seconds": round(time.perf_counter() - t0, 2)},
+        VALIDATION_KEY: validation_record(probs, labels),
+        "calibration": calibration_record,
+        "standardisation": {"fitted_on": standardisation_fitted_on},
+        "validation": {"n": int(len(labels)), **({"on": on} if on else {}), "auc": metrics.auc(labels, probs),
+                       "accuracy": metrics.accuracy(labels, probs, threshold), "balanced_accuracy": ba},
+        "training": training,
+        **(extra or {}),
         "onnx_parity": parity,
     }
-    log.info("%s: validation AUC %.3f, threshold %.3f, %d epochs (%.1f s)", attack, entry["validation"]["auc"],
-             threshold, training["epochs_run"], entry["training"]["seconds"])
-    return entry
 
 
 def blind_baseline(probs_test: np.ndarray, y_test: np.ndarray, val_auc: float, n_boot: int, seed: int) -> dict:

@@ -4,7 +4,8 @@
 
 The recipe: 200 members + 200 non-members of the bundled world (`audit toy data --seed 0`), features on the torch
 path with the demo's settings (n_gen 2, 10 DDIM steps, no guidance, seed 0, batches of 32), every attack and the
-blind baseline trained with seed 0. Everything is seeded: two rebuilds write byte-identical ONNX heads.
+blind baseline trained with seed 0 on one 50/25/25 split (`folds` 0; `audit train` now cross-fits by default).
+Everything is seeded: two rebuilds write byte-identical ONNX heads.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from . import BUNDLE
 
 RECIPE = {"n_members": 200, "n_nonmembers": 200, "data_seed": 0, "n_gen": 2, "steps": 10, "seed": 0,
-          "batch_size": 32, "train_seed": 0}
+          "batch_size": 32, "train_seed": 0, "folds": 0}
 
 
 def rebuild(out: Path, workdir: Path) -> dict:
@@ -30,7 +31,8 @@ def rebuild(out: Path, workdir: Path) -> dict:
                   batch_size=RECIPE["batch_size"], resume=store.exists(), quiet=True)
     trained = workdir / "heads"
     shutil.rmtree(trained, ignore_errors=True)
-    result = api.train(store, trained, seed=RECIPE["train_seed"], register=False, quiet=True)
+    result = api.train(store, trained, seed=RECIPE["train_seed"], folds=RECIPE["folds"], register=False,
+                       quiet=True)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(trained, out)
     return result.info
