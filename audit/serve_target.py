@@ -313,7 +313,8 @@ class Txt2ImgServer:
         state = {"skipped": False, "interrupted": False, "job": job["job"], "job_count": job["job_count"],
                  "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job["started"])),
                  "job_no": job_no, "sampling_step": step, "sampling_steps": job["sampling_steps"]}
-        return {"progress": min(progress, 1.0), "eta_relative": elapsed / progress - elapsed, "state": state,
+        # Past the last step (the decode) the web UI's eta turns negative; none is left.
+        return {"progress": min(progress, 1.0), "eta_relative": max(0.0, elapsed / progress - elapsed), "state": state,
                 "current_image": None, "textinfo": None}
 
     def set_options(self, req: Any) -> None:
