@@ -167,11 +167,13 @@ def check(image: str | Path, caption: str | None = None, *, target: str, heads: 
           embedder: str | None = None, captioner: str | None = None, attack: str | None = None,
           device: str = "cpu", allow_pickle: bool = False, max_fpr: float = 0.01, decision: str = "budget",
           max_miss: float | None = None, reference: str | None = None,
-          evidence: str | Path | None = None):
+          evidence: str | Path | None = None, tier: str | None = None):
     """The Verdict for one image (with its caption; without one the captioner writes it): ``member``,
     ``non-member`` or ``inconclusive`` at the false-positive budget ``max_fpr`` (``decision="balanced"``: the
     two-way rule); see ``audit.attacks.decision``. ``evidence``: a database (file or URL) to log the verdict
-    in (``audit.evidence``); the record's id is then the Verdict's ``evidence_id`` attribute."""
+    in (``audit.evidence``); the record's id is then the Verdict's ``evidence_id`` attribute. ``tier``: score
+    only the heads' attacks of these tiers (``variation``, ``all``, a comma list; None: every tier they read),
+    computing only those tiers' features."""
     from .auditor import Auditor, image_row
     from .imagefolder import load_image
 
@@ -180,7 +182,7 @@ def check(image: str | Path, caption: str | None = None, *, target: str, heads: 
     pixels = load_image(image)
     log = _evidence_log(evidence)
     auditor = Auditor(target, heads, embedder, captioner, attack, device=device, allow_pickle=allow_pickle,
-                      max_fpr=max_fpr, decision=decision, max_miss=max_miss, reference=reference)
+                      max_fpr=max_fpr, decision=decision, max_miss=max_miss, reference=reference, tier=tier)
     verdict = auditor.check(image, caption, pixels=pixels)
     if log is not None:
         from .evidence import file_sha256, verdict_record
@@ -220,10 +222,12 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
          report: str | Path | None = None, resume: bool = False, batch_size: int = 8, quiet: bool = False,
          device: str = "cpu", allow_pickle: bool = False, max_fpr: float = 0.01, decision: str = "budget",
          max_miss: float | None = None, ray: str | None = None, workers: int = 1, threads: int = 0,
-         reference: str | None = None, evidence: str | Path | None = None) -> ScanSummary:
+         reference: str | None = None, evidence: str | Path | None = None,
+         tier: str | None = None) -> ScanSummary:
     """Verdicts for every image of a folder, one JSONL line each (resumable); optionally an HTML report.
     ``max_fpr``, ``decision``, ``max_miss``: the verdict rule, as for ``check``. ``evidence``: a database to log
     every row's verdict in, once per row of the results file (its job id is in the summary's ``evidence``).
+    ``tier``: score only the heads' attacks of these tiers, as for ``check``.
 
     ``ray``: score the batches on a Ray cluster, as ``featurize`` does; the results are the same lines. Its HTML
     report shows the queries without their generated images (the driver holds no target to regenerate them)."""
@@ -239,6 +243,11 @@ def scan(folder: str | Path, out: str | Path, *, target: str, heads: str | Path 
     if resume and Path(out).exists():
         check_results(out)  # not a results file: refused unchanged, before any model loads
     rule = dict(max_fpr=max_fpr, decision=decision, max_miss=max_miss)
+    if tier is not None:  # every Ray worker's Auditor scores the same attacks
+        from .tiers import parse_tier
+
+        parse_tier(tier)  # a bad value fails here, before any model loads
+        rule["tier"] = tier
     if reference:  # the Auditor's argument, handed to every Ray worker's Auditor with the rule
         rule["reference"] = _model_spec(reference)
     if evidence is not None and cluster is not None:

@@ -17,7 +17,7 @@ from typing import Container, Iterable, Sequence
 import numpy as np
 
 from .errors import InputError, UsageError
-from .attacks.inputs import base_attack
+from .attacks.inputs import base_attack, tiers_of
 from .features.compute import FeaturesConfig, Models, batch_slices, featurize_rows
 from .imagefolder import CaptionError, Row, clean_caption, read_caption_file, read_imagefolder
 from .tiers import BLACK_BOX, GRAY_BOX, VARIATION, parse_tier, tier_name
@@ -42,13 +42,16 @@ class Auditor:
     the heads were trained on; pass them only to override (the heads may then not fit).
     ``reference``: the reference model heads trained on a store with ``--reference`` need (the same model: its
     weights hash must match the one recorded in the heads).
+    ``tier``: score only the heads' attacks of these tiers (a ``--tier`` value: ``variation``, ``all``, a comma
+    list), computing only their features; None, every tier the heads read. Without ``attack``, the heads' default
+    decides if it is of those tiers, else their first attack of them.
     """
 
     def __init__(self, target: str, heads: str | Path | None = None, embedder: str | None = None,
                  captioner: str | None = None, attack: str | None = None, device: str = "cpu",
                  allow_pickle: bool = False, batch_size: int = 8, models: Models | None = None,
                  max_fpr: float = 0.01, decision: str = "budget", max_miss: float | None = None,
-                 reference: str | None = None, **overrides):
+                 reference: str | None = None, tier: str | None = None, **overrides):
         from .attacks import resolve_heads
         from .attacks.decision import check_budget
         from .attacks.heads import provenance, provenance_line
@@ -59,10 +62,14 @@ class Auditor:
         self.heads = resolve_heads(heads, ids["target"])
         self.heads.check_compatible(ids["target"], ids["embedder"], ids["captioner"])
         _check_reference(self.heads, ids.get("reference"))
-        self.attack = attack or self.heads.default_attack
+        self.attacks = tier_attacks(self.heads, tier)
+        self.attack = attack or default_attack(self.heads, self.attacks)
         if self.attack not in self.heads.attacks:
             raise UsageError(f"attack {self.attack!r} is not in {self.heads.path}; it has: "
                              f"{', '.join(self.heads.attacks)}")
+        if self.attack not in self.attacks:
+            raise UsageError(f"attack {self.attack!r} is {self.heads.tier(self.attack)}, not of --tier {tier}; the "
+                             f"heads' attacks of that tier: {', '.join(self.attacks)}")
         self.decisions = self.heads.decisions(decision, max_fpr, max_miss)
         self.decision = self.decisions[self.attack]
         trained = ((self.heads.info.get("manifest") or {}).get("feature_store") or {}).get("config") or {}
@@ -71,15 +78,15 @@ class Auditor:
         for key in ("graybox_timesteps", "var_strengths"):
             if key in settings:
                 settings[key] = tuple(settings[key])
-        # Compute the tiers the heads read, no more: heads of gray-box attacks only never generate an image.
-        tiers = self.heads.tiers or parse_tier(trained.get("tier", BLACK_BOX))
+        # Compute the tiers the scored attacks read, no more: gray-box attacks alone never generate an image.
+        tiers = tiers_of(self.attacks) or parse_tier(trained.get("tier", BLACK_BOX))
         settings["tier"] = tier_name(tiers)
         if GRAY_BOX in tiers:
             self.models.denoiser()  # a target without gray-box access fails here, in one line
         if VARIATION in tiers:
             self.models.varier()  # likewise without variation access
         self.graybox_attacks = tuple(dict.fromkeys(
-            base_attack(a) for a in self.heads.attacks if self.heads.tier(a) == GRAY_BOX))
+            base_attack(a) for a in self.attacks if self.heads.tier(a) == GRAY_BOX))
         unknown = sorted(set(overrides) - {"n_gen", "steps", "guidance", "seed"})
         if unknown:
             raise TypeError(f"unexpected argument(s) {unknown}")
@@ -115,7 +122,7 @@ class Auditor:
             return []
         batch = featurize_rows(rows, self.models, self.config, images, graybox_attacks=self.graybox_attacks)
         ok = [i for i, r in enumerate(rows) if r.ok]
-        preds = self.heads.predict({k: v[ok] for k, v in batch.items()}) if ok else {}
+        preds = self.heads.predict({k: v[ok] for k, v in batch.items()}, self.attacks) if ok else {}
         verdicts = []
         pos = {i: j for j, i in enumerate(ok)}
         for i, row in enumerate(rows):
@@ -194,6 +201,29 @@ def _check_reference(heads, reference: dict | None) -> None:
         raise UsageError(f"{heads.path}: trained with reference {recorded.get('name')!r} (weights "
                          f"{recorded.get('hash')}), this run's reference is {reference.get('name')!r} (weights "
                          f"{reference.get('hash')})")
+
+
+def tier_attacks(heads, tier: str | None) -> list[str]:
+    """The heads' attacks of the tiers ``tier`` selects (a ``--tier`` value; None: all of them), in the heads'
+    order, with the blind baseline at every tier (it reads only the query image and caption, which every tier
+    has). A usage error naming the tiers the heads have when no attack is of those tiers."""
+    if tier is None:
+        return list(heads.attacks)
+    wanted = parse_tier(tier)
+    chosen = [a for a in heads.attacks if a == "blind" or heads.tier(a) in wanted]
+    if not [a for a in chosen if a != "blind"]:
+        have = tiers_of(heads.attacks) or (BLACK_BOX,)
+        raise UsageError(f"tier {tier!r}: the heads in {heads.path} have no attack of that tier; their tiers: "
+                         f"{', '.join(have)}")
+    return chosen
+
+
+def default_attack(heads, attacks: Sequence[str]) -> str:
+    """The attack that decides when none is named: the heads' default if it is among ``attacks``, else the
+    first of ``attacks`` that is not the blind baseline."""
+    if heads.default_attack in attacks:
+        return heads.default_attack
+    return next((a for a in attacks if a != "blind"), attacks[0])
 
 
 def pending_slices(rows: Sequence[Row], batch_size: int, done: Container[str]) -> list[tuple[int, int]]:

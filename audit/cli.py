@@ -328,6 +328,9 @@ _REFERENCE_HELP = ("A reference model (the base a fine-tune started from; `toy-b
                    "X-ref-score). It must share the target's resolution, latent shape, noise schedule and VAE. About "
                    "doubles the featurising cost.")
 _REFERENCE_CHECK_HELP = "The reference model the heads were trained with (`features --reference`), if any."
+_TIER_SCORE_HELP = ("Score only the heads' attacks of these tiers, computing only their features: black-box, "
+                    "gray-box, variation, all or a comma list (default: every tier the heads read; the blind "
+                    "baseline always).")
 
 
 @app.command()
@@ -450,6 +453,7 @@ def check(
     embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
     captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
     reference: Optional[str] = typer.Option(None, "--reference", help=_REFERENCE_CHECK_HELP),
+    tier: Optional[str] = typer.Option(None, "--tier", help=_TIER_SCORE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
     fail_on_member: bool = typer.Option(False, "--fail-on-member", help="Exit with code 3 on a member verdict "
                                         "(never on inconclusive)."),
@@ -471,12 +475,12 @@ def check(
                       "--evidence": evidence, "--max-miss": max_miss, "--allow-pickle": allow_pickle or None,
                       "--decision": None if decision == "budget" else decision,
                       "--device": None if device == "cpu" else device}
-        v = run(lambda: _check_on_server(server, image, caption, target, heads, attack, max_fpr, local_only))
+        v = run(lambda: _check_on_server(server, image, caption, target, heads, attack, max_fpr, tier, local_only))
     else:
         v = run(lambda: api.check(image, caption, target=target, heads=heads, embedder=embedder,
                                   captioner=captioner, attack=attack, device=device, allow_pickle=allow_pickle,
                                   max_fpr=max_fpr, decision=decision, max_miss=max_miss, reference=reference,
-                                  evidence=evidence))
+                                  evidence=evidence, tier=tier))
     if json_out:
         typer.echo(v.to_json(indent=2))
     _heads_line(v.heads_source)
@@ -497,7 +501,7 @@ def check(
         raise typer.Exit(EXIT_MEMBER_FOUND)
 
 
-def _check_on_server(server, image, caption, target, heads, attack, max_fpr, local_only: dict):
+def _check_on_server(server, image, caption, target, heads, attack, max_fpr, tier, local_only: dict):
     from .errors import UsageError
     from .service.client import Client
 
@@ -508,10 +512,10 @@ def _check_on_server(server, image, caption, target, heads, attack, max_fpr, loc
     given = [flag for flag, value in local_only.items() if value is not None]
     if given:
         raise UsageError(f"{', '.join(given)}: with --server the service's models and verdict rule apply (its "
-                         "/v1/info lists them); a request may set --heads, --attack and --max-fpr only")
+                         "/v1/info lists them); a request may set --heads, --attack, --max-fpr and --tier only")
     with Client(server) as client:
         return client.check(image, caption, target=target, heads=str(heads) if heads else None, attack=attack,
-                            max_fpr=max_fpr)
+                            max_fpr=max_fpr, tier=tier)
 
 
 @app.command()
@@ -525,6 +529,7 @@ def scan(
     embedder: Optional[str] = typer.Option(None, "--embedder", help=_EMBEDDER_HELP),
     captioner: Optional[str] = typer.Option(None, "--captioner", help=_CAPTIONER_HELP),
     reference: Optional[str] = typer.Option(None, "--reference", help=_REFERENCE_CHECK_HELP),
+    tier: Optional[str] = typer.Option(None, "--tier", help=_TIER_SCORE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Skip images already in --out."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per batch."),
     fail_on_member: bool = typer.Option(False, "--fail-on-member", help="Exit with code 3 if any verdict is member "
@@ -548,7 +553,7 @@ def scan(
                              attack=attack, report=report, resume=resume, batch_size=batch_size, quiet=quiet,
                              device=device, allow_pickle=allow_pickle, max_fpr=max_fpr, decision=decision,
                              max_miss=max_miss, ray=ray, workers=workers, threads=threads, reference=reference,
-                             evidence=evidence))
+                             evidence=evidence, tier=tier))
     _heads_line(s.heads_source)
     if json_out:
         _echo_json(s.to_dict())

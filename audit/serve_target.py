@@ -14,7 +14,8 @@ auditing needs:
   (DDIM over ``steps`` of which the last ``int(denoising_strength x steps)`` run, as the web UI counts them), image
   ``k`` from ``init_images[k % len]`` with seed ``seed + k``;
 - ``GET /sdapi/v1/samplers`` (``[{name, aliases, options}]``: DDIM, the one sampler served), ``GET
-  /sdapi/v1/progress`` (``{progress, eta_relative, state, current_image, textinfo}``) and ``POST
+  /sdapi/v1/progress`` (``{progress, eta_relative, state, current_image, textinfo}``: the denoising steps done of
+  the generation in flight, as the web UI counts them) and ``POST
   /sdapi/v1/options`` (sets options; answers ``null`` as the web UI does; another checkpoint is refused, 422).
 
 Requests are checked before anything reaches the model: a missing, negative or non-integer ``Content-Length``
@@ -36,6 +37,7 @@ import math
 import secrets
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -43,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from .imagefolder import ImageError, load_image
+from .targets.base import on_denoising_step
 from .targets.http import IMG2IMG, OPTIONS, SD_MODELS, TXT2IMG
 from .targets.variation import init_pixels
 
@@ -205,7 +208,7 @@ class Txt2ImgServer:
             raise _BadRequest(422, f"need 1 <= batch_size x n_iter <= {MAX_IMAGES}")
         seed = ints["seed"] if ints["seed"] >= 0 else secrets.randbelow(2**32)
         seeds = [seed + k for k in range(count)]
-        with self._lock:
+        with self._lock, self._reporting("txt2img", ints["n_iter"], count, ints["steps"]):
             images = self.generator.generate_with_seeds([prompt] * count, seeds, ints["steps"], float(cfg_scale))
         info = {"prompt": prompt, "seed": seed, "all_seeds": seeds, "steps": ints["steps"], "cfg_scale": cfg_scale,
                 "width": res, "height": res, "sd_model_name": self.generator.identity()["name"]}
@@ -237,13 +240,9 @@ class Txt2ImgServer:
         seeds = [seed + k for k in range(count)]
         if int(float(strength) * fields["steps"]) < 1:
             raise _BadRequest(422, f"denoising_strength {strength} x steps {fields['steps']} runs no step")
-        with self._lock:
-            self._job = {"job": "img2img", "sampling_steps": int(float(strength) * fields["steps"])}
-            try:
-                out = vary(np.stack([images[k % len(images)] for k in range(count)]), [prompt] * count, seeds,
-                           float(strength), fields["steps"], fields["cfg_scale"])
-            finally:
-                self._job = None
+        with self._lock, self._reporting("img2img", fields["n_iter"], count, int(float(strength) * fields["steps"])):
+            out = vary(np.stack([images[k % len(images)] for k in range(count)]), [prompt] * count, seeds,
+                       float(strength), fields["steps"], fields["cfg_scale"])
         res = int(self.generator.resolution)
         info = {"prompt": prompt, "seed": seed, "all_seeds": seeds, "steps": fields["steps"],
                 "cfg_scale": fields["cfg_scale"], "denoising_strength": strength, "sampler_name": "DDIM",
@@ -274,15 +273,49 @@ class Txt2ImgServer:
         if ints["seed"] >= 2**63 - MAX_IMAGES:
             raise _BadRequest(422, "seed must be below 2**63")
         seed = ints["seed"] if ints["seed"] >= 0 else secrets.randbelow(2**32)
-        return {"steps": ints["steps"], "seed": seed, "count": count, "cfg_scale": float(cfg_scale)}
+        return {"steps": ints["steps"], "seed": seed, "count": count, "cfg_scale": float(cfg_scale),
+                "n_iter": ints["n_iter"]}
+
+    @contextmanager
+    def _reporting(self, job: str, n_iter: int, images: int, steps: int):
+        """Count the denoising steps of the generation run inside the block (``images`` images of ``steps`` steps
+        each, the web UI's ``n_iter`` jobs), for ``progress``."""
+        state = {"job": job, "job_count": n_iter, "sampling_steps": steps, "total": images * steps, "done": 0,
+                 "started": time.time()}
+
+        def advance(n: int) -> None:
+            state["done"] = min(state["total"], state["done"] + n)
+
+        self._job = state
+        try:
+            with on_denoising_step(advance):
+                yield
+        finally:
+            self._job = None
 
     def progress(self) -> dict:
-        """The web UI's ProgressResponse; a generation in progress counts as one job not yet done."""
+        """The web UI's ProgressResponse (its ``progressapi``): idle, progress and eta 0 and no job; during a
+        generation the fraction of its denoising steps done, reported as the web UI counts it: ``job_no`` of
+        ``job_count`` (the request's ``n_iter``) jobs done, ``sampling_step`` of ``sampling_steps`` in the current
+        one, progress ``0.01 + job_no / job_count + sampling_step / sampling_steps / job_count`` (the web UI's 0.01
+        keeps the eta finite) and ``eta_relative`` the seconds left at the rate so far."""
         job = self._job
-        state = {"skipped": False, "interrupted": False, "job": (job or {}).get("job", ""),
-                 "job_count": 1 if job else 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
-                 "sampling_steps": (job or {}).get("sampling_steps", 0)}
-        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+        if job is None:
+            state = {"skipped": False, "interrupted": False, "job": "", "job_count": 0, "job_timestamp": "0",
+                     "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+        done = job["done"] / job["total"] if job["total"] else 0.0
+        jobs = job["job_count"] * done
+        job_no = min(int(jobs), job["job_count"] - 1)
+        step = min(int((jobs - job_no) * job["sampling_steps"]), job["sampling_steps"])
+        progress = 0.01 + job_no / job["job_count"] + step / job["sampling_steps"] / job["job_count"]
+        elapsed = time.time() - job["started"]
+        state = {"skipped": False, "interrupted": False, "job": job["job"], "job_count": job["job_count"],
+                 "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job["started"])),
+                 "job_no": job_no, "sampling_step": step, "sampling_steps": job["sampling_steps"]}
+        # Past the last step (the decode) the web UI's eta turns negative; none is left.
+        return {"progress": min(progress, 1.0), "eta_relative": max(0.0, elapsed / progress - elapsed), "state": state,
+                "current_image": None, "textinfo": None}
 
     def set_options(self, req: Any) -> None:
         if not isinstance(req, dict):

@@ -125,7 +125,7 @@ def test_serve_points_emulator_users_to_serve_target_and_refuses_open_hosts_with
                                        "http://127.0.0.1:9", "--decision", "balanced", "--reference", "toy-base"])
     assert ignored.exit_code == 2 and ignored.stderr.strip() == (
         "error: --reference, --decision: with --server the service's models and verdict rule apply (its /v1/info "
-        "lists them); a request may set --heads, --attack and --max-fpr only")
+        "lists them); a request may set --heads, --attack, --max-fpr and --tier only")
     unknown = CliRunner().invoke(app, ["serve", "--target", "nosuch", "--port", str(free_port())], env=env)
     assert unknown.exit_code == 2 and unknown.stderr.splitlines()[-1].startswith("error: unknown target 'nosuch'")
 

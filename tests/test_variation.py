@@ -230,3 +230,65 @@ def test_the_variation_benchmark_times_every_tier_and_counts_unet_evaluations(tm
                                                                              "gray-box": 19}
     assert all(t["seconds_per_query"] > 0 for t in table.values()) and table["black-box"]["iv_over_this"] == 1.0
     assert json.loads((tmp_path / "b.json").read_text())["toy"]["variation"]["verdicts"].startswith("var-pixel")
+
+
+@pytest.fixture(scope="module")
+def two_tier_heads(tiny_world, labelled, tmp_path_factory):
+    """Heads of the gray-box and variation tiers, trained on one store of both."""
+    folder = tmp_path_factory.mktemp("two_tiers")
+    r = CliRunner().invoke(app, ["features", "--target", str(tiny_world["target"]), "--data", str(labelled),
+                                 "--out", str(folder / "s.h5"), "--tier", "gray-box,variation", "--var-strengths",
+                                 "0.25,0.5", "--n-var", "2", "--steps", "4", "--graybox-timesteps", "100,300", "-q",
+                                 *_models(tiny_world)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["train", str(folder / "s.h5"), "--out", str(folder / "heads"), "--epochs", "2",
+                                 "--attacks", "loss,PIA,var-pixel,var-all-score", "-q"])
+    assert r.exit_code == 0, r.output
+    return folder / "heads"
+
+
+def test_tier_restricts_check_and_scan_to_the_heads_attacks_of_that_tier(tiny_world, labelled, two_tier_heads,
+                                                                          tmp_path):
+    from audit import api
+
+    target, heads = str(tiny_world["target"]), str(two_tier_heads)
+    models = dict(embedder=str(tiny_world["clip"]), captioner=str(tiny_world["blip"]))
+    image = labelled / "img_00000.png"
+    both = api.check(image, "a caption", target=target, heads=heads, **models)
+    assert {s["tier"] for a, s in both.scores.items() if a != "blind"} == {"gray-box", "variation"}
+    var = api.check(image, "a caption", target=target, heads=heads, tier="variation", **models)
+    # Only the variation attacks (and the blind baseline) are scored, the first of them decides, and their
+    # scores are those of the run that computed both tiers: the same features.
+    assert list(var.scores) == ["var-pixel", "var-all-score", "blind"]
+    assert (var.attack, var.tier) == ("var-pixel", "variation")
+    for a in var.scores:
+        assert var.scores[a]["probability"] == pytest.approx(both.scores[a]["probability"], abs=1e-6)
+    gray = api.check(image, "a caption", target=target, heads=heads, tier="gray-box", attack="PIA", **models)
+    assert (gray.attack, gray.tier, set(gray.scores)) == ("PIA", "gray-box", {"loss", "PIA", "blind"})
+    assert api.check(image, "a caption", target=target, heads=heads, tier="all", **models).scores.keys() == \
+        both.scores.keys()
+
+    # A tier the heads do not have, or an attack outside the tier: one line naming what the heads have.
+    for args, text in ((["--tier", "black-box"], "have no attack of that tier; their tiers: gray-box, variation"),
+                       (["--tier", "variation", "--attack", "loss"], "attack 'loss' is gray-box, not of --tier "
+                                                                     "variation"),
+                       (["--tier", "grey"], "unknown tier 'grey'")):
+        r = CliRunner().invoke(app, ["check", str(image), "--caption", "c", "--target", target, "--heads", heads,
+                                     *args, *_models(tiny_world)])
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and text in r.stderr, (args, r.output)
+
+    # scan: every row, its JSONL and the summary say the tier; the features computed are that tier's alone.
+    out = tmp_path / "r.jsonl"
+    r = CliRunner().invoke(app, ["scan", str(labelled), "--target", target, "--heads", heads, "--out", str(out),
+                                 "--tier", "gray-box", "--json", "-q", "--report", str(tmp_path / "r.html"),
+                                 *_models(tiny_world)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    default = json.loads((two_tier_heads / "heads.json").read_text())["default_attack"]
+    assert default in ("loss", "PIA")  # the heads' default is gray-box here, so it decides
+    assert (summary["attack"], summary["tier"], summary["features"]["tier"]) == (default, "gray-box", "gray-box")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ok = [row for row in rows if row["status"] == "ok"]
+    assert len(rows) == 13 and len(ok) == 12
+    assert all(row["tier"] == "gray-box" and set(row["scores"]) == {"loss", "PIA", "blind"} for row in ok)
+    assert "gray-box" in (tmp_path / "r.html").read_text()

@@ -55,9 +55,9 @@ def rule(server):
     server.rule.rule = None
 
 
-def _call(server, method, path, body=None):
+def _call(server, method, path, body=None, timeout=60):
     host, port = server.httpd.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     conn.request(method, path, body=None if body is None else json.dumps(body),
                  headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -116,6 +116,47 @@ def test_samplers_progress_options_and_models_answer_the_web_uis_fields(server, 
     status, body = _call(server, "POST", "/sdapi/v1/options", {"sd_model_checkpoint": "another.safetensors"})
     assert status == 422 and "not found" in body["error"]
     _call(server, "POST", "/sdapi/v1/options", {"samples_format": "png"})
+
+
+def test_progress_reports_the_steps_done_of_the_generation_in_flight_as_the_web_ui_counts_them(server, rule):
+    """A1111's progressapi: progress = 0.01 + job_no / job_count + sampling_step / sampling_steps / job_count,
+    eta_relative the seconds left at the rate so far; idle, 0 and job_count 0."""
+    import threading
+    import time
+
+    image = _b64png(scenes.scene_images(3, "members", 1)[0][0])
+    for path, body, steps in (
+            ("/sdapi/v1/img2img", {"init_images": [image], "denoising_strength": 0.75, "steps": 40, "seed": 1,
+                                   "n_iter": 2, "batch_size": 1, "cfg_scale": 1}, 30),
+            ("/sdapi/v1/txt2img", {"prompt": "a red circle", "steps": 30, "seed": 1, "n_iter": 2, "batch_size": 1,
+                                   "cfg_scale": 1}, 30)):
+        answer = {}
+
+        def post(p=path, b=body, a=answer):
+            a["status"] = _call(server, "POST", p, b, timeout=600)[0]
+
+        call = threading.Thread(target=post)
+        call.start()
+        seen = []
+        while call.is_alive():
+            status, p = _call(server, "GET", "/sdapi/v1/progress")
+            if status == 200 and p["state"]["job_count"]:
+                seen.append(p)
+            time.sleep(0.002)  # leave the generation the interpreter
+        call.join()
+        assert answer["status"] == 200, path
+        assert seen, f"no progress seen during {path}"
+        middle = [p for p in seen if 0.01 < p["progress"] < 1]
+        assert middle, [p["progress"] for p in seen]
+        for p in seen:
+            s = p["state"]
+            assert (s["job"], s["job_count"], s["sampling_steps"]) == (path.rsplit("/", 1)[1], 2, steps)
+            assert 0 <= s["job_no"] < 2 and 0 <= s["sampling_step"] <= steps
+            assert p["progress"] == pytest.approx(min(1, 0.01 + s["job_no"] / 2 + s["sampling_step"] / steps / 2))
+            assert p["eta_relative"] >= 0
+        assert [p["progress"] for p in seen] == sorted(p["progress"] for p in seen)
+        idle = _call(server, "GET", "/sdapi/v1/progress")[1]
+        assert (idle["progress"], idle["eta_relative"], idle["state"]["job_count"]) == (0.0, 0.0, 0)
 
 
 def test_the_http_client_varies_through_retries_and_equals_the_local_variation(server, local, rule):

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import UsageError
 from ..kernels import DEFAULT_IMPLS, cfg_ddim_step
 from ..seeding import image_seeds
-from ..targets.base import vae_rows
+from ..targets.base import denoising_step, vae_rows
 from .folder import ExportFolder
 from .scheduler import DdimSchedule
 from .session import RuntimeOptions
@@ -162,6 +162,7 @@ class OnnxGenerator:
             eps = self.unet.run(sample=sample, timestep=np.full(len(sample), t, np.int64), **text)["noise_pred"]
             x = cfg_ddim_step(eps, x, coeffs, guidance, sched.prediction_type, sched.clip_range,
                               impl=self.kernel_impl)
+            denoising_step(len(x))
         step = self.decode_rows()
         images = np.concatenate([self.vae_decoder.run(latents=x[i : i + step])["images"]
                                  for i in range(0, len(x), step)])

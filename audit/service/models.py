@@ -7,7 +7,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from ..errors import UnknownNameError, UsageError
+from ..errors import UnknownNameError
 from .config import ServiceConfig
 
 
@@ -55,14 +55,10 @@ class Models:
         if heads is not None and heads not in self.heads_names(target):
             raise UnknownNameError(f"unknown heads {heads!r} for target {target}; this service holds: "
                                    f"{Path(base.heads_path).name}")
-        key = (target, attack or base.attack, self.max_fpr if max_fpr is None else float(max_fpr))
-        auditor = base if key[1:] == (base.attack, self.max_fpr) else self._variant(base, key)
-        if tier is not None:
-            have = auditor.heads.tier(auditor.attack)
-            if tier != have:
-                raise UsageError(f"tier {tier!r}: attack {auditor.attack} of these heads is {have}; pick an attack "
-                                 f"of that tier (the heads hold: {', '.join(auditor.heads.attacks)})")
-        return auditor
+        key = (target, attack, self.max_fpr if max_fpr is None else float(max_fpr), tier)
+        if key[1:] == (None, self.max_fpr, None) or key[1:] == (base.attack, self.max_fpr, None):
+            return base
+        return self._variant(base, key)
 
     def _variant(self, base, key):
         from ..auditor import Auditor
@@ -71,7 +67,7 @@ class Models:
             if key in self._variants:
                 self._variants.move_to_end(key)
                 return self._variants[key]
-        made = Auditor(key[0], base.heads_path, attack=key[1], max_fpr=key[2], models=base.models,
+        made = Auditor(key[0], base.heads_path, attack=key[1], max_fpr=key[2], tier=key[3], models=base.models,
                        batch_size=base.config.batch_size, reference=base.config.reference or None)
         with self._variants_lock:
             self._variants[key] = made

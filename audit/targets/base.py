@@ -7,7 +7,9 @@ compiled ones in ``runtime/``. Attacks never see which one they got.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -22,6 +24,34 @@ VAE_PIXELS = 256 * 512
 def vae_rows(resolution: int) -> int:
     """Images per VAE call at ``resolution`` (see ``VAE_PIXELS``)."""
     return max(1, VAE_PIXELS // (int(resolution) * int(resolution)))
+
+
+_steps = threading.local()
+
+
+@contextmanager
+def on_denoising_step(callback: Callable[[int], None]) -> Iterator[None]:
+    """Call ``callback(images)`` after every denoising step a target runs in this thread (``images``: how many
+    images that step advanced), while the block runs: how ``audit serve-target`` reports a generation's progress.
+    Thread-local, so concurrent callers never see each other's steps."""
+    before = getattr(_steps, "callback", None)
+    _steps.callback = callback
+    try:
+        yield
+    finally:
+        _steps.callback = before
+
+
+def denoising_step(images: int) -> None:
+    """Tell this thread's ``on_denoising_step`` listener, if any, that a step advanced ``images`` images."""
+    callback = getattr(_steps, "callback", None)
+    if callback is not None:
+        callback(int(images))
+
+
+def step_listener() -> Callable[[int], None] | None:
+    """This thread's ``on_denoising_step`` callback, or None."""
+    return getattr(_steps, "callback", None)
 
 
 @runtime_checkable

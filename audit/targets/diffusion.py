@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelNotFoundError
-from .base import PerImageSeeds
+from .base import PerImageSeeds, denoising_step, step_listener
 from ..hub import check_weights_safe, model_hash
 
 log = logging.getLogger(__name__)
@@ -113,14 +114,29 @@ class DiffusersGenerator(PerImageSeeds):
         out = []
         for i in range(0, len(prompts), self.batch_size):
             gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i : i + self.batch_size]]
-            images = self.pipe(
-                list(prompts[i : i + self.batch_size]),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=gens,
-                output_type="np",
-                height=self.resolution,
-                width=self.resolution,
-            ).images
+            with _steps_reported(self.pipe.unet, len(gens)):
+                images = self.pipe(
+                    list(prompts[i : i + self.batch_size]),
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=gens,
+                    output_type="np",
+                    height=self.resolution,
+                    width=self.resolution,
+                ).images
             out.append(np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8))
         return np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+
+
+@contextmanager
+def _steps_reported(unet, images: int):
+    """Report each of the pipeline's denoising steps (one UNet call each, guided or not: the pipelines batch the
+    two halves) to this thread's ``on_denoising_step`` listener; nothing is hooked when none listens."""
+    if step_listener() is None:
+        yield
+        return
+    handle = unet.register_forward_hook(lambda module, args, output: denoising_step(images))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UsageError
+from .base import denoising_step, vae_rows
 
 
 def variation_steps(strength: float, steps: int) -> int:
@@ -109,10 +110,11 @@ class DiffusersVarier:
                 uncond, text = eps.chunk(2)
                 eps = uncond + guidance * (text - uncond)
             x = sched.step(eps, t, x).prev_sample
+            denoising_step(len(x))
         return self._decode(x)
 
     def _decode(self, latents):
-        rows = max(1, min(self.generator.batch_size, _vae_rows(self.generator.resolution)))
+        rows = max(1, min(self.generator.batch_size, vae_rows(self.generator.resolution)))
         out = []
         for i in range(0, len(latents), rows):
             images = self.vae.decode(latents[i:i + rows] / self.scale).sample
@@ -126,12 +128,6 @@ def _unet(unet, sample, t, context):
 
     timestep = torch.full((len(sample),), int(t), dtype=torch.int64, device=sample.device)
     return unet(sample, timestep, encoder_hidden_states=context).sample
-
-
-def _vae_rows(resolution: int) -> int:
-    from .base import vae_rows
-
-    return vae_rows(resolution)
 
 
 def _refusal(name: str, family: str | None) -> UsageError | None:
