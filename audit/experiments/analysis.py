@@ -150,6 +150,7 @@ def aggregate_verdicts(per_seed: list[dict], attacks: list[str]) -> dict:
                  else float("nan") for k in ("decided_fraction", "fpr", "tpr")}
         entry["max_fpr_over_seeds"] = float(np.nanmax([r["fpr"] for r in rows])) if rows else float("nan")
         entry["counts"] = {k: int(sum(r["counts"][k] for r in rows)) for k in rows[0]["counts"]}
+        entry["n_calibration_nonmembers"] = min(int(r.get("n_calibration_nonmembers", 0)) for r in rows)
         entry["n"] = len(rows)
         out[a] = entry
     return out

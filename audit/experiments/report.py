@@ -111,6 +111,16 @@ def _mean_decided(verdicts: dict, attacks: list[str]) -> float:
     return sum(verdicts[a]["decided_fraction"] for a in attacks) / len(attacks)
 
 
+def _unresolvable(verdicts: dict, names: list[str], budget: float) -> str:
+    """Why nothing is decided, when the calibration rows cannot resolve the budget (n + 1 < 1 / budget)."""
+    n = min((verdicts[a].get("n_calibration_nonmembers", 0) for a in names), default=0)
+    need = math.ceil(1 / budget - 1 - 1e-9)
+    if not n or n >= need:
+        return ""
+    return (f" (their {n} out-of-fold non-members cannot resolve a {budget:g} budget, which needs {need}: a larger "
+            "auxiliary set or a larger budget)")
+
+
 def verdict_findings(n: dict) -> list[str]:
     """What cross-fitting and the reference do to verdicts at the budget, and whether issue #20's goals hold."""
     out = []
@@ -131,7 +141,7 @@ def verdict_findings(n: dict) -> list[str]:
                     f"{_mean_decided(sp, names):.2f} of the test rows on average ({none_sp} of {len(names)} attacks "
                     f"leave every row inconclusive); cross-fitted heads decide {_mean_decided(cf, names):.2f}"
                     + (f", with a largest realised FPR of member verdicts on test non-members of {max(fprs):.3f}"
-                       if fprs else "") + ".")
+                       if fprs else "") + _unresolvable(cf, names, budget) + ".")
     weak = ((n.get("verdicts") or {}).get("rq3") or {}).get("weak") or {}
     for tier, variants in weak.items():
         ref = variants.get("reference crossfit")
