@@ -33,7 +33,7 @@ def _configs(args) -> list[tuple[str, object, str]]:
                   caption_tokens=args.caption_tokens, var_strengths=tuple(args.strengths), n_var=args.n_var)
     return [("black-box", FeaturesConfig(tier="black-box", **common).validate(), "IV (any black-box attack)"),
             ("variation", FeaturesConfig(tier="variation", **common).validate(), "var-pixel, var-clip, var-all"),
-            ("gray-box", FeaturesConfig(tier="gray-box", **common).validate(), "loss, PIA, SecMI")]
+            ("gray-box", FeaturesConfig(tier="gray-box", **common).validate(), "loss, PIA, SecMI, CLiD")]
 
 
 def time_tiers(models, images, captions, args, label: str, warmup: bool = True) -> dict:

@@ -246,6 +246,29 @@ def test_features_on_ray_with_a_compiled_target_equal_one_machine(ray_cluster, t
     _assert_same_store(out, ref)
 
 
+def test_features_with_a_reference_on_ray_equal_one_machine(ray_cluster, tiny_world, tiny_export, folder,
+                                                           monkeypatch, tmp_path):
+    """`--reference` on Ray, the reference a compiled export: every worker loads it beside the target, and the
+    store (the ``ref_`` features and the reference in the manifest included) is the one-machine store, bit for
+    bit."""
+    monkeypatch.setenv("AUDIT_THREADS", "1")
+    settings = dict(SETTINGS, reference=str(tiny_export["path"]))
+    ref, out = tmp_path / "ref.h5", tmp_path / "ray.h5"
+    with one_thread():
+        api.featurize(str(tiny_world["target"]), folder, ref, quiet=True, **_models(tiny_world), **settings)
+    summary = api.featurize(str(tiny_world["target"]), folder, out, quiet=True, ray=ray_cluster.address, workers=2,
+                            threads=1, **_models(tiny_world), **settings)
+    assert summary.unet_evaluations_per_query == {"black-box": 4}  # both models' generations
+    got, want = FeatureStore.open(out), FeatureStore.open(ref)
+    assert got.keys == want.keys and "ref_gen_pixels" in got.keys
+    a, b = got.read(ok_only=False), want.read(ok_only=False)
+    for key in got.keys:
+        assert np.array_equal(a[key], b[key]), key
+    assert got.reference is not None and got.reference == want.reference
+    assert {k: v for k, v in got.manifest.items() if k != "created"} == \
+        {k: v for k, v in want.manifest.items() if k != "created"}
+
+
 def test_a_worker_with_other_weights_stops_the_run_naming_both_nodes():
     """Every result names the models that computed it; one node with a stale copy ends the run (one machine
     cannot hold two copies at one path, so the results are written as two nodes would send them)."""

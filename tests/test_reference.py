@@ -120,6 +120,33 @@ def test_heads_trained_with_a_reference_check_with_it_and_refuse_without(models,
         assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.output
 
 
+def test_a_compiled_export_as_the_reference_equals_it_featurised_alone(models, labelled, tiny_export, tmp_path,
+                                                                          monkeypatch):
+    """`--reference EXPORT`: an `audit export` folder serves as the reference (its onnxruntime graphs, the same
+    seeds and noise), equal to that export featurised alone; the target's half is the torch target's own."""
+    from audit.features.store import FeatureStore
+
+    monkeypatch.setenv("AUDIT_THREADS", "1")
+    export = str(tiny_export["path"])
+    r = _features(models, labelled, tmp_path / "ref.h5", models["target"], "--reference", export)
+    assert "black-box 4, gray-box 26" in r.output
+    _features(models, labelled, tmp_path / "alone.h5", export)
+    _features(models, labelled, tmp_path / "target.h5", models["target"])
+    with_ref, alone, target = (FeatureStore.open(tmp_path / f"{n}.h5") for n in ("ref", "alone", "target"))
+    a, b, t = with_ref.read(), alone.read(), target.read()
+    # Images bit for bit; the gray-box losses within float32 rounding (the two models share batches there).
+    for key in [k for k in b if k.startswith(("gen_", "graybox_"))]:
+        same = np.testing.assert_array_equal if key.startswith("gen_") else \
+            (lambda x, y, err_msg: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=err_msg))
+        same(a["ref_" + key], b[key], err_msg=key)
+        same(a[key], t[key], err_msg=key)
+    # The export is of the target's own weights: the same images from the same seeds, within the runtime's
+    # stated tolerance of the torch path (2 uint8 levels).
+    diff = np.abs(a["ref_gen_pixels"].astype(int) - a["gen_pixels"].astype(int))
+    assert diff.max() <= 2
+    assert with_ref.reference == load_target(export).identity()
+
+
 def test_a_reference_that_does_not_fit_is_refused_in_one_line_before_any_work(models, labelled, tmp_path):
     out = tmp_path / "x.h5"
     r = CliRunner().invoke(app, ["features", "--target", str(models["target"]), "--data", str(labelled), "--out",
