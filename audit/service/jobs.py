@@ -324,14 +324,13 @@ class Jobs:
 
         if not slices or self._stopped(job_id):
             return
-        self.connect()
         config = auditor.config
         rule = {"max_fpr": spec.get("max_fpr") if spec.get("max_fpr") is not None else self.models.max_fpr}
         if config.reference:
             rule["reference"] = model_spec(config.reference)
         ray_spec = worker_spec("scan", self.cluster, config.target, self.models.source(config.target, "embedder"),
-                               self.models.source(config.target, "captioner"), False, heads=auditor.heads_path, attack=auditor.attack,
-                               batch_size=config.batch_size, rule=rule)
+                               self.models.source(config.target, "captioner"), False, heads=auditor.heads_path,
+                               attack=auditor.attack, batch_size=config.batch_size, rule=rule)
         run = ClusterRun(self._ray, self.cluster, ray_spec, "describe")
         want = _comparable(auditor.describe())
         checked = False

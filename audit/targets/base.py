@@ -44,7 +44,7 @@ def on_denoising_step(callback: Callable[[int], None]) -> Iterator[None]:
 
 def denoising_step(images: int) -> None:
     """Tell this thread's ``on_denoising_step`` listener, if any, that a step advanced ``images`` images."""
-    callback = getattr(_steps, "callback", None)
+    callback = step_listener()
     if callback is not None:
         callback(int(images))
 
